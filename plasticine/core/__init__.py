@@ -1,0 +1,59 @@
+"""Conventions, grids, warping, deformations, Jacobians, protocols and shape checks.
+
+See :doc:`/conventions` for the coordinate model every function here follows.
+"""
+
+from .deformation import Deformation
+from .grid import (
+    displacement_from_world,
+    displacement_to_grid,
+    displacement_to_world,
+    grid_to_displacement,
+    identity_grid,
+    voxel_to_world,
+    world_to_voxel,
+)
+from .jacobian import folding_fraction, inverse_consistency_error, jacobian_determinant, jacobian_matrix, spatial_gradient
+from .protocols import (
+    ConditionEncoder,
+    Denoiser,
+    Integrator,
+    NoiseSchedule,
+    RegistrationBackend,
+    Sampler,
+    SimilarityLoss,
+    StructureExtractor,
+    Warper,
+)
+from .shapes import check_shape
+from .warp import GridSampleWarper, compose, sample_at_points, warp
+
+__all__ = [
+    "ConditionEncoder",
+    "Deformation",
+    "Denoiser",
+    "GridSampleWarper",
+    "Integrator",
+    "NoiseSchedule",
+    "RegistrationBackend",
+    "Sampler",
+    "SimilarityLoss",
+    "StructureExtractor",
+    "Warper",
+    "check_shape",
+    "compose",
+    "displacement_from_world",
+    "displacement_to_grid",
+    "displacement_to_world",
+    "folding_fraction",
+    "grid_to_displacement",
+    "identity_grid",
+    "inverse_consistency_error",
+    "jacobian_determinant",
+    "jacobian_matrix",
+    "sample_at_points",
+    "spatial_gradient",
+    "voxel_to_world",
+    "warp",
+    "world_to_voxel",
+]

@@ -1,0 +1,172 @@
+"""The :class:`Deformation`: a map phi and its inverse, and everything that traces through them."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from .jacobian import folding_fraction, inverse_consistency_error, jacobian_determinant
+from .shapes import check_shape
+from .warp import Mode, Padding, sample_at_points, warp
+
+__all__ = ["Deformation"]
+
+
+class Deformation:
+    r"""A diffeomorphism :math:`\phi` between source and target, stored as two displacements.
+
+    ``forward`` is the displacement of :math:`\phi` (:math:`\phi(p) = p + u(p)`), ``inverse`` that of
+    :math:`\phi^{-1}`. Images are pulled back: the source seen in the target geometry is
+    ``source o phi`` (:meth:`to_target`); a target image seen in the source geometry is
+    ``target o phi^-1`` (:meth:`to_source`). Points move the other way: a source point ``p`` sits at
+    :math:`\phi^{-1}(p)` in the target (:meth:`points_to_target`), a target point ``q`` at
+    :math:`\phi(q)` in the source (:meth:`points_to_source`).
+
+    Args:
+        forward: displacement of phi in voxels, channel ``i`` along axis ``i``.
+        inverse: displacement of phi^-1.
+        velocity: optional stationary velocity with ``phi = exp(velocity)``.
+
+    Shape:
+        forward, inverse, velocity: ``(B, N, *S)``.
+    """
+
+    def __init__(self, forward: torch.Tensor, inverse: torch.Tensor, velocity: torch.Tensor | None = None):
+        dims = check_shape(forward, "B N *S", "forward")
+        check_shape(inverse, "B N *S", "inverse", bindings=dims)
+        if velocity is not None:
+            check_shape(velocity, "B N *S", "velocity", bindings=dims)
+        if forward.dtype != inverse.dtype or forward.device != inverse.device:
+            raise ValueError(
+                f"forward and inverse must share dtype and device, got {forward.dtype}/{forward.device} and {inverse.dtype}/{inverse.device}"
+            )
+        self.forward = forward
+        self.inverse = inverse
+        self.velocity = velocity
+
+    # -- geometry -------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Spatial size ``S``."""
+        return tuple(self.forward.shape[2:])
+
+    @property
+    def ndim(self) -> int:
+        """Number of spatial dimensions N."""
+        return self.forward.shape[1]
+
+    def to(self, *args, **kwargs) -> "Deformation":
+        """Move or cast every field (arguments as :meth:`torch.Tensor.to`)."""
+        v = None if self.velocity is None else self.velocity.to(*args, **kwargs)
+        return Deformation(self.forward.to(*args, **kwargs), self.inverse.to(*args, **kwargs), v)
+
+    def inverted(self) -> "Deformation":
+        """The deformation of :math:`\\phi^{-1}` (fields swapped, velocity negated)."""
+        v = None if self.velocity is None else -self.velocity
+        return Deformation(self.inverse, self.forward, v)
+
+    def __repr__(self) -> str:
+        return f"Deformation(shape={self.shape}, batch={self.forward.shape[0]}, dtype={self.forward.dtype}, velocity={self.velocity is not None})"
+
+    # -- images -----------------------------------------------------------------------------
+    def to_target(self, image: torch.Tensor, mode: Mode = "linear", padding: Padding = "border") -> torch.Tensor:
+        """Source image in target geometry: ``image o phi``.
+
+        Shape:
+            image: ``(B, C, *S)``; out: ``(B, C, *S)``.
+        """
+        return warp(image, self.forward.to(image.dtype), mode, padding)
+
+    def to_source(self, image: torch.Tensor, mode: Mode = "linear", padding: Padding = "border") -> torch.Tensor:
+        """Target image in source geometry: ``image o phi^-1``.
+
+        Shape:
+            image: ``(B, C, *S)``; out: ``(B, C, *S)``.
+        """
+        return warp(image, self.inverse.to(image.dtype), mode, padding)
+
+    # -- labels -----------------------------------------------------------------------------
+    def labels_to_target(
+        self, labels: torch.Tensor, num_classes: int | None = None, method: Literal["linear", "nearest"] = "linear"
+    ) -> torch.Tensor:
+        """Trace a label map from source to target geometry (``labels o phi``).
+
+        ``method="linear"`` warps one-hot channels linearly and takes the argmax (smooth
+        boundaries, no label can appear where none was); ``"nearest"`` samples the nearest label.
+
+        Shape:
+            labels: ``(B, 1, *S)`` integer; out: ``(B, 1, *S)`` int64.
+        """
+        return _trace_labels(labels, self.forward, num_classes, method)
+
+    def labels_to_source(
+        self, labels: torch.Tensor, num_classes: int | None = None, method: Literal["linear", "nearest"] = "linear"
+    ) -> torch.Tensor:
+        """Trace a label map from target to source geometry (``labels o phi^-1``).
+
+        Shape:
+            labels: ``(B, 1, *S)`` integer; out: ``(B, 1, *S)`` int64.
+        """
+        return _trace_labels(labels, self.inverse, num_classes, method)
+
+    # -- points -----------------------------------------------------------------------------
+    def points_to_target(self, points: torch.Tensor) -> torch.Tensor:
+        """Where source points sit in the target: :math:`\\phi^{-1}(p) = p + u^{-1}(p)`.
+
+        Shape:
+            points: ``(B, P, N)`` voxel coordinates in axis order; out: ``(B, P, N)``.
+        """
+        return points + sample_at_points(self.inverse.to(points.dtype), points)
+
+    def points_to_source(self, points: torch.Tensor) -> torch.Tensor:
+        """Where target points sit in the source: :math:`\\phi(q) = q + u(q)`.
+
+        Shape:
+            points: ``(B, P, N)`` voxel coordinates in axis order; out: ``(B, P, N)``.
+        """
+        return points + sample_at_points(self.forward.to(points.dtype), points)
+
+    # -- quality ----------------------------------------------------------------------------
+    def jacobian_determinant(self) -> torch.Tensor:
+        """Jacobian determinant of phi, see :func:`plasticine.core.jacobian_determinant`.
+
+        Shape:
+            out: ``(B, 1, *S)``.
+        """
+        return jacobian_determinant(self.forward)
+
+    def folding_fraction(self, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Fraction of voxels where phi folds (det J <= 0), see :func:`plasticine.core.folding_fraction`.
+
+        Shape:
+            mask: ``(B, 1, *S)`` or None; out: ``(B,)``.
+        """
+        return folding_fraction(self.forward, mask)
+
+    def inverse_consistency(self, mask: torch.Tensor | None = None, reduction: Literal["mean", "max"] = "mean") -> torch.Tensor:
+        """Mean (or max) distance of phi o phi^-1 and phi^-1 o phi from the identity, in voxels.
+
+        Shape:
+            mask: ``(B, 1, *S)`` or None; out: ``(B,)``.
+        """
+        return inverse_consistency_error(self.forward, self.inverse, mask, reduction)
+
+
+def _trace_labels(labels: torch.Tensor, displacement: torch.Tensor, num_classes: int | None, method: str) -> torch.Tensor:
+    check_shape(labels, "B 1 *S", "labels", bindings={"S": tuple(displacement.shape[2:])})
+    if labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"labels: expected an integer tensor, got {labels.dtype}")
+    dtype = displacement.dtype if displacement.is_floating_point() else torch.float32
+    if method == "nearest":
+        out = warp(labels.to(dtype), displacement.expand(labels.shape[0], *displacement.shape[1:]), mode="nearest")
+        return out.round().long()
+    if method != "linear":
+        raise ValueError(f"method: expected 'linear' or 'nearest', got {method!r}")
+    if num_classes is None:
+        num_classes = int(labels.max().item()) + 1
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"labels: expected values in [0, {num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
+    onehot = F.one_hot(labels[:, 0].long(), num_classes).movedim(-1, 1).to(dtype)
+    return warp(onehot, displacement.expand(labels.shape[0], *displacement.shape[1:])).argmax(1, keepdim=True)

@@ -1,0 +1,160 @@
+"""Coordinates: the identity grid and converters between the three coordinate systems.
+
+plasticine works in *voxel* coordinates: the centre of voxel ``(i, j[, k])`` sits at exactly
+those integer indices, in the tensor's own axis order. Displacements ``(B, N, *S)`` are in
+voxels, channel ``i`` along spatial axis ``i``. Two other systems meet it at the edges:
+
+* torch's ``grid_sample`` grid ``(B, *S, N)``: normalised to ``[-1, 1]`` with
+  ``align_corners=True`` (``-1`` and ``1`` are the centres of the first and last voxel) and the
+  last dimension in reversed (x, y[, z]) order;
+* world (scanner) coordinates: ``x_world = A[:N, :N] @ p + A[:N, N]`` for an ``(N+1, N+1)``
+  affine ``A`` that maps tensor indices in axis order to millimetres (for a volume loaded with
+  nibabel without reordering this is the NIfTI affine).
+
+Every converter has its inverse here, and the round trips are tested.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .shapes import check_shape
+
+__all__ = [
+    "identity_grid",
+    "displacement_to_grid",
+    "grid_to_displacement",
+    "voxel_to_world",
+    "world_to_voxel",
+    "displacement_to_world",
+    "displacement_from_world",
+]
+
+
+def identity_grid(
+    shape: Sequence[int], *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Voxel coordinates of every voxel centre: ``grid[i, p] = p_i``.
+
+    Args:
+        shape: spatial size ``S`` (2 or 3 entries).
+        dtype: floating dtype of the result.
+        device: device of the result.
+
+    Returns:
+        ``(N, *S)`` tensor, channel ``i`` holding the index along axis ``i``.
+
+    Shape:
+        out: ``(N, *S)`` with ``N = len(shape)``.
+
+    Example:
+        >>> identity_grid((2, 3))[1]
+        tensor([[0., 1., 2.],
+                [0., 1., 2.]])
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) not in (2, 3) or min(shape) < 1:
+        raise ValueError(f"identity_grid: expected 2 or 3 positive spatial sizes, got {shape}")
+    axes = [torch.arange(s, dtype=dtype, device=device) for s in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)
+
+
+def _scale(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """``2 / (S_i - 1)`` per axis (0 for an axis of size 1), shaped to broadcast over ``(B, N, *S)``."""
+    n = len(shape)
+    s = torch.tensor([2.0 / (k - 1) if k > 1 else 0.0 for k in shape], dtype=like.dtype, device=like.device)
+    return s.view(1, n, *([1] * n))
+
+
+def displacement_to_grid(displacement: torch.Tensor) -> torch.Tensor:
+    """The ``grid_sample`` grid (``align_corners=True``) that samples at ``p + u(p)``.
+
+    ``grid[b, ..., N - 1 - i] = 2 (p_i + u_i(p)) / (S_i - 1) - 1``.
+
+    Args:
+        displacement: ``u`` in voxels, channel ``i`` along axis ``i``.
+
+    Returns:
+        Normalised sampling grid, last dimension in (x, y[, z]) order.
+
+    Shape:
+        displacement: ``(B, N, *S)``; out: ``(B, *S, N)``.
+    """
+    dims = check_shape(displacement, "B N *S", "displacement")
+    shape, n = dims["S"], dims["N"]
+    scale = _scale(shape, displacement)
+    base = identity_grid(shape, dtype=displacement.dtype, device=displacement.device).unsqueeze(0)
+    g = (base + displacement) * scale - (scale != 0).to(displacement.dtype)
+    return g.flip(1).movedim(1, -1)
+
+
+def grid_to_displacement(grid: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`displacement_to_grid`: voxel displacement from a normalised grid.
+
+    Axes of size 1 have no normalised extent; their displacement is returned as 0.
+
+    Shape:
+        grid: ``(B, *S, N)``; out: ``(B, N, *S)``.
+    """
+    if not isinstance(grid, torch.Tensor) or grid.dim() not in (4, 5) or grid.shape[-1] != grid.dim() - 2:
+        got = tuple(grid.shape) if isinstance(grid, torch.Tensor) else type(grid).__name__
+        raise ValueError(f"grid: expected shape (B, *S, N) with N = len(S) in {{2, 3}}, got {got}")
+    u = grid.flip(-1).movedim(-1, 1)
+    shape = tuple(u.shape[2:])
+    half = torch.tensor([(k - 1) / 2.0 for k in shape], dtype=grid.dtype, device=grid.device)
+    half = half.view(1, len(shape), *([1] * len(shape)))
+    base = identity_grid(shape, dtype=grid.dtype, device=grid.device).unsqueeze(0)
+    return (u + 1) * half - base * (half != 0)
+
+
+def _check_affine(affine: torch.Tensor, n: int) -> torch.Tensor:
+    if not isinstance(affine, torch.Tensor) or tuple(affine.shape[-2:]) != (n + 1, n + 1):
+        got = tuple(affine.shape) if isinstance(affine, torch.Tensor) else type(affine).__name__
+        raise ValueError(f"affine: expected shape ({n + 1}, {n + 1}) or (B, {n + 1}, {n + 1}), got {got}")
+    return affine
+
+
+def voxel_to_world(points: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
+    """Map voxel coordinates (axis order) to world coordinates: ``x = A[:N, :N] p + A[:N, N]``.
+
+    Shape:
+        points: ``(B, P, N)``; affine: ``(N+1, N+1)`` or ``(B, N+1, N+1)``; out: ``(B, P, N)``.
+    """
+    n = check_shape(points, "B P N", "points", spatial=())["N"]
+    a = _check_affine(affine, n).to(points)
+    return points @ a[..., :n, :n].transpose(-1, -2) + a[..., None, :n, n]
+
+
+def world_to_voxel(points: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`voxel_to_world`.
+
+    Shape:
+        points: ``(B, P, N)``; affine: ``(N+1, N+1)`` or ``(B, N+1, N+1)``; out: ``(B, P, N)``.
+    """
+    n = check_shape(points, "B P N", "points", spatial=())["N"]
+    return voxel_to_world(points, torch.linalg.inv(_check_affine(affine, n).to(points)))
+
+
+def displacement_to_world(displacement: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
+    """Express a voxel displacement field in world units: ``u_world(p) = A[:N, :N] u(p)``.
+
+    The field stays on the voxel grid; only the vectors change (translation does not act on them).
+
+    Shape:
+        displacement: ``(B, N, *S)``; affine: ``(N+1, N+1)`` or ``(B, N+1, N+1)``; out: ``(B, N, *S)``.
+    """
+    n = check_shape(displacement, "B N *S", "displacement")["N"]
+    a = _check_affine(affine, n).to(displacement)[..., :n, :n]
+    return torch.einsum("ij,bj...->bi...", a, displacement) if a.dim() == 2 else torch.einsum("bij,bj...->bi...", a, displacement)
+
+
+def displacement_from_world(displacement: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`displacement_to_world`: world-unit vectors back to voxel units.
+
+    Shape:
+        displacement: ``(B, N, *S)``; affine: ``(N+1, N+1)`` or ``(B, N+1, N+1)``; out: ``(B, N, *S)``.
+    """
+    n = check_shape(displacement, "B N *S", "displacement")["N"]
+    return displacement_to_world(displacement, torch.linalg.inv(_check_affine(affine, n).to(displacement)))

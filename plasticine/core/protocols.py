@@ -1,0 +1,145 @@
+"""The plug-in points of plasticine as :class:`typing.Protocol` classes.
+
+Every component is an object that satisfies one of these structurally; nothing needs to inherit
+from them. ``isinstance(obj, Protocol)`` checks that the methods exist (``runtime_checkable``),
+and each protocol has a contract test suite in ``tests/`` that every implementation runs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .deformation import Deformation
+
+__all__ = [
+    "NoiseSchedule",
+    "Sampler",
+    "Denoiser",
+    "ConditionEncoder",
+    "StructureExtractor",
+    "Integrator",
+    "Warper",
+    "SimilarityLoss",
+    "RegistrationBackend",
+]
+
+
+@runtime_checkable
+class NoiseSchedule(Protocol):
+    r"""Discrete diffusion noise schedule.
+
+    ``gammas[k]`` is :math:`\gamma_k = \prod_{i \le k} \alpha_i` (float64, ``gammas[0] = 1``);
+    ``q_sample`` draws :math:`y_k = \sqrt{\gamma_k} y_0 + \sqrt{1 - \gamma_k} \epsilon`.
+
+    Shape:
+        gammas: ``(K + 1,)``; y0, noise: ``(B, C, *S)``; k: ``(B,)`` integer; out: ``(B, C, *S)``.
+    """
+
+    @property
+    def gammas(self) -> torch.Tensor: ...
+
+    def q_sample(self, y0: torch.Tensor, k: torch.Tensor, noise: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    """Noise estimator :math:`\\epsilon_\\theta(y_k, \\gamma_k, c)`.
+
+    Shape:
+        noisy: ``(B, C, *S)``; gamma: ``(B,)``; condition: ``(B, Cc, *S)`` or None; out: ``(B, C, *S)``.
+    """
+
+    def __call__(self, noisy: torch.Tensor, gamma: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """Reverse-diffusion sampler that runs an explicit plan of ``(k, k_prev)`` steps.
+
+    ``start`` is either pure noise (``start_step=None``: from step K) or a clean image that is
+    noised to ``start_step`` first (mid-schedule start, the paper's inference and SDEdit).
+
+    Shape:
+        condition: ``(B, Cc, *S)`` or None; start: ``(B, C, *S)``; out: ``(B, C, *S)``.
+    """
+
+    def sample(
+        self,
+        denoiser: Denoiser,
+        schedule: NoiseSchedule,
+        condition: torch.Tensor | None,
+        start: torch.Tensor,
+        start_step: Any = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class ConditionEncoder(Protocol):
+    """Turns a structure map into what the denoiser receives as condition.
+
+    Shape:
+        structure: ``(B, L, *S)``; out: ``(B, Cc, *S)`` (or what the paired denoiser reads).
+    """
+
+    def __call__(self, structure: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class StructureExtractor(Protocol):
+    """Coarse partition of an image (deterministic).
+
+    Shape:
+        image: ``(B, C, *S)``; out: ``(B, L, *S)`` one-hot or soft.
+    """
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Integrator(Protocol):
+    """Integrates a stationary velocity field: returns the displacement of :math:`\\exp(v)`.
+
+    Shape:
+        velocity: ``(B, N, *S)``; out: ``(B, N, *S)``.
+    """
+
+    def __call__(self, velocity: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Warper(Protocol):
+    """Pull-back resampling ``image o (Id + u)``.
+
+    Shape:
+        image: ``(B, C, *S)``; displacement: ``(B, N, *S)``; out: ``(B, C, *S)``.
+    """
+
+    def __call__(self, image: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class SimilarityLoss(Protocol):
+    """Image dissimilarity, lower is better.
+
+    Shape:
+        moving, fixed: ``(B, C, *S)``; mask: ``(B, 1, *S)`` or None; out: scalar.
+    """
+
+    def __call__(self, moving: torch.Tensor, fixed: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class RegistrationBackend(Protocol):
+    """Finds the deformation of a source image (towards a target, when the backend needs one).
+
+    Shape:
+        source: ``(B, C, *S)``; target: ``(B, C, *S)`` or None; cue: ``(B, Ce, *S)`` or None.
+    """
+
+    def register(
+        self, source: torch.Tensor, target: torch.Tensor | None = None, *, cue: torch.Tensor | None = None
+    ) -> "Deformation": ...

@@ -1,0 +1,44 @@
+"""Shared fixtures and the hypothesis profiles.
+
+``HYPOTHESIS_PROFILE=ci`` (set by ``.ci/run``) keeps property tests fast and derandomised; ``dev``
+draws more examples.
+"""
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci", max_examples=15, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("dev", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Every available device: CPU always, CUDA when present."""
+    return torch.device(request.param)
+
+
+@pytest.fixture(params=[torch.float32, torch.float64], ids=["f32", "f64"])
+def dtype(request):
+    """Both floating dtypes the library supports."""
+    return request.param
+
+
+@pytest.fixture(params=[2, 3], ids=["2d", "3d"])
+def ndim(request):
+    """Number of spatial dimensions."""
+    return request.param
+
+
+def make_generator(seed: int) -> torch.Generator:
+    """A CPU generator seeded for a property test (hypothesis does not seed torch)."""
+    return torch.Generator().manual_seed(int(seed))

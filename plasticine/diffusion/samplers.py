@@ -1,0 +1,673 @@
+r"""Reverse-diffusion samplers that run an explicit, tested plan of ``(k, k_prev)`` steps.
+
+Every sampler here satisfies :class:`~plasticine.core.Sampler`, reads only ``schedule.gammas`` and
+``schedule.q_sample`` of the :class:`~plasticine.core.NoiseSchedule` protocol, and calls the
+denoiser as ``denoiser(y_k, gamma_k, condition) -> eps_hat`` with the signal level
+:math:`\gamma_k` (not an integer step). Notation: :math:`\gamma = \gamma_k`,
+:math:`\gamma' = \gamma_{k'}` for a step ``k -> k'`` (``k' < k``), and the data prediction
+:math:`\hat y_0 = (y_k - \sqrt{1-\gamma}\,\hat\epsilon) / \sqrt{\gamma}`.
+
+* :class:`AncestralSampler`: the paper's Algorithm 1 (DDPM, eq. 5);
+* :class:`DDIMSampler`: DDIM with stochasticity ``eta``, plus a deterministic
+  :meth:`~DDIMSampler.encode` / :meth:`~DDIMSampler.decode` pair (DDIB-style translation);
+* :class:`DPMSolverPP`: DPM-Solver++ (2M), a second-order multistep solver for few steps.
+
+**The plan.** :func:`step_plan` turns a start step ``k0`` and a number of steps into the list of
+pairs ``[(k0, k_1), (k_1, k_2), ..., (k_{n-1}, 0)]``: strictly decreasing, first ``k = k0``,
+last ``k_prev = 0``, and the ``k_prev`` of one pair is the ``k`` of the next, so there is no
+separately computed "previous timestep" to get wrong. It has ``n = min(steps, k0)`` pairs
+(``k0`` pairs, every step, when ``steps`` is None), and none when ``k0 = 0``.
+
+**The start.** ``sample(denoiser, schedule, condition, start, start_step=None, generator=None)``:
+
+* ``start_step=None``: ``start`` *is* the pure noise :math:`y_K` (draw it with
+  ``torch.randn(..., generator=g)``), and the plan starts at ``K``;
+* ``start_step=k0`` (an int, or a ``(B,)`` integer tensor of per-sample steps): ``start`` is a clean
+  image :math:`x_0`, noised to :math:`x_{k_0} \sim q(x_{k_0} \mid x_0)` with noise from ``generator``,
+  and the plan starts at ``k0`` (the paper's inference; SDEdit). Samples with different ``k0`` are
+  run in groups, each with its own plan (ascending ``k0``).
+
+Randomness comes only from ``generator`` (``None`` uses torch's default generator), drawn on the
+generator's device and moved to the image's. Step coefficients are computed in float64 from the
+schedule and applied in the image dtype. :meth:`sample` returns the image; :meth:`sample_trajectory`
+returns a :class:`SampleResult` with the intermediate states.
+
+References:
+    Ho, Jain, Abbeel, "Denoising Diffusion Probabilistic Models", NeurIPS 2020.
+    Song, Meng, Ermon, "Denoising Diffusion Implicit Models", ICLR 2021.
+    Lu et al., "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models", 2022.
+    Lin et al., "Common Diffusion Noise Schedules and Sample Steps are Flawed", WACV 2024 (spacings).
+    Meng et al., "SDEdit: Guided Image Synthesis and Editing with Stochastic Differential Equations", ICLR 2022.
+    Su et al., "Dual Diffusion Implicit Bridges for Image-to-Image Translation", ICLR 2023.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+
+from ..core.protocols import Denoiser, NoiseSchedule
+from ..core.shapes import check_shape
+
+__all__ = [
+    "Spacing",
+    "step_plan",
+    "SampleResult",
+    "AncestralSampler",
+    "DDIMSampler",
+    "DPMSolverPP",
+]
+
+Spacing = Literal["leading", "trailing", "linspace"]
+_SPACINGS = ("leading", "trailing", "linspace")
+Plan = list[tuple[int, int]]
+
+
+def _round_half_up(values: np.ndarray) -> np.ndarray:
+    # np.round rounds half to even, which can map two grid points one apart to the same integer.
+    return np.floor(values + 0.5).astype(np.int64)
+
+
+def step_plan(start: int, steps: int | None = None, spacing: Spacing = "trailing") -> Plan:
+    r"""The ``(k, k_prev)`` pairs of a reverse run from step ``start`` down to 0.
+
+    With ``k0 = start`` and ``n = min(steps, k0)`` (``n = k0`` when ``steps`` is None), the plan
+    visits ``n`` levels :math:`k_0 > k_1 > \dots > k_{n-1} \ge 1` and then 0:
+
+    * ``"trailing"``: :math:`k_i = \mathrm{round}(k_0 - i\,k_0/n)`, evenly spaced and anchored at
+      ``k0`` (the lowest level is about :math:`k_0/n`);
+    * ``"linspace"``: :math:`k_i = \mathrm{round}` of ``n`` points evenly spaced from ``k0`` down to
+      1 (the last pair is ``(1, 0)``);
+    * ``"leading"``: integer stride :math:`r = \lfloor k_0/n \rfloor` anchored at the clean end,
+      levels :math:`1, 1 + r, \dots, 1 + (n-2) r` topped by ``k0`` itself (Lin et al. note that the
+      usual leading grid never starts at the requested level; this one always does).
+
+    Rounding is half up, so levels at least one apart stay distinct. When ``n = k0`` every
+    spacing gives every step, ``[(k0, k0-1), ..., (1, 0)]``.
+
+    Args:
+        start: the first step ``k0 >= 0`` (0 gives an empty plan).
+        steps: the number of pairs wanted (at least 1), or None for every step.
+        spacing: how the levels are spread.
+
+    Returns:
+        ``n`` pairs ``(k, k_prev)``, strictly decreasing, starting at ``k = k0`` and ending at
+        ``k_prev = 0``, each ``k_prev`` equal to the next ``k``.
+
+    Example:
+        >>> step_plan(10, 3, "trailing")
+        [(10, 7), (7, 3), (3, 0)]
+        >>> step_plan(10, 3, "leading")
+        [(10, 4), (4, 1), (1, 0)]
+        >>> step_plan(10, 3, "linspace")
+        [(10, 6), (6, 1), (1, 0)]
+
+    Shape:
+        Not applicable (Python ints).
+    """
+    if not isinstance(start, (int, np.integer)) or isinstance(start, bool) or start < 0:
+        raise ValueError(f"start: expected an int >= 0, got {start!r}")
+    if steps is not None and (not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1):
+        raise ValueError(f"steps: expected a positive int or None, got {steps!r}")
+    if spacing not in _SPACINGS:
+        raise ValueError(f"spacing: expected one of {_SPACINGS}, got {spacing!r}")
+    k0 = int(start)
+    if k0 == 0:
+        return []
+    n = k0 if steps is None else min(int(steps), k0)
+    if n == k0:
+        levels = np.arange(k0, 0, -1)
+    elif spacing == "trailing":
+        levels = _round_half_up(k0 - np.arange(n) * (k0 / n))
+    elif spacing == "linspace":
+        levels = _round_half_up(np.linspace(k0, 1, n))
+    else:
+        r = k0 // n
+        levels = np.concatenate([[k0], 1 + r * np.arange(n - 2, -1, -1)]) if n > 1 else np.array([k0])
+    ks = [int(v) for v in levels] + [0]
+    return list(zip(ks[:-1], ks[1:]))
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    """A sample with the states it passed through.
+
+    Attributes:
+        image: the final sample.
+        trajectory: the states, ``trajectory[0]`` the start :math:`y_{k_0}` (after noising) and
+            ``trajectory[-1]`` the image; ``trajectory[i]`` is the state after ``i`` steps. With
+            per-sample start steps the plans differ in length; a sample whose plan has ended keeps
+            its final state (at step 0) in the later entries.
+        steps: ``steps[i]`` is the step index of every sample in ``trajectory[i]``.
+
+    Shape:
+        image: ``(B, C, *S)``; trajectory: a list of ``(B, C, *S)``; steps: a list of ``(B,)`` int64.
+    """
+
+    image: torch.Tensor
+    trajectory: list[torch.Tensor]
+    steps: list[torch.Tensor]
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def _gammas_of(schedule: NoiseSchedule) -> list[float]:
+    g = getattr(schedule, "gammas", None)
+    if not isinstance(g, torch.Tensor):
+        raise ValueError(f"schedule: expected a NoiseSchedule with a gammas tensor, got {type(schedule).__name__}")
+    check_shape(g, "K1", "schedule.gammas")
+    if g.shape[0] < 2:
+        raise ValueError(f"schedule.gammas: expected K + 1 >= 2 levels, got shape {tuple(g.shape)}")
+    if g.dtype != torch.float64:
+        raise ValueError(f"schedule.gammas: expected float64, got {g.dtype}")
+    gl = g.detach().cpu()
+    if float(gl[0]) != 1.0 or not bool((gl[1:] < gl[:-1]).all()) or not float(gl[-1]) > 0:
+        raise ValueError("schedule.gammas: expected gamma_0 = 1 and strictly decreasing positive levels")
+    return gl.tolist()
+
+
+def _randn(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    if generator is None:
+        return torch.randn(like.shape, dtype=like.dtype, device=like.device)
+    return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=generator.device).to(like.device)
+
+
+def _eps(denoiser: Denoiser, x: torch.Tensor, gamma: float, condition: torch.Tensor | None) -> torch.Tensor:
+    level = torch.full((x.shape[0],), gamma, dtype=x.dtype, device=x.device)
+    out = denoiser(x, level, condition)
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"denoiser output: expected shape {tuple(x.shape)} (that of the noisy input), got {got}")
+    return out
+
+
+def _per_sample_steps(step: Any, batch: int, K: int, name: str) -> torch.Tensor:
+    """A step argument (int, 0-d or (B,) integer tensor) as a CPU int64 ``(B,)`` tensor in [0, K]."""
+    if isinstance(step, bool):
+        raise ValueError(f"{name}: expected an int or an integer tensor, got {step!r}")
+    if isinstance(step, (int, np.integer)):
+        t = torch.full((batch,), int(step), dtype=torch.int64)
+    elif isinstance(step, torch.Tensor):
+        if step.is_floating_point() or step.is_complex() or step.dtype == torch.bool:
+            raise ValueError(f"{name}: expected an integer tensor of steps, got dtype {step.dtype}")
+        if step.dim() == 0:
+            t = torch.full((batch,), int(step), dtype=torch.int64)
+        else:
+            check_shape(step, "B", name, bindings={"B": batch})
+            t = step.detach().to(device="cpu", dtype=torch.int64)
+    else:
+        raise ValueError(f"{name}: expected an int or a (B,) integer tensor, got {type(step).__name__}")
+    if bool(((t < 0) | (t > K)).any()):
+        raise ValueError(f"{name}: expected steps in [0, {K}], got min {int(t.min())}, max {int(t.max())}")
+    return t
+
+
+def _check_inputs(start: torch.Tensor, condition: torch.Tensor | None, name: str) -> dict[str, Any]:
+    dims = check_shape(start, "B C *S", name)
+    if not start.is_floating_point():
+        raise ValueError(f"{name}: expected a floating tensor, got dtype {start.dtype}")
+    if condition is not None:
+        check_shape(condition, "B Cc *S", "condition", bindings={"B": dims["B"], "S": dims["S"]})
+    return dims
+
+
+# A run executes one plan on one group: (x, condition, plan, record) -> (final, states after each step).
+_Run = Callable[[torch.Tensor, "torch.Tensor | None", Plan, bool], tuple[torch.Tensor, list[torch.Tensor]]]
+
+
+def _run_groups(x: torch.Tensor, condition: torch.Tensor | None, k0: torch.Tensor, plan_of: Callable[[int], Plan], run: _Run, record: bool) -> SampleResult:
+    """Run every group of samples that share a start step with its own plan; reassemble."""
+    values = torch.unique(k0).tolist()
+    if len(values) == 1:
+        plan = plan_of(int(values[0]))
+        out, states = run(x, condition, plan, record)
+        if not record:
+            return SampleResult(out, [], [])
+        ks = [k for k, _ in plan] + [0] if plan else [int(values[0])]
+        steps = [torch.full((x.shape[0],), k, dtype=torch.int64) for k in ks]
+        return SampleResult(out, [x] + states, steps)
+    out = torch.empty_like(x)
+    groups = []
+    for v in values:
+        idx = torch.nonzero(k0 == v).flatten()
+        idx_dev = idx.to(x.device)
+        plan = plan_of(int(v))
+        g_out, g_states = run(x[idx_dev], None if condition is None else condition[idx_dev], plan, record)
+        out[idx_dev] = g_out
+        groups.append((idx, idx_dev, plan, [x[idx_dev]] + g_states))
+    if not record:
+        return SampleResult(out, [], [])
+    length = max(len(g[3]) for g in groups)
+    trajectory = [torch.empty_like(x) for _ in range(length)]
+    steps = [torch.zeros(x.shape[0], dtype=torch.int64) for _ in range(length)]
+    for idx, idx_dev, plan, states in groups:
+        ks = [k for k, _ in plan] + [0] if plan else [0]
+        for i in range(length):
+            trajectory[i][idx_dev] = states[min(i, len(states) - 1)]
+            steps[i][idx] = ks[min(i, len(ks) - 1)]
+    return SampleResult(out, trajectory, steps)
+
+
+class _PlanSampler:
+    """Shared machinery: argument checks, the plan, the mid-schedule start and per-sample groups."""
+
+    steps: int | None
+    spacing: Spacing
+
+    def plan(self, schedule: NoiseSchedule, start_step: int | None = None) -> Plan:
+        """The ``(k, k_prev)`` pairs this sampler runs from ``start_step`` (None: from ``K``).
+
+        See :func:`step_plan` for the spacing and the guarantees.
+
+        Args:
+            schedule: the noise schedule (gives ``K``).
+            start_step: the first step, an int in ``[0, K]``, or None for ``K``.
+
+        Returns:
+            The list of pairs, ``min(steps, start_step)`` long.
+
+        Shape:
+            Not applicable.
+        """
+        K = len(_gammas_of(schedule)) - 1
+        k0 = K if start_step is None else int(_per_sample_steps(start_step, 1, K, "start_step")[0])
+        return step_plan(k0, self.steps, self.spacing)
+
+    def _run(self, denoiser: Denoiser, gammas: list[float], x: torch.Tensor, condition: torch.Tensor | None, plan: Plan, generator: torch.Generator | None, record: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        raise NotImplementedError
+
+    def _sample(self, denoiser: Denoiser, schedule: NoiseSchedule, condition: torch.Tensor | None, start: torch.Tensor, start_step: Any, generator: torch.Generator | None, record: bool) -> SampleResult:
+        gammas = _gammas_of(schedule)
+        K = len(gammas) - 1
+        dims = _check_inputs(start, condition, "start")
+        if start_step is None:
+            x = start
+            k0 = torch.full((dims["B"],), K, dtype=torch.int64)
+        else:
+            k0 = _per_sample_steps(start_step, dims["B"], K, "start_step")
+            noise = _randn(start, generator)
+            x = schedule.q_sample(start, k0.to(start.device), noise)
+        plan_of = lambda k: step_plan(k, self.steps, self.spacing)  # noqa: E731
+        run = lambda xs, cs, plan, rec: self._run(denoiser, gammas, xs, cs, plan, generator, rec)  # noqa: E731
+        return _run_groups(x, condition, k0, plan_of, run, record)
+
+    def sample(
+        self,
+        denoiser: Denoiser,
+        schedule: NoiseSchedule,
+        condition: torch.Tensor | None,
+        start: torch.Tensor,
+        start_step: int | torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Draw samples by running the plan from ``start`` (see the module docstring for ``start``).
+
+        Args:
+            denoiser: ``(noisy, gamma, condition) -> eps_hat``.
+            schedule: the noise schedule the denoiser was trained with.
+            condition: passed to the denoiser unchanged (per group), or None.
+            start: the pure noise :math:`y_K` when ``start_step`` is None, else clean images.
+            start_step: None, an int in ``[0, K]``, or a ``(B,)`` integer tensor of per-sample steps.
+            generator: the only source of randomness (noising and stochastic steps).
+
+        Returns:
+            The samples :math:`y_0`, in the dtype and on the device of ``start``.
+
+        Shape:
+            condition: ``(B, Cc, *S)`` or None; start: ``(B, C, *S)``; start_step: ``()`` or ``(B,)``;
+            out: ``(B, C, *S)``.
+        """
+        return self._sample(denoiser, schedule, condition, start, start_step, generator, False).image
+
+    def sample_trajectory(
+        self,
+        denoiser: Denoiser,
+        schedule: NoiseSchedule,
+        condition: torch.Tensor | None,
+        start: torch.Tensor,
+        start_step: int | torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> SampleResult:
+        """Like :meth:`sample`, also returning every intermediate state.
+
+        Same arguments and the same draws from ``generator`` as :meth:`sample`, so the same seed
+        gives the same image.
+
+        Returns:
+            A :class:`SampleResult` (image, trajectory, steps).
+
+        Shape:
+            As :meth:`sample`; see :class:`SampleResult`.
+        """
+        return self._sample(denoiser, schedule, condition, start, start_step, generator, True)
+
+
+def _check_steps_arg(steps: int | None, allow_none: bool) -> int | None:
+    if steps is None and allow_none:
+        return None
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps: expected a positive int{' or None' if allow_none else ''}, got {steps!r}")
+    return steps
+
+
+def _check_spacing(spacing: str) -> Spacing:
+    if spacing not in _SPACINGS:
+        raise ValueError(f"spacing: expected one of {_SPACINGS}, got {spacing!r}")
+    return spacing  # type: ignore[return-value]
+
+
+class AncestralSampler(_PlanSampler):
+    r"""Ancestral (DDPM) sampling, the paper's Algorithm 1.
+
+    Each step ``k -> k'`` with :math:`a = \gamma_k / \gamma_{k'}` (:math:`= \alpha_k` for one step):
+
+    .. math::
+
+        y_{k'} = \frac{1}{\sqrt{a}}\Big(y_k - \frac{1 - a}{\sqrt{1 - \gamma_k}}\,
+        \epsilon_\theta(y_k, \gamma_k, c)\Big) + \sigma z,\qquad z \sim \mathcal{N}(0, I),
+
+    with :math:`z = 0` on the last step (to ``k' = 0``). ``variance="beta"`` uses
+    :math:`\sigma^2 = 1 - a` (:math:`\beta_k`, the paper's eq. 5, exact for :math:`y_0 \sim
+    \mathcal{N}(\mu, I)`); ``"posterior"`` uses :math:`\tilde\beta = (1 - a)(1 - \gamma_{k'}) /
+    (1 - \gamma_k)` (exact for a single clean image). With ``steps`` the run skips levels
+    (respaced DDPM); the default runs every step.
+
+    Args:
+        variance: ``"beta"`` (the paper's) or ``"posterior"``.
+        steps: the number of steps (None: every step, as in the paper).
+        spacing: how skipped levels are spread (see :func:`step_plan`); used when ``steps < k0``.
+
+    Reference:
+        Ho, Jain, Abbeel, NeurIPS 2020, Algorithm 2; the Plasticine paper, Algorithm 1 and eq. 5.
+
+    Shape:
+        See :meth:`sample`.
+    """
+
+    def __init__(self, variance: Literal["beta", "posterior"] = "beta", steps: int | None = None, spacing: Spacing = "trailing") -> None:
+        if variance not in ("beta", "posterior"):
+            raise ValueError(f"variance: expected 'beta' or 'posterior', got {variance!r}")
+        self.variance = variance
+        self.steps = _check_steps_arg(steps, allow_none=True)
+        self.spacing = _check_spacing(spacing)
+
+    def _run(self, denoiser, gammas, x, condition, plan, generator, record):
+        states = []
+        for k, kp in plan:
+            g, gp = gammas[k], gammas[kp]
+            a = g / gp
+            eps = _eps(denoiser, x, g, condition)
+            x = (1 / math.sqrt(a)) * x - ((1 - a) / (math.sqrt(a) * math.sqrt(1 - g))) * eps
+            if kp > 0:
+                var = (1 - a) if self.variance == "beta" else (1 - a) * (1 - gp) / (1 - g)
+                x = x + math.sqrt(var) * _randn(x, generator)
+            if record:
+                states.append(x)
+        return x, states
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments that rebuild this sampler.
+
+        Returns:
+            ``{"name": "AncestralSampler", "variance", "steps", "spacing"}``.
+
+        Shape:
+            Not applicable.
+        """
+        return {"name": "AncestralSampler", "variance": self.variance, "steps": self.steps, "spacing": self.spacing}
+
+    def __repr__(self) -> str:
+        return f"AncestralSampler(variance={self.variance!r}, steps={self.steps!r}, spacing={self.spacing!r})"
+
+
+class DDIMSampler(_PlanSampler):
+    r"""DDIM sampling, and its deterministic encode/decode pair.
+
+    Each step ``k -> k'``:
+
+    .. math::
+
+        y_{k'} = \sqrt{\gamma'}\,\hat y_0 + \sqrt{1 - \gamma' - \sigma^2}\,\hat\epsilon + \sigma z,
+        \qquad \sigma = \eta \sqrt{\frac{1 - \gamma'}{1 - \gamma}}\sqrt{1 - \frac{\gamma}{\gamma'}},
+
+    so ``eta=0`` is deterministic (the probability-flow ODE, first order) and ``eta=1`` is
+    ancestral sampling with the posterior variance. The last step (:math:`\gamma' = 1`) returns
+    :math:`\hat y_0`.
+
+    Args:
+        steps: the number of steps ``n`` (fewer when the start step is smaller).
+        eta: stochasticity in ``[0, 1]``.
+        spacing: how the levels are spread (see :func:`step_plan`); ``"trailing"`` by default
+            since it starts at the requested level and spaces every level evenly.
+
+    Reference:
+        Song, Meng, Ermon, "Denoising Diffusion Implicit Models", ICLR 2021, eq. 12 and 16.
+
+    Shape:
+        See :meth:`sample`, :meth:`encode`, :meth:`decode`.
+    """
+
+    def __init__(self, steps: int = 50, eta: float = 0.0, spacing: Spacing = "trailing") -> None:
+        self.steps = _check_steps_arg(steps, allow_none=False)
+        if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta: expected a float in [0, 1], got {eta!r}")
+        self.eta = float(eta)
+        self.spacing = _check_spacing(spacing)
+
+    def _step(self, x: torch.Tensor, eps: torch.Tensor, g: float, gp: float, generator: torch.Generator | None, eta: float) -> torch.Tensor:
+        s2 = eta**2 * (1 - gp) / (1 - g) * (1 - g / gp)
+        r = math.sqrt(gp / g)
+        # sqrt(g') y0_hat + sqrt(1 - g' - s2) eps, with y0_hat = (x - sqrt(1 - g) eps) / sqrt(g)
+        x_new = r * x + (math.sqrt(max(1 - gp - s2, 0.0)) - r * math.sqrt(1 - g)) * eps
+        if s2 > 0:
+            x_new = x_new + math.sqrt(s2) * _randn(x, generator)
+        return x_new
+
+    def _run(self, denoiser, gammas, x, condition, plan, generator, record, eta=None):
+        eta = self.eta if eta is None else eta
+        states = []
+        for k, kp in plan:
+            g, gp = gammas[k], gammas[kp]
+            x = self._step(x, _eps(denoiser, x, g, condition), g, gp, generator, eta)
+            if record:
+                states.append(x)
+        return x, states
+
+    def _require_deterministic(self, what: str) -> None:
+        if self.eta != 0.0:
+            raise ValueError(f"DDIMSampler.{what}: the deterministic pair needs eta = 0, this sampler has eta = {self.eta}")
+
+    def encode(
+        self,
+        denoiser: Denoiser,
+        schedule: NoiseSchedule,
+        condition: torch.Tensor | None,
+        x0: torch.Tensor,
+        end_step: int | torch.Tensor | None = None,
+        iterations: int = 0,
+    ) -> torch.Tensor:
+        r"""Deterministic DDIM inversion: a clean image to its latent at ``end_step``.
+
+        Runs the reversed :meth:`plan` of ``end_step`` upwards. Each step ``k' -> k`` solves the
+        DDIM step backwards,
+
+        .. math::
+
+            y_k = \sqrt{\gamma/\gamma'}\,y_{k'} + \big(\sqrt{1-\gamma} - \sqrt{\gamma/\gamma'}\sqrt{1-\gamma'}\big)\,e,
+
+        with :math:`e = \epsilon_\theta(y_{k'}, \gamma', c)` (the usual explicit inversion; from the
+        clean image, ``k' = 0``, :math:`e = 0`: a clean image carries no noise, the limit of an exact
+        denoiser at :math:`\gamma \to 1`), then ``iterations`` fixed-point refinements
+        :math:`e \leftarrow \epsilon_\theta(y_k, \gamma, c)`. A refined step is the exact inverse of
+        the :meth:`decode` step when the iteration converges.
+
+        Args:
+            denoiser: ``(noisy, gamma, condition) -> eps_hat``.
+            schedule: the noise schedule.
+            condition: passed to the denoiser, or None.
+            x0: clean images.
+            end_step: the latent's step (None: ``K``), an int or a ``(B,)`` integer tensor.
+            iterations: fixed-point refinements per step (``>= 0``; each costs one denoiser call).
+
+        Returns:
+            The latents :math:`y_{end}`.
+
+        Raises:
+            ValueError: if this sampler's ``eta`` is not 0.
+
+        Shape:
+            condition: ``(B, Cc, *S)`` or None; x0: ``(B, C, *S)``; out: ``(B, C, *S)``.
+        """
+        self._require_deterministic("encode")
+        if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
+            raise ValueError(f"iterations: expected an int >= 0, got {iterations!r}")
+        gammas = _gammas_of(schedule)
+        K = len(gammas) - 1
+        dims = _check_inputs(x0, condition, "x0")
+        kend = torch.full((dims["B"],), K, dtype=torch.int64) if end_step is None else _per_sample_steps(end_step, dims["B"], K, "end_step")
+
+        def run(x, cond, plan, record):
+            for k, kp in reversed(plan):
+                g, gp = gammas[k], gammas[kp]
+                r = math.sqrt(g / gp)
+                c = math.sqrt(1 - g) - r * math.sqrt(1 - gp)
+                e = _eps(denoiser, x, gp, cond) if kp > 0 else torch.zeros_like(x)
+                for _ in range(iterations):
+                    e = _eps(denoiser, r * x + c * e, g, cond)
+                x = r * x + c * e
+            return x, []
+
+        return _run_groups(x0, condition, kend, lambda k: step_plan(k, self.steps, self.spacing), run, False).image
+
+    def decode(
+        self,
+        denoiser: Denoiser,
+        schedule: NoiseSchedule,
+        condition: torch.Tensor | None,
+        latent: torch.Tensor,
+        start_step: int | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        r"""Deterministic DDIM decoding (``eta = 0``) of a latent at ``start_step``: the inverse of :meth:`encode`.
+
+        Unlike :meth:`sample` with a ``start_step``, the latent is not noised first: it already is
+        :math:`y_{k_0}`. ``decode(encode(x0, k0), k0)`` returns ``x0`` up to the inversion error.
+
+        Args:
+            denoiser: ``(noisy, gamma, condition) -> eps_hat``.
+            schedule: the noise schedule.
+            condition: passed to the denoiser, or None.
+            latent: the states at ``start_step``.
+            start_step: None (``K``), an int, or a ``(B,)`` integer tensor.
+
+        Returns:
+            The decoded images.
+
+        Raises:
+            ValueError: if this sampler's ``eta`` is not 0.
+
+        Shape:
+            condition: ``(B, Cc, *S)`` or None; latent: ``(B, C, *S)``; out: ``(B, C, *S)``.
+        """
+        self._require_deterministic("decode")
+        gammas = _gammas_of(schedule)
+        K = len(gammas) - 1
+        dims = _check_inputs(latent, condition, "latent")
+        k0 = torch.full((dims["B"],), K, dtype=torch.int64) if start_step is None else _per_sample_steps(start_step, dims["B"], K, "start_step")
+        run = lambda xs, cs, plan, rec: self._run(denoiser, gammas, xs, cs, plan, None, rec, eta=0.0)  # noqa: E731
+        return _run_groups(latent, condition, k0, lambda k: step_plan(k, self.steps, self.spacing), run, False).image
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments that rebuild this sampler.
+
+        Returns:
+            ``{"name": "DDIMSampler", "steps", "eta", "spacing"}``.
+
+        Shape:
+            Not applicable.
+        """
+        return {"name": "DDIMSampler", "steps": self.steps, "eta": self.eta, "spacing": self.spacing}
+
+    def __repr__(self) -> str:
+        return f"DDIMSampler(steps={self.steps}, eta={self.eta!r}, spacing={self.spacing!r})"
+
+
+class DPMSolverPP(_PlanSampler):
+    r"""DPM-Solver++ (multistep, data prediction), order 1 or 2 ("2M").
+
+    With :math:`\alpha = \sqrt{\gamma}`, :math:`\sigma = \sqrt{1-\gamma}`,
+    :math:`\lambda = \log(\alpha/\sigma)` and :math:`h = \lambda' - \lambda` for a step ``k -> k'``:
+
+    .. math::
+
+        y_{k'} = \frac{\sigma'}{\sigma}\,y_k - \alpha'\,(e^{-h} - 1)\,D,\qquad
+        D = \Big(1 + \frac{1}{2r}\Big)\hat y_0^{(k)} - \frac{1}{2r}\,\hat y_0^{(k_{prev})},\quad
+        r = \frac{h_{prev}}{h},
+
+    where the second-order correction is used from the second step on (``order=2``); the first
+    step, ``order=1`` (identical to DDIM with ``eta=0``) and the last step use :math:`D = \hat y_0`.
+    The last step goes to :math:`\gamma' = 1` (:math:`\lambda' = \infty`) and returns
+    :math:`\hat y_0` (first order, as DPM-Solver++ does at the final step).
+
+    Args:
+        steps: the number of steps (denoiser calls), fewer when the start step is smaller.
+        order: 1 or 2.
+        spacing: how the levels are spread (see :func:`step_plan`).
+
+    Reference:
+        Lu, Zhou, Bao, Chen, Li, Zhu, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
+        Probabilistic Models", arXiv:2211.01095, Algorithm 2.
+
+    Shape:
+        See :meth:`sample`.
+    """
+
+    def __init__(self, steps: int = 20, order: Literal[1, 2] = 2, spacing: Spacing = "trailing") -> None:
+        self.steps = _check_steps_arg(steps, allow_none=False)
+        if order not in (1, 2) or isinstance(order, bool):
+            raise ValueError(f"order: expected 1 or 2, got {order!r}")
+        self.order = int(order)
+        self.spacing = _check_spacing(spacing)
+
+    def _run(self, denoiser, gammas, x, condition, plan, generator, record):
+        states = []
+        prev_x0: torch.Tensor | None = None
+        prev_h = 0.0
+        for k, kp in plan:
+            g, gp = gammas[k], gammas[kp]
+            eps = _eps(denoiser, x, g, condition)
+            x0 = (1 / math.sqrt(g)) * x - math.sqrt((1 - g) / g) * eps
+            if kp == 0:
+                x = x0
+            else:
+                lam = 0.5 * (math.log(g) - math.log1p(-g))
+                lam_p = 0.5 * (math.log(gp) - math.log1p(-gp))
+                h = lam_p - lam
+                if self.order == 2 and prev_x0 is not None:
+                    c = 1 / (2 * (prev_h / h))
+                    d = (1 + c) * x0 - c * prev_x0
+                else:
+                    d = x0
+                x = math.sqrt((1 - gp) / (1 - g)) * x - (math.sqrt(gp) * math.expm1(-h)) * d
+                prev_x0, prev_h = x0, h
+            if record:
+                states.append(x)
+        return x, states
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments that rebuild this sampler.
+
+        Returns:
+            ``{"name": "DPMSolverPP", "steps", "order", "spacing"}``.
+
+        Shape:
+            Not applicable.
+        """
+        return {"name": "DPMSolverPP", "steps": self.steps, "order": self.order, "spacing": self.spacing}
+
+    def __repr__(self) -> str:
+        return f"DPMSolverPP(steps={self.steps}, order={self.order}, spacing={self.spacing!r})"

@@ -6,6 +6,8 @@ the network (no intersphinx, MathJax is only referenced by the pages, not fetche
 
 from __future__ import annotations
 
+import importlib
+import re
 import sys
 from pathlib import Path
 
@@ -69,3 +71,54 @@ html_theme = "furo"
 html_title = f"plasticine {release}"
 html_show_sourcelink = False
 pygments_style = "sphinx"
+
+
+# -- one home per object ---------------------------------------------------------------------
+# A name that a package re-exports is documented once. On every ``automodule`` of the API pages,
+# ``:exclude-members:`` is filled in at read time with
+#   * names the module re-exports from outside itself (they are documented at their home), and
+#   * names the parent package re-exports from it (they are documented on the package's entry).
+# Without this, a re-export added later would document an object twice and make cross-references
+# ambiguous, which fails the build under ``-W``.
+_AUTOMODULE = re.compile(r"^\.\. automodule:: (?P<name>\S+)\n(?P<options>(?:[ ]{3}:[^\n]*\n)*)", re.M)
+
+
+def _home(obj: object) -> str | None:
+    return getattr(obj, "__module__", None) if callable(obj) or isinstance(obj, type) else None
+
+
+def _reexported(modname: str) -> list[str]:
+    try:
+        mod = importlib.import_module(modname)
+    except Exception:  # autodoc reports the import error itself
+        return []
+    names: set[str] = set()
+    for n in getattr(mod, "__all__", None) or []:
+        home = _home(getattr(mod, n, None))
+        if home is not None and home != modname and not home.startswith(modname + "."):
+            names.add(n)
+    parent_name = modname.rpartition(".")[0]
+    if "." in parent_name:
+        parent = importlib.import_module(parent_name)
+        for n in getattr(parent, "__all__", None) or []:
+            if _home(getattr(parent, n, None)) == modname:
+                names.add(n)
+    return sorted(names)
+
+
+def _exclude_reexports(app, docname: str, source: list[str]) -> None:
+    if not docname.startswith("api/"):
+        return
+
+    def fill(match: re.Match) -> str:
+        names = _reexported(match.group("name"))
+        if not names or ":exclude-members:" in match.group("options"):
+            return match.group(0)
+        return match.group(0) + f"   :exclude-members: {', '.join(names)}\n"
+
+    source[0] = _AUTOMODULE.sub(fill, source[0])
+
+
+def setup(app):
+    app.connect("source-read", _exclude_reexports)
+    return {"parallel_read_safe": True}

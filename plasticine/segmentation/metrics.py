@@ -4,7 +4,8 @@ Every function compares a ``prediction`` with a ``target`` given in either of tw
 mixed:
 
 * an integer label map ``(B, 1, *S)`` (any integer dtype, values in ``0 .. num_classes - 1``;
-  ``num_classes`` is then required, it is never guessed from the data);
+  ``num_classes`` is then required unless the other input is one-hot; it is never guessed from
+  the label values);
 * a one-hot map ``(B, L, *S)`` (bool or floating, every voxel exactly one channel equal to 1 and the
   others 0). A network's logits are turned into either form first, e.g.
   ``logits.argmax(1, keepdim=True)``; soft probabilities are rejected, not thresholded.
@@ -88,7 +89,7 @@ def _as_labels(x: torch.Tensor, num_classes: int | None, name: str, bindings: di
     if x.shape[1] != 1:
         raise ValueError(f"{name}: an integer label map must have shape (B, 1, *S), got {tuple(x.shape)}; one-hot maps must be bool or floating")
     if num_classes is None:
-        raise ValueError(f"{name}: num_classes is required for integer label maps (it is never inferred from the data)")
+        raise ValueError(f"{name}: num_classes is required when both inputs are integer label maps (it is never inferred from the label values)")
     labels = x[:, 0].to(torch.int64)
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"{name}: labels must lie in [0, {num_classes - 1}], found [{int(labels.min())}, {int(labels.max())}]")
@@ -97,6 +98,11 @@ def _as_labels(x: torch.Tensor, num_classes: int | None, name: str, bindings: di
 
 def _pair(prediction: torch.Tensor, target: torch.Tensor, num_classes: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
     bindings: dict = {}
+    if num_classes is None:  # a one-hot input states the class count for both
+        for x in (prediction, target):
+            if isinstance(x, torch.Tensor) and x.dim() >= 2 and (x.dtype == torch.bool or x.dtype.is_floating_point):
+                num_classes = int(x.shape[1])
+                break
     pred, lp = _as_labels(prediction, num_classes, "prediction", bindings)
     true, lt = _as_labels(target, num_classes, "target", bindings)
     if lp != lt:
@@ -156,8 +162,8 @@ def confusion_matrix(prediction: torch.Tensor, target: torch.Tensor, num_classes
     Args:
         prediction: integer label map or one-hot map (see the module notes).
         target: the same, on the same device, same batch size and spatial size.
-        num_classes: number of classes ``L``; required when an input is an integer label map, and
-            must match the channels of a one-hot input.
+        num_classes: number of classes ``L``; required when both inputs are integer label maps,
+            and must match the channels of a one-hot input.
 
     Returns:
         int64 counts.
@@ -200,7 +206,7 @@ def dice(
     Args:
         prediction: integer label map or one-hot map (see the module notes).
         target: the same, on the same device.
-        num_classes: number of classes ``L`` (required for integer label maps).
+        num_classes: number of classes ``L`` (required when both inputs are integer label maps).
         include_background: keep class 0 in the result.
         reduction: ``"none"``, ``"mean_class"``, ``"mean_batch"`` or ``"mean"`` (NaN-skipping means).
         empty: value when class ``c`` is absent from both: ``"perfect"`` (1) or ``"nan"``.
@@ -251,7 +257,7 @@ def iou(
     Args:
         prediction: integer label map or one-hot map (see the module notes).
         target: the same, on the same device.
-        num_classes: number of classes ``L`` (required for integer label maps).
+        num_classes: number of classes ``L`` (required when both inputs are integer label maps).
         include_background: keep class 0 in the result.
         reduction: ``"none"``, ``"mean_class"``, ``"mean_batch"`` or ``"mean"`` (NaN-skipping means).
         empty: value when class ``c`` is absent from both: ``"perfect"`` (1) or ``"nan"``.
@@ -308,7 +314,7 @@ def accuracy(
     Args:
         prediction: integer label map or one-hot map (see the module notes).
         target: the same, on the same device.
-        num_classes: number of classes ``L`` (required for integer label maps).
+        num_classes: number of classes ``L`` (required when both inputs are integer label maps).
         include_background: keep class 0 in the result.
         reduction: ``"none"``, ``"mean_class"``, ``"mean_batch"`` or ``"mean"`` (NaN-skipping means).
         empty: value when class ``c`` is absent from both: ``"perfect"`` (1) or ``"nan"``.
@@ -354,7 +360,7 @@ def pixel_accuracy(
     Args:
         prediction: integer label map or one-hot map (see the module notes).
         target: the same, on the same device.
-        num_classes: number of classes ``L`` (required for integer label maps).
+        num_classes: number of classes ``L`` (required when both inputs are integer label maps).
         reduction: ``"none"`` (one value per sample) or ``"mean"`` (their average).
 
     Returns:
@@ -447,7 +453,7 @@ def hausdorff95(
     Args:
         prediction: integer label map or one-hot map (see the module notes).
         target: the same, on the same device.
-        num_classes: number of classes ``L`` (required for integer label maps).
+        num_classes: number of classes ``L`` (required when both inputs are integer label maps).
         spacing: voxel size along each spatial axis, in the tensor's axis order (one number for
             isotropic voxels); the result is in its unit.
         percentile: which percentile of the surface distances, in ``(0, 100]``.

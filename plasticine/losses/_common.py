@@ -1,0 +1,58 @@
+"""Helpers shared by the losses: input checks, float32 promotion under autocast, spacing."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..core import check_shape
+
+__all__: list[str] = []
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def promote(x: torch.Tensor) -> torch.Tensor:
+    """Return ``x`` in float32 if it is float16/bfloat16, else unchanged (differentiably).
+
+    Statistics such as histograms, entropies and sums of squares overflow or lose all precision in
+    half precision, so every loss computes them in at least float32.
+    """
+    if not torch.is_floating_point(x):
+        raise ValueError(f"expected a floating-point tensor, got dtype {x.dtype}")
+    return x.float() if x.dtype in _LOW_PRECISION else x
+
+
+def check_pair(
+    moving: torch.Tensor,
+    fixed: torch.Tensor,
+    mask: torch.Tensor | None,
+    spatial: tuple[int, ...] = (1, 2, 3),
+) -> dict:
+    """Check ``moving``/``fixed`` ``(B, C, *S)`` of equal shape and ``mask`` ``(B, 1, *S)``.
+
+    Returns the bindings of :func:`plasticine.core.check_shape`.
+    """
+    dims = check_shape(moving, "B C *S", "moving", spatial=spatial)
+    check_shape(fixed, "B C *S", "fixed", bindings=dict(dims), spatial=spatial)
+    if mask is not None:
+        check_shape(mask, "B 1 *S", "mask", bindings={"B": dims["B"], "S": dims["S"]}, spatial=spatial)
+        if not (torch.is_floating_point(mask) or mask.dtype == torch.bool):
+            raise ValueError(f"mask: expected a bool or floating-point tensor, got dtype {mask.dtype}")
+    return dims
+
+
+def spacing_tuple(spacing: float | Sequence[float], n: int) -> tuple[float, ...]:
+    """One positive voxel size per spatial axis."""
+    if isinstance(spacing, (int, float)):
+        spacing = (float(spacing),) * n
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != n or min(spacing) <= 0:
+        raise ValueError(f"spacing: expected one positive number or {n} positive numbers, got {spacing}")
+    return spacing
+
+
+def no_autocast(device: torch.device) -> torch.autocast:
+    """A context that switches autocast off on ``device`` (the losses pick their own precision)."""
+    return torch.autocast(device_type=device.type, enabled=False)

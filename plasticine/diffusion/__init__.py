@@ -4,7 +4,7 @@ See :mod:`plasticine.diffusion.schedules`, :mod:`plasticine.diffusion.samplers` 
 :mod:`plasticine.diffusion.training`.
 """
 
-from .samplers import AncestralSampler, DDIMSampler, DPMSolverPP, SampleResult, Spacing, step_plan
+from .samplers import AncestralSampler, DDIMSampler, DPMSolverPP, PlanSampler, SampleResult, Spacing, step_plan
 from .schedules import (
     CosineSchedule,
     DiscreteSchedule,
@@ -25,6 +25,7 @@ __all__ = [
     "EMA",
     "LinearSchedule",
     "NoisePredictionLoss",
+    "PlanSampler",
     "SampleResult",
     "ScheduleFromBetas",
     "Spacing",

@@ -57,6 +57,7 @@ __all__ = [
     "Spacing",
     "step_plan",
     "SampleResult",
+    "PlanSampler",
     "AncestralSampler",
     "DDIMSampler",
     "DPMSolverPP",
@@ -253,8 +254,17 @@ def _run_groups(x: torch.Tensor, condition: torch.Tensor | None, k0: torch.Tenso
     return SampleResult(out, trajectory, steps)
 
 
-class _PlanSampler:
-    """Shared machinery: argument checks, the plan, the mid-schedule start and per-sample groups."""
+class PlanSampler:
+    """Base class of the samplers: the plan, the start (pure noise or mid-schedule), per-sample groups.
+
+    A subclass sets ``steps`` (None: every step) and ``spacing`` and implements one reverse step
+    rule; :meth:`plan`, :meth:`sample` and :meth:`sample_trajectory` are shared, so every sampler
+    treats ``start``, ``start_step`` and ``generator`` the same way (see the module docstring of
+    :mod:`plasticine.diffusion.samplers`).
+
+    Shape:
+        See :meth:`PlanSampler.sample`.
+    """
 
     steps: int | None
     spacing: Spacing
@@ -361,7 +371,7 @@ def _check_spacing(spacing: str) -> Spacing:
     return spacing  # type: ignore[return-value]
 
 
-class AncestralSampler(_PlanSampler):
+class AncestralSampler(PlanSampler):
     r"""Ancestral (DDPM) sampling, the paper's Algorithm 1.
 
     Each step ``k -> k'`` with :math:`a = \gamma_k / \gamma_{k'}` (:math:`= \alpha_k` for one step):
@@ -386,7 +396,7 @@ class AncestralSampler(_PlanSampler):
         Ho, Jain, Abbeel, NeurIPS 2020, Algorithm 2; the Plasticine paper, Algorithm 1 and eq. 5.
 
     Shape:
-        See :meth:`sample`.
+        See :meth:`PlanSampler.sample`.
     """
 
     def __init__(self, variance: Literal["beta", "posterior"] = "beta", steps: int | None = None, spacing: Spacing = "trailing") -> None:
@@ -396,8 +406,8 @@ class AncestralSampler(_PlanSampler):
         self.steps = _check_steps_arg(steps, allow_none=True)
         self.spacing = _check_spacing(spacing)
 
-    def _run(self, denoiser, gammas, x, condition, plan, generator, record):
-        states = []
+    def _run(self, denoiser: Denoiser, gammas: list[float], x: torch.Tensor, condition: torch.Tensor | None, plan: Plan, generator: torch.Generator | None, record: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        states: list[torch.Tensor] = []
         for k, kp in plan:
             g, gp = gammas[k], gammas[kp]
             a = g / gp
@@ -425,7 +435,7 @@ class AncestralSampler(_PlanSampler):
         return f"AncestralSampler(variance={self.variance!r}, steps={self.steps!r}, spacing={self.spacing!r})"
 
 
-class DDIMSampler(_PlanSampler):
+class DDIMSampler(PlanSampler):
     r"""DDIM sampling, and its deterministic encode/decode pair.
 
     Each step ``k -> k'``:
@@ -449,7 +459,7 @@ class DDIMSampler(_PlanSampler):
         Song, Meng, Ermon, "Denoising Diffusion Implicit Models", ICLR 2021, eq. 12 and 16.
 
     Shape:
-        See :meth:`sample`, :meth:`encode`, :meth:`decode`.
+        See :meth:`PlanSampler.sample`, :meth:`encode`, :meth:`decode`.
     """
 
     def __init__(self, steps: int = 50, eta: float = 0.0, spacing: Spacing = "trailing") -> None:
@@ -468,9 +478,9 @@ class DDIMSampler(_PlanSampler):
             x_new = x_new + math.sqrt(s2) * _randn(x, generator)
         return x_new
 
-    def _run(self, denoiser, gammas, x, condition, plan, generator, record, eta=None):
+    def _run(self, denoiser: Denoiser, gammas: list[float], x: torch.Tensor, condition: torch.Tensor | None, plan: Plan, generator: torch.Generator | None, record: bool, eta: float | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         eta = self.eta if eta is None else eta
-        states = []
+        states: list[torch.Tensor] = []
         for k, kp in plan:
             g, gp = gammas[k], gammas[kp]
             x = self._step(x, _eps(denoiser, x, g, condition), g, gp, generator, eta)
@@ -531,7 +541,7 @@ class DDIMSampler(_PlanSampler):
         dims = _check_inputs(x0, condition, "x0")
         kend = torch.full((dims["B"],), K, dtype=torch.int64) if end_step is None else _per_sample_steps(end_step, dims["B"], K, "end_step")
 
-        def run(x, cond, plan, record):
+        def run(x: torch.Tensor, cond: torch.Tensor | None, plan: Plan, record: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
             for k, kp in reversed(plan):
                 g, gp = gammas[k], gammas[kp]
                 r = math.sqrt(g / gp)
@@ -596,7 +606,7 @@ class DDIMSampler(_PlanSampler):
         return f"DDIMSampler(steps={self.steps}, eta={self.eta!r}, spacing={self.spacing!r})"
 
 
-class DPMSolverPP(_PlanSampler):
+class DPMSolverPP(PlanSampler):
     r"""DPM-Solver++ (multistep, data prediction), order 1 or 2 ("2M").
 
     With :math:`\alpha = \sqrt{\gamma}`, :math:`\sigma = \sqrt{1-\gamma}`,
@@ -623,7 +633,7 @@ class DPMSolverPP(_PlanSampler):
         Probabilistic Models", arXiv:2211.01095, Algorithm 2.
 
     Shape:
-        See :meth:`sample`.
+        See :meth:`PlanSampler.sample`.
     """
 
     def __init__(self, steps: int = 20, order: Literal[1, 2] = 2, spacing: Spacing = "trailing") -> None:
@@ -633,8 +643,8 @@ class DPMSolverPP(_PlanSampler):
         self.order = int(order)
         self.spacing = _check_spacing(spacing)
 
-    def _run(self, denoiser, gammas, x, condition, plan, generator, record):
-        states = []
+    def _run(self, denoiser: Denoiser, gammas: list[float], x: torch.Tensor, condition: torch.Tensor | None, plan: Plan, generator: torch.Generator | None, record: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        states: list[torch.Tensor] = []
         prev_x0: torch.Tensor | None = None
         prev_h = 0.0
         for k, kp in plan:

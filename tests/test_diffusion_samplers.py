@@ -216,12 +216,21 @@ def test_contract_oracle_from_pure_noise(sampler, sched, dtype, ndim):
     torch.testing.assert_close(out, y0, rtol=0, atol=ORACLE_TOL[dtype])
 
 
-def test_contract_oracle_from_mid_schedule(sampler, sched, dtype):
-    y0 = _images((3, 1, 7, 6), 4, dtype)
-    x_in = _images((3, 1, 7, 6), 5, dtype)  # the clean input that is noised to k0
+def test_contract_oracle_from_mid_schedule(sampler, sched, dtype, device):
+    y0 = _images((3, 1, 7, 6), 4, dtype).to(device)
+    x_in = _images((3, 1, 7, 6), 5, dtype).to(device)  # the clean input that is noised to k0
     # the oracle denoises towards y0, whatever image was noised: the last step must land on y0
-    out = sampler.sample(oracle, sched, y0, x_in, start_step=23, generator=make_generator(6))
+    out = sampler.sample(oracle, sched, y0, x_in, start_step=torch.tensor([23, 23, 5], device=device), generator=make_generator(6))
+    assert out.device == y0.device
     torch.testing.assert_close(out, y0, rtol=0, atol=ORACLE_TOL[dtype])
+
+
+def test_contract_half_precision_gets_float32_levels(sampler, sched):
+    y0 = _images((2, 1, 4, 4), 30, torch.float16)
+    rec = Recorder(oracle)
+    out = sampler.sample(rec, sched, y0, y0, start_step=20, generator=make_generator(31))
+    assert out.dtype == torch.float16 and all(g.dtype == torch.float32 for _, g in rec.calls)
+    assert (out.float() - y0.float()).abs().max() < 0.05
 
 
 def test_contract_oracle_per_sample_start(sampler, sched):

@@ -42,13 +42,13 @@ def _replay(schedule, y, seed):
 
 
 @pytest.mark.parametrize("kind", ["l1", "l2"])
-def test_zero_denoiser_equals_the_norm_of_the_drawn_noise(kind, dtype, ndim):
+def test_zero_denoiser_equals_the_norm_of_the_drawn_noise(kind, dtype, ndim, device):
     y = torch.randn((3, 2) + (5, 4, 3)[:ndim], generator=make_generator(0), dtype=dtype)
-    got = noise_prediction_loss(zero, SCHED, y, None, make_generator(1), kind)
+    got = noise_prediction_loss(zero, SCHED, y.to(device), None, make_generator(1), kind)
     _, _, noise = _replay(SCHED, y, 1)
     ref = noise.abs().mean() if kind == "l1" else noise.square().mean()
-    assert got.shape == () and got.dtype == dtype
-    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    assert got.shape == () and got.dtype == dtype and got.device == device
+    torch.testing.assert_close(got.cpu(), ref, rtol=1e-6 if device.type == "cuda" else 0, atol=0)
 
 
 def test_constant_denoiser_closed_forms():

@@ -29,7 +29,9 @@ separately computed "previous timestep" to get wrong. It has ``n = min(steps, k0
 
 Randomness comes only from ``generator`` (``None`` uses torch's default generator), drawn on the
 generator's device and moved to the image's. Step coefficients are computed in float64 from the
-schedule and applied in the image dtype. :meth:`sample` returns the image; :meth:`sample_trajectory`
+schedule and applied in the image dtype; the denoiser receives gamma in the image dtype, at least
+float32. Gradients flow through a sampler like through any torch code: wrap inference in
+``torch.no_grad()`` (or ``torch.inference_mode()``) so that a long plan does not keep its graph. :meth:`sample` returns the image; :meth:`sample_trajectory`
 returns a :class:`SampleResult` with the intermediate states.
 
 References:
@@ -179,7 +181,8 @@ def _randn(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tenso
 
 
 def _eps(denoiser: Denoiser, x: torch.Tensor, gamma: float, condition: torch.Tensor | None) -> torch.Tensor:
-    level = torch.full((x.shape[0],), gamma, dtype=x.dtype, device=x.device)
+    # at least float32: in float16 every gamma above 1 - 2**-11 would read as 1
+    level = torch.full((x.shape[0],), gamma, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
     out = denoiser(x, level, condition)
     if not isinstance(out, torch.Tensor) or out.shape != x.shape:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__

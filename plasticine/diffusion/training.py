@@ -46,7 +46,7 @@ def noise_prediction_loss(
     :func:`~plasticine.diffusion.schedules.sample_noise_level`), then the noise
     :math:`\epsilon \sim \mathcal{N}(0, I)` of the shape of ``y``; noises
     :math:`y_\gamma = \sqrt{\gamma} y + \sqrt{1-\gamma}\,\epsilon`; calls
-    ``denoiser(y_gamma, gamma, condition)`` (gamma in the dtype of ``y``); and returns the mean
+    ``denoiser(y_gamma, gamma, condition)`` (gamma in the dtype of ``y``, at least float32); and returns the mean
     over all elements of :math:`|\hat\epsilon - \epsilon|` (``"l1"``, the paper's) or
     :math:`(\hat\epsilon - \epsilon)^2` (``"l2"``, DDPM's simple loss).
 
@@ -87,7 +87,7 @@ def noise_prediction_loss(
     draw_device = generator.device if generator is not None else y.device
     noise = torch.randn(y.shape, generator=generator, dtype=y.dtype, device=draw_device).to(y.device)
     noisy = diffuse(y, gamma, noise)
-    eps_hat = denoiser(noisy, gamma.to(y.dtype), condition)
+    eps_hat = denoiser(noisy, gamma.to(torch.promote_types(y.dtype, torch.float32)), condition)
     if not isinstance(eps_hat, torch.Tensor) or eps_hat.shape != y.shape:
         got = tuple(eps_hat.shape) if isinstance(eps_hat, torch.Tensor) else type(eps_hat).__name__
         raise ValueError(f"denoiser output: expected shape {tuple(y.shape)}, got {got}")

@@ -5,6 +5,7 @@ per-sample groups: eps_hat(y_k, gamma_k, c = y0) = (y_k - sqrt(gamma_k) y0) / sq
 """
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -125,16 +126,20 @@ def test_plan_properties(K, steps, frac, spacing, none_start):
         assert plan == [(k, k - 1) for k in range(k0, 0, -1)]
 
 
-@given(k0=st.integers(1, 300), n=st.integers(1, 300))
+def _half_up(q: Fraction) -> int:
+    return math.floor(q + Fraction(1, 2))
+
+
+@given(k0=st.integers(1, 3000), n=st.integers(1, 3000))
 def test_plan_spacings_against_brute_force(k0, n):
+    """The documented grids, in exact rational arithmetic."""
     n = min(n, k0)
     if n == k0:
         return
     trailing = [k for k, _ in step_plan(k0, n, "trailing")]
-    assert trailing == [math.floor(k0 - i * k0 / n + 0.5) for i in range(n)]
+    assert trailing == [_half_up(k0 - Fraction(i * k0, n)) for i in range(n)]
     linspace = [k for k, _ in step_plan(k0, n, "linspace")]
-    ref = [math.floor(k0 - i * (k0 - 1) / (n - 1) + 0.5) for i in range(n)] if n > 1 else [k0]
-    assert all(abs(a - b) <= 1 for a, b in zip(linspace, ref)) and linspace[0] == k0 and linspace[-1] == (1 if n > 1 else k0)
+    assert linspace == ([_half_up(k0 - Fraction(i * (k0 - 1), n - 1)) for i in range(n)] if n > 1 else [k0])
     leading = [k for k, _ in step_plan(k0, n, "leading")]
     r = k0 // n
     assert leading == [k0] + [1 + r * i for i in range(n - 2, -1, -1)]
@@ -150,6 +155,9 @@ def test_plan_known_values_and_the_previous_timestep_bug():
         assert any(kp != k - 50 // 7 for k, kp in plan[:-1])  # the peer rule would be off here
     assert step_plan(1000, 10, "trailing") == [(1000 - 100 * i, 900 - 100 * i) for i in range(10)]
     assert step_plan(5, 1, "leading") == step_plan(5, 1, "trailing") == step_plan(5, 1, "linspace") == [(5, 0)]
+    # exact ties round up (half-to-even would give 6 and 2 here)
+    assert step_plan(13, 2, "trailing") == [(13, 7), (7, 0)]
+    assert step_plan(4, 3, "linspace") == [(4, 3), (3, 1), (1, 0)]
 
 
 def test_plan_mid_schedule_start_bookkeeping(sched):

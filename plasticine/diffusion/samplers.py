@@ -70,9 +70,9 @@ _SPACINGS = ("leading", "trailing", "linspace")
 Plan = list[tuple[int, int]]
 
 
-def _round_half_up(values: np.ndarray) -> np.ndarray:
-    # np.round rounds half to even, which can map two grid points one apart to the same integer.
-    return np.floor(values + 0.5).astype(np.int64)
+def _round_half_up(num: np.ndarray, den: int) -> np.ndarray:
+    """``floor(num / den + 1/2)`` in exact integer arithmetic (no float ties, no half-to-even)."""
+    return (2 * num + den) // (2 * den)
 
 
 def step_plan(start: int, steps: int | None = None, spacing: Spacing = "trailing") -> Plan:
@@ -89,8 +89,10 @@ def step_plan(start: int, steps: int | None = None, spacing: Spacing = "trailing
       levels :math:`1, 1 + r, \dots, 1 + (n-2) r` topped by ``k0`` itself (Lin et al. note that the
       usual leading grid never starts at the requested level; this one always does).
 
-    Rounding is half up, so levels at least one apart stay distinct. When ``n = k0`` every
-    spacing gives every step, ``[(k0, k0-1), ..., (1, 0)]``.
+    Rounding is half up, in exact integer arithmetic, so levels at least one apart stay distinct
+    and no float tie decides a level. When ``n = k0`` every spacing gives every step,
+    ``[(k0, k0-1), ..., (1, 0)]``. For ``k0 = K`` divisible by ``n``, ``"trailing"`` is the
+    trailing grid of diffusers' schedulers (whose timestep ``t`` is our step ``t + 1``).
 
     Args:
         start: the first step ``k0 >= 0`` (0 gives an empty plan).
@@ -125,9 +127,10 @@ def step_plan(start: int, steps: int | None = None, spacing: Spacing = "trailing
     if n == k0:
         levels = np.arange(k0, 0, -1)
     elif spacing == "trailing":
-        levels = _round_half_up(k0 - np.arange(n) * (k0 / n))
+        levels = _round_half_up(k0 * (n - np.arange(n, dtype=np.int64)), n)
     elif spacing == "linspace":
-        levels = _round_half_up(np.linspace(k0, 1, n))
+        i = np.arange(n, dtype=np.int64)
+        levels = _round_half_up(k0 * (n - 1) - i * (k0 - 1), n - 1) if n > 1 else np.array([k0])
     else:
         r = k0 // n
         levels = np.concatenate([[k0], 1 + r * np.arange(n - 2, -1, -1)]) if n > 1 else np.array([k0])

@@ -472,7 +472,7 @@ def _mi_primitive(bins: int) -> Primitive:
         backward=True,
         params={"bins": bins},
         impls=(
-            Impl("plasticine", _mi_plasticine, note="mutual_information(..., normalized=False): plain MI like the peers"),
+            Impl("plasticine", _mi_plasticine, note="normalized=False (plain MI like the peers); sparse cubic B-spline Parzen kernel, range min-max"),
             Impl("monai", _mi_monai, note="Gaussian Parzen window (sigma = bin width / 2), intensities clamped to [0, 1]"),
             Impl("kornia", _mi_kornia, note="Xu polynomial kernel, range min-max per image, on flattened signals"),
             Impl("deepali", _mi_deepali, note="Gaussian Parzen window (FWHM = bin width), range from data via .item()"),
@@ -521,7 +521,7 @@ PRIMITIVES: tuple[Primitive, ...] = (
         backward=True,
         params={"window": LNCC_WINDOW},
         impls=(
-            Impl("plasticine", _lncc_plasticine),
+            Impl("plasticine", _lncc_plasticine, note="signed NCC (the peers square it), border windows shrink to the image"),
             Impl("monai", _lncc_monai, note="squared NCC, separable box filter, zero padding"),
             Impl("voxelmorph", _lncc_voxelmorph, note="neurite.nn.modules.NCC (vxm 0.3.4's NCC is a stub): squared NCC"),
             Impl("deepali", _lncc_deepali, note="lcc_loss: 1 - NCC^2 of mean-subtracted windows (two passes)"),
@@ -549,7 +549,7 @@ PRIMITIVES: tuple[Primitive, ...] = (
         backward=True,
         params={},
         impls=(
-            Impl("plasticine", _be_plasticine),
+            Impl("plasticine", _be_plasticine, note="compact [1,-2,1] and 2x2 forward-difference mixed stencils"),
             Impl("monai", _be_monai, note="BendingEnergyLoss: compact [1,-2,1] and 4-point mixed stencils, interior only"),
             Impl("deepali", _be_deepali, note="bending_loss(mode='forward_central_backward'): repeated central differences"),
         ),
@@ -562,7 +562,7 @@ PRIMITIVES: tuple[Primitive, ...] = (
         backward=True,
         params={},
         impls=(
-            Impl("plasticine", _grad_plasticine),
+            Impl("plasticine", _grad_plasticine, note="forward differences, mean per axis, summed over axes"),
             Impl("monai", _grad_monai, note="DiffusionLoss: central differences, interior only"),
             Impl("voxelmorph", _grad_voxelmorph, note="neurite SpatialGradient('l2') (vxm Grad('l2') is a stub): forward differences"),
             Impl("deepali", _grad_deepali, note="grad_loss(p=2, q=1): central differences, one-sided at edges"),

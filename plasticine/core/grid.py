@@ -61,39 +61,66 @@ def identity_grid(
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)
 
 
-def _scale(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
-    """``2 / (S_i - 1)`` per axis (0 for an axis of size 1), shaped to broadcast over ``(B, N, *S)``."""
+def _normalised_identity(shape: Sequence[int], dtype: torch.dtype, device: torch.device | None) -> torch.Tensor:
+    """``grid_sample``'s identity in normalised units, channels in reversed (x, y[, z]) order.
+
+    Channel ``k`` is the normalised coordinate along spatial axis ``N - 1 - k``: ``-1`` at the first
+    voxel centre, ``1`` at the last (``linspace``, exact at both ends); ``0`` on an axis of size 1.
+
+    Shape:
+        out: ``(1, N, *S)``.
+    """
     n = len(shape)
-    s = torch.tensor([2.0 / (k - 1) if k > 1 else 0.0 for k in shape], dtype=like.dtype, device=like.device)
-    return s.view(1, n, *([1] * n))
+    axes = [torch.linspace(-1.0, 1.0, s, dtype=dtype, device=device) if s > 1 else torch.zeros(1, dtype=dtype, device=device) for s in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij")[::-1], dim=0).unsqueeze(0).view(1, n, *shape)
+
+
+def _normalised_scale(shape: Sequence[int], like: torch.Tensor, size_one: float = 0.0) -> torch.Tensor:
+    """``2 / (S_i - 1)`` per axis in reversed (x, y[, z]) order (``size_one`` for an axis of size 1).
+
+    Shape:
+        out: ``(1, N, 1, ..., 1)``, broadcasting over ``(B, N, *S)``.
+    """
+    n = len(shape)
+    s = [2.0 / (k - 1) if k > 1 else size_one for k in reversed(tuple(shape))]
+    return torch.tensor(s, dtype=like.dtype, device=like.device).view(1, n, *([1] * n))
 
 
 def displacement_to_grid(displacement: torch.Tensor) -> torch.Tensor:
     """The ``grid_sample`` grid (``align_corners=True``) that samples at ``p + u(p)``.
 
-    ``grid[b, ..., N - 1 - i] = 2 (p_i + u_i(p)) / (S_i - 1) - 1``.
+    ``grid[b, ..., N - 1 - i] = 2 (p_i + u_i(p)) / (S_i - 1) - 1``; an axis of size 1 gets ``0``
+    (``grid_sample`` has only one voxel to read there, whatever the coordinate).
 
     Args:
         displacement: ``u`` in voxels, channel ``i`` along axis ``i``.
 
     Returns:
-        Normalised sampling grid, last dimension in (x, y[, z]) order.
+        Normalised sampling grid, last dimension in (x, y[, z]) order (a permuted view of a
+        channel-first tensor; ``grid_sample`` reads it as it is).
 
     Shape:
         displacement: ``(B, N, *S)``; out: ``(B, *S, N)``.
     """
     dims = check_shape(displacement, "B N *S", "displacement")
-    shape, n = dims["S"], dims["N"]
-    scale = _scale(shape, displacement)
-    base = identity_grid(shape, dtype=displacement.dtype, device=displacement.device).unsqueeze(0)
-    g = (base + displacement) * scale - (scale != 0).to(displacement.dtype)
-    return g.flip(1).movedim(1, -1)
+    shape = dims["S"]
+    base = _normalised_identity(shape, displacement.dtype, displacement.device)
+    g = torch.addcmul(base, displacement.flip(1), _normalised_scale(shape, displacement))
+    return g.movedim(1, -1)
 
 
 def grid_to_displacement(grid: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`displacement_to_grid`: voxel displacement from a normalised grid.
 
-    Axes of size 1 have no normalised extent; their displacement is returned as 0.
+    ``u_i(p) = (grid[..., N - 1 - i] + 1) (S_i - 1) / 2 - p_i``. Axes of size 1 have no
+    normalised extent; their displacement is returned as 0.
+
+    Args:
+        grid: normalised ``grid_sample`` grid (``align_corners=True``), last dimension in
+            (x, y[, z]) order.
+
+    Returns:
+        Displacement in voxels, channel ``i`` along axis ``i``.
 
     Shape:
         grid: ``(B, *S, N)``; out: ``(B, N, *S)``.
@@ -101,12 +128,11 @@ def grid_to_displacement(grid: torch.Tensor) -> torch.Tensor:
     if not isinstance(grid, torch.Tensor) or grid.dim() not in (4, 5) or grid.shape[-1] != grid.dim() - 2:
         got = tuple(grid.shape) if isinstance(grid, torch.Tensor) else type(grid).__name__
         raise ValueError(f"grid: expected shape (B, *S, N) with N = len(S) in {{2, 3}}, got {got}")
-    u = grid.flip(-1).movedim(-1, 1)
-    shape = tuple(u.shape[2:])
-    half = torch.tensor([(k - 1) / 2.0 for k in shape], dtype=grid.dtype, device=grid.device)
-    half = half.view(1, len(shape), *([1] * len(shape)))
-    base = identity_grid(shape, dtype=grid.dtype, device=grid.device).unsqueeze(0)
-    return (u + 1) * half - base * (half != 0)
+    g = grid.movedim(-1, 1)
+    shape = tuple(g.shape[2:])
+    base = _normalised_identity(shape, grid.dtype, grid.device)
+    half = 1.0 / _normalised_scale(shape, grid, size_one=torch.inf)  # (S - 1) / 2, 0 on size-1 axes
+    return ((g - base) * half).flip(1)
 
 
 def _check_affine(affine: torch.Tensor, n: int) -> torch.Tensor:
@@ -114,6 +140,13 @@ def _check_affine(affine: torch.Tensor, n: int) -> torch.Tensor:
         got = tuple(affine.shape) if isinstance(affine, torch.Tensor) else type(affine).__name__
         raise ValueError(f"affine: expected shape ({n + 1}, {n + 1}) or (B, {n + 1}, {n + 1}), got {got}")
     return affine
+
+
+def _inverse_affine(affine: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Inverse of an affine, taken in float64 (a float32 inverse of a scanner affine loses ~1e-4 mm)."""
+    a = affine.to(device=like.device)
+    wide = torch.float64 if a.device.type != "mps" else torch.float32
+    return torch.linalg.inv(a.to(wide)).to(like.dtype)
 
 
 def voxel_to_world(points: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
@@ -134,7 +167,7 @@ def world_to_voxel(points: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
         points: ``(B, P, N)``; affine: ``(N+1, N+1)`` or ``(B, N+1, N+1)``; out: ``(B, P, N)``.
     """
     n = check_shape(points, "B P N", "points", spatial=())["N"]
-    return voxel_to_world(points, torch.linalg.inv(_check_affine(affine, n).to(points)))
+    return voxel_to_world(points, _inverse_affine(_check_affine(affine, n), points))
 
 
 def displacement_to_world(displacement: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
@@ -157,4 +190,4 @@ def displacement_from_world(displacement: torch.Tensor, affine: torch.Tensor) ->
         displacement: ``(B, N, *S)``; affine: ``(N+1, N+1)`` or ``(B, N+1, N+1)``; out: ``(B, N, *S)``.
     """
     n = check_shape(displacement, "B N *S", "displacement")["N"]
-    return displacement_to_world(displacement, torch.linalg.inv(_check_affine(affine, n).to(displacement)))
+    return displacement_to_world(displacement, _inverse_affine(_check_affine(affine, n), displacement))

@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .grid import displacement_to_grid
+from .grid import _normalised_identity, _normalised_scale, displacement_to_grid
 from .shapes import check_shape
 
 __all__ = ["warp", "compose", "sample_at_points", "GridSampleWarper", "Mode", "Padding"]
@@ -23,6 +23,76 @@ Padding = Literal["border", "zeros", "reflection"]
 
 _MODES = {"linear": "bilinear", "nearest": "nearest", "cubic": "bicubic"}
 _PADDINGS = ("border", "zeros", "reflection")
+
+
+# A piece of a split grid holds at least this many points (below it the split costs more than it saves).
+_MIN_POINTS_PER_PIECE = 4096
+
+
+def _grid_sample(image: torch.Tensor, grid: torch.Tensor, mode: str, padding: str) -> torch.Tensor:
+    """``F.grid_sample`` (``align_corners=True``) that keeps every CPU thread busy for a single image.
+
+    torch's CPU grid sampler parallelises over the batch only, so one image runs on one core. For
+    a batch of one on the CPU the grid is cut along its first spatial axis into ``k`` pieces (``k``
+    up to ``torch.get_num_threads()``) that are sampled as a batch of ``k`` from the same image
+    (an expanded view, no copy). Every output value is computed exactly as without the split; the
+    gradient with respect to the image is the sum of the ``k`` pieces' gradients (the same
+    terms, added in another order).
+
+    Shape:
+        image: ``(B, C, *S_in)``; grid: ``(B, *S, N)``; out: ``(B, C, *S)``.
+    """
+    s0 = grid.shape[1]
+    points = grid[0, ..., 0].numel()
+    k = 1
+    if image.device.type == "cpu" and image.shape[0] == 1 and grid.shape[0] == 1:
+        k = min(torch.get_num_threads(), s0, points // _MIN_POINTS_PER_PIECE)
+    if k <= 1:
+        return F.grid_sample(image, grid, mode=mode, padding_mode=padding, align_corners=True)
+    piece = -(-s0 // k)
+    k = -(-s0 // piece)
+    pad = piece * k - s0
+    if pad:
+        grid = torch.cat([grid, grid[:, :pad]], dim=1)
+    pieces = grid.reshape(k, piece, *grid.shape[2:])
+    out = F.grid_sample(image.expand(k, *image.shape[1:]), pieces, mode=mode, padding_mode=padding, align_corners=True)
+    out = out.transpose(0, 1).reshape(1, image.shape[1], piece * k, *out.shape[3:])
+    return out[:, :, :s0] if pad else out
+
+
+class _NormalisedFrame:
+    """Repeated warps of one spatial size in ``grid_sample``'s normalised units.
+
+    Iterative schemes (scaling and squaring, Euler, RK4) warp fields by fields many times. Here
+    the normalised identity is built once; a displacement ``u`` (voxels, axis order) is converted
+    once to ``w = to_grid(u)`` (normalised units, reversed (x, y[, z]) channel order) and every
+    warp is one ``grid_sample`` at ``identity + w``. A field sampled this way stays in the units
+    it has, so a field ``w`` warped by itself is again in normalised units. On an axis of size 1
+    the scale is 1 (the component is carried along; ``grid_sample`` reads the only voxel there).
+
+    Shape:
+        ``to_grid``/``from_grid``: ``(B, N, *S)`` to ``(B, N, *S)``; ``sample``: field
+        ``(B or 1, C, *S)``, w ``(B, N, *S)``, out ``(B, C, *S)``.
+    """
+
+    def __init__(self, like: torch.Tensor, mode: Mode = "linear", padding: Padding = "border"):
+        shape = tuple(like.shape[2:])
+        self.mode = _torch_mode(mode, padding, len(shape))
+        self.padding = padding
+        self.identity = _normalised_identity(shape, like.dtype, like.device)
+        self.scale = _normalised_scale(shape, like, size_one=1.0)
+
+    def to_grid(self, u: torch.Tensor) -> torch.Tensor:
+        return u.flip(1) * self.scale
+
+    def from_grid(self, w: torch.Tensor) -> torch.Tensor:
+        return (w / self.scale).flip(1)
+
+    def sample(self, field: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        grid = (self.identity + w).movedim(1, -1)
+        if field.shape[0] != grid.shape[0]:
+            field = field.expand(grid.shape[0], *field.shape[1:])
+        return _grid_sample(field, grid, self.mode, self.padding)
 
 
 def _torch_mode(mode: str, padding: str, n: int) -> str:
@@ -87,7 +157,7 @@ def warp(
     grid = displacement_to_grid(displacement)
     if ud["Bu"] != dims["B"]:
         grid = grid.expand(dims["B"], *grid.shape[1:])
-    return F.grid_sample(image, grid, mode=tmode, padding_mode=padding, align_corners=True)
+    return _grid_sample(image, grid, tmode, padding)
 
 
 def compose(u_a: torch.Tensor, u_b: torch.Tensor, padding: Padding = "border") -> torch.Tensor:
@@ -137,7 +207,7 @@ def sample_at_points(
     scale = torch.where(shape > 1, 2.0 / (shape - 1).clamp(min=1), torch.zeros_like(shape))
     g = points * scale - (scale != 0).to(field.dtype)
     g = g.flip(-1).reshape(points.shape[0], points.shape[1], *([1] * (n - 1)), n)
-    out = F.grid_sample(field, g, mode=tmode, padding_mode=padding, align_corners=True)
+    out = _grid_sample(field, g, tmode, padding)
     return out.reshape(field.shape[0], field.shape[1], points.shape[1]).transpose(1, 2)
 
 

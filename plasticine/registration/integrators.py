@@ -16,12 +16,12 @@ which is 4 to 6 times more inverse-consistent than zero padding near the border)
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 from ..core.shapes import check_shape
-from ..core.warp import Padding, warp
+from ..core.warp import Padding, _NormalisedFrame
 
 __all__ = ["scaling_and_squaring", "integrate_euler", "integrate_rk4", "auto_squaring_steps", "ScalingAndSquaring", "Euler", "RK4"]
 
@@ -43,6 +43,19 @@ def auto_squaring_steps(velocity: torch.Tensor, max_step: float = 0.5, min_steps
     return int(min(max(min_steps, need), max_steps))
 
 
+def _check_steps(steps: object, minimum: int) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < minimum:
+        expected = "a non-negative int or 'auto'" if minimum == 0 else "a positive int"
+        raise ValueError(f"steps: expected {expected}, got {steps!r}")
+    return steps
+
+
+def _check_padding(padding: object) -> Padding:
+    if padding not in get_args(Padding):
+        raise ValueError(f"padding: expected one of {get_args(Padding)}, got {padding!r}")
+    return padding  # type: ignore[return-value]
+
+
 def scaling_and_squaring(velocity: torch.Tensor, steps: int | Literal["auto"] = 7, padding: Padding = "border") -> torch.Tensor:
     r"""Displacement of :math:`\exp(v)` by scaling and squaring.
 
@@ -61,18 +74,12 @@ def scaling_and_squaring(velocity: torch.Tensor, steps: int | Literal["auto"] = 
     check_shape(velocity, "B N *S", "velocity")
     if steps == "auto":
         steps = auto_squaring_steps(velocity)
-    if not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps: expected a non-negative int or 'auto', got {steps!r}")
-    u = velocity / (2**steps)
+    steps = _check_steps(steps, 0)
+    frame = _NormalisedFrame(velocity, "linear", padding)
+    w = frame.to_grid(velocity) * (0.5**steps)
     for _ in range(steps):
-        u = u + warp(u, u, padding=padding)
-    return u
-
-
-def _check_steps(steps: int) -> int:
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps: expected a positive int, got {steps!r}")
-    return steps
+        w = w + frame.sample(w, w)
+    return frame.from_grid(w)
 
 
 def integrate_euler(velocity: torch.Tensor, steps: int = 32, padding: Padding = "border") -> torch.Tensor:
@@ -84,11 +91,13 @@ def integrate_euler(velocity: torch.Tensor, steps: int = 32, padding: Padding = 
         velocity: ``(B, N, *S)``; out: ``(B, N, *S)``.
     """
     check_shape(velocity, "B N *S", "velocity")
-    h = 1.0 / _check_steps(steps)
-    u = velocity * h
+    h = 1.0 / _check_steps(steps, 1)
+    frame = _NormalisedFrame(velocity, "linear", padding)
+    vg = frame.to_grid(velocity)
+    w = vg * h
     for _ in range(steps - 1):
-        u = u + h * warp(velocity, u, padding=padding)
-    return u
+        w = w + h * frame.sample(vg, w)
+    return frame.from_grid(w)
 
 
 def integrate_rk4(velocity: torch.Tensor, steps: int = 8, padding: Padding = "border") -> torch.Tensor:
@@ -101,15 +110,17 @@ def integrate_rk4(velocity: torch.Tensor, steps: int = 8, padding: Padding = "bo
         velocity: ``(B, N, *S)``; out: ``(B, N, *S)``.
     """
     check_shape(velocity, "B N *S", "velocity")
-    h = 1.0 / _check_steps(steps)
-    u = torch.zeros_like(velocity)
-    for _ in range(steps):
-        k1 = warp(velocity, u, padding=padding) if _ else velocity
-        k2 = warp(velocity, u + 0.5 * h * k1, padding=padding)
-        k3 = warp(velocity, u + 0.5 * h * k2, padding=padding)
-        k4 = warp(velocity, u + h * k3, padding=padding)
-        u = u + (h / 6.0) * (k1 + 2 * k2 + 2 * k3 + k4)
-    return u
+    h = 1.0 / _check_steps(steps, 1)
+    frame = _NormalisedFrame(velocity, "linear", padding)
+    vg = frame.to_grid(velocity)
+    w = torch.zeros_like(vg)
+    for i in range(steps):
+        k1 = frame.sample(vg, w) if i else vg
+        k2 = frame.sample(vg, w + (0.5 * h) * k1)
+        k3 = frame.sample(vg, w + (0.5 * h) * k2)
+        k4 = frame.sample(vg, w + h * k3)
+        w = w + (h / 6.0) * (k1 + 2 * k2 + 2 * k3 + k4)
+    return frame.from_grid(w)
 
 
 class ScalingAndSquaring(torch.nn.Module):
@@ -121,9 +132,8 @@ class ScalingAndSquaring(torch.nn.Module):
 
     def __init__(self, steps: int | Literal["auto"] = 7, padding: Padding = "border"):
         super().__init__()
-        if steps != "auto" and (not isinstance(steps, int) or steps < 0):
-            raise ValueError(f"steps: expected a non-negative int or 'auto', got {steps!r}")
-        self.steps, self.padding = steps, padding
+        self.steps = steps if steps == "auto" else _check_steps(steps, 0)
+        self.padding = _check_padding(padding)
 
     def forward(self, velocity: torch.Tensor) -> torch.Tensor:
         return scaling_and_squaring(velocity, self.steps, self.padding)
@@ -141,7 +151,7 @@ class Euler(torch.nn.Module):
 
     def __init__(self, steps: int = 32, padding: Padding = "border"):
         super().__init__()
-        self.steps, self.padding = _check_steps(steps), padding
+        self.steps, self.padding = _check_steps(steps, 1), _check_padding(padding)
 
     def forward(self, velocity: torch.Tensor) -> torch.Tensor:
         return integrate_euler(velocity, self.steps, self.padding)
@@ -159,7 +169,7 @@ class RK4(torch.nn.Module):
 
     def __init__(self, steps: int = 8, padding: Padding = "border"):
         super().__init__()
-        self.steps, self.padding = _check_steps(steps), padding
+        self.steps, self.padding = _check_steps(steps, 1), _check_padding(padding)
 
     def forward(self, velocity: torch.Tensor) -> torch.Tensor:
         return integrate_rk4(velocity, self.steps, self.padding)

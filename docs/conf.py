@@ -64,6 +64,9 @@ autodoc_mock_imports = [
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
+# ``Attributes:`` sections become ``:ivar:`` fields: as ``.. attribute::`` entries they would describe
+# the fields of a NamedTuple or dataclass a second time (autodoc documents those too).
+napoleon_use_ivar = True
 napoleon_custom_sections = ["Shape"]
 
 # -- HTML ----------------------------------------------------------------------------------
@@ -119,6 +122,17 @@ def _exclude_reexports(app, docname: str, source: list[str]) -> None:
     source[0] = _AUTOMODULE.sub(fill, source[0])
 
 
+def _skip_namedtuple_aliases(app, what, name, obj, skip, options):
+    """Hide the generated "Alias for field number i" entries of NamedTuple fields.
+
+    The fields are described in the class's ``Attributes:`` section instead.
+    """
+    if (getattr(obj, "__doc__", None) or "").startswith("Alias for field number"):
+        return True
+    return None
+
+
 def setup(app):
     app.connect("source-read", _exclude_reexports)
+    app.connect("autodoc-skip-member", _skip_namedtuple_aliases)
     return {"parallel_read_safe": True}

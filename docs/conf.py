@@ -44,6 +44,8 @@ autodoc_default_options = {
 autodoc_typehints = "signature"
 autodoc_preserve_defaults = True
 autoclass_content = "class"
+# Show only what plasticine writes: no torch.nn.Module docstrings on forward/extra_repr.
+autodoc_inherit_docstrings = False
 # Optional heavy backends are imported lazily by the library; should one be imported at module level,
 # the documentation still builds without it.
 autodoc_mock_imports = [
@@ -123,11 +125,11 @@ def _exclude_reexports(app, docname: str, source: list[str]) -> None:
 
 
 def _skip_namedtuple_aliases(app, what, name, obj, skip, options):
-    """Hide the generated "Alias for field number i" entries of NamedTuple fields.
-
-    The fields are described in the class's ``Attributes:`` section instead.
-    """
+    """Hide the generated "Alias for field number i" entries of NamedTuple fields (described in
+    the class's ``Attributes:`` section instead) and the ``extra_repr`` of modules."""
     if (getattr(obj, "__doc__", None) or "").startswith("Alias for field number"):
+        return True
+    if name == "extra_repr":  # the repr helper of torch modules
         return True
     return None
 

@@ -240,11 +240,12 @@ def check_learns_ventricles(config, steps, seed, bound):
 
 
 def test_tiny_unet_learns_the_ventricles():
-    # measured training Dice with these settings, seeds 0/1/2: 0.958, 0.974, 0.954 (chance 0.035)
+    # measured training Dice with these settings, seeds 0/1/2: 0.958, 0.974, 0.954 (flipped image:
+    # 0.945, 0.980, 0.953); calling everything ventricle scores 0.035
     check_learns_ventricles(UNetConfig(depth=2, base_width=8), steps=100, seed=0, bound=0.8)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [1, 2])
-def test_unet_learns_the_ventricles_longer(seed):
-    check_learns_ventricles(UNetConfig(depth=3, base_width=8), steps=200, seed=seed, bound=0.9)
+def test_unet_learns_the_ventricles_longer():
+    # measured training Dice with these settings, seeds 0/1/2: 0.997, 0.994, 0.991
+    check_learns_ventricles(UNetConfig(depth=3, base_width=8), steps=200, seed=1, bound=0.9)

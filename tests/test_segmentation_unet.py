@@ -1,5 +1,7 @@
 """Segmentation U-Net, its loss and training loop: shapes, gradients, determinism, and learning a real mask."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -97,6 +99,17 @@ def test_initialisation_and_dropout_follow_the_generator():
     assert not torch.allclose(a(x, generator=make_generator(1)), a(x, generator=make_generator(2)))
     a.eval()  # no dropout in evaluation: the generator does not matter
     torch.testing.assert_close(a(x, generator=make_generator(1)), a(x, generator=make_generator(2)))
+
+
+def test_runs_on_every_device_with_a_cpu_generator(device):
+    # the dropout masks and the training draws come from a CPU generator whatever the device
+    net = SegmentationUNet(1, 2, 3, UNetConfig(depth=1, base_width=4, dropout=0.2), generator=make_generator(16)).to(device)
+    x = torch.randn(2, 1, 4, 6, 5, generator=make_generator(17)).to(device)
+    labels = (x > 0.5).long()
+    out = net(x, generator=make_generator(18))
+    assert out.device == x.device and out.shape == (2, 2, 4, 6, 5)
+    history = train_segmentation(net, x, labels, 2, make_generator(19), batch_size=2)
+    assert len(history) == 2 and all(math.isfinite(v) for v in history)
 
 
 def test_network_errors():

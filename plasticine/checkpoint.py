@@ -1,0 +1,566 @@
+r"""Saving and loading: a component registry, atomic writes and files that never unpickle code.
+
+A saved translator is one file holding
+
+* a JSON **config** that rebuilds every component: each component is written as
+  ``{"class": <registered name>, "config": {...}}`` by the adapter registered for its class
+  (:func:`register_component`), nested where a component holds others (a learned registration holds
+  its network config and its integrator);
+* the **weights** of every ``nn.Module`` inside the components, as a flat ``name -> tensor`` map.
+
+Two formats, chosen by the file name: ``.safetensors`` (the config in the header's metadata; needs the
+``safetensors`` package) and ``.pt`` / ``.pth`` (a plain dict of strings and tensors written by
+:func:`torch.save` and read back with ``torch.load(weights_only=True)``). Neither can execute code
+on load: safetensors holds only raw tensors and strings, and the restricted unpickler of
+``weights_only=True`` refuses every object that is not a tensor, a number, a string or a container
+of those, so a file with a pickled object raises :class:`CheckpointError` instead of running it.
+
+Writes are atomic (:func:`atomic_write`): the bytes go to a temporary file in the same folder, are
+flushed and ``fsync``-ed, and the file is moved over the destination with :func:`os.replace`, so an
+interrupted save leaves the old file intact and never a truncated one.
+
+The registry knows the components shipped with plasticine (schedules, samplers, the conditional
+U-Net, condition encoders, structure extractors, registration backends, integrators, losses). A
+component of another class must be registered before saving, otherwise :func:`component_config`
+raises a :class:`CheckpointError` that says how.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import pickle
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "CheckpointError",
+    "ComponentAdapter",
+    "register_component",
+    "registered_components",
+    "component_config",
+    "build_component",
+    "component_modules",
+    "atomic_write",
+    "save_tensors",
+    "load_tensors",
+    "save_state",
+    "load_state",
+]
+
+FORMAT_VERSION = 1
+_CONFIG_KEY = "plasticine_config"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint could not be written or read (unknown component, bad file, refused content)."""
+
+
+@dataclass(frozen=True)
+class ComponentAdapter:
+    """How the registry writes and rebuilds one component class.
+
+    Attributes:
+        cls: the component class.
+        to_config: ``obj -> dict`` of JSON values that ``from_config`` turns back into an equal object.
+        from_config: ``dict -> obj``.
+        modules: ``obj -> {name: nn.Module}``, the modules whose weights are saved (default: the
+            object itself when it is an ``nn.Module``, else none).
+    """
+
+    cls: type
+    to_config: Callable[[Any], dict[str, Any]]
+    from_config: Callable[[dict[str, Any]], Any]
+    modules: Callable[[Any], dict[str, nn.Module]] | None = None
+
+
+_REGISTRY: dict[str, ComponentAdapter] = {}
+_BUILTINS_LOADED = False
+
+
+def register_component(
+    cls: type,
+    to_config: Callable[[Any], dict[str, Any]] | None = None,
+    from_config: Callable[[dict[str, Any]], Any] | None = None,
+    *,
+    modules: Callable[[Any], dict[str, nn.Module]] | None = None,
+    name: str | None = None,
+) -> type:
+    """Make a component class savable: register how it becomes JSON and how it is rebuilt.
+
+    Without ``to_config`` the class must have a ``config()`` (or ``to_dict()``) method returning
+    its constructor arguments as JSON values (a ``"name"`` key is dropped), and ``from_config``
+    defaults to ``cls(**config)``. Usable as a decorator: ``@register_component``.
+
+    Args:
+        cls: the component class.
+        to_config: ``obj -> dict`` of JSON values.
+        from_config: ``dict -> obj``.
+        modules: ``obj -> {name: nn.Module}`` whose weights are saved (default: the object itself
+            if it is an ``nn.Module``).
+        name: the registered name written into files (default: ``cls.__qualname__``); it must be
+            unique.
+
+    Returns:
+        ``cls`` (so that it works as a decorator).
+
+    Raises:
+        CheckpointError: if ``name`` is already taken by another class, or no ``to_config`` is
+            given and the class has neither ``config`` nor ``to_dict``.
+
+    Shape:
+        Not applicable.
+    """
+    _load_builtins()
+    key = name if name is not None else cls.__qualname__
+    old = _REGISTRY.get(key)
+    if old is not None and old.cls is not cls:
+        raise CheckpointError(f"register_component: the name {key!r} is already registered for {old.cls.__module__}.{old.cls.__qualname__}")
+    if to_config is None:
+        method = "config" if hasattr(cls, "config") and callable(getattr(cls, "config")) else "to_dict" if hasattr(cls, "to_dict") else None
+        if method is None:
+            raise CheckpointError(f"register_component({cls.__qualname__}): give to_config=, or give the class a config() method returning its constructor arguments")
+
+        def to_config(obj: Any, _m: str = method) -> dict[str, Any]:
+            return {k: v for k, v in getattr(obj, _m)().items() if k != "name"}
+
+    if from_config is None:
+
+        def from_config(cfg: dict[str, Any], _cls: type = cls) -> Any:
+            return _cls(**cfg)
+
+    _REGISTRY[key] = ComponentAdapter(cls, to_config, from_config, modules)
+    return cls
+
+
+def registered_components() -> dict[str, type]:
+    """The registered names and their classes.
+
+    Returns:
+        ``{name: class}``.
+
+    Shape:
+        Not applicable.
+    """
+    _load_builtins()
+    return {k: a.cls for k, a in _REGISTRY.items()}
+
+
+def _adapter_of(obj: Any) -> tuple[str, ComponentAdapter]:
+    _load_builtins()
+    for key, adapter in _REGISTRY.items():
+        if type(obj) is adapter.cls:
+            return key, adapter
+    cls = type(obj)
+    raise CheckpointError(
+        f"cannot save a component of class {cls.__module__}.{cls.__qualname__}: it is not registered. "
+        "Call plasticine.checkpoint.register_component(YourClass, to_config=..., from_config=...) "
+        "(or give the class a config() method and call register_component(YourClass)) before saving"
+    )
+
+
+def _jsonable(value: Any, where: str) -> Any:
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise CheckpointError(f"{where}: config keys must be strings, got {k!r}")
+            out[k] = _jsonable(v, f"{where}.{k}")
+        return out
+    raise CheckpointError(f"{where}: config values must be JSON data (None, bool, int, float, str, list, dict), got {type(value).__name__}")
+
+
+def _tuples(value: Any) -> Any:
+    """JSON lists back to tuples (the constructors here take tuples or any sequence)."""
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    return value
+
+
+def component_config(obj: Any) -> dict[str, Any]:
+    """The JSON spec ``{"class": name, "config": {...}}`` that :func:`build_component` rebuilds.
+
+    Args:
+        obj: a component of a registered class.
+
+    Returns:
+        The spec (JSON values only).
+
+    Raises:
+        CheckpointError: for an unregistered class or a config that is not JSON data.
+
+    Shape:
+        Not applicable.
+    """
+    key, adapter = _adapter_of(obj)
+    return {"class": key, "config": _jsonable(adapter.to_config(obj), key)}
+
+
+def build_component(spec: Mapping[str, Any]) -> Any:
+    """Rebuild a component from :func:`component_config` output (weights are loaded separately).
+
+    Args:
+        spec: ``{"class": name, "config": {...}}``.
+
+    Returns:
+        The component.
+
+    Raises:
+        CheckpointError: for a malformed spec or an unregistered class name.
+
+    Shape:
+        Not applicable.
+    """
+    _load_builtins()
+    if not isinstance(spec, Mapping) or set(spec) != {"class", "config"} or not isinstance(spec["config"], Mapping):
+        raise CheckpointError(f"component spec: expected {{'class': str, 'config': dict}}, got {spec!r}")
+    adapter = _REGISTRY.get(spec["class"])
+    if adapter is None:
+        raise CheckpointError(
+            f"component class {spec['class']!r} is not registered (known: {sorted(_REGISTRY)}); "
+            "import the module that calls register_component for it before loading"
+        )
+    try:
+        return adapter.from_config(dict(spec["config"]))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"cannot rebuild {spec['class']} from config {dict(spec['config'])}: {err}") from err
+
+
+def component_modules(obj: Any) -> dict[str, nn.Module]:
+    """The modules of a component whose weights a checkpoint holds.
+
+    Uses the registered ``modules`` hook; otherwise the object itself when it is an ``nn.Module``
+    (under the name ``""``), else none. Unregistered objects are treated the same way.
+
+    Args:
+        obj: a component.
+
+    Returns:
+        ``{name: module}``.
+
+    Shape:
+        Not applicable.
+    """
+    _load_builtins()
+    for adapter in _REGISTRY.values():
+        if type(obj) is adapter.cls and adapter.modules is not None:
+            return adapter.modules(obj)
+    return {"": obj} if isinstance(obj, nn.Module) else {}
+
+
+# -- files ----------------------------------------------------------------------------------------
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically: temporary file in the same folder, fsync, ``os.replace``.
+
+    Args:
+        path: destination file (its folder must exist).
+        data: the bytes.
+
+    Returns:
+        The path.
+
+    Shape:
+        Not applicable.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise CheckpointError(f"cannot write {path}: the folder {folder} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:  # pragma: no cover - some file systems refuse fsync on folders
+        pass
+    return path
+
+
+def _format_of(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return "safetensors"
+    if suffix in (".pt", ".pth"):
+        return "torch"
+    raise CheckpointError(f"{path}: expected a file name ending in .safetensors, .pt or .pth, got {path.name!r}")
+
+
+def save_tensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> Path:
+    """Write a flat tensor map and a JSON config to one file, atomically.
+
+    The format follows the file name: ``.safetensors`` (config in the header metadata) or
+    ``.pt``/``.pth`` (``{"format": "plasticine", "version", "config": json, "tensors": {...}}`` by
+    :func:`torch.save`). Tensors are written contiguous, on the CPU.
+
+    Args:
+        path: the file.
+        tensors: ``name -> tensor``.
+        config: JSON data.
+
+    Returns:
+        The path.
+
+    Raises:
+        CheckpointError: for an unknown suffix, a missing ``safetensors`` package, or a config that
+            is not JSON data.
+
+    Shape:
+        Not applicable.
+    """
+    path = Path(path)
+    fmt = _format_of(path)
+    text = json.dumps(_jsonable(dict(config), "config"), sort_keys=True)
+    flat = {}
+    for k, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"tensor {k!r}: expected a torch.Tensor, got {type(t).__name__}")
+        flat[k] = t.detach().to("cpu").contiguous()
+    if fmt == "safetensors":
+        try:
+            from safetensors.torch import save as st_save
+        except ImportError as err:  # pragma: no cover - depends on the environment
+            raise CheckpointError(f"{path}: writing .safetensors needs the safetensors package (pip install safetensors), or use a .pt file") from err
+        # safetensors refuses tensors that share memory; give every entry its own storage
+        data = st_save({k: v.clone() for k, v in flat.items()}, metadata={_CONFIG_KEY: text, "format_version": str(FORMAT_VERSION)})
+    else:
+        buf = io.BytesIO()
+        torch.save({"format": "plasticine", "version": FORMAT_VERSION, "config": text, "tensors": flat}, buf)
+        data = buf.getvalue()
+    return atomic_write(path, data)
+
+
+def _safe_torch_load(path: Path, map_location: Any) -> Any:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path}: refused to load: the file holds pickled objects other than tensors and plain data "
+            f"(loading never unpickles code). Details: {str(err).splitlines()[0]}"
+        ) from err
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable checkpoint: {err}") from err
+
+
+def load_tensors(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read what :func:`save_tensors` wrote, without unpickling any code.
+
+    Args:
+        path: the file.
+        map_location: where the tensors go.
+
+    Returns:
+        ``(tensors, config)``.
+
+    Raises:
+        CheckpointError: for a missing or malformed file, or one that holds pickled objects.
+
+    Shape:
+        Not applicable.
+    """
+    path = Path(path)
+    fmt = _format_of(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if fmt == "safetensors":
+        try:
+            from safetensors import safe_open
+        except ImportError as err:  # pragma: no cover
+            raise CheckpointError(f"{path}: reading .safetensors needs the safetensors package (pip install safetensors)") from err
+        try:
+            with safe_open(str(path), framework="pt", device=str(map_location)) as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as err:  # safetensors raises its own error types
+            raise CheckpointError(f"{path}: not a readable safetensors file: {err}") from err
+        text = meta.get(_CONFIG_KEY)
+        if text is None:
+            raise CheckpointError(f"{path}: a safetensors file without a plasticine config (metadata key {_CONFIG_KEY!r})")
+    else:
+        obj = _safe_torch_load(path, map_location)
+        if not isinstance(obj, dict) or obj.get("format") != "plasticine" or not isinstance(obj.get("config"), str) or not isinstance(obj.get("tensors"), dict):
+            raise CheckpointError(f"{path}: expected a plasticine checkpoint (a dict with format, config and tensors)")
+        text, tensors = obj["config"], obj["tensors"]
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: the config is not valid JSON: {err}") from err
+    return tensors, config
+
+
+def save_state(path: str | os.PathLike[str], state: Mapping[str, Any]) -> Path:
+    """Write a training state (nested dicts and lists of tensors, numbers and strings) atomically.
+
+    Written by :func:`torch.save` and read back by :func:`load_state` with ``weights_only=True``, so
+    it must hold only tensors and plain data (optimizer, scaler and generator states do).
+
+    Args:
+        path: the file (any name).
+        state: the state.
+
+    Returns:
+        The path.
+
+    Shape:
+        Not applicable.
+    """
+    buf = io.BytesIO()
+    torch.save(dict(state), buf)
+    return atomic_write(path, buf.getvalue())
+
+
+def load_state(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a training state written by :func:`save_state`; pickled objects are refused.
+
+    Args:
+        path: the file.
+        map_location: where tensors go.
+
+    Returns:
+        The state.
+
+    Raises:
+        CheckpointError: for a missing or malformed file, or one that holds pickled objects.
+
+    Shape:
+        Not applicable.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    obj = _safe_torch_load(path, map_location)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict, got {type(obj).__name__}")
+    return obj
+
+
+# -- the shipped components ------------------------------------------------------------------------
+
+
+def _by_attributes(cls: type, names: tuple[str, ...], **kwargs: Any) -> None:
+    """Register ``cls`` whose constructor arguments are stored as attributes of the same names."""
+
+    def to_config(obj: Any) -> dict[str, Any]:
+        return {n: getattr(obj, n) for n in names}
+
+    def from_config(cfg: dict[str, Any]) -> Any:
+        return cls(**_tuples(cfg))
+
+    register_component(cls, to_config, from_config, **kwargs)
+
+
+def _dataclass_dict(cfg: Any) -> dict[str, Any]:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def _load_builtins() -> None:
+    global _BUILTINS_LOADED
+    if _BUILTINS_LOADED:
+        return
+    _BUILTINS_LOADED = True
+    from .diffusion import AncestralSampler, CosineSchedule, DDIMSampler, DPMSolverPP, LinearSchedule, ScheduleFromBetas
+    from .diffusion.conditioning import ConcatConditioning, LearnedConditioning
+    from .diffusion.unet import ConditionalUNet, UNetConfig
+    from .losses import NCC, BendingEnergy, GradientSmoothness, LocalNCC, MutualInformation
+    from .registration import RK4, Euler, ScalingAndSquaring
+
+    for cls in (LinearSchedule, CosineSchedule, ScheduleFromBetas, AncestralSampler, DDIMSampler, DPMSolverPP):
+        register_component(cls, from_config=lambda cfg, _c=cls: _c(**_tuples(cfg)))
+
+    def unet_to(obj: ConditionalUNet) -> dict[str, Any]:
+        enc = obj.encoder
+        return {
+            "config": obj.config.to_dict(),
+            "encoder": None if enc is None else {"in_channels": enc.in_channels, "channels": list(enc.channels), "ndim": enc.ndim},
+        }
+
+    def unet_from(cfg: dict[str, Any]) -> ConditionalUNet:
+        enc = cfg.get("encoder")
+        encoder = None if enc is None else LearnedConditioning(enc["in_channels"], tuple(enc["channels"]), enc["ndim"])
+        return ConditionalUNet(UNetConfig.from_dict(cfg["config"]), encoder=encoder)
+
+    register_component(ConditionalUNet, unet_to, unet_from)
+
+    _dtypes = {str(d): d for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+    register_component(
+        ConcatConditioning,
+        lambda o: {"num_labels": o.num_labels, "one_hot": o.one_hot, "dtype": None if o.dtype is None else str(o.dtype)},
+        lambda c: ConcatConditioning(c["num_labels"], c["one_hot"], None if c["dtype"] is None else _dtypes[c["dtype"]]),
+    )
+    _by_attributes(LearnedConditioning, ("in_channels", "channels", "ndim"))
+    for cls in (ScalingAndSquaring, Euler, RK4):
+        _by_attributes(cls, ("steps", "padding"))
+    _by_attributes(MutualInformation, ("bins", "normalized", "kernel", "sigma", "moving_range", "fixed_range"))
+    _by_attributes(NCC, ())
+    _by_attributes(LocalNCC, ("window",))
+    _by_attributes(GradientSmoothness, ("spacing",))
+    _by_attributes(BendingEnergy, ("spacing",))
+
+    try:  # structure extractors and registration backends (import lazily; they may be optional)
+        from .segmentation import KMeansExtractor, MultiOtsuExtractor, PottsExtractor
+
+        _by_attributes(PottsExtractor, ("num_classes", "gamma", "neighborhood", "normalize", "max_iter"))
+        _by_attributes(KMeansExtractor, ("num_classes", "smoothing_sigma", "max_iter"))
+        _by_attributes(MultiOtsuExtractor, ("num_classes", "smoothing_sigma", "bins"))
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from .registration.network import LearnedRegistration, RegistrationNet, RegistrationNetConfig
+
+        def learned_to(obj: LearnedRegistration) -> dict[str, Any]:
+            return {"network": _dataclass_dict(obj.network.config), "integrator": component_config(obj.integrator)}
+
+        def learned_from(cfg: dict[str, Any]) -> LearnedRegistration:
+            net = RegistrationNet(RegistrationNetConfig(**_tuples(cfg["network"])))
+            return LearnedRegistration(net, build_component(cfg["integrator"]))
+
+        register_component(LearnedRegistration, learned_to, learned_from, modules=lambda o: {"network": o.network})
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from .registration.iterative import IterativeConfig, IterativeRegistration
+
+        def iterative_to(obj: IterativeRegistration) -> dict[str, Any]:
+            return {
+                "config": _dataclass_dict(obj.config),
+                "similarity": component_config(obj.similarity),
+                "regularizer": component_config(obj.regularizer),
+            }
+
+        def iterative_from(cfg: dict[str, Any]) -> IterativeRegistration:
+            return IterativeRegistration(
+                build_component(cfg["similarity"]), build_component(cfg["regularizer"]), IterativeConfig(**_tuples(cfg["config"]))
+            )
+
+        register_component(IterativeRegistration, iterative_to, iterative_from, modules=lambda o: {})
+    except ImportError:  # pragma: no cover
+        pass

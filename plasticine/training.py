@@ -1,0 +1,749 @@
+r"""Training: the translator's two objectives as plain functions of a batch, and a small training loop.
+
+**Objectives.** Both take a :class:`~plasticine.translator.TraceableTranslator` and a batch, draw
+their randomness from a ``torch.Generator`` and return differentiable losses, so they fit any loop:
+
+* :func:`diffusion_objective` (the paper's Algorithm 2): the structure map :math:`y_s` of a
+  *target* image :math:`y` is the condition, and the denoiser learns the noise at a random level
+  with the L1 loss,
+
+  .. math::
+
+      \mathcal{L}_{DM} = \mathbb{E}\,\big\| \epsilon_{\theta_1}\big(\sqrt{\gamma}\,y + \sqrt{1-\gamma}\,\epsilon,
+      \ \gamma,\ \mathrm{conditioning}(y_s)\big) - \epsilon \big\|_1 ;
+
+* :func:`deformation_objective` (eq. 6 and 7): :math:`y` is noised to a random level, the frozen
+  denoiser's estimate :math:`\hat\epsilon` is the noise cue, and the registration network is
+  trained with :func:`~plasticine.registration.network.registration_objective`,
+
+  .. math::
+
+      \mathcal{L}_{DF} = S(x \circ \phi, y) + S(x, y \circ \phi^{-1}) + \lambda R(v)
+      + \beta \lVert A(x) - F(y, \hat\epsilon) \rVert^2 .
+
+The paper trains the diffusion model first and the registration network second, each with its own
+optimizer; one :class:`Trainer` per stage does the same.
+
+**The loop.** :class:`Trainer` takes an objective ``(model, batch, generator) -> loss``, the model,
+its optimizer, a resumable batch source (:class:`ShuffledBatches`) and a :class:`TrainConfig`; it adds
+progress reporting (``tqdm`` when installed, else a printed line every ``log_every`` steps), an
+exponential moving average of the weights (:class:`~plasticine.diffusion.EMA`), mixed precision on
+CUDA (:func:`torch.autocast` with a :class:`torch.amp.GradScaler`), periodic checkpoints written
+atomically, exact resumption, and data parallelism with :mod:`torch.distributed`.
+
+**Exact resumption.** A checkpoint holds the model, the optimizer, the EMA, the gradient scaler, the
+step, the position of the batch source and, for every process, the states of the objective's
+generator and of torch's global generators. A run interrupted after a checkpoint and resumed from it
+ends with the same weights, bit for bit on the CPU, as a run that was never interrupted.
+
+**Data parallelism.** When :func:`torch.distributed.is_initialized` (e.g. launched by ``torchrun``),
+the model is wrapped in :class:`~torch.nn.parallel.DistributedDataParallel` and handed to the
+objective wrapped; :class:`ShuffledBatches` gives each process its share of every global batch (the
+same permutation on every process, item ``r::world_size`` of each global batch on rank ``r``); each
+process draws its own noise (generator seeded ``seed + rank``); only rank 0 writes checkpoints. With
+a mean loss, the averaged gradient of ``world_size`` processes with batch ``b`` equals the gradient of
+one process with batch ``b * world_size`` over the same items.
+
+References:
+    Zhang, Cheng et al., "Plasticine: A Traceable Diffusion Model for Medical Image Translation",
+    Algorithm 2, eq. 6 and 7.
+    Li et al., "PyTorch Distributed: Experiences on Accelerating Data Parallel Training", VLDB 2020.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .checkpoint import load_state, save_state
+from .core.shapes import check_shape
+from .diffusion.schedules import diffuse, sample_noise_level
+from .diffusion.training import EMA, LossKind, noise_prediction_loss
+from .translator import TraceableTranslator, _check_image
+
+__all__ = [
+    "diffusion_objective",
+    "deformation_objective",
+    "noise_cue",
+    "BatchSource",
+    "ShuffledBatches",
+    "TrainConfig",
+    "Trainer",
+    "distributed_info",
+]
+
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+Progress = Literal["auto", "tqdm", "print", "none"]
+Objective = Callable[[nn.Module, Any, torch.Generator], "torch.Tensor | Mapping[str, torch.Tensor]"]
+
+
+# -- objectives -----------------------------------------------------------------------------------
+
+
+def diffusion_objective(
+    translator: TraceableTranslator,
+    y: torch.Tensor,
+    generator: torch.Generator | None = None,
+    *,
+    denoiser: nn.Module | Callable[..., torch.Tensor] | None = None,
+    loss: LossKind = "l1",
+) -> torch.Tensor:
+    r"""The diffusion loss of one batch of target images (the paper's Algorithm 2).
+
+    :math:`y_s = \mathrm{structure}(y)` (no gradient), :math:`c = \mathrm{conditioning}(y_s)`, then
+    :func:`~plasticine.diffusion.noise_prediction_loss` draws the level and the noise from
+    ``generator`` and returns the mean L1 (or L2) error of the predicted noise.
+
+    Args:
+        translator: gives the structure extractor, conditioning, schedule and denoiser.
+        y: target-domain images, finite.
+        generator: the source of randomness.
+        denoiser: the denoiser to train in place of ``translator.denoiser`` (e.g. its
+            :class:`~torch.nn.parallel.DistributedDataParallel` wrapper).
+        loss: ``"l1"`` (the paper's) or ``"l2"``.
+
+    Returns:
+        A scalar, differentiable in the denoiser's (and a learned conditioning's) parameters.
+
+    Shape:
+        y: ``(B, C, *S)``; out: ``()``.
+    """
+    _check_image(y, "y")
+    with torch.no_grad():
+        ys = translator.structure_map(y)
+    condition = translator.conditioning(ys)
+    if condition is not None:
+        condition = condition.to(y.dtype)
+    net = translator.denoiser if denoiser is None else denoiser
+    return noise_prediction_loss(net, translator.schedule, y, condition, generator, loss)
+
+
+class _ConfiguredCall:
+    """A wrapped network (e.g. DDP) that still exposes the inner network's ``config``."""
+
+    def __init__(self, wrapped: Callable[..., Any], config: Any) -> None:
+        self.wrapped, self.config = wrapped, config
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.wrapped(*args, **kwargs)
+
+
+def noise_cue(translator: TraceableTranslator, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    r"""The diffusion model's noise estimate :math:`\hat\epsilon` of a target, the registration cue.
+
+    Draws a level :math:`\gamma` (as in training, from ``generator``) and noise :math:`\epsilon`,
+    and returns :math:`\epsilon_{\theta_1}(\sqrt{\gamma} y + \sqrt{1-\gamma}\epsilon, \gamma,
+    \mathrm{conditioning}(y_s))` without gradient.
+
+    Args:
+        translator: gives the structure extractor, conditioning, schedule and denoiser.
+        y: target-domain images.
+        generator: the source of randomness.
+
+    Returns:
+        :math:`\hat\epsilon` (detached).
+
+    Shape:
+        y: ``(B, C, *S)``; out: ``(B, C, *S)``.
+    """
+    dims = check_shape(y, "B C *S", "y")
+    with torch.no_grad():
+        ys = translator.structure_map(y)
+        condition = translator.conditioning(ys)
+        if condition is not None:
+            condition = condition.to(y.dtype)
+        _, gamma = sample_noise_level(translator.schedule.gammas, dims["B"], generator, device=y.device)
+        draw_device = generator.device if generator is not None else y.device
+        noise = torch.randn(y.shape, generator=generator, dtype=y.dtype, device=draw_device).to(y.device)
+        noisy = diffuse(y, gamma, noise)
+        eps = translator.denoiser(noisy, gamma.to(torch.promote_types(y.dtype, torch.float32)), condition)
+    return eps.detach()
+
+
+def deformation_objective(
+    translator: TraceableTranslator,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    generator: torch.Generator | None = None,
+    *,
+    network: nn.Module | None = None,
+    similarity: Callable[..., torch.Tensor] | None = None,
+    regularizer: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    smoothness_weight: float = 1.0,
+    align_weight: float = 1.0,
+    mask: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    r"""The registration loss of one unpaired batch (the paper's eq. 6 and 7), with the noise cue.
+
+    When the registration network reads a cue (``cue_channels > 0``), :func:`noise_cue` gives
+    :math:`\hat\epsilon` from the translator's (frozen) denoiser; then
+    :func:`~plasticine.registration.network.registration_objective` evaluates
+    :math:`S(x \circ \phi, y) + S(x, y \circ \phi^{-1}) + \lambda R(v) + \beta \lVert A(x) - F(y,
+    \hat\epsilon)\rVert^2`. The denoiser is used as it is: put it in evaluation mode.
+
+    Args:
+        translator: its ``registration`` must be a learned backend with ``network`` and
+            ``integrator`` (:class:`~plasticine.registration.network.LearnedRegistration`).
+        x: source-domain images.
+        y: target-domain images (unpaired).
+        generator: the source of randomness (the cue's level and noise).
+        network: the network to train in place of ``translator.registration.network`` (e.g. its
+            DDP wrapper).
+        similarity: similarity loss (default: normalised mutual information).
+        regularizer: velocity regulariser (default: gradient smoothness).
+        smoothness_weight: :math:`\lambda`.
+        align_weight: :math:`\beta`.
+        mask: optional region of the similarity terms.
+
+    Returns:
+        ``{"total", "forward", "inverse", "smoothness", "align"}`` scalars; train on ``"total"``.
+
+    Raises:
+        ValueError: for a backend without a trainable network, or bad images.
+
+    Shape:
+        x, y: ``(B, C, *S)``; mask: ``(B, 1, *S)`` or None; outputs ``()``.
+    """
+    from .registration.network import registration_objective
+
+    dims = _check_image(x, "x")
+    _check_image(y, "y")
+    check_shape(y, "B C *S", "y", bindings=dict(dims))
+    reg = translator.registration
+    inner = getattr(reg, "network", None)
+    integrator = getattr(reg, "integrator", None)
+    if not isinstance(inner, nn.Module) or integrator is None:
+        raise ValueError(
+            f"deformation_objective: the registration backend {type(reg).__name__} has no trainable network; "
+            "expected a learned backend with .network and .integrator (LearnedRegistration)"
+        )
+    net: Any = inner if network is None else network
+    if getattr(net, "config", None) is None:
+        net = _ConfiguredCall(net, inner.config)
+    cue = noise_cue(translator, y, generator) if inner.config.cue_channels else None
+    return registration_objective(
+        net,
+        integrator,
+        x,
+        y,
+        cue,
+        similarity=similarity,
+        regularizer=regularizer,
+        smoothness_weight=smoothness_weight,
+        align_weight=align_weight,
+        mask=mask,
+    )
+
+
+# -- data order -----------------------------------------------------------------------------------
+
+
+def distributed_info() -> tuple[int, int]:
+    """``(rank, world_size)`` of the initialised process group, or ``(0, 1)``.
+
+    Returns:
+        The rank and the number of processes.
+
+    Shape:
+        Not applicable.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """An endless iterator of batches whose position can be saved and restored."""
+
+    def __next__(self) -> Any: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def _collate(items: list[Any]) -> Any:
+    first = items[0]
+    if isinstance(first, torch.Tensor):
+        return torch.stack(items)
+    if isinstance(first, (tuple, list)):
+        return tuple(_collate([it[i] for it in items]) for i in range(len(first)))
+    raise ValueError(f"dataset items: expected tensors or tuples of tensors, got {type(first).__name__}")
+
+
+class ShuffledBatches:
+    r"""Endless, resumable, shardable batches from an indexable dataset.
+
+    Epoch ``e`` visits the items in the order ``torch.randperm(n)`` drawn from a generator seeded
+    ``seed + e`` (or ``0..n-1`` without ``shuffle``), in global batches of
+    ``batch_size * world_size`` items (an incomplete last batch is dropped); rank ``r`` gets items
+    ``r::world_size`` of each global batch. The position ``(epoch, batch)`` is the whole state.
+
+    Args:
+        data: a tensor (items along the first dimension) or a sequence of tensors or of tuples of
+            tensors (stacked per field).
+        batch_size: items per batch on this process.
+        seed: seed of the permutations.
+        shuffle: permute every epoch.
+        rank: this process (default: from :func:`torch.distributed`, else 0).
+        world_size: number of processes (default: from :func:`torch.distributed`, else 1).
+
+    Shape:
+        Batches: ``(batch_size, *item)`` per field.
+    """
+
+    def __init__(
+        self,
+        data: torch.Tensor | Sequence[Any],
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        r0, w0 = distributed_info()
+        rank = r0 if rank is None else rank
+        world_size = w0 if world_size is None else world_size
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+        if not isinstance(world_size, int) or world_size < 1 or not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank, world_size: expected 0 <= rank < world_size, got {rank!r}, {world_size!r}")
+        n = len(data)
+        if n < batch_size * world_size:
+            raise ValueError(f"data: expected at least batch_size * world_size = {batch_size * world_size} items, got {n}")
+        self.data, self.batch_size, self.seed, self.shuffle = data, batch_size, int(seed), bool(shuffle)
+        self.rank, self.world_size = rank, world_size
+        self.batches_per_epoch = n // (batch_size * world_size)
+        self.epoch, self.position = 0, 0
+
+    def indices(self, epoch: int, position: int) -> torch.Tensor:
+        """The dataset indices of batch ``position`` of epoch ``epoch`` on this rank.
+
+        Args:
+            epoch: the epoch.
+            position: the batch within the epoch, ``< batches_per_epoch``.
+
+        Returns:
+            int64 indices.
+
+        Shape:
+            out: ``(batch_size,)``.
+        """
+        n = len(self.data)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch)) if self.shuffle else torch.arange(n)
+        g = self.batch_size * self.world_size
+        return order[position * g : (position + 1) * g][self.rank :: self.world_size]
+
+    def __iter__(self) -> "ShuffledBatches":
+        return self
+
+    def __next__(self) -> Any:
+        idx = self.indices(self.epoch, self.position)
+        self.position += 1
+        if self.position == self.batches_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        if isinstance(self.data, torch.Tensor):
+            return self.data[idx]
+        return _collate([self.data[int(i)] for i in idx])
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position and the settings that define the order.
+
+        Returns:
+            ``{"epoch", "position", "seed", "shuffle", "batch_size", "world_size"}``.
+
+        Shape:
+            Not applicable.
+        """
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "shuffle": self.shuffle, "batch_size": self.batch_size, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the position; the settings must match (the order would differ otherwise).
+
+        Args:
+            state: from :meth:`state_dict`.
+
+        Returns:
+            None.
+
+        Shape:
+            Not applicable.
+        """
+        mine = self.state_dict()
+        for key in ("seed", "shuffle", "batch_size", "world_size"):
+            if state.get(key) != mine[key]:
+                raise ValueError(f"ShuffledBatches.load_state_dict: {key}: expected {mine[key]!r} (this source), got {state.get(key)!r} (the saved one)")
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or not 0 <= position < self.batches_per_epoch:
+            raise ValueError(f"ShuffledBatches.load_state_dict: position {position} outside [0, {self.batches_per_epoch})")
+        self.epoch, self.position = epoch, position
+
+
+# -- the loop -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of a :class:`Trainer`.
+
+    Attributes:
+        steps: total optimizer steps of the run (a resumed run continues up to this number).
+        checkpoint_path: file of the training checkpoint (overwritten atomically), or None.
+        checkpoint_every: write a checkpoint every this many steps (0: only at the end).
+        resume: continue from ``checkpoint_path`` when it exists.
+        ema_decay: decay of the weight average (None: no average).
+        precision: ``"auto"`` (``"fp16"`` on CUDA, ``"fp32"`` elsewhere), ``"fp32"``, ``"fp16"``
+            (autocast with a gradient scaler; CUDA only) or ``"bf16"`` (autocast, CPU or CUDA).
+        grad_clip: clip the gradient norm to this value (None: no clipping).
+        seed: seed of the objective's generator (rank ``r`` uses ``seed + r``).
+        log_every: steps between printed lines (when tqdm is not used).
+        progress: ``"auto"`` (tqdm when installed, else printed lines), ``"tqdm"``, ``"print"`` or
+            ``"none"``; only rank 0 reports.
+    """
+
+    steps: int
+    checkpoint_path: str | None = None
+    checkpoint_every: int = 0
+    resume: bool = True
+    ema_decay: float | None = None
+    precision: Precision = "auto"
+    grad_clip: float | None = None
+    seed: int = 0
+    log_every: int = 50
+    progress: Progress = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "checkpoint_every", "log_every", "seed"):
+            v = getattr(self, name)
+            low = 1 if name in ("steps", "log_every") else 0
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"TrainConfig.{name}: expected an int >= {low}, got {v!r}")
+        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
+            raise ValueError(f"TrainConfig.precision: expected 'auto', 'fp32', 'fp16' or 'bf16', got {self.precision!r}")
+        if self.progress not in ("auto", "tqdm", "print", "none"):
+            raise ValueError(f"TrainConfig.progress: expected 'auto', 'tqdm', 'print' or 'none', got {self.progress!r}")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"TrainConfig.ema_decay: expected None or a number in [0, 1), got {self.ema_decay!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"TrainConfig.grad_clip: expected None or a number > 0, got {self.grad_clip!r}")
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+class Trainer:
+    r"""A training loop for one model and one objective (see the module docstring).
+
+    Each step: ``batch = next(data)`` (moved to the model's device); ``out = objective(model,
+    batch, generator)`` under autocast when mixed precision is on (``model`` is the DDP wrapper in a
+    distributed run); the loss is ``out`` or ``out["total"]``; backward (scaled with ``fp16``),
+    optional gradient clipping, the optimizer step, the EMA update.
+
+    Args:
+        objective: ``(model, batch, generator) -> loss`` (a scalar or a dict with ``"total"``).
+        model: the module whose parameters ``optimizer`` updates.
+        optimizer: the optimizer.
+        data: a :class:`BatchSource` (e.g. :class:`ShuffledBatches`); it must be resumable when
+            checkpoints are written.
+        config: the settings.
+        generator: the objective's generator (default: one on the model's device seeded
+            ``config.seed + rank``).
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Linear(2, 1)
+        >>> data = ShuffledBatches(torch.randn(8, 2), 4)
+        >>> objective = lambda m, b, g: m(b).square().mean()
+        >>> trainer = Trainer(objective, net, torch.optim.SGD(net.parameters(), lr=0.1), data, TrainConfig(steps=3, progress="none"))
+        >>> trainer.fit()["total"] >= 0
+        True
+
+    Shape:
+        Not applicable.
+    """
+
+    def __init__(
+        self,
+        objective: Objective,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data: BatchSource,
+        config: TrainConfig,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if not callable(objective):
+            raise ValueError(f"objective: expected a callable (model, batch, generator) -> loss, got {type(objective).__name__}")
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not isinstance(config, TrainConfig):
+            raise ValueError(f"config: expected a TrainConfig, got {type(config).__name__}")
+        if not hasattr(data, "__next__"):
+            raise ValueError(f"data: expected an iterator of batches (e.g. ShuffledBatches), got {type(data).__name__}")
+        if config.checkpoint_path is not None and not isinstance(data, BatchSource):
+            raise ValueError(
+                f"data: checkpoints need a resumable batch source with state_dict/load_state_dict (e.g. ShuffledBatches), got {type(data).__name__}"
+            )
+        params = list(model.parameters())
+        if not params:
+            raise ValueError("model: has no parameters to train")
+        self.objective, self.model, self.optimizer, self.data, self.config = objective, model, optimizer, data, config
+        self.device = params[0].device
+        self.rank, self.world_size = distributed_info()
+        precision = config.precision
+        if precision == "auto":
+            precision = "fp16" if self.device.type == "cuda" else "fp32"
+        if precision == "fp16" and self.device.type != "cuda":
+            raise ValueError(f"TrainConfig.precision='fp16' needs a CUDA model (float16 autocast with a gradient scaler), the model is on {self.device}; use 'fp32' or 'bf16'")
+        self.precision: Literal["fp32", "fp16", "bf16"] = precision  # type: ignore[assignment]
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        if generator is None:
+            generator = torch.Generator(self.device).manual_seed(config.seed + self.rank)
+        self.generator = generator
+        self.ema = EMA(model, config.ema_decay) if config.ema_decay is not None else None
+        self.step = 0
+        self.last: dict[str, float] = {}
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.wrapped: nn.Module = DistributedDataParallel(model, device_ids=ids)
+        else:
+            self.wrapped = model
+
+    # -- state ------------------------------------------------------------------------------------
+    def _local_rng(self) -> dict[str, Any]:
+        return {
+            "generator": self.generator.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+        }
+
+    def _gather_rng(self) -> list[dict[str, Any]]:
+        local = self._local_rng()
+        if self.world_size == 1:
+            return [local]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, local)
+        return out
+
+    def state_dict(self, rng: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Everything a resumed run needs (tensors and plain data only).
+
+        Args:
+            rng: the RNG states of every rank (default: this process's only).
+
+        Returns:
+            ``{"format", "step", "world_size", "model", "optimizer", "ema", "scaler", "data", "rng", "config"}``.
+
+        Shape:
+            Not applicable.
+        """
+        data_state = self.data.state_dict() if isinstance(self.data, BatchSource) else None
+        return {
+            "format": "plasticine-training",
+            "step": self.step,
+            "world_size": self.world_size,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
+            "data": data_state,
+            "rng": rng if rng is not None else [self._local_rng()],
+            "config": dataclasses.asdict(self.config),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (same model, optimizer, data source and world size).
+
+        Args:
+            state: the state.
+
+        Returns:
+            None.
+
+        Raises:
+            ValueError: for a state of another kind, world size or EMA/precision setting.
+
+        Shape:
+            Not applicable.
+        """
+        if state.get("format") != "plasticine-training":
+            raise ValueError(f"expected a plasticine training checkpoint, got format {state.get('format')!r}")
+        if state["world_size"] != self.world_size:
+            raise ValueError(
+                f"checkpoint written by {state['world_size']} process(es), this run has {self.world_size}: "
+                "an exact resume needs the same number (load the model weights with plasticine.checkpoint.load_state(path)['model'] instead)"
+            )
+        if (state["ema"] is None) != (self.ema is None):
+            raise ValueError(f"checkpoint ema is {'absent' if state['ema'] is None else 'present'}, but TrainConfig.ema_decay is {self.config.ema_decay!r}")
+        if (state["scaler"] is None) != (self.scaler is None):
+            raise ValueError(f"checkpoint was trained with a different precision (gradient scaler {'absent' if state['scaler'] is None else 'present'}), this run uses {self.precision!r}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        if state["data"] is not None:
+            if not isinstance(self.data, BatchSource):
+                raise ValueError(f"checkpoint holds a data position, but data ({type(self.data).__name__}) cannot restore one")
+            self.data.load_state_dict(state["data"])
+        rng = state["rng"][self.rank]
+        self.generator.set_state(rng["generator"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        self.step = int(state["step"])
+
+    def save_checkpoint(self, path: str | os.PathLike[str]) -> None:
+        """Write the training state atomically; collective in a distributed run, only rank 0 writes.
+
+        Args:
+            path: the file.
+
+        Returns:
+            None.
+
+        Shape:
+            Not applicable.
+        """
+        rng = self._gather_rng()
+        if self.rank == 0:
+            save_state(path, self.state_dict(rng))
+        if self.world_size > 1:
+            dist.barrier()
+
+    def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
+        """Resume from a file written by :meth:`save_checkpoint` (never unpickles code).
+
+        Args:
+            path: the file.
+
+        Returns:
+            None.
+
+        Shape:
+            Not applicable.
+        """
+        state = load_state(path, map_location=self.device)
+        self.load_state_dict(state)
+
+    # -- running ----------------------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def train_step(self) -> dict[str, float]:
+        """Run one optimizer step.
+
+        Returns:
+            The loss terms of the step as floats (``"total"`` and any others the objective returned).
+
+        Raises:
+            FloatingPointError: when the loss is not finite.
+
+        Shape:
+            Not applicable.
+        """
+        batch = _to_device(next(self.data), self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            out = self.objective(self.wrapped, batch, self.generator)
+        terms = dict(out) if isinstance(out, Mapping) else {"total": out}
+        if "total" not in terms or not isinstance(terms["total"], torch.Tensor) or terms["total"].dim() != 0:
+            raise ValueError(f"objective: expected a scalar tensor or a dict with a scalar 'total', got {type(out).__name__} with keys {sorted(terms)}")
+        loss = terms["total"].float()
+        if not bool(torch.isfinite(loss)):
+            raise FloatingPointError(f"step {self.step + 1}: the loss is {float(loss)}; lower the learning rate or check the data")
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if self.config.grad_clip is not None:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            if self.config.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update()
+        self.step += 1
+        self.last = {k: float(v.detach()) for k, v in terms.items() if isinstance(v, torch.Tensor) and v.dim() == 0}
+        return self.last
+
+    def _progress(self) -> tuple[Any, str]:
+        mode = self.config.progress
+        if self.rank != 0 or mode == "none":
+            return None, "none"
+        if mode in ("auto", "tqdm"):
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                if mode == "tqdm":
+                    raise ValueError("TrainConfig.progress='tqdm' needs the tqdm package (pip install tqdm), or use 'auto'/'print'") from None
+            else:
+                return tqdm(total=self.config.steps, initial=self.step, desc="train", dynamic_ncols=True), "tqdm"
+        return None, "print"
+
+    def fit(self) -> dict[str, float]:
+        """Train until ``config.steps``, resuming from ``config.checkpoint_path`` when it exists.
+
+        Writes a checkpoint every ``checkpoint_every`` steps and at the end (rank 0).
+
+        Returns:
+            The loss terms of the last step (empty when nothing was left to run).
+
+        Shape:
+            Not applicable.
+        """
+        cfg = self.config
+        path = None if cfg.checkpoint_path is None else Path(cfg.checkpoint_path)
+        if path is not None and cfg.resume and path.is_file():
+            self.load_checkpoint(path)
+            if self.rank == 0 and cfg.progress != "none":
+                print(f"resuming from {path} at step {self.step}", file=sys.stderr)
+        self.model.train()
+        bar, mode = self._progress()
+        try:
+            while self.step < cfg.steps:
+                terms = self.train_step()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{terms['total']:.4g}")
+                elif mode == "print" and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                    print(f"step {self.step}/{cfg.steps} loss {terms['total']:.4g}", file=sys.stderr)
+                if path is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                    self.save_checkpoint(path)
+        finally:
+            if bar is not None:
+                bar.close()
+        if path is not None:
+            self.save_checkpoint(path)
+        return self.last
+

@@ -1,0 +1,599 @@
+r"""The :class:`TraceableTranslator`: the paper's method assembled from plug-in parts.
+
+Inference (the paper's Algorithm 1) for a source image :math:`x`:
+
+1. :math:`x_s = \mathrm{structure}(x)`, a ``(B, L, *S)`` structure map;
+2. :math:`\phi = \mathrm{registration}(x)`, a :class:`~plasticine.core.Deformation` predicted from
+   the source alone (a learned backend) or towards a given ``target`` (a backend that needs one);
+3. the condition :math:`c = \mathrm{conditioning}(x_s \circ \phi)` (the structure map warped into the
+   target geometry by :meth:`~plasticine.core.Deformation.to_target`, linear interpolation of the
+   channels, border padding);
+4. :math:`x_{k_0} \sim q(x_{k_0} \mid x_0 = x)`, then the sampler denoises :math:`k_0 \to 0` with
+   :math:`\epsilon_\theta(y_k, \gamma_k, c)`.
+
+The output :math:`\hat y` lives in the target geometry. A mask :math:`m` drawn on :math:`\hat y` is
+traced back to the source as :math:`m \circ \phi^{-1}`; a source point :math:`p` sits at
+:math:`\phi^{-1}(p)` in :math:`\hat y` (see :class:`TranslationResult`).
+
+**The start step** :math:`k_0` trades faithfulness to the source against realism: the noised start
+keeps :math:`\sqrt{\gamma_{k_0}}\,x` of the source, so a small :math:`k_0` changes little and a
+:math:`k_0` near :math:`K` forgets the source intensities and keeps only what the condition carries.
+The default is ``start_fraction * K`` rounded to the nearest step, ``start_fraction = 0.5`` (for the
+paper's linear schedule, :math:`10^{-6} .. 10^{-2}` over :math:`K = 2000`, :math:`k_0 = 1000` keeps
+:math:`\sqrt{\gamma_{1000}} \approx 0.29` of the source signal).
+
+Training uses the two objectives of :mod:`plasticine.training` (:func:`~plasticine.training.diffusion_objective`,
+:func:`~plasticine.training.deformation_objective`); :meth:`TraceableTranslator.save` and
+:meth:`TraceableTranslator.load` write and read one file (see :mod:`plasticine.checkpoint`).
+
+Reference:
+    Zhang, Cheng et al., "Plasticine: A Traceable Diffusion Model for Medical Image Translation",
+    Algorithm 1.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .core.deformation import Deformation
+from .core.protocols import ConditionEncoder, Denoiser, NoiseSchedule, RegistrationBackend, Sampler, StructureExtractor
+from .core.shapes import check_shape
+
+__all__ = ["TranslationResult", "TraceableTranslator", "COMPONENTS"]
+
+#: The component names of a translator, in constructor order.
+COMPONENTS: tuple[str, ...] = ("structure", "registration", "denoiser", "schedule", "sampler", "conditioning")
+
+
+@dataclass
+class TranslationResult:
+    r"""What :meth:`TraceableTranslator.translate` returns: the image and how it traces to the source.
+
+    With ``n = num_samples`` draws per input, ``samples[i]`` is draw ``i`` of every batch item,
+    ``image`` is their per-voxel mean and ``std`` their per-voxel standard deviation
+    (:math:`\sqrt{\tfrac1n \sum_i (s_i - \bar s)^2}`, zero for one draw). The mean is the
+    estimate of the translation with the least variance; pick ``samples[i]`` for a single,
+    sharper draw. All samples share one deformation and one condition.
+
+    Attributes:
+        image: the translated image :math:`\hat y` (mean of the samples), target geometry.
+        deformation: :math:`\phi` and :math:`\phi^{-1}` between source and target geometry.
+        source_structure: :math:`x_s`, the structure map of the source.
+        warped_structure: :math:`x_s \circ \phi`, the map the condition was made of.
+        samples: every draw.
+        std: per-voxel spread of the draws.
+        start_step: the step :math:`k_0` sampling started from.
+
+    Shape:
+        image, std: ``(B, C, *S)``; samples: ``(n, B, C, *S)``; source_structure, warped_structure:
+        ``(B, L, *S)``; deformation fields: ``(B, N, *S)``.
+    """
+
+    image: torch.Tensor
+    deformation: Deformation
+    source_structure: torch.Tensor
+    warped_structure: torch.Tensor
+    samples: torch.Tensor
+    std: torch.Tensor
+    start_step: int
+
+    @property
+    def num_samples(self) -> int:
+        """The number of draws ``n``."""
+        return self.samples.shape[0]
+
+    def to_source(self, image: torch.Tensor, mode: Literal["linear", "nearest", "cubic"] = "linear") -> torch.Tensor:
+        """Carry an image or soft mask drawn on the translation back to the source: ``m o phi^-1``.
+
+        Args:
+            image: floating image or soft mask in the target geometry.
+            mode: interpolation.
+
+        Returns:
+            The image in the source geometry.
+
+        Shape:
+            image: ``(B, C, *S)``; out: ``(B, C, *S)``.
+        """
+        return self.deformation.to_source(image, mode)
+
+    def to_target(self, image: torch.Tensor, mode: Literal["linear", "nearest", "cubic"] = "linear") -> torch.Tensor:
+        """Carry a source image or soft mask into the translation's geometry: ``m o phi``.
+
+        Args:
+            image: floating image or soft mask in the source geometry.
+            mode: interpolation.
+
+        Returns:
+            The image in the target geometry.
+
+        Shape:
+            image: ``(B, C, *S)``; out: ``(B, C, *S)``.
+        """
+        return self.deformation.to_target(image, mode)
+
+    def labels_to_source(self, labels: torch.Tensor, num_classes: int | None = None, method: Literal["linear", "nearest"] = "linear") -> torch.Tensor:
+        """Trace a label map (e.g. a segmentation of the translation) back to the source.
+
+        See :meth:`plasticine.core.Deformation.labels_to_source`.
+
+        Args:
+            labels: integer labels in the target geometry.
+            num_classes: number of classes (default: ``max + 1``).
+            method: one-hot linear warp with argmax, or nearest neighbour.
+
+        Returns:
+            The labels in the source geometry.
+
+        Shape:
+            labels: ``(B, 1, *S)`` integer; out: ``(B, 1, *S)`` int64.
+        """
+        return self.deformation.labels_to_source(labels, num_classes, method)
+
+    def labels_to_target(self, labels: torch.Tensor, num_classes: int | None = None, method: Literal["linear", "nearest"] = "linear") -> torch.Tensor:
+        """Trace a source label map into the translation's geometry.
+
+        See :meth:`plasticine.core.Deformation.labels_to_target`.
+
+        Args:
+            labels: integer labels in the source geometry.
+            num_classes: number of classes (default: ``max + 1``).
+            method: one-hot linear warp with argmax, or nearest neighbour.
+
+        Returns:
+            The labels in the target geometry.
+
+        Shape:
+            labels: ``(B, 1, *S)`` integer; out: ``(B, 1, *S)`` int64.
+        """
+        return self.deformation.labels_to_target(labels, num_classes, method)
+
+    def points_to_target(self, points: torch.Tensor) -> torch.Tensor:
+        r"""Where source points sit in the translation: :math:`\phi^{-1}(p)`.
+
+        Args:
+            points: voxel coordinates in the source, in axis order.
+
+        Returns:
+            Voxel coordinates in the translated image.
+
+        Shape:
+            points: ``(B, P, N)``; out: ``(B, P, N)``.
+        """
+        return self.deformation.points_to_target(points)
+
+    def points_to_source(self, points: torch.Tensor) -> torch.Tensor:
+        r"""Where points of the translation sit in the source: :math:`\phi(q)`.
+
+        Args:
+            points: voxel coordinates in the translated image, in axis order.
+
+        Returns:
+            Voxel coordinates in the source.
+
+        Shape:
+            points: ``(B, P, N)``; out: ``(B, P, N)``.
+        """
+        return self.deformation.points_to_source(points)
+
+
+def _check_image(x: torch.Tensor, name: str) -> dict[str, Any]:
+    dims = check_shape(x, "B C *S", name)
+    if not x.is_floating_point():
+        raise ValueError(f"{name}: expected a floating tensor, got dtype {x.dtype}")
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{name}: expected finite values, found {bad} NaN or infinite value(s) in a tensor of shape {tuple(x.shape)}")
+    return dims
+
+
+class TraceableTranslator:
+    r"""Traceable image translation: conditional diffusion for intensity, registration for shape.
+
+    Every part is a plug-in object satisfying the matching protocol of :mod:`plasticine.core`; the
+    translator only wires them together (see the module docstring for the algorithm).
+
+    Args:
+        structure: :class:`~plasticine.core.StructureExtractor`, ``image -> (B, L, *S)`` map.
+        registration: :class:`~plasticine.core.RegistrationBackend`, e.g.
+            :class:`~plasticine.registration.network.LearnedRegistration` (predicts from the source
+            alone) or :class:`~plasticine.registration.iterative.IterativeRegistration` (needs
+            ``translate(x, target=y)``).
+        denoiser: :class:`~plasticine.core.Denoiser`, e.g.
+            :class:`~plasticine.diffusion.unet.ConditionalUNet` with ``cond_channels`` equal to the
+            condition's channels.
+        schedule: :class:`~plasticine.core.NoiseSchedule` the denoiser is trained with.
+        sampler: :class:`~plasticine.core.Sampler` (ancestral, DDIM, DPM-Solver++).
+        conditioning: :class:`~plasticine.core.ConditionEncoder`, warped structure map -> condition.
+        start_fraction: default start step as a fraction of ``K`` (``k0 = round(start_fraction * K)``),
+            in ``[0, 1]``.
+
+    Example:
+        >>> import torch
+        >>> from plasticine.diffusion import LinearSchedule, DDIMSampler
+        >>> from plasticine.diffusion.conditioning import ConcatConditioning
+        >>> from plasticine.diffusion.unet import ConditionalUNet, UNetConfig
+        >>> from plasticine.registration.network import LearnedRegistration, RegistrationNet, RegistrationNetConfig
+        >>> from plasticine.segmentation import KMeansExtractor
+        >>> t = TraceableTranslator(
+        ...     KMeansExtractor(2),
+        ...     LearnedRegistration(RegistrationNet(RegistrationNetConfig(features=8, encoder=(8, 8), align_channels=8, align_layers=1))),
+        ...     ConditionalUNet(UNetConfig(cond_channels=2, base_channels=8, channel_mults=(1,), attention_levels=())),
+        ...     LinearSchedule(num_steps=100), DDIMSampler(steps=5), ConcatConditioning(2))
+        >>> r = t.translate(torch.rand(1, 1, 16, 16), generator=torch.Generator().manual_seed(0))
+        >>> r.image.shape, r.deformation.forward.shape, r.start_step
+        (torch.Size([1, 1, 16, 16]), torch.Size([1, 2, 16, 16]), 50)
+
+    Shape:
+        See :meth:`translate`.
+    """
+
+    def __init__(
+        self,
+        structure: StructureExtractor,
+        registration: RegistrationBackend,
+        denoiser: Denoiser,
+        schedule: NoiseSchedule,
+        sampler: Sampler,
+        conditioning: ConditionEncoder,
+        *,
+        start_fraction: float = 0.5,
+    ) -> None:
+        checks = (
+            ("structure", structure, callable(structure)),
+            ("registration", registration, callable(getattr(registration, "register", None))),
+            ("denoiser", denoiser, callable(denoiser)),
+            ("schedule", schedule, isinstance(getattr(schedule, "gammas", None), torch.Tensor) and callable(getattr(schedule, "q_sample", None))),
+            ("sampler", sampler, callable(getattr(sampler, "sample", None))),
+            ("conditioning", conditioning, callable(conditioning)),
+        )
+        for name, obj, ok in checks:
+            if isinstance(obj, str):
+                raise ValueError(f"{name}: expected a component object, got the string {obj!r} (build the component and pass it)")
+            if not ok:
+                raise ValueError(f"{name}: expected an object satisfying the {name} protocol of plasticine.core, got {type(obj).__name__}")
+        if isinstance(start_fraction, bool) or not isinstance(start_fraction, (int, float)) or not 0.0 <= start_fraction <= 1.0:
+            raise ValueError(f"start_fraction: expected a number in [0, 1], got {start_fraction!r}")
+        self.structure = structure
+        self.registration = registration
+        self.denoiser = denoiser
+        self.schedule = schedule
+        self.sampler = sampler
+        self.conditioning = conditioning
+        self.start_fraction = float(start_fraction)
+
+    # -- parts -------------------------------------------------------------------------------------
+    @property
+    def num_steps(self) -> int:
+        """``K``, the number of diffusion steps of the schedule."""
+        return int(self.schedule.gammas.shape[0]) - 1
+
+    @property
+    def default_start_step(self) -> int:
+        """The start step used when ``translate`` gets ``start_step=None``: ``round(start_fraction * K)``."""
+        return int(round(self.start_fraction * self.num_steps))
+
+    def components(self) -> dict[str, Any]:
+        """The six parts by name, in constructor order.
+
+        Returns:
+            ``{"structure", "registration", "denoiser", "schedule", "sampler", "conditioning"}``.
+
+        Shape:
+            Not applicable.
+        """
+        return {name: getattr(self, name) for name in COMPONENTS}
+
+    def replace(self, **components: Any) -> "TraceableTranslator":
+        """A translator sharing every part except the ones given (e.g. a wrapped denoiser).
+
+        Args:
+            **components: new parts by name (see :data:`COMPONENTS`).
+
+        Returns:
+            The new translator (the old one is unchanged).
+
+        Shape:
+            Not applicable.
+        """
+        unknown = set(components) - set(COMPONENTS)
+        if unknown:
+            raise ValueError(f"replace: unknown component names {sorted(unknown)}, expected some of {COMPONENTS}")
+        return TraceableTranslator(**{**self.components(), **components}, start_fraction=self.start_fraction)
+
+    def modules(self) -> dict[str, nn.Module]:
+        """The ``nn.Module`` s inside the parts, by dotted name (whose weights save/load carry).
+
+        A learned registration contributes ``"registration.network"``; a part that is itself a
+        module contributes its name. Parts without modules (schedules, samplers) contribute nothing.
+
+        Returns:
+            ``{name: module}``.
+
+        Shape:
+            Not applicable.
+        """
+        from .checkpoint import component_modules
+
+        out: dict[str, nn.Module] = {}
+        for name, obj in self.components().items():
+            for sub, module in component_modules(obj).items():
+                out[name if not sub else f"{name}.{sub}"] = module
+        return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every parameter and buffer of :meth:`modules`, as ``"<module name>.<tensor name>"``.
+
+        Returns:
+            A flat ``name -> tensor`` map.
+
+        Shape:
+            Not applicable.
+        """
+        out: dict[str, torch.Tensor] = {}
+        for name, module in self.modules().items():
+            for key, value in module.state_dict().items():
+                out[f"{name}.{key}"] = value
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load what :meth:`state_dict` returned; every key must match (no missing, no extra).
+
+        Args:
+            state: the flat map.
+
+        Returns:
+            None.
+
+        Raises:
+            ValueError: naming missing or unexpected keys, or a shape mismatch.
+
+        Shape:
+            Not applicable.
+        """
+        expected = self.state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"load_state_dict: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
+        for key, value in state.items():
+            if tuple(value.shape) != tuple(expected[key].shape):
+                raise ValueError(f"load_state_dict: {key}: expected shape {tuple(expected[key].shape)}, got {tuple(value.shape)}")
+        for name, module in self.modules().items():
+            prefix = f"{name}."
+            module.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
+
+    def to(self, *args: Any, **kwargs: Any) -> "TraceableTranslator":
+        """Move or cast every module in place (arguments as :meth:`torch.nn.Module.to`).
+
+        Returns:
+            ``self``.
+
+        Shape:
+            Not applicable.
+        """
+        for module in self.modules().values():
+            module.to(*args, **kwargs)
+        for name in ("structure", "conditioning"):  # parameter-free modules (settings only)
+            obj = getattr(self, name)
+            if isinstance(obj, nn.Module):
+                obj.to(*args, **kwargs)
+        return self
+
+    def train(self, mode: bool = True) -> "TraceableTranslator":
+        """Set every module to training (``mode=True``) or evaluation mode.
+
+        Args:
+            mode: training mode.
+
+        Returns:
+            ``self``.
+
+        Shape:
+            Not applicable.
+        """
+        for module in self.modules().values():
+            module.train(mode)
+        return self
+
+    def eval(self) -> "TraceableTranslator":
+        """Set every module to evaluation mode (``train(False)``).
+
+        Returns:
+            ``self``.
+
+        Shape:
+            Not applicable.
+        """
+        return self.train(False)
+
+    # -- inference -------------------------------------------------------------------------------
+    def structure_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The structure map of ``x``, checked to be a floating ``(B, L, *S)`` map.
+
+        Args:
+            x: images.
+
+        Returns:
+            The map, in the dtype of ``x``.
+
+        Shape:
+            x: ``(B, C, *S)``; out: ``(B, L, *S)``.
+        """
+        dims = check_shape(x, "B C *S", "x")
+        xs = self.structure(x)
+        check_shape(xs, "B L *S", f"structure map from {type(self.structure).__name__}", bindings={"B": dims["B"], "S": dims["S"]})
+        return xs.to(x.dtype)
+
+    def translate(
+        self,
+        x: torch.Tensor,
+        *,
+        start_step: int | None = None,
+        num_samples: int = 1,
+        generator: torch.Generator | None = None,
+        target: torch.Tensor | None = None,
+    ) -> TranslationResult:
+        r"""Translate source images into the target domain and return how they trace back.
+
+        Runs the paper's Algorithm 1 (see the module docstring); the structure map, the condition
+        and the sampler run under :func:`torch.no_grad`, the registration backend with autograd on
+        (an iterative backend optimises inside ``register``) and its fields are detached:
+        ``x_s = structure(x)``; ``phi = registration.register(x)`` (or ``register(x, target)`` when
+        ``target`` is given); ``c = conditioning(x_s o phi)``; the sampler starts from
+        :math:`x_{k_0} \sim q(x_{k_0} \mid x)` and denoises to step 0. The ``n = num_samples`` draws
+        run as one batch of ``n * B`` images (draw ``i`` of item ``b`` at row ``i * B + b``), so the
+        generator's draws, and the result, depend on ``n``.
+
+        Args:
+            x: source images, finite.
+            start_step: :math:`k_0` in ``[0, K]``; None uses :attr:`default_start_step`
+                (``round(start_fraction * K)``). ``0`` returns ``x`` unchanged.
+            num_samples: draws per image, ``>= 1``.
+            generator: the only source of randomness (``None``: torch's default generator).
+            target: target images for a registration backend that needs one (an iterative or ANTs
+                backend); None for a backend that predicts from the source alone.
+
+        Returns:
+            A :class:`TranslationResult`.
+
+        Raises:
+            ValueError: for a wrong shape, a non-floating or non-finite image, a bad ``start_step``
+                or ``num_samples``, or a backend that needs a target when none is given (the
+                backend's own error).
+
+        Shape:
+            x, target: ``(B, C, *S)``; see :class:`TranslationResult` for the outputs.
+        """
+        dims = _check_image(x, "x")
+        if target is not None:
+            _check_image(target, "target")
+            check_shape(target, "B C *S", "target", bindings=dict(dims))
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples: expected an int >= 1, got {num_samples!r}")
+        K = self.num_steps
+        k0 = self.default_start_step if start_step is None else start_step
+        if isinstance(k0, bool) or not isinstance(k0, int) or not 0 <= k0 <= K:
+            raise ValueError(f"start_step: expected None or an int in [0, K={K}], got {start_step!r}")
+        B = dims["B"]
+        # an iterative backend optimises inside register(): run it with autograd on, keep no graph
+        with torch.enable_grad():
+            deformation = self.registration.register(x) if target is None else self.registration.register(x, target)
+        if not isinstance(deformation, Deformation):
+            raise ValueError(f"registration.register: expected a Deformation, got {type(deformation).__name__}")
+        if deformation.shape != dims["S"] or deformation.forward.shape[0] != B:
+            raise ValueError(f"registration.register: expected fields of shape ({B}, {dims['N']}, *{dims['S']}), got {tuple(deformation.forward.shape)}")
+        v = deformation.velocity
+        deformation = Deformation(deformation.forward.detach(), deformation.inverse.detach(), None if v is None else v.detach())
+        with torch.no_grad():
+            xs = self.structure_map(x)
+            warped = deformation.to_target(xs)
+            condition = self.conditioning(warped)
+            if condition is not None:
+                condition = condition.to(x.dtype)
+            start = x.repeat(num_samples, *([1] * (x.dim() - 1)))
+            cond = None if condition is None else condition.repeat(num_samples, *([1] * (condition.dim() - 1)))
+            out = self.sampler.sample(self.denoiser, self.schedule, cond, start, start_step=k0, generator=generator)
+            samples = out.reshape(num_samples, *x.shape)
+            mean = samples.mean(0)
+            std = samples.std(0, correction=0)
+        return TranslationResult(mean, deformation, xs, warped, samples, std, k0)
+
+    # -- persistence -----------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """The JSON config that rebuilds every part (see :func:`plasticine.checkpoint.component_config`).
+
+        Returns:
+            ``{"components": {name: spec}, "start_fraction": float}``.
+
+        Raises:
+            plasticine.checkpoint.CheckpointError: for a part whose class is not registered.
+
+        Shape:
+            Not applicable.
+        """
+        from .checkpoint import component_config
+
+        return {"components": {n: component_config(o) for n, o in self.components().items()}, "start_fraction": self.start_fraction}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "TraceableTranslator":
+        """Build a translator (freshly initialised weights) from :meth:`config` output.
+
+        Args:
+            config: the config.
+
+        Returns:
+            The translator.
+
+        Shape:
+            Not applicable.
+        """
+        from .checkpoint import CheckpointError, build_component
+
+        comps = config.get("components") if isinstance(config, dict) else None
+        if not isinstance(comps, dict) or set(comps) != set(COMPONENTS):
+            raise CheckpointError(f"translator config: expected components {COMPONENTS}, got {sorted(comps) if isinstance(comps, dict) else comps!r}")
+        return cls(**{n: build_component(comps[n]) for n in COMPONENTS}, start_fraction=config.get("start_fraction", 0.5))
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the config and the weights to one file, atomically.
+
+        ``.safetensors`` (needs the ``safetensors`` package) or ``.pt``/``.pth`` (read back with
+        ``torch.load(weights_only=True)``); see :mod:`plasticine.checkpoint`.
+
+        Args:
+            path: the file.
+
+        Returns:
+            None.
+
+        Raises:
+            plasticine.checkpoint.CheckpointError: for an unregistered part or an unknown suffix.
+
+        Shape:
+            Not applicable.
+        """
+        from .checkpoint import FORMAT_VERSION, save_tensors
+
+        save_tensors(path, self.state_dict(), {"translator": self.config(), "format_version": FORMAT_VERSION})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> "TraceableTranslator":
+        """Rebuild a translator saved by :meth:`save`, weights included; never unpickles code.
+
+        The modules are put in evaluation mode.
+
+        Args:
+            path: the file.
+            map_location: where the weights go.
+
+        Returns:
+            The translator.
+
+        Raises:
+            plasticine.checkpoint.CheckpointError: for a missing, malformed or unsafe file.
+
+        Shape:
+            Not applicable.
+        """
+        from .checkpoint import CheckpointError, load_tensors
+
+        tensors, config = load_tensors(path, map_location)
+        if not isinstance(config, dict) or "translator" not in config:
+            raise CheckpointError(f"{path}: expected a translator checkpoint (config key 'translator'), got keys {sorted(config) if isinstance(config, dict) else config!r}")
+        translator = cls.from_config(config["translator"])
+        translator.to(map_location)
+        try:
+            translator.load_state_dict(tensors)
+        except ValueError as err:
+            raise CheckpointError(f"{path}: weights do not match the config: {err}") from err
+        return translator.eval()
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{n}={type(o).__name__}" for n, o in self.components().items())
+        return f"TraceableTranslator({parts}, start_fraction={self.start_fraction})"

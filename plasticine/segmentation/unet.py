@@ -217,7 +217,7 @@ class SegmentationUNet(nn.Module):
             self.reset_parameters(generator)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Draw new weights with PyTorch's default initialisation, from ``generator``.
+        r"""Draw new weights with PyTorch's default initialisation, from ``generator``.
 
         Convolution weights :math:`\sim` Kaiming-uniform with :math:`a = \sqrt 5`, biases
         :math:`\sim U(-1/\sqrt{fan_{in}}, 1/\sqrt{fan_{in}})` (what ``nn.Conv*d`` does with the

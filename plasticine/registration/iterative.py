@@ -1,0 +1,176 @@
+r"""Per-pair registration by optimising a stationary velocity field (no training needed).
+
+:class:`IterativeRegistration` minimises, from coarse to fine resolution,
+
+.. math::
+
+    E(v) = S(x \circ \exp(\tilde v), y) + S(x, y \circ \exp(-\tilde v)) + \lambda R(\tilde v),
+    \qquad \tilde v = G_\sigma * v,
+
+with ``S`` any :class:`~plasticine.core.SimilarityLoss` (normalised mutual information by default),
+``R`` a regulariser of the smoothed velocity and :math:`G_\sigma` a Gaussian that keeps the velocity
+smooth (the "fluid-like" smoothing of the update in SyN and demons). The result is a
+:class:`~plasticine.core.Deformation` with ``forward = exp(v)`` and ``inverse = exp(-v)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Sequence
+
+import torch
+
+from ..core.deformation import Deformation
+from ..core.filters import gaussian_smooth, resize
+from ..core.shapes import check_shape
+from ..core.warp import warp
+from .integrators import scaling_and_squaring
+
+__all__ = ["IterativeRegistration", "IterativeConfig", "resize_velocity"]
+
+
+def resize_velocity(velocity: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Resample a velocity or displacement field to another grid of the same extent.
+
+    Positions are resampled linearly with aligned corner voxels and the vectors are rescaled by
+    ``(shape_i - 1) / (S_i - 1)`` so they keep their physical length.
+
+    Shape:
+        velocity: ``(B, N, *S)``; out: ``(B, N, *shape)``.
+    """
+    dims = check_shape(velocity, "B N *S", "velocity")
+    old, n = dims["S"], dims["N"]
+    out = resize(velocity, shape)
+    scale = torch.tensor([(s - 1) / max(o - 1, 1) for s, o in zip(shape, old)], dtype=velocity.dtype, device=velocity.device)
+    return out * scale.view(1, n, *([1] * n))
+
+
+@dataclass(frozen=True)
+class IterativeConfig:
+    """Settings of :class:`IterativeRegistration`.
+
+    Attributes:
+        levels: downsampling factor of each resolution level, coarse to fine.
+        iterations: optimiser steps per level.
+        lr: step size of the optimiser (voxels of the level per step for Adam).
+        smoothing: Gaussian sigma (voxels of the level) applied to the velocity.
+        weight: regularisation weight lambda.
+        steps: squaring steps of the exponential.
+        symmetric: use both terms of E (forward and inverse); else only the forward one.
+        optimizer: ``"adam"`` or ``"lbfgs"``.
+    """
+
+    levels: tuple[int, ...] = (4, 2, 1)
+    iterations: tuple[int, ...] = (80, 50, 30)
+    lr: float = 0.5
+    smoothing: float = 1.5
+    weight: float = 0.05
+    steps: int = 7
+    symmetric: bool = True
+    optimizer: Literal["adam", "lbfgs"] = "adam"
+
+
+class IterativeRegistration:
+    """Registration backend that optimises an SVF per pair; runs on the device of its inputs.
+
+    Args:
+        similarity: loss ``(moving, fixed, mask) -> scalar``, lower is better; defaults to
+            :class:`plasticine.losses.MutualInformation` (normalised MI, 32 bins).
+        regularizer: penalty of the smoothed velocity ``(B, N, *S) -> scalar``; defaults to
+            :class:`plasticine.losses.GradientSmoothness`.
+        config: an :class:`IterativeConfig`; keyword overrides may be given instead.
+
+    Shape:
+        source, target: ``(B, C, *S)``; returned Deformation fields ``(B, N, *S)``.
+    """
+
+    def __init__(
+        self,
+        similarity: Callable[..., torch.Tensor] | None = None,
+        regularizer: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        config: IterativeConfig | None = None,
+        **overrides,
+    ):
+        if similarity is None:
+            from ..losses import MutualInformation
+
+            similarity = MutualInformation()
+        if regularizer is None:
+            from ..losses import GradientSmoothness
+
+            regularizer = GradientSmoothness()
+        self.similarity, self.regularizer = similarity, regularizer
+        cfg = config or IterativeConfig()
+        if overrides:
+            cfg = IterativeConfig(**{**cfg.__dict__, **overrides})
+        if len(cfg.levels) != len(cfg.iterations) or not cfg.levels:
+            raise ValueError(f"levels and iterations must have the same non-zero length, got {cfg.levels} and {cfg.iterations}")
+        if cfg.optimizer not in ("adam", "lbfgs"):
+            raise ValueError(f"optimizer: expected 'adam' or 'lbfgs', got {cfg.optimizer!r}")
+        self.config = cfg
+
+    def register(self, source: torch.Tensor, target: torch.Tensor | None = None, *, cue: torch.Tensor | None = None) -> Deformation:
+        """Find phi with ``source o phi ~ target``.
+
+        Args:
+            source: moving image ``x``.
+            target: fixed image ``y``; required.
+            cue: ignored by this backend (accepted for the protocol); must be None.
+
+        Shape:
+            source, target: ``(B, C, *S)``; out: Deformation with ``(B, N, *S)`` fields.
+        """
+        if target is None:
+            raise ValueError("IterativeRegistration needs a target image: register(source, target)")
+        if cue is not None:
+            raise ValueError("IterativeRegistration does not use a cue; pass cue=None")
+        dims = check_shape(source, "B C *S", "source")
+        check_shape(target, "B C *S", "target", bindings=dims)
+        if not source.is_floating_point() or source.dtype != target.dtype:
+            raise ValueError(f"source and target must share one floating dtype, got {source.dtype} and {target.dtype}")
+        cfg = self.config
+        shape, n = dims["S"], dims["N"]
+        v = None
+        for factor, iters in zip(cfg.levels, cfg.iterations):
+            lshape = tuple(max(4, round((s - 1) / factor) + 1) for s in shape)
+            x, y = resize(source, lshape), resize(target, lshape)
+            v0 = torch.zeros(dims["B"], n, *lshape, dtype=source.dtype, device=source.device) if v is None else resize_velocity(v, lshape)
+            v = self._optimise(x, y, v0, iters).detach()
+        with torch.no_grad():
+            v = self._smooth(resize_velocity(v, shape), cfg.smoothing * cfg.levels[-1])
+            return Deformation(scaling_and_squaring(v, cfg.steps), scaling_and_squaring(-v, cfg.steps), v)
+
+    @staticmethod
+    def _smooth(v: torch.Tensor, sigma: float) -> torch.Tensor:
+        return gaussian_smooth(v, sigma) if sigma > 0 else v
+
+    def _energy(self, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        vs = self._smooth(v, cfg.smoothing)
+        fwd = scaling_and_squaring(vs, cfg.steps)
+        e = self.similarity(warp(x, fwd), y)
+        if cfg.symmetric:
+            e = e + self.similarity(x, warp(y, scaling_and_squaring(-vs, cfg.steps)))
+        return e + cfg.weight * self.regularizer(vs), vs
+
+    def _optimise(self, x: torch.Tensor, y: torch.Tensor, v0: torch.Tensor, iters: int) -> torch.Tensor:
+        cfg = self.config
+        param = v0.clone().requires_grad_(True)
+        if cfg.optimizer == "adam":
+            opt = torch.optim.Adam([param], lr=cfg.lr)
+            for _ in range(iters):
+                opt.zero_grad(set_to_none=True)
+                e, _ = self._energy(x, y, param)
+                e.backward()
+                opt.step()
+        else:
+            opt = torch.optim.LBFGS([param], lr=cfg.lr, max_iter=iters, line_search_fn="strong_wolfe")
+
+            def closure():
+                opt.zero_grad(set_to_none=True)
+                e, _ = self._energy(x, y, param)
+                e.backward()
+                return e
+
+            opt.step(closure)
+        return param.detach()

@@ -1,0 +1,162 @@
+"""Contract suite of the registration backends, plus the network and its objective.
+
+Every backend must: give (near) the identity for identical images; recover a known smooth
+deformation of a real image; return a diffeomorphic result whose two fields are mutually inverse;
+keep shapes, dtype and device; and say clearly when it needs a target it did not get.
+"""
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from plasticine.core import Deformation
+from plasticine.data import brainweb_slices
+from plasticine.data.synthetic import random_deformation
+from plasticine.registration.iterative import IterativeRegistration, resize_velocity
+from plasticine.registration.network import LearnedRegistration, RegistrationNet, registration_objective
+from plasticine.registration.integrators import ScalingAndSquaring
+
+HAS_ANTS = importlib.util.find_spec("ants") is not None
+
+
+def _slices(size=(72, 60)):
+    d = brainweb_slices()
+    t1 = torch.from_numpy(d["t1"].astype(np.float32))[None, None] / 255.0
+    pd = torch.from_numpy(d["pd"].astype(np.float32))[None, None] / 255.0
+    f = torch.nn.functional.interpolate
+    return f(t1, size=size, mode="area"), f(pd, size=size, mode="area")
+
+
+def _fast_iterative():
+    return IterativeRegistration(levels=(2, 1), iterations=(60, 40), lr=0.3)
+
+
+def _trained_network(x, y):
+    """A small network overfitted on one pair: the learned backend's contract is about the mechanics."""
+    torch.manual_seed(0)
+    net = RegistrationNet(features=8, encoder=(8, 16, 16, 16), align_channels=8, cue_channels=0)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    ss = ScalingAndSquaring()
+    for _ in range(150):
+        opt.zero_grad()
+        registration_objective(net, ss, x, y, smoothness_weight=0.05)["total"].backward()
+        opt.step()
+    return net.eval()
+
+
+BACKENDS = ["iterative"] + (["ants"] if HAS_ANTS else [])
+
+
+def _backend(name):
+    if name == "iterative":
+        return _fast_iterative()
+    from plasticine.registration.ants import AntsRegistration
+
+    return AntsRegistration(reg_iterations=(40, 20, 10))
+
+
+@pytest.fixture(scope="module")
+def case():
+    """The T1 slice as source, the PD slice warped by a known diffeomorphism as target."""
+    t1, pd = _slices()
+    truth = random_deformation(t1.shape[2:], 3.0, control_points=5, generator=torch.Generator().manual_seed(3))
+    return t1, truth.to_target(pd), truth
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_identical_images_give_identity(name):
+    t1, _ = _slices()
+    d = _backend(name).register(t1, t1)
+    assert isinstance(d, Deformation)
+    assert d.forward.shape == (1, 2, *t1.shape[2:]) and d.forward.dtype == t1.dtype
+    assert float(d.forward.norm(dim=1).mean()) < 0.3
+    assert float(d.inverse.norm(dim=1).mean()) < 0.3
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_recovers_known_deformation(name, case):
+    source, target, truth = case
+    d = _backend(name).register(source, target)
+    brain = truth.to_target((source > 0.05).float()) > 0.5
+    before = truth.forward.norm(dim=1, keepdim=True)[brain].mean()
+    after = (d.forward - truth.forward).norm(dim=1, keepdim=True)[brain].mean()
+    assert after < 0.6 * before, (float(before), float(after))
+    assert float(d.folding_fraction()) == 0.0
+    assert float(d.inverse_consistency()) < 0.1
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_needs_target(name):
+    t1, _ = _slices()
+    with pytest.raises(ValueError, match="target"):
+        _backend(name).register(t1)
+
+
+def test_iterative_shape_errors():
+    t1, _ = _slices()
+    with pytest.raises(ValueError, match=r"\(B, C, \*S\)"):
+        _fast_iterative().register(t1, t1[..., :-1])
+
+
+def test_iterative_3d_identity_and_shift():
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.avg_pool3d(torch.rand(1, 1, 24, 22, 20, generator=g), 3, 1, 1)
+    u = torch.zeros(1, 3, 24, 22, 20)
+    u[:, 1] = 1.0
+    y = Deformation(u, -u).to_target(x)
+    d = IterativeRegistration(levels=(1,), iterations=(60,), lr=0.2, smoothing=1.0).register(x, y)
+    inner = (slice(None), slice(None), slice(5, -5), slice(5, -5), slice(5, -5))
+    assert torch.allclose(d.forward[inner][:, 1].mean(), torch.tensor(1.0), atol=0.25)
+    assert float(d.folding_fraction()) == 0.0
+
+
+def test_resize_velocity_keeps_physical_length():
+    v = torch.zeros(1, 2, 11, 21)
+    v[:, 0], v[:, 1] = 2.0, 4.0
+    w = resize_velocity(v, (21, 41))
+    assert torch.allclose(w[:, 0], torch.tensor(4.0)) and torch.allclose(w[:, 1], torch.tensor(8.0))
+
+
+@pytest.mark.parametrize("inverse", ["negate", "learned"])
+@pytest.mark.parametrize("shape", [(37, 50), (9, 14, 11)])
+def test_network_shapes_and_gradients(inverse, shape):
+    n = len(shape)
+    net = RegistrationNet(spatial_dims=n, features=8, encoder=(8, 8, 8, 8), align_channels=8, inverse=inverse)
+    x, y, eps = (torch.randn(2, 1, *shape) for _ in range(3))
+    out = net(x, y, eps)
+    assert out.velocity.shape == out.inverse_velocity.shape == (2, n, *shape)
+    assert out.reference_features.shape == out.aligned_features.shape == (2, 8, *shape)
+    if inverse == "negate":
+        assert torch.equal(out.inverse_velocity, -out.velocity)
+    terms = registration_objective(net, ScalingAndSquaring(4), x, y, eps)
+    terms["total"].backward()
+    assert all(p.grad is not None for p in net.parameters())
+    assert net.align[0].weight.grad.abs().sum() > 0  # the alignment block learns from the reference
+    assert net.input_reference.weight.grad.abs().sum() > 0
+
+
+def test_network_cue_switch():
+    x = torch.randn(1, 1, 16, 16)
+    with pytest.raises(ValueError, match="cue"):
+        RegistrationNet(features=4, encoder=(4, 4, 4, 4), align_channels=4)(x, x)  # cue expected
+    with pytest.raises(ValueError, match="cue"):
+        RegistrationNet(features=4, encoder=(4, 4, 4, 4), align_channels=4, cue_channels=0)(x, x, x)
+
+
+def test_learned_backend_trains_and_predicts_from_source_alone(case):
+    source, target, truth = case
+    net = _trained_network(source, target)
+    backend = LearnedRegistration(net)
+    with torch.no_grad():
+        d = backend.register(source, target)
+        alone = backend.register(source)
+    brain = truth.to_target((source > 0.05).float()) > 0.5
+    before = truth.forward.norm(dim=1, keepdim=True)[brain].mean()
+    after = (d.forward - truth.forward).norm(dim=1, keepdim=True)[brain].mean()
+    assert after < 0.8 * before, (float(before), float(after))
+    assert float(d.folding_fraction()) == 0.0
+    assert float(d.inverse_consistency()) < 0.1
+    # the alignment path was trained on this pair, so the source-only prediction follows the paired one
+    assert (alone.forward - d.forward).norm(dim=1).mean() < (d.forward.norm(dim=1).mean())

@@ -14,8 +14,8 @@ Regularisers take a displacement ``(B, N, *S)`` in voxels and a voxel spacing:
 * :func:`bending_energy` / :class:`BendingEnergy`: mean squared second differences, compact stencils.
 """
 
-from .mutual_information import MutualInformation, joint_histogram, mutual_information
-from .ncc import NCC, LocalNCC, box_sum, local_ncc, ncc
+from .information import MutualInformation, joint_histogram, mutual_information
+from .correlation import NCC, LocalNCC, box_sum, local_ncc, ncc
 from .regularizers import BendingEnergy, GradientSmoothness, bending_energy, gradient_smoothness
 
 __all__ = [

@@ -40,12 +40,13 @@ Kernel = Literal["bspline", "gaussian"]
 GAUSSIAN_TRUNCATE = 4.0
 
 # Cubic B-spline weights of the four bins i-1, i, i+1, i+2 touched by a sample at i + f, f in [0, 1],
-# as polynomials in f: weights = [1, f, f^2, f^3] @ _BSPLINE (rows: powers, columns: the 4 bins).
-_BSPLINE = [
-    [1.0 / 6.0, 4.0 / 6.0, 1.0 / 6.0, 0.0],
-    [-3.0 / 6.0, 0.0, 3.0 / 6.0, 0.0],
-    [3.0 / 6.0, -6.0 / 6.0, 3.0 / 6.0, 0.0],
-    [-1.0 / 6.0, 3.0 / 6.0, -3.0 / 6.0, 1.0 / 6.0],
+# as polynomials in f, times 6: 6 * weights = [1, f, f^2, f^3] @ _BSPLINE6 (rows: powers, columns:
+# the 4 bins). The factor 6 keeps the coefficients integers; the histogram is normalised anyway.
+_BSPLINE6 = [
+    [1.0, 4.0, 1.0, 0.0],
+    [-3.0, 0.0, 3.0, 0.0],
+    [3.0, -6.0, 3.0, 0.0],
+    [-1.0, 3.0, -3.0, 1.0],
 ]
 
 
@@ -79,47 +80,90 @@ def _spec(bins: int, kernel: str, sigma: float) -> _Spec:
     raise ValueError(f"kernel: expected 'bspline' or 'gaussian', got {kernel!r}")
 
 
-def _taps(t: torch.Tensor, spec: _Spec, derivative: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """First tap (shifted by the padding, so in ``[0, C)``), weights and their derivatives in ``t``.
+def _fraction(t: torch.Tensor, spec: _Spec) -> tuple[torch.Tensor, torch.Tensor]:
+    """B-spline: cell index of the first tap (as floats) and the fraction ``f`` in ``[0, 1]``.
 
-    The tap axis comes first so that every operation runs along the contiguous sample axis.
+    A sample at ``t = i + f`` touches bins ``i - 1 .. i + 2`` with ``i`` clamped to
+    ``[1, bins - 3]``, so all four taps lie inside the histogram.
+    """
+    i = t.floor().clamp_(1.0, spec.bins - 3.0)
+    f = t - i
+    return i.sub_(1.0), f
+
+
+def _powers(t: torch.Tensor, spec: _Spec, w: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """B-spline: cell index of the first tap (as floats) and ``w f^p`` for ``p = 0..3``.
 
     Shape:
-        t: ``(n,)``; out: ``(n,)`` long, ``(K, n)``, ``(K, n)`` or None.
+        t, w: ``(n,)``; out: ``(n,)``, ``(4, n)``.
     """
-    if spec.kernel == "bspline":
-        i = t.floor().clamp_(1.0, spec.bins - 3.0)
-        f = t - i
-        g = 1.0 - f
-        f2 = f * f
-        f3 = f2 * f
-        g3 = g * g * g
-        w1 = 4.0 - 6.0 * f2 + 3.0 * f3
-        # The four weights sum to 1 (times 6 here): the third follows from the others.
-        weights = torch.stack([g3, w1, 6.0 - g3 - w1 - f3, f3]).mul_(1.0 / 6.0)
-        dweights = None
-        if derivative:
-            d0 = -0.5 * g * g
-            d1 = 1.5 * f2 - 2.0 * f
-            d3 = 0.5 * f2
-            dweights = torch.stack([d0, d1, -(d0 + d1 + d3), d3])
-        return i.long() - 1, weights, dweights
+    i = t.floor().clamp_(1.0, spec.bins - 3.0)
+    out = t.new_empty(4, t.shape[0])
+    f = torch.sub(t, i, out=out[1])
+    torch.mul(f, f, out=out[2])
+    torch.mul(out[2], f, out=out[3])
+    if w is None:
+        out[0].fill_(1.0)
+    else:
+        out[0].copy_(w)
+        out[1:].mul_(w)
+    return i.sub_(1.0), out
+
+
+def _poly2(t: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``sum_p x^p sum_r t[p, r] y^r`` by Horner's rule in both variables.
+
+    Shape:
+        t: ``(P, R, n)``; x, y: ``(n,)``; out: ``(n,)``.
+    """
+    r = t.shape[1]
+    inner = t[:, r - 1].clone()
+    for j in range(r - 2, -1, -1):
+        inner.mul_(y).add_(t[:, j])
+    out = inner[-1].clone()
+    for j in range(t.shape[0] - 2, -1, -1):
+        out.mul_(x).add_(inner[j])
+    return out
+
+
+def _gaussian_taps(
+    t: torch.Tensor, spec: _Spec, derivative: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gaussian: cell index of the first tap (as floats), tap weights and their derivatives in ``t``.
+
+    The taps are the ``K`` bins from ``ceil(t - radius)``; those farther than the radius get weight
+    0. The tap axis comes first so that every operation runs along the contiguous sample axis.
+
+    Shape:
+        t: ``(n,)``; out: ``(n,)``, ``(K, n)``, ``(K, n)`` or None.
+    """
     first = torch.ceil(t - spec.radius)
     offsets = torch.arange(spec.taps, dtype=t.dtype, device=t.device).unsqueeze(1)
     d = t.unsqueeze(0) - (first.unsqueeze(0) + offsets)
     inside = d.abs() <= spec.radius
     weights = torch.exp(d * d * (-0.5 / spec.sigma**2)) * inside
     dweights = weights * d * (-1.0 / spec.sigma**2) if derivative else None
-    return first.long() + spec.pad, weights, dweights
+    return first.add_(float(spec.pad)), weights, dweights
 
 
 def _chunk_size(device: torch.device) -> int:
     # Bounded temporaries on the CPU (they stay in cache); few, large launches on accelerators.
-    return 1 << 16 if device.type == "cpu" else 1 << 22
+    return 1 << 15 if device.type == "cpu" else 1 << 22
+
+
+def _cell_index(first_m: torch.Tensor, first_f: torch.Tensor, start: int, stop: int, n: int, c: int) -> torch.Tensor:
+    """Flat index ``(row * C + first_m) * C + first_f`` of every sample's cell."""
+    index = first_m.mul_(c).add_(first_f).long()
+    if stop - start > n or start // n != (stop - 1) // n:  # the chunk spans several rows
+        index += torch.div(torch.arange(start, stop, device=index.device), n, rounding_mode="floor") * (c * c)
+    elif start // n:
+        index += (start // n) * c * c
+    return index
 
 
 class _JointHistogram(torch.autograd.Function):
-    """Unnormalised Parzen joint histogram of bin positions, differentiable in positions and weights."""
+    """Parzen joint histogram of bin positions (up to a constant factor), differentiable in
+    positions and weights."""
 
     @staticmethod
     def forward(ctx, tm: torch.Tensor, tf: torch.Tensor, w: torch.Tensor | None, spec: _Spec) -> torch.Tensor:  # type: ignore[override]
@@ -131,14 +175,22 @@ class _JointHistogram(torch.autograd.Function):
         step = _chunk_size(tm.device)
         for start in range(0, m * n, step):
             stop = min(start + step, m * n)
-            im, wm, _ = _taps(tm_flat[start:stop], spec, False)
-            jf, wf, _ = _taps(tf_flat[start:stop], spec, False)
-            if w_flat is not None:
-                wm = wm * w_flat[start:stop]
-            row = torch.arange(start, stop, device=tm.device) // n
-            index = (row * c + im) * c + jf
-            cells.index_add_(1, index, (wm.unsqueeze(1) * wf.unsqueeze(0)).view(k * k, -1))
-        cells = cells.view(k, k, m, c, c)
+            ww = None if w_flat is None else w_flat[start:stop]
+            if spec.kernel == "bspline":
+                # Moments sum_v w f_m^p f_f^q per cell; the weights are cubic polynomials in f.
+                im, pm = _powers(tm_flat[start:stop], spec, ww)
+                jf, pf = _powers(tf_flat[start:stop], spec, None)
+            else:
+                im, pm, _ = _gaussian_taps(tm_flat[start:stop], spec, False)
+                jf, pf, _ = _gaussian_taps(tf_flat[start:stop], spec, False)
+                if ww is not None:
+                    pm.mul_(ww)
+            index = _cell_index(im, jf, start, stop, n, c)
+            cells.index_add_(1, index, (pm.unsqueeze(1) * pf.unsqueeze(0)).view(k * k, -1))
+        if spec.kernel == "bspline":
+            coef = torch.tensor(_BSPLINE6, dtype=tm.dtype, device=tm.device)
+            cells = torch.einsum("pa,qb,pqx->abx", coef, coef, cells.view(k, k, -1))
+        cells = cells.reshape(k, k, m, c, c)
         size = spec.bins + 2 * spec.pad
         hist = torch.zeros(m, size, size, dtype=tm.dtype, device=tm.device)
         for a in range(k):
@@ -157,7 +209,7 @@ class _JointHistogram(torch.autograd.Function):
         m, n = tm.shape
         k, c, p = spec.taps, spec.cells, spec.pad
         need_m, need_f, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        # gcell[cell, a, b] = grad[first_m + a, first_f + b] for the cell (first_m, first_f).
+        # gcell[a, b, cell] = grad[first_m + a, first_f + b] for the cell (first_m, first_f).
         padded = torch.nn.functional.pad(grad, (p, p, p, p))
         gcell = padded.unfold(1, k, 1).unfold(2, k, 1).permute(3, 4, 0, 1, 2).reshape(k * k, m * c * c)
         gm = torch.empty_like(tm) if need_m else None
@@ -166,24 +218,54 @@ class _JointHistogram(torch.autograd.Function):
         tm_flat, tf_flat = tm.reshape(-1), tf.reshape(-1)
         w_flat = None if w is None else w.reshape(-1)
         step = _chunk_size(tm.device)
+        if spec.kernel == "bspline":
+            # d/dw, d/dfm, d/dff of sum_ab g[a, b] W_a(fm) W_b(ff) as polynomials in (fm, ff):
+            # q[p, r] = sum_ab A[p, a] A[r, b] g[a, b] is the coefficient of fm^p ff^r.
+            coef = torch.tensor(_BSPLINE6, dtype=grad.dtype, device=grad.device)
+            q = torch.einsum("pa,rb,abx->prx", coef, coef, gcell.view(k, k, -1))
+            steps = torch.arange(1.0, 4.0, dtype=grad.dtype, device=grad.device).view(3, 1, 1)
+            tables = []  # (name, coefficient table (P, R, cells)): sum_p fm^p sum_r t[p, r] ff^r
+            if need_m:
+                tables.append(("m", q[1:] * steps))
+            if need_f:
+                tables.append(("f", q[:, 1:] * steps.view(1, 3, 1)))
+            if gw is not None:
+                tables.append(("w", q))
+            rows = [t.shape[0] * t.shape[1] for _, t in tables]
+            table = torch.cat([t.reshape(-1, t.shape[-1]) for _, t in tables]) if tables else None
+            for start in range(0, m * n, step):
+                if table is None:
+                    break
+                stop = min(start + step, m * n)
+                im, fm = _fraction(tm_flat[start:stop], spec)
+                jf, ff = _fraction(tf_flat[start:stop], spec)
+                gathered = table.index_select(1, _cell_index(im, jf, start, stop, n, c)).split(rows)
+                ww = None if w_flat is None else w_flat[start:stop]
+                for (name, t), values in zip(tables, gathered):
+                    value = _poly2(values.view(t.shape[0], t.shape[1], -1), fm, ff)
+                    if name == "w":
+                        gw.view(-1)[start:stop] = value
+                    else:
+                        out = gm if name == "m" else gf
+                        out.view(-1)[start:stop] = value if ww is None else value.mul_(ww)
+            return gm, gf, gw, None
         for start in range(0, m * n, step):
             stop = min(start + step, m * n)
-            im, wm, dwm = _taps(tm_flat[start:stop], spec, need_m)
-            jf, wf, dwf = _taps(tf_flat[start:stop], spec, need_f)
-            row = torch.arange(start, stop, device=tm.device) // n
-            g = gcell.index_select(1, (row * c + im) * c + jf).view(k, k, -1)
+            im, wm, dwm = _gaussian_taps(tm_flat[start:stop], spec, need_m)
+            jf, wf, dwf = _gaussian_taps(tf_flat[start:stop], spec, need_f)
+            g = gcell.index_select(1, _cell_index(im, jf, start, stop, n, c)).view(k, k, -1)
             ww = None if w_flat is None else w_flat[start:stop]
             if need_m or gw is not None:
                 v = (g * wf.unsqueeze(0)).sum(1)  # sum_b g[a, b] wf[b]
                 if need_m:
                     val = (v * dwm).sum(0)
-                    gm.view(-1)[start:stop] = val if ww is None else val * ww
+                    gm.view(-1)[start:stop] = val if ww is None else val.mul_(ww)
                 if gw is not None:
-                    gw.view(-1)[start:stop] = (v * wm).sum(0)
+                    gw.view(-1)[start:stop] = (v.mul_(wm)).sum(0)
             if need_f:
                 u = (g * wm.unsqueeze(1)).sum(0)  # sum_a wm[a] g[a, b]
                 val = (u * dwf).sum(0)
-                gf.view(-1)[start:stop] = val if ww is None else val * ww
+                gf.view(-1)[start:stop] = val if ww is None else val.mul_(ww)
         return gm, gf, gw, None
 
 

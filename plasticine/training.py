@@ -678,7 +678,7 @@ class Trainer:
             raise ValueError(f"objective: expected a scalar tensor or a dict with a scalar 'total', got {type(out).__name__} with keys {sorted(terms)}")
         loss = terms["total"].float()
         if not bool(torch.isfinite(loss)):
-            raise FloatingPointError(f"step {self.step + 1}: the loss is {float(loss)}; lower the learning rate or check the data")
+            raise FloatingPointError(f"step {self.step + 1}: the loss is {float(loss.detach())}; lower the learning rate or check the data")
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             if self.config.grad_clip is not None:

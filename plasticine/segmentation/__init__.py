@@ -10,21 +10,34 @@ from .extractors import (
     multi_otsu_thresholds,
     one_hot,
 )
+from .metrics import accuracy, confusion_matrix, dice, hausdorff95, iou, pixel_accuracy
 from .potts import PottsExtractor, pixel_gamma, potts, potts_1d, potts_energy, potts_structure_map
+from .unet import SegmentationLoss, SegmentationUNet, UNetConfig, segmentation_loss, train_segmentation
 
 __all__ = [
     "KMeansExtractor",
     "KMeansResult",
     "MultiOtsuExtractor",
     "PottsExtractor",
+    "SegmentationLoss",
+    "SegmentationUNet",
+    "UNetConfig",
+    "accuracy",
+    "confusion_matrix",
+    "dice",
+    "hausdorff95",
+    "iou",
     "kmeans",
     "kmeans_structure_map",
     "multi_otsu_structure_map",
     "multi_otsu_thresholds",
     "one_hot",
+    "pixel_accuracy",
     "pixel_gamma",
     "potts",
     "potts_1d",
     "potts_energy",
     "potts_structure_map",
+    "segmentation_loss",
+    "train_segmentation",
 ]

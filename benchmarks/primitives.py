@@ -75,7 +75,17 @@ _IMPORT_ERRORS: dict[str, str] = {}
 
 
 def peer(module: str) -> Any:
-    """Import a peer module, or raise :class:`Unavailable` with the import error (cached)."""
+    """Import a peer module, or raise :class:`Unavailable` with the import error (cached).
+
+    Args:
+        module: dotted module name, e.g. ``"monai.losses"``.
+
+    Returns:
+        The module.
+
+    Raises:
+        Unavailable: if the import fails for any reason; the message names the error.
+    """
     if module in _IMPORT_ERRORS:
         raise Unavailable(_IMPORT_ERRORS[module])
     try:
@@ -88,7 +98,18 @@ def peer(module: str) -> Any:
 
 
 def plasticine_fn(module: str, name: str) -> Callable[..., Any]:
-    """``plasticine.<module>.<name>``, or raise :class:`Missing` when it does not exist yet."""
+    """``<module>.<name>`` of plasticine, or raise :class:`Missing` when it does not exist yet.
+
+    Args:
+        module: dotted module name, e.g. ``"plasticine.losses"``.
+        name: attribute of that module.
+
+    Returns:
+        The function.
+
+    Raises:
+        Missing: if the module cannot be imported or lacks ``name``.
+    """
     try:
         mod = importlib.import_module(module)
     except ImportError as exc:
@@ -100,7 +121,11 @@ def plasticine_fn(module: str, name: str) -> Callable[..., Any]:
 
 
 def library_versions() -> dict[str, str]:
-    """Installed version of plasticine and each peer distribution (or why it is absent)."""
+    """Installed version of plasticine and of each peer distribution.
+
+    Returns:
+        Library name -> version, or ``"not installed"``.
+    """
     out = {}
     for lib, dist in PEER_DISTRIBUTIONS.items():
         try:
@@ -133,6 +158,18 @@ def make_inputs(kind: InputKind, ndim: int, device: torch.device, seed: int = 0)
     * ``pair``: ``moving`` and ``fixed`` ``(1, 1, *S)`` in [0, 1], related by a non-monotone
       intensity map plus noise (a multi-modal pair, as MI is for);
     * ``field``: displacement ``u`` ``(1, N, *S)``, up to 2 voxels.
+
+    Args:
+        kind: which inputs.
+        ndim: 2 or 3 (sizes from :data:`SHAPES`).
+        device: where the tensors live.
+        seed: seed of the ``torch.Generator`` that draws them (on the CPU, then moved).
+
+    Returns:
+        Name -> tensor, as listed above.
+
+    Shape:
+        ``v``, ``u``: ``(1, N, *S)``; ``image``, ``moving``, ``fixed``: ``(1, 1, *S)``.
     """
     shape = SHAPES[ndim]
     g = torch.Generator().manual_seed(seed)
@@ -150,21 +187,51 @@ def make_inputs(kind: InputKind, ndim: int, device: torch.device, seed: int = 0)
 
 
 def to_cube(u: torch.Tensor) -> torch.Tensor:
-    """Voxel displacement in tensor axis order -> normalised [-1, 1] coordinates, x first (deepali, torchreg)."""
+    """Voxel displacement in tensor axis order -> normalised [-1, 1] units, x component first.
+
+    The convention of deepali (``align_corners=True``) and torchreg: component ``k`` is along
+    the spatial axis ``N - 1 - k`` and measured in units of half the grid's extent.
+
+    Args:
+        u: displacement in voxels, channel ``i`` along axis ``i``.
+
+    Returns:
+        The same field in normalised units.
+
+    Shape:
+        u: ``(B, N, *S)``; out: ``(B, N, *S)``.
+    """
     shape = u.shape[2:]
     scale = torch.tensor([2.0 / (s - 1) for s in shape], dtype=u.dtype, device=u.device)
     return (u * scale.view(1, -1, *[1] * len(shape))).flip(1)
 
 
 def from_cube(w: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`to_cube`."""
+    """Inverse of :func:`to_cube`.
+
+    Args:
+        w: displacement in normalised units, x component first.
+
+    Returns:
+        The field in voxels, channel ``i`` along axis ``i``.
+
+    Shape:
+        w: ``(B, N, *S)``; out: ``(B, N, *S)``.
+    """
     shape = w.shape[2:]
     scale = torch.tensor([(s - 1) / 2.0 for s in shape], dtype=w.dtype, device=w.device)
     return w.flip(1) * scale.view(1, -1, *[1] * len(shape))
 
 
 def leaf(x: torch.Tensor) -> torch.Tensor:
-    """A fresh leaf copy of ``x`` that requires grad."""
+    """A fresh leaf copy of ``x`` that requires grad.
+
+    Args:
+        x: any tensor.
+
+    Returns:
+        A detached copy with ``requires_grad=True``.
+    """
     return x.detach().clone().requires_grad_(True)
 
 
@@ -659,7 +726,18 @@ def _error(exc: BaseException) -> str:
 
 
 def bind_case(prim: Primitive, impl: Impl, ndim: int, device: torch.device) -> tuple[Result, Bound | None]:
-    """Build one library's call on fresh inputs; the Result says why when it cannot be built."""
+    """Build one library's call on fresh inputs.
+
+    Args:
+        prim: the primitive.
+        impl: the library's implementation.
+        ndim: 2 or 3.
+        device: where to run.
+
+    Returns:
+        ``(result, bound)``: ``bound`` is None when the call cannot be built, and then
+        ``result.status`` says why (``missing``, ``unavailable`` or ``error``).
+    """
     res = Result(prim.name, impl.library, ndim, _size_label(prim, ndim), str(device), "ok")
     try:
         return res, _bind(prim, impl, ndim, device)
@@ -678,6 +756,15 @@ def time_group(prim: Primitive, ndim: int, device: torch.device, settings: Setti
     The forward pass (no grad) of all libraries is timed first, then the forward+backward pass.
     One untimed forward of each library gives the value shown in the table (the loss, or the
     field compared with plasticine's).
+
+    Args:
+        prim: the primitive.
+        ndim: 2 or 3.
+        device: where to run.
+        settings: repeats and time budget.
+
+    Returns:
+        One :class:`Result` per library that supports ``ndim`` (memory not yet filled in).
     """
     results: list[Result] = []
     bound: dict[str, Bound] = {}
@@ -724,7 +811,17 @@ def memory_case(prim: Primitive, impl: Impl, ndim: int, device: torch.device) ->
     """Peak memory of one forward (no grad, the first call) and then of one forward+backward.
 
     The first forward includes what the callee caches on its first call (a reference grid, say);
-    the forward+backward that follows finds those caches in place.
+    the forward+backward that follows finds those caches in place. On the CPU, call it in a
+    process started with ``_timing.memory_worker_env``.
+
+    Args:
+        prim: the primitive.
+        impl: the library's implementation.
+        ndim: 2 or 3.
+        device: where to run.
+
+    Returns:
+        ``{"peak_mb_fwd": ..., "peak_mb_fwdbwd": ...}`` in MiB (None where not measured).
     """
     b = _bind(prim, impl, ndim, device)
     with warnings.catch_warnings():
@@ -767,7 +864,14 @@ def _interior(x: torch.Tensor) -> torch.Tensor:
 
 
 def compare_with_plasticine(results: list[Result]) -> None:
-    """Fill ``max_abs_diff`` of each peer's field output against plasticine's (interior voxels)."""
+    """Fill ``max_abs_diff`` of each peer's field output against plasticine's, then drop the fields.
+
+    The difference is taken over the interior (:data:`INTERIOR_MARGIN` voxels dropped at every
+    border, where the paddings differ).
+
+    Args:
+        results: the results of one primitive, size and device.
+    """
     ref = next((r.ref_out for r in results if r.library == "plasticine" and r.ref_out is not None), None)
     for r in results:
         if ref is not None and r.ref_out is not None and r.library != "plasticine" and r.ref_out.shape == ref.shape:
@@ -809,6 +913,12 @@ def ratios(results: list[Result]) -> dict[str, dict[str, Any]]:
     Keys: ``fwd`` and ``fwdbwd`` (median times), ``memory`` (peak of fwd+bwd, or of fwd for a
     forward-only primitive), ``fwd_min`` and ``fwdbwd_min`` (fastest call, less sensitive to
     load from other processes). Each value holds the ratio, the best peer and both numbers.
+
+    Args:
+        results: the results of one primitive, size and device.
+
+    Returns:
+        Key -> ``{"ratio", "peer", "peer_value", "plasticine"}`` (None where not measurable).
     """
     own = next((r for r in results if r.library == "plasticine" and r.status == "ok"), None)
     out = {}
@@ -841,6 +951,14 @@ def render_table(prim: Primitive, device: str, by_size: dict[int, list[Result]])
     """The table of one primitive on one device: one row per library and size, then the notes.
 
     Times are "median (min)" in ms; the plasticine row carries the ratios to the fastest peer.
+
+    Args:
+        prim: the primitive.
+        device: device name for the heading.
+        by_size: ndim -> the results of that size.
+
+    Returns:
+        The table with its heading and notes.
     """
     headers = ["library", "size", "fwd ms", "fwd+bwd ms", "peak MB", "output", "plasticine / fastest peer"]
     rows = []
@@ -893,7 +1011,14 @@ def _devices(arg: str) -> list[torch.device]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Command-line options (see the module docstring)."""
+    """Command-line options (see the module docstring and ``--help``).
+
+    Args:
+        argv: arguments, or None for ``sys.argv[1:]``.
+
+    Returns:
+        The parsed options.
+    """
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="2D only, few repeats (under a minute)")
     ap.add_argument("--only", action="append", metavar="NAME",
@@ -910,7 +1035,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark; returns the process exit code."""
+    """Run the benchmark and print one table per primitive.
+
+    Args:
+        argv: arguments, or None for ``sys.argv[1:]``.
+
+    Returns:
+        The process exit code (0; missing or unavailable libraries are reported, not fatal).
+    """
     args = parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
@@ -921,7 +1053,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     dims = args.dims or ([2] if args.quick else [2, 3])
     repeats = args.repeats or (3 if args.quick else 11)
-    settings = Settings(warmup=1, repeats=repeats, min_repeats=min(2 if args.quick else 3, repeats),
+    settings = Settings(warmup=0 if args.quick else 1, repeats=repeats, min_repeats=min(2 if args.quick else 3, repeats),
                         max_seconds=0.2 if args.quick else 2.0)
     prims = _selected(args.only)
     devices = _devices(args.device)
@@ -935,7 +1067,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{meta['machine']['cpu_count']} CPUs, load {meta['machine'].get('load_average')}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()))
     print(f"times: median (and min) of up to {settings.repeats} calls per library, libraries called in turn, "
-          f"at least {settings.min_repeats} and until {settings.max_seconds} s each; one warm-up; fwd without grad. "
+          f"at least {settings.min_repeats} and until {settings.max_seconds} s each; {settings.warmup} warm-up call(s) "
+          "of fwd+bwd; fwd without grad. "
           "peak MB: memory one fwd+bwd (fwd for forward-only) needed above its inputs. "
           "ratio < 1: plasticine faster / smaller\n", flush=True)
 

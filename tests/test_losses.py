@@ -116,9 +116,9 @@ def test_mi_float32_matches_float64_reference_at_scale():
 @pytest.mark.parametrize("normalized", [True, False])
 def test_mi_gradcheck(kernel, normalized):
     gen = make_generator(5)
-    x = torch.rand(2, 1, 6, 7, generator=gen, dtype=torch.float64, requires_grad=True)
-    y = torch.rand(2, 1, 6, 7, generator=gen, dtype=torch.float64, requires_grad=True)
-    w = torch.rand(2, 1, 6, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    x = torch.rand(2, 1, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = torch.rand(2, 1, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(2, 1, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
     f = lambda a, b, m: mutual_information(a, b, m, bins=6, kernel=kernel, normalized=normalized)  # noqa: E731
     assert torch.autograd.gradcheck(f, (x, y, w))
     g = lambda a, b: mutual_information(a, b, bins=5, kernel=kernel, moving_range=(0.1, 0.9), fixed_range=(0, 1))  # noqa: E731
@@ -386,6 +386,9 @@ def test_ncc_gradcheck(ndim):
     assert torch.autograd.gradcheck(lambda a, b: ncc(a, b, mask), (x, y))
     assert torch.autograd.gradcheck(lambda a, b: local_ncc(a, b, window=3), (x, y))
     assert torch.autograd.gradcheck(lambda a, b: local_ncc(a, b, mask > 0.3, window=(3,) * ndim), (x, y))
+    soft = mask.clone().requires_grad_()  # a soft mask is differentiated too
+    assert torch.autograd.gradcheck(lambda m: local_ncc(x.detach(), y.detach(), m, window=3), (soft,))
+    assert torch.autograd.gradcheck(lambda m: ncc(x.detach(), y.detach(), m), (soft,))
 
 
 def test_box_sum_matches_scipy_and_is_self_adjoint():

@@ -17,6 +17,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ..core import check_shape
 from ._common import check_pair, no_autocast, promote
@@ -169,6 +170,82 @@ def box_sum(x: torch.Tensor, window: int | Sequence[int]) -> torch.Tensor:
     return _BoxSum.apply(x, _windows(window, len(dims["S"])))
 
 
+class _LocalNCCMap(torch.autograd.Function):
+    """Local NCC at every voxel of normalised images, with a hand-written backward pass.
+
+    With ``A_s = dL/dS_s`` for every window sum ``S_s`` (computed at the window centres), the
+    gradient at a voxel is a box sum of the ``A_s`` (the box is self-adjoint), e.g.
+    ``dL/dx = w (box(A_x) + 2 x box(A_xx) + y box(A_xy))``; only the sums that an input needs are
+    boxed.
+    """
+
+    @staticmethod
+    def forward(ctx, xn, yn, w, windows, counts):  # type: ignore[override]
+        xw = xn if w is None else xn * w
+        yw = yn if w is None else yn * w
+        sums = _box(torch.stack([xw, yw, xw * xn, yw * yn, xw * yn], dim=2).flatten(1, 2), windows)
+        sx, sy, sxx, syy, sxy = sums.view(xn.shape[:2] + (5,) + xn.shape[2:]).unbind(2)
+        n = counts if w is None else _box(w, windows)
+        n_safe = n.clamp(min=1e-3)  # windows without any (or with tiny) weight are flat below
+        mx, my = sx / n_safe, sy / n_safe
+        vx = (sxx - sx * mx).clamp_(min=0.0)
+        vy = (syy - sy * my).clamp_(min=0.0)
+        cross = sxy - sx * my
+        tol = _flat_tolerance(xn.dtype)
+        ok = (vx > tol * sxx) & (vy > tol * syy) & (n > 1e-3)
+        r = torch.where(ok, torch.rsqrt(torch.where(ok, vx * vy, torch.ones_like(vx))), torch.zeros_like(vx))
+        c = cross * r
+        if any(ctx.needs_input_grad[:3]):
+            inv_vx = torch.where(ok, 1.0 / torch.where(ok, vx, torch.ones_like(vx)), torch.zeros_like(vx))
+            inv_vy = torch.where(ok, 1.0 / torch.where(ok, vy, torch.ones_like(vy)), torch.zeros_like(vy))
+            ctx.save_for_backward(xn, yn, w, mx, my, r, c, inv_vx, inv_vy)
+        ctx.windows = windows
+        return c.clamp(-1.0, 1.0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        xn, yn, w, mx, my, r, c, inv_vx, inv_vy = ctx.saved_tensors
+        need_x, need_y, need_w = ctx.needs_input_grad[:3]
+        g = grad * ((c >= -1.0) & (c <= 1.0))  # the clamp passes the gradient inside [-1, 1]
+        gr = g * r
+        gcx = g * c * inv_vx
+        gcy = g * c * inv_vy
+        coef = {
+            "xy": gr,
+            "xx": -0.5 * gcx,
+            "yy": -0.5 * gcy,
+            "x": gcx * mx - gr * my,
+            "y": gcy * my - gr * mx,
+        }
+        names = []
+        if need_x:
+            names += ["x", "xx", "xy"]
+        if need_y:
+            names += [k for k in ("y", "yy", "xy") if k not in names]
+        if need_w:
+            names += [k for k in ("x", "xx", "xy", "y", "yy") if k not in names] + ["n"]
+            coef["n"] = gr * mx * my - 0.5 * (gcx * mx * mx + gcy * my * my)
+        boxed = dict(zip(names, _box(torch.stack([coef[k] for k in names], dim=2).flatten(1, 2), ctx.windows)
+                         .view(xn.shape[:2] + (len(names),) + xn.shape[2:]).unbind(2)))
+        gx = gy = gw = None
+        if need_x:
+            gx = boxed["x"] + 2.0 * xn * boxed["xx"] + yn * boxed["xy"]
+            if w is not None:
+                gx = gx * w
+        if need_y:
+            gy = boxed["y"] + 2.0 * yn * boxed["yy"] + xn * boxed["xy"]
+            if w is not None:
+                gy = gy * w
+        if need_w:
+            gw = (
+                boxed["n"]
+                + xn * (boxed["x"] + xn * boxed["xx"] + yn * boxed["xy"])
+                + yn * (boxed["y"] + yn * boxed["yy"])
+            ).sum(1, keepdim=True)
+        return gx, gy, gw, None, None
+
+
 def local_ncc(
     moving: torch.Tensor,
     fixed: torch.Tensor,
@@ -248,13 +325,6 @@ def local_ncc(
                 stats.append((mean.view(shape), std.view(shape)))
         xn = (x - stats[0][0]) / stats[0][1]
         yn = (y - stats[1][0]) / stats[1][1]
-        if w is not None:
-            xw, yw = xn * w, yn * w
-        else:
-            xw, yw = xn, yn
-        sums = _BoxSum.apply(torch.stack([xw, yw, xw * xn, yw * yn, xw * yn], dim=2).flatten(1, 2), windows)
-        sums = sums.view(b, c, 5, *dims["S"])
-        sx, sy, sxx, syy, sxy = sums.unbind(2)
         if w is None:
             n = torch.ones((), dtype=x.dtype, device=x.device)
             for i, win in enumerate(windows):
@@ -262,15 +332,8 @@ def local_ncc(
                 counts = _box_axis(ones, 2, win).view([dims["S"][i] if j == i else 1 for j in range(n_sp)])
                 n = n * counts
         else:
-            n = _box(w, windows)
-        n_safe = n.clamp(min=1e-3)  # windows without any (or with tiny) weight are flat below
-        vx = (sxx - sx * sx / n_safe).clamp(min=0.0)
-        vy = (syy - sy * sy / n_safe).clamp(min=0.0)
-        cross = sxy - sx * sy / n_safe
-        tol = _flat_tolerance(x.dtype)
-        ok = (vx > tol * sxx) & (vy > tol * syy) & (n > 1e-3)
-        denom = torch.where(ok, vx * vy, torch.ones_like(vx))
-        value = torch.where(ok, cross * torch.rsqrt(denom), torch.zeros_like(cross)).clamp(-1.0, 1.0)
+            n = None
+        value = _LocalNCCMap.apply(xn, yn, w, windows, n)
         if w is None:
             per_image = value.flatten(2).mean(-1)
         else:

@@ -1,5 +1,5 @@
-"""Data parallelism: two gloo processes on the CPU train in step, equal one process with the whole batch,
-and write one checkpoint that loads in a single process."""
+"""Data parallelism: two gloo processes on the CPU train in step, resume, equal one process with the whole
+batch, and write one checkpoint that loads in a single process."""
 
 from __future__ import annotations
 
@@ -22,13 +22,13 @@ def _regression_data() -> tuple[torch.Tensor, torch.Tensor]:
     return x, x @ torch.tensor([[1.0], [-2.0], [0.5]]) + 0.1 * torch.randn(12, 1, generator=g)
 
 
-def _linear_run(out: str, batch: int, rank: int | None = None, world: int | None = None) -> torch.nn.Linear:
-    torch.manual_seed(0)
+def _linear_run(out: str, batch: int, steps: int = 4, rank: int | None = None, world: int | None = None, seed: int = 0) -> torch.nn.Linear:
+    torch.manual_seed(seed)
     net = torch.nn.Linear(3, 1)
     x, y = _regression_data()
     data = ShuffledBatches(list(zip(x, y)), batch, seed=1, rank=rank, world_size=world)
     objective = lambda m, b, g: (m(b[0]) - b[1]).square().mean()  # noqa: E731
-    cfg = TrainConfig(steps=4, checkpoint_path=out, checkpoint_every=2, progress="none")
+    cfg = TrainConfig(steps=steps, checkpoint_path=out, checkpoint_every=2, progress="none")
     Trainer(objective, net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), data, cfg).fit()
     return net
 
@@ -51,7 +51,9 @@ def _worker(rank: int, world: int, folder: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world)
     try:
-        net = _linear_run(os.path.join(folder, "linear.pt"), batch=2)
+        # two steps, then a new run (other initial weights) that resumes from the checkpoint up to four
+        _linear_run(os.path.join(folder, "linear.pt"), batch=2, steps=2)
+        net = _linear_run(os.path.join(folder, "linear.pt"), batch=2, steps=4, seed=1)
         torch.save(net.state_dict(), os.path.join(folder, f"linear{rank}.pt"))
         t, images = _translator()
         data = ShuffledBatches(images, 1, seed=2)
@@ -73,8 +75,9 @@ def test_two_gloo_processes(tmp_path):
     for a, b in ((lin[0], lin[1]), (den[0], den[1])):  # DDP keeps the ranks in step
         assert all(torch.equal(a[k], b[k]) for k in a)
 
-    # one process with the whole batch (2 x 2 items) takes the same steps
+    # one process with the whole batch (2 x 2 items), never interrupted, takes the same steps
     single = _linear_run(str(tmp_path / "single.pt"), batch=4, rank=0, world=1)
+    assert load_state(tmp_path / "linear.pt")["step"] == 4
     for k, v in single.state_dict().items():
         torch.testing.assert_close(lin[0][k], v, rtol=1e-6, atol=1e-6)
 

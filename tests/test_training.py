@@ -34,6 +34,16 @@ def test_diffusion_objective_is_algorithm_2():
     assert torch.allclose(loss.detach(), (eps - noise).abs().mean(), atol=1e-6)
 
 
+class _Wrapper(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, *args):
+        self.calls += 1
+        return self.inner(*args)
+
+
 def test_deformation_objective_uses_the_noise_cue():
     t = make_translator()
     x, y = phantom((12, 12), seed=1), phantom((12, 12), seed=2)
@@ -48,6 +58,9 @@ def test_deformation_objective_uses_the_noise_cue():
     ref = registration_objective(t.registration.network, t.registration.integrator, x, y, cue, smoothness_weight=0.5)
     for k in terms:
         assert torch.allclose(terms[k], ref[k], atol=1e-6), k
+    wrapped = _Wrapper(t.registration.network)  # e.g. a DistributedDataParallel wrapper: no .config
+    again = deformation_objective(t, x, y, make_generator(5), network=wrapped, smoothness_weight=0.5)
+    assert torch.equal(again["total"], terms["total"]) and wrapped.calls == 1
     terms["total"].backward()
     assert all(p.grad is None for p in t.denoiser.parameters())  # the cue is detached
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in t.registration.network.parameters())
@@ -155,3 +168,34 @@ def test_trainer_precision_progress_and_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match="2 process"):
         tr.load_state_dict(state)
     assert dataclasses.asdict(tr.config) == load_state(tmp_path / "c.pt")["config"]
+
+
+def test_two_stages_then_save_and_translate(tmp_path):
+    """The paper's recipe: train the denoiser, then the registration network with its cue; save; translate."""
+    t = make_translator()
+    x = torch.cat([phantom((8, 8), batch=2, seed=s) for s in range(2)])
+    y = 1.0 - x  # another contrast of the same anatomy (unpaired in the order below)
+    cfg = TrainConfig(steps=2, progress="none")
+    dm = Trainer(lambda m, b, g: diffusion_objective(t, b, g, denoiser=m), t.denoiser, torch.optim.Adam(t.denoiser.parameters(), 1e-3), ShuffledBatches(y, 2, rank=0, world_size=1), cfg)
+    dm.fit()
+    t.denoiser.eval()
+    before = {k: v.clone() for k, v in t.registration.network.state_dict().items()}
+    net = t.registration.network
+    reg = Trainer(
+        lambda m, b, g: deformation_objective(t, b[0], b[1], g, network=m),
+        net,
+        torch.optim.Adam(net.parameters(), 1e-3),
+        ShuffledBatches(list(zip(x, y.flip(0))), 2, rank=0, world_size=1),
+        cfg,
+    )
+    terms = reg.fit()
+    assert set(terms) == {"total", "forward", "inverse", "smoothness", "align"}
+    assert any(not torch.equal(before[k], v) for k, v in net.state_dict().items())
+    t.save(tmp_path / "t.safetensors")
+    from plasticine.translator import TraceableTranslator
+
+    u = TraceableTranslator.load(tmp_path / "t.safetensors")
+    t.eval()
+    a = t.translate(x[:1], start_step=10, generator=make_generator(0))
+    b = u.translate(x[:1], start_step=10, generator=make_generator(0))
+    assert torch.equal(a.image, b.image)

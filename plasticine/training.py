@@ -42,7 +42,21 @@ objective wrapped; :class:`ShuffledBatches` gives each process its share of ever
 same permutation on every process, item ``r::world_size`` of each global batch on rank ``r``); each
 process draws its own noise (generator seeded ``seed + rank``); only rank 0 writes checkpoints. With
 a mean loss, the averaged gradient of ``world_size`` processes with batch ``b`` equals the gradient of
-one process with batch ``b * world_size`` over the same items.
+one process with batch ``b * world_size`` over the same items. A script launched by ``torchrun``
+initialises the process group (and on GPUs selects its device) before building the trainer::
+
+    dist.init_process_group("nccl")                  # "gloo" on CPUs
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    model = translator.denoiser.cuda()
+    trainer = Trainer(lambda m, y, g: diffusion_objective(translator, y, g, denoiser=m),
+                      model, torch.optim.Adam(model.parameters(), 1e-4),
+                      ShuffledBatches(images, batch_size=8, seed=0), TrainConfig(steps=100_000,
+                      checkpoint_path="dm.pt", checkpoint_every=1000, ema_decay=0.9999))
+    trainer.fit()
+
+``torchrun --nproc-per-node 4 train.py`` runs it on four GPUs, ``torchrun --nnodes 2 ...`` across
+nodes; the checkpoint file must then sit on storage that every node reads, since every process
+resumes from it.
 
 References:
     Zhang, Cheng et al., "Plasticine: A Traceable Diffusion Model for Medical Image Translation",
@@ -647,7 +661,8 @@ class Trainer:
         Shape:
             Not applicable.
         """
-        state = load_state(path, map_location=self.device)
+        # on the CPU: generator states must stay CPU byte tensors; model, optimizer and EMA copy to their devices
+        state = load_state(path, map_location="cpu")
         self.load_state_dict(state)
 
     # -- running ----------------------------------------------------------------------------------

@@ -378,10 +378,6 @@ class TraceableTranslator:
         """
         for module in self.modules().values():
             module.to(*args, **kwargs)
-        for name in ("structure", "conditioning"):  # parameter-free modules (settings only)
-            obj = getattr(self, name)
-            if isinstance(obj, nn.Module):
-                obj.to(*args, **kwargs)
         return self
 
     def train(self, mode: bool = True) -> "TraceableTranslator":

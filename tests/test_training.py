@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 
 import pytest
 import torch
@@ -154,6 +155,9 @@ def test_trainer_precision_progress_and_errors(tmp_path, capsys):
     assert set(out) == {"total", "extra"} and tr.step == 4
     err = capsys.readouterr().err
     assert "step 2/4 loss" in err and "step 4/4 loss" in err
+    if importlib.util.find_spec("tqdm") is not None:  # a bar instead of lines
+        more = Trainer(objective, net, torch.optim.SGD(net.parameters(), lr=0.1), data, TrainConfig(steps=2, progress="tqdm"))
+        assert more.fit()["total"] >= 0 and "step" not in capsys.readouterr().err
     bad = Trainer(lambda m, b, g: m(b).sum() * float("inf"), net, torch.optim.SGD(net.parameters(), lr=0.1), data, TrainConfig(steps=1, progress="none"))
     with pytest.raises(FloatingPointError, match="step 1"):
         bad.fit()

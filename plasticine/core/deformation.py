@@ -58,12 +58,20 @@ class Deformation:
         return self.forward.shape[1]
 
     def to(self, *args, **kwargs) -> "Deformation":
-        """Move or cast every field (arguments as :meth:`torch.Tensor.to`)."""
+        """Move or cast every field (arguments as :meth:`torch.Tensor.to`).
+
+        Returns:
+            A new :class:`Deformation`; ``self`` is unchanged.
+        """
         v = None if self.velocity is None else self.velocity.to(*args, **kwargs)
         return Deformation(self.forward.to(*args, **kwargs), self.inverse.to(*args, **kwargs), v)
 
     def inverted(self) -> "Deformation":
-        """The deformation of :math:`\\phi^{-1}` (fields swapped, velocity negated)."""
+        """The deformation of :math:`\\phi^{-1}` (fields swapped, velocity negated).
+
+        Returns:
+            A :class:`Deformation` sharing this one's tensors.
+        """
         v = None if self.velocity is None else -self.velocity
         return Deformation(self.inverse, self.forward, v)
 
@@ -74,6 +82,14 @@ class Deformation:
     def to_target(self, image: torch.Tensor, mode: Mode = "linear", padding: Padding = "border") -> torch.Tensor:
         """Source image in target geometry: ``image o phi``.
 
+        Args:
+            image: an image in source geometry (floating; the field is cast to its dtype).
+            mode: interpolation, as in :func:`~plasticine.core.warp`.
+            padding: extension outside the grid, as in :func:`~plasticine.core.warp`.
+
+        Returns:
+            The image resampled on the target grid.
+
         Shape:
             image: ``(B, C, *S)``; out: ``(B, C, *S)``.
         """
@@ -81,6 +97,14 @@ class Deformation:
 
     def to_source(self, image: torch.Tensor, mode: Mode = "linear", padding: Padding = "border") -> torch.Tensor:
         """Target image in source geometry: ``image o phi^-1``.
+
+        Args:
+            image: an image in target geometry (floating; the field is cast to its dtype).
+            mode: interpolation, as in :func:`~plasticine.core.warp`.
+            padding: extension outside the grid, as in :func:`~plasticine.core.warp`.
+
+        Returns:
+            The image resampled on the source grid.
 
         Shape:
             image: ``(B, C, *S)``; out: ``(B, C, *S)``.
@@ -96,6 +120,16 @@ class Deformation:
         ``method="linear"`` warps one-hot channels linearly and takes the argmax (smooth
         boundaries, no label can appear where none was); ``"nearest"`` samples the nearest label.
 
+        Args:
+            labels: integer label map in source geometry, values in ``[0, num_classes)`` for
+                ``"linear"``.
+            num_classes: number of classes for the one-hot encoding (default: ``max + 1``, which
+                reads the maximum from the device).
+            method: ``"linear"`` (one-hot, linear warp, argmax) or ``"nearest"``.
+
+        Returns:
+            The label map in target geometry.
+
         Shape:
             labels: ``(B, 1, *S)`` integer; out: ``(B, 1, *S)`` int64.
         """
@@ -106,6 +140,14 @@ class Deformation:
     ) -> torch.Tensor:
         """Trace a label map from target to source geometry (``labels o phi^-1``).
 
+        Args:
+            labels: integer label map in target geometry.
+            num_classes: number of classes for the one-hot encoding (default: ``max + 1``).
+            method: ``"linear"`` (one-hot, linear warp, argmax) or ``"nearest"``.
+
+        Returns:
+            The label map in source geometry.
+
         Shape:
             labels: ``(B, 1, *S)`` integer; out: ``(B, 1, *S)`` int64.
         """
@@ -115,6 +157,14 @@ class Deformation:
     def points_to_target(self, points: torch.Tensor) -> torch.Tensor:
         """Where source points sit in the target: :math:`\\phi^{-1}(p) = p + u^{-1}(p)`.
 
+        ``u^{-1}`` is interpolated linearly at the points (border padding).
+
+        Args:
+            points: voxel coordinates in source geometry, tensor axis order.
+
+        Returns:
+            The same points in target voxel coordinates.
+
         Shape:
             points: ``(B, P, N)`` voxel coordinates in axis order; out: ``(B, P, N)``.
         """
@@ -122,6 +172,12 @@ class Deformation:
 
     def points_to_source(self, points: torch.Tensor) -> torch.Tensor:
         """Where target points sit in the source: :math:`\\phi(q) = q + u(q)`.
+
+        Args:
+            points: voxel coordinates in target geometry, tensor axis order.
+
+        Returns:
+            The same points in source voxel coordinates.
 
         Shape:
             points: ``(B, P, N)`` voxel coordinates in axis order; out: ``(B, P, N)``.
@@ -132,6 +188,9 @@ class Deformation:
     def jacobian_determinant(self) -> torch.Tensor:
         """Jacobian determinant of phi, see :func:`plasticine.core.jacobian_determinant`.
 
+        Returns:
+            :math:`\\det J_\\phi` per voxel.
+
         Shape:
             out: ``(B, 1, *S)``.
         """
@@ -140,6 +199,12 @@ class Deformation:
     def folding_fraction(self, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Fraction of voxels where phi folds (det J <= 0), see :func:`plasticine.core.folding_fraction`.
 
+        Args:
+            mask: optional region to count in.
+
+        Returns:
+            The folded fraction per batch element.
+
         Shape:
             mask: ``(B, 1, *S)`` or None; out: ``(B,)``.
         """
@@ -147,6 +212,15 @@ class Deformation:
 
     def inverse_consistency(self, mask: torch.Tensor | None = None, reduction: Literal["mean", "max"] = "mean") -> torch.Tensor:
         """Mean (or max) distance of phi o phi^-1 and phi^-1 o phi from the identity, in voxels.
+
+        See :func:`plasticine.core.inverse_consistency_error`.
+
+        Args:
+            mask: optional region to average over.
+            reduction: ``"mean"`` or ``"max"`` over the voxels.
+
+        Returns:
+            The error per batch element.
 
         Shape:
             mask: ``(B, 1, *S)`` or None; out: ``(B,)``.

@@ -143,14 +143,19 @@ def _check_affine(affine: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _inverse_affine(affine: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Inverse of an affine, taken in float64 (a float32 inverse of a scanner affine loses ~1e-4 mm)."""
-    a = affine.to(device=like.device)
-    wide = torch.float64 if a.device.type != "mps" else torch.float32
-    return torch.linalg.inv(a.to(wide)).to(like.dtype)
+    """Inverse of an affine, taken in float64 and cast to ``like``'s dtype and device."""
+    return torch.linalg.inv(affine.to(device=like.device, dtype=torch.float64)).to(like.dtype)
 
 
 def voxel_to_world(points: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
     """Map voxel coordinates (axis order) to world coordinates: ``x = A[:N, :N] p + A[:N, N]``.
+
+    Args:
+        points: voxel coordinates in tensor axis order.
+        affine: voxel-to-world affine (one for all, or one per batch element).
+
+    Returns:
+        World coordinates (millimetres for a scanner affine).
 
     Shape:
         points: ``(B, P, N)``; affine: ``(N+1, N+1)`` or ``(B, N+1, N+1)``; out: ``(B, P, N)``.
@@ -161,7 +166,16 @@ def voxel_to_world(points: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
 
 
 def world_to_voxel(points: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`voxel_to_world`.
+    """Inverse of :func:`voxel_to_world`: :math:`p = A_{:N,:N}^{-1} (x - A_{:N,N})`.
+
+    The affine is inverted in float64 and the result cast to the points' dtype.
+
+    Args:
+        points: world coordinates.
+        affine: voxel-to-world affine (one for all, or one per batch element).
+
+    Returns:
+        Voxel coordinates in tensor axis order.
 
     Shape:
         points: ``(B, P, N)``; affine: ``(N+1, N+1)`` or ``(B, N+1, N+1)``; out: ``(B, P, N)``.
@@ -175,6 +189,13 @@ def displacement_to_world(displacement: torch.Tensor, affine: torch.Tensor) -> t
 
     The field stays on the voxel grid; only the vectors change (translation does not act on them).
 
+    Args:
+        displacement: ``u`` in voxels, channel ``i`` along axis ``i``.
+        affine: voxel-to-world affine (one for all, or one per batch element).
+
+    Returns:
+        The displacement vectors in world units.
+
     Shape:
         displacement: ``(B, N, *S)``; affine: ``(N+1, N+1)`` or ``(B, N+1, N+1)``; out: ``(B, N, *S)``.
     """
@@ -185,6 +206,15 @@ def displacement_to_world(displacement: torch.Tensor, affine: torch.Tensor) -> t
 
 def displacement_from_world(displacement: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`displacement_to_world`: world-unit vectors back to voxel units.
+
+    :math:`u(p) = A_{:N,:N}^{-1} u_{world}(p)`, the affine inverted in float64.
+
+    Args:
+        displacement: vectors in world units on the voxel grid.
+        affine: voxel-to-world affine (one for all, or one per batch element).
+
+    Returns:
+        The displacement in voxels, channel ``i`` along axis ``i``.
 
     Shape:
         displacement: ``(B, N, *S)``; affine: ``(N+1, N+1)`` or ``(B, N+1, N+1)``; out: ``(B, N, *S)``.

@@ -193,6 +193,13 @@ def folding_fraction(displacement: torch.Tensor, mask: torch.Tensor | None = Non
 
     Uses :func:`jacobian_determinant` (central differences, one-sided at the edges).
 
+    Args:
+        displacement: ``u`` in voxels.
+        mask: optional region; the fraction is taken over its non-zero voxels.
+
+    Returns:
+        The folded fraction per batch element.
+
     Shape:
         displacement: ``(B, N, *S)``; mask: ``(B, 1, *S)`` or None; out: ``(B,)`` in [0, 1].
     """
@@ -217,6 +224,9 @@ def inverse_consistency_error(
         inverse: ``u`` of :math:`\phi^{-1}`.
         mask: optional region to average over.
         reduction: ``"mean"`` or ``"max"`` over the voxels (``(B,)``), or ``"none"`` (the map).
+
+    Returns:
+        The error per batch element, or per voxel for ``reduction="none"``.
 
     Shape:
         displacement, inverse: ``(B, N, *S)``; mask: ``(B, 1, *S)``; out: ``(B,)`` or ``(B, 1, *S)``.

@@ -98,6 +98,15 @@ def check_shape(
 def spatial_dims(tensor: torch.Tensor) -> int:
     """Number of spatial dimensions N of a ``(B, C, *S)`` tensor (2 or 3).
 
+    Args:
+        tensor: an image-like tensor.
+
+    Returns:
+        ``len(S)``.
+
+    Raises:
+        ValueError: if the tensor is not ``(B, C, *S)`` with 2 or 3 spatial dimensions.
+
     Shape:
         tensor: ``(B, C, *S)`` with ``len(S)`` in {2, 3}.
     """

@@ -3,6 +3,22 @@
 All three use voxel units and the axis order of the tensor (see :mod:`plasticine.core.grid`).
 The work is done by :func:`torch.nn.functional.grid_sample` with ``align_corners=True`` on CPU
 and CUDA alike; nothing here synchronises with the host.
+
+Padding modes equal ``scipy.ndimage.map_coordinates`` modes (tested): ``"border"`` is scipy's
+``"nearest"``, ``"zeros"`` is ``"grid-constant"`` with ``cval=0`` (linear interpolation blends
+towards 0 within one voxel outside the edge; scipy's ``"constant"`` does not), ``"reflection"``
+is ``"mirror"`` (reflection about the edge voxel centres). Linear and nearest interpolation equal
+``order=1`` and ``order=0``.
+
+Accuracy: ``grid_sample`` works in coordinates normalised to [-1, 1], so a sample position moves
+by up to about ``max(S) * eps`` voxels (``eps = 2^-23`` in float32); an identity warp in float32
+therefore differs from its input by at most about ``max(S) * 2^-23 * max|neighbour difference|``
+(measured: 0.81 of that, sizes up to 512; float64: ~1e-13).
+
+Speed: torch's CPU grid sampler parallelises over the batch only. For a batch of one image on the
+CPU the sampling is split into ``torch.get_num_threads()`` pieces along the first spatial axis
+that run as one batched call (same values; see ``_grid_sample``). Iterative integrators warp in
+normalised units throughout (``_NormalisedFrame``) instead of converting at every step.
 """
 
 from __future__ import annotations
@@ -172,6 +188,9 @@ def compose(u_a: torch.Tensor, u_b: torch.Tensor, padding: Padding = "border") -
         u_b: displacement of the inner map.
         padding: how ``u_a`` is extended outside the grid (border by default).
 
+    Returns:
+        The displacement of :math:`\phi_a \circ \phi_b` in voxels.
+
     Shape:
         u_a: ``(B, N, *S)``; u_b: ``(B, N, *S)``; out: ``(B, N, *S)``.
     """
@@ -213,6 +232,10 @@ def sample_at_points(
 
 class GridSampleWarper(torch.nn.Module):
     """The :class:`~plasticine.core.Warper` of :func:`warp`: stores mode and padding.
+
+    Args:
+        mode: interpolation, as in :func:`warp`.
+        padding: extension outside the grid, as in :func:`warp`.
 
     Shape:
         image: ``(B, C, *S)``; displacement: ``(B, N, *S)``; out: ``(B, C, *S)``.

@@ -443,7 +443,8 @@ class TraceableTranslator:
         ``target`` is given); ``c = conditioning(x_s o phi)``; the sampler starts from
         :math:`x_{k_0} \sim q(x_{k_0} \mid x)` and denoises to step 0. The ``n = num_samples`` draws
         run as one batch of ``n * B`` images (draw ``i`` of item ``b`` at row ``i * B + b``), so the
-        generator's draws, and the result, depend on ``n``.
+        generator's draws, and the result, depend on ``n``. The networks run in the mode they are in:
+        call :meth:`eval` after training (:meth:`load` returns a translator in evaluation mode).
 
         Args:
             x: source images, finite.

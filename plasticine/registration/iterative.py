@@ -52,22 +52,28 @@ class IterativeConfig:
     Attributes:
         levels: downsampling factor of each resolution level, coarse to fine.
         iterations: optimiser steps per level.
-        lr: step size of the optimiser (voxels of the level per step for Adam).
+        lr: step size: the largest update in voxels of the level for ``"gradient"``, the
+            learning rate for Adam and L-BFGS.
         smoothing: Gaussian sigma (voxels of the level) applied to the velocity.
-        weight: regularisation weight lambda.
+        weight: regularisation weight lambda (0 by default: the two Gaussians regularise, as in
+            SyN; a positive weight adds the explicit penalty).
         steps: squaring steps of the exponential.
         symmetric: use both terms of E (forward and inverse); else only the forward one.
-        optimizer: ``"adam"`` or ``"lbfgs"``.
+        optimizer: ``"gradient"`` (the default: steepest descent whose update is smoothed by a
+            Gaussian of ``update_smoothing`` and scaled so that it moves at most ``lr`` voxels, the
+            update rule of SyN and demons), ``"adam"`` or ``"lbfgs"``.
+        update_smoothing: Gaussian sigma (voxels of the level) of the update, for ``"gradient"``.
     """
 
     levels: tuple[int, ...] = (4, 2, 1)
-    iterations: tuple[int, ...] = (80, 50, 30)
-    lr: float = 0.5
+    iterations: tuple[int, ...] = (60, 40, 20)
+    lr: float = 0.25
     smoothing: float = 1.5
-    weight: float = 0.05
+    weight: float = 0.0
     steps: int = 7
     symmetric: bool = True
-    optimizer: Literal["adam", "lbfgs"] = "adam"
+    optimizer: Literal["gradient", "adam", "lbfgs"] = "gradient"
+    update_smoothing: float = 6.0
 
 
 class IterativeRegistration:
@@ -105,8 +111,8 @@ class IterativeRegistration:
             cfg = IterativeConfig(**{**cfg.__dict__, **overrides})
         if len(cfg.levels) != len(cfg.iterations) or not cfg.levels:
             raise ValueError(f"levels and iterations must have the same non-zero length, got {cfg.levels} and {cfg.iterations}")
-        if cfg.optimizer not in ("adam", "lbfgs"):
-            raise ValueError(f"optimizer: expected 'adam' or 'lbfgs', got {cfg.optimizer!r}")
+        if cfg.optimizer not in ("gradient", "adam", "lbfgs"):
+            raise ValueError(f"optimizer: expected 'gradient', 'adam' or 'lbfgs', got {cfg.optimizer!r}")
         self.config = cfg
 
     def register(self, source: torch.Tensor, target: torch.Tensor | None = None, *, cue: torch.Tensor | None = None) -> Deformation:
@@ -151,12 +157,23 @@ class IterativeRegistration:
         e = self.similarity(warp(x, fwd), y)
         if cfg.symmetric:
             e = e + self.similarity(x, warp(y, scaling_and_squaring(-vs, cfg.steps)))
-        return e + cfg.weight * self.regularizer(vs), vs
+        if cfg.weight:
+            e = e + cfg.weight * self.regularizer(vs)
+        return e, vs
 
     def _optimise(self, x: torch.Tensor, y: torch.Tensor, v0: torch.Tensor, iters: int) -> torch.Tensor:
         cfg = self.config
         param = v0.clone().requires_grad_(True)
-        if cfg.optimizer == "adam":
+        if cfg.optimizer == "gradient":
+            n = v0.dim() - 2
+            for _ in range(iters):
+                e, _ = self._energy(x, y, param)
+                (grad,) = torch.autograd.grad(e, param)
+                with torch.no_grad():
+                    step = self._smooth(grad, cfg.update_smoothing)
+                    size = step.norm(dim=1, keepdim=True).amax(dim=tuple(range(2, n + 2)), keepdim=True)
+                    param -= cfg.lr * step / size.clamp(min=1e-12)
+        elif cfg.optimizer == "adam":
             opt = torch.optim.Adam([param], lr=cfg.lr)
             for _ in range(iters):
                 opt.zero_grad(set_to_none=True)

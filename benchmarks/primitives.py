@@ -45,6 +45,8 @@ SHAPES: dict[int, tuple[int, ...]] = {2: (256, 256), 3: (96, 96, 96)}
 
 SQUARING_STEPS = 7
 LNCC_WINDOW = 9
+SLOW_CALL_S = 1.0
+"""A primitive whose forward takes longer than this (seconds) gets no warm-up of its backward."""
 INTERIOR_MARGIN = 8
 """Voxels dropped at every border before comparing a peer's field with plasticine's (padding differs)."""
 
@@ -777,10 +779,13 @@ def time_group(prim: Primitive, ndim: int, device: torch.device, settings: Setti
     by_lib = {r.library: r for r in results}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        slow = False
         for lib, b in list(bound.items()):
             r = by_lib[lib]
             try:
+                t0 = time.perf_counter()
                 out = _forward(b)()
+                slow = slow or time.perf_counter() - t0 > SLOW_CALL_S
                 if out.numel() == 1:
                     r.value = float(out)
                 else:
@@ -790,13 +795,14 @@ def time_group(prim: Primitive, ndim: int, device: torch.device, settings: Setti
                 r.status, r.reason = "error", _error(exc)
                 del bound[lib]
         kwargs = dict(repeats=settings.repeats, min_repeats=settings.min_repeats, max_seconds=settings.max_seconds)
-        # the forward above was the forward's warm-up; the backward gets its own
+        # the forward above was the forward's warm-up; the backward gets its own unless the calls
+        # take seconds (then first-call costs are noise and a warm-up round would double the run)
         fwd, errors = T.time_interleaved({k: _forward(b) for k, b in bound.items()}, device, warmup=0, **kwargs)
         fwdbwd: dict[str, T.Timing] = {}
         if prim.backward:
             fwdbwd, errors_b = T.time_interleaved(
                 {k: _forward_backward(b) for k, b in bound.items() if k not in errors}, device,
-                warmup=settings.warmup, **kwargs,
+                warmup=0 if slow else settings.warmup, **kwargs,
             )
             errors.update(errors_b)
     for lib in bound:
@@ -808,11 +814,10 @@ def time_group(prim: Primitive, ndim: int, device: torch.device, settings: Setti
 
 
 def memory_case(prim: Primitive, impl: Impl, ndim: int, device: torch.device) -> dict[str, float | None]:
-    """Peak memory of one forward (no grad, the first call) and then of one forward+backward.
+    """Peak memory of the first call: one forward+backward, or one forward for a forward-only primitive.
 
-    The first forward includes what the callee caches on its first call (a reference grid, say);
-    the forward+backward that follows finds those caches in place. On the CPU, call it in a
-    process started with ``_timing.memory_worker_env``.
+    Being the first call, it includes what the callee caches on first use (a reference grid,
+    say). On the CPU, call it in a process started with ``_timing.memory_worker_env``.
 
     Args:
         prim: the primitive.
@@ -826,10 +831,9 @@ def memory_case(prim: Primitive, impl: Impl, ndim: int, device: torch.device) ->
     b = _bind(prim, impl, ndim, device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = {"peak_mb_fwd": T.peak_memory_mb(_forward(b), device), "peak_mb_fwdbwd": None}
         if prim.backward:
-            out["peak_mb_fwdbwd"] = T.peak_memory_mb(_forward_backward(b), device)
-    return out
+            return {"peak_mb_fwd": None, "peak_mb_fwdbwd": T.peak_memory_mb(_forward_backward(b), device)}
+        return {"peak_mb_fwd": T.peak_memory_mb(_forward(b), device), "peak_mb_fwdbwd": None}
 
 
 def _warm_up_torch() -> None:
@@ -1068,7 +1072,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()))
     print(f"times: median (and min) of up to {settings.repeats} calls per library, libraries called in turn, "
           f"at least {settings.min_repeats} and until {settings.max_seconds} s each; {settings.warmup} warm-up call(s) "
-          "of fwd+bwd; fwd without grad. "
+          f"of fwd+bwd (none when a forward takes over {SLOW_CALL_S:.0f} s); fwd without grad. "
           "peak MB: memory one fwd+bwd (fwd for forward-only) needed above its inputs. "
           "ratio < 1: plasticine faster / smaller\n", flush=True)
 

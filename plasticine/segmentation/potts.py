@@ -57,7 +57,9 @@ solver; each image stops at its own convergence, so results do not depend on the
 The copies agree only up to the stopping tolerance, so the result is finally made exactly piecewise
 constant: neighbours whose values differ by at most ``merge_tol`` (relative to the intensity range)
 are joined into connected regions, and each region gets the weighted mean of :math:`f`. This
-"refit" never adds a jump and gives each region its optimal value.
+"refit" never adds a jump and gives each region its optimal value. Since ADMM is a heuristic for
+an NP-hard problem, an image whose result has a higher energy than the constant image (its weighted
+mean) gets the constant image instead, so the result is never worse than that trivial candidate.
 
 **Scale.** The jump term counts boundary pixels while the data term sums over pixels, so an image
 resampled by a factor :math:`s` per axis needs :math:`\gamma` scaled by :math:`s` to keep the same
@@ -584,7 +586,15 @@ def potts(
     if len(active):
         out[active] = copies[0]
     span = (image.flatten(2).amax(2) - image.flatten(2).amin(2)).amax(1)  # (B,)
-    return _merge_and_refit_batch(out, image, weights, offsets, merge_tol, span)
+    out = _merge_and_refit_batch(out, image, weights, offsets, merge_tol, span)
+    # ADMM is a heuristic for an NP-hard problem: keep the constant image where it is better
+    wt = torch.ones_like(image[:, :1]) if weights is None else weights
+    mean = (image * wt).flatten(2).sum(2) / wt.flatten(2).sum(2).clamp_min(torch.finfo(image.dtype).tiny)
+    const = mean.view(*mean.shape, *([1] * len(shape))).expand_as(image)
+    worse = potts_energy(out, image, gamma, weights, neighborhood=neighborhood) > potts_energy(
+        const, image, gamma, weights, neighborhood=neighborhood
+    )
+    return torch.where(worse.view(-1, *([1] * (image.dim() - 1))), const, out)
 
 
 def _merge_and_refit_batch(

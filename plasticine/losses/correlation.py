@@ -95,19 +95,26 @@ def ncc(moving: torch.Tensor, fixed: torch.Tensor, mask: torch.Tensor | None = N
         return -value.clamp(-1.0, 1.0).mean()
 
 
-def _box_axis(x: torch.Tensor, dim: int, window: int) -> torch.Tensor:
-    """Zero-padded centred sum over ``window`` (odd) neighbours along ``dim``, by doubling sums."""
+def _box_axis(x: torch.Tensor, dim: int, window: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Zero-padded centred sum over ``window`` (odd) neighbours along ``dim``, by doubling sums.
+
+    Written into ``out`` when given (same shape as ``x``).
+    """
     size = x.shape[dim]
     r = window // 2
     pad = [0, 0] * (x.dim() - dim - 1) + [r, r]
     s = torch.nn.functional.pad(x, pad)  # s[i] = x[i - r]
-    out = None
+    first = True
     offset, width, left = 0, 1, window
     # s holds sums of `width` consecutive padded values; the window is split into binary blocks.
     while left:
         if left & 1:
             piece = s.narrow(dim, offset, size)
-            out = piece.clone() if out is None else out.add_(piece)
+            if first:
+                out = piece.clone() if out is None else out.copy_(piece)
+                first = False
+            else:
+                out.add_(piece)
             offset += width
         left >>= 1
         if left:
@@ -131,12 +138,28 @@ class _BoxSum(torch.autograd.Function):
         return _BoxSum.apply(grad, ctx.windows), None
 
 
-def _box(x: torch.Tensor, windows: tuple[int, ...]) -> torch.Tensor:
+def _box(x: torch.Tensor, windows: tuple[int, ...], out: torch.Tensor | None = None) -> torch.Tensor:
+    """Separable box sum over the last ``len(windows)`` axes (into ``out`` when given)."""
     n = len(windows)
-    for i, w in enumerate(windows):
-        if w > 1:
-            x = _box_axis(x, x.dim() - n + i, w)
+    axes = [i for i, w in enumerate(windows) if w > 1]
+    if not axes:
+        return x.clone() if out is None else out.copy_(x)
+    for i in axes:
+        x = _box_axis(x, x.dim() - n + i, windows[i], out if i == axes[-1] else None)
     return x
+
+
+def _box_each(parts: list, windows: tuple[int, ...]) -> torch.Tensor:
+    """Box sums of several same-shape tensors, one at a time (small temporaries), stacked first.
+
+    ``parts`` holds tensors or zero-argument callables that make them (so each product exists
+    only while it is being summed).
+    """
+    first = parts[0]() if callable(parts[0]) else parts[0]
+    out = first.new_empty((len(parts),) + first.shape)
+    for k, part in enumerate(parts):
+        _box(first if k == 0 else (part() if callable(part) else part), windows, out[k])
+    return out
 
 
 def _windows(window: int | Sequence[int], n: int) -> tuple[int, ...]:
@@ -183,8 +206,9 @@ class _LocalNCCMap(torch.autograd.Function):
     def forward(ctx, xn, yn, w, windows, counts):  # type: ignore[override]
         xw = xn if w is None else xn * w
         yw = yn if w is None else yn * w
-        sums = _box(torch.stack([xw, yw, xw * xn, yw * yn, xw * yn], dim=2).flatten(1, 2), windows)
-        sx, sy, sxx, syy, sxy = sums.view(xn.shape[:2] + (5,) + xn.shape[2:]).unbind(2)
+        sx, sy, sxx, syy, sxy = _box_each(
+            [xw, yw, lambda: xw * xn, lambda: yw * yn, lambda: xw * yn], windows
+        ).unbind(0)
         n = counts if w is None else _box(w, windows)
         n_safe = n.clamp(min=1e-3)  # windows without any (or with tiny) weight are flat below
         mx, my = sx / n_safe, sy / n_safe
@@ -211,12 +235,13 @@ class _LocalNCCMap(torch.autograd.Function):
         gr = g * r
         gcx = g * c * inv_vx
         gcy = g * c * inv_vy
-        coef = {
-            "xy": gr,
-            "xx": -0.5 * gcx,
-            "yy": -0.5 * gcy,
-            "x": gcx * mx - gr * my,
-            "y": gcy * my - gr * mx,
+        coef = {  # made one at a time, while being boxed
+            "xy": lambda: gr,
+            "xx": lambda: -0.5 * gcx,
+            "yy": lambda: -0.5 * gcy,
+            "x": lambda: gcx * mx - gr * my,
+            "y": lambda: gcy * my - gr * mx,
+            "n": lambda: gr * mx * my - 0.5 * (gcx * mx * mx + gcy * my * my),
         }
         names = []
         if need_x:
@@ -225,9 +250,7 @@ class _LocalNCCMap(torch.autograd.Function):
             names += [k for k in ("y", "yy", "xy") if k not in names]
         if need_w:
             names += [k for k in ("x", "xx", "xy", "y", "yy") if k not in names] + ["n"]
-            coef["n"] = gr * mx * my - 0.5 * (gcx * mx * mx + gcy * my * my)
-        boxed = dict(zip(names, _box(torch.stack([coef[k] for k in names], dim=2).flatten(1, 2), ctx.windows)
-                         .view(xn.shape[:2] + (len(names),) + xn.shape[2:]).unbind(2)))
+        boxed = dict(zip(names, _box_each([coef[k] for k in names], ctx.windows).unbind(0)))
         gx = gy = gw = None
         if need_x:
             gx = boxed["x"] + 2.0 * xn * boxed["xx"] + yn * boxed["xy"]

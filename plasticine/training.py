@@ -142,16 +142,6 @@ def diffusion_objective(
     return noise_prediction_loss(net, translator.schedule, y, condition, generator, loss)
 
 
-class _ConfiguredCall:
-    """A wrapped network (e.g. DDP) that still exposes the inner network's ``config``."""
-
-    def __init__(self, wrapped: Callable[..., Any], config: Any) -> None:
-        self.wrapped, self.config = wrapped, config
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.wrapped(*args, **kwargs)
-
-
 def noise_cue(translator: TraceableTranslator, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     r"""The diffusion model's noise estimate :math:`\hat\epsilon` of a target, the registration cue.
 
@@ -242,8 +232,6 @@ def deformation_objective(
             "expected a learned backend with .network and .integrator (LearnedRegistration)"
         )
     net: Any = inner if network is None else network
-    if getattr(net, "config", None) is None:
-        net = _ConfiguredCall(net, inner.config)
     cue = noise_cue(translator, y, generator) if inner.config.cue_channels else None
     return registration_objective(
         net,

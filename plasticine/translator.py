@@ -436,9 +436,9 @@ class TraceableTranslator:
     ) -> TranslationResult:
         r"""Translate source images into the target domain and return how they trace back.
 
-        Runs the paper's Algorithm 1 (see the module docstring); the structure map, the condition
-        and the sampler run under :func:`torch.no_grad`, the registration backend with autograd on
-        (an iterative backend optimises inside ``register``) and its fields are detached:
+        Runs the paper's Algorithm 1 (see the module docstring), all under :func:`torch.no_grad`
+        (a backend that optimises inside ``register``, such as the iterative one, switches autograd
+        on for itself):
         ``x_s = structure(x)``; ``phi = registration.register(x)`` (or ``register(x, target)`` when
         ``target`` is given); ``c = conditioning(x_s o phi)``; the sampler starts from
         :math:`x_{k_0} \sim q(x_{k_0} \mid x)` and denoises to step 0. The ``n = num_samples`` draws
@@ -477,15 +477,12 @@ class TraceableTranslator:
         if isinstance(k0, bool) or not isinstance(k0, int) or not 0 <= k0 <= K:
             raise ValueError(f"start_step: expected None or an int in [0, K={K}], got {start_step!r}")
         B = dims["B"]
-        # an iterative backend optimises inside register(): run it with autograd on, keep no graph
-        with torch.enable_grad():
+        with torch.no_grad():
             deformation = self.registration.register(x) if target is None else self.registration.register(x, target)
         if not isinstance(deformation, Deformation):
             raise ValueError(f"registration.register: expected a Deformation, got {type(deformation).__name__}")
         if deformation.shape != dims["S"] or deformation.forward.shape[0] != B:
             raise ValueError(f"registration.register: expected fields of shape ({B}, {dims['N']}, *{dims['S']}), got {tuple(deformation.forward.shape)}")
-        v = deformation.velocity
-        deformation = Deformation(deformation.forward.detach(), deformation.inverse.detach(), None if v is None else v.detach())
         with torch.no_grad():
             xs = self.structure_map(x)
             warped = deformation.to_target(xs)

@@ -15,7 +15,8 @@ import torch
 from plasticine.core import Deformation
 from plasticine.data import brainweb_slices
 from plasticine.data.synthetic import random_deformation
-from plasticine.registration.iterative import IterativeRegistration, resize_velocity
+from plasticine.core.filters import resize_field
+from plasticine.registration.iterative import IterativeRegistration
 from plasticine.registration.network import LearnedRegistration, RegistrationNet, registration_objective
 from plasticine.registration.integrators import ScalingAndSquaring
 
@@ -116,10 +117,10 @@ def test_iterative_3d_identity_and_shift():
     assert float(d.folding_fraction()) == 0.0
 
 
-def test_resize_velocity_keeps_physical_length():
+def test_resize_field_keeps_physical_length():
     v = torch.zeros(1, 2, 11, 21)
     v[:, 0], v[:, 1] = 2.0, 4.0
-    w = resize_velocity(v, (21, 41))
+    w = resize_field(v, (21, 41))
     assert torch.allclose(w[:, 0], torch.tensor(4.0)) and torch.allclose(w[:, 1], torch.tensor(8.0))
 
 

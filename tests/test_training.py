@@ -38,18 +38,18 @@ def test_diffusion_objective_is_algorithm_2():
 class _Wrapper(torch.nn.Module):
     def __init__(self, inner):
         super().__init__()
-        self.inner, self.calls = inner, 0
+        self.module, self.calls = inner, 0  # the attribute DistributedDataParallel uses
 
     def forward(self, *args):
         self.calls += 1
-        return self.inner(*args)
+        return self.module(*args)
 
 
 def test_deformation_objective_uses_the_noise_cue():
     t = make_translator()
     x, y = phantom((12, 12), seed=1), phantom((12, 12), seed=2)
     terms = deformation_objective(t, x, y, make_generator(5), smoothness_weight=0.5)
-    assert set(terms) == {"total", "forward", "inverse", "smoothness", "align"}
+    assert set(terms) == {"total", "forward", "inverse", "smoothness", "align", "velocity"}
     g = make_generator(5)
     _, gamma = sample_noise_level(t.schedule.gammas, 2, g)
     noise = torch.randn(y.shape, generator=g)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from .shapes import check_shape
 
-__all__ = ["gaussian_kernel1d", "gaussian_smooth", "resize"]
+__all__ = ["gaussian_kernel1d", "gaussian_smooth", "resize", "resize_field"]
 
 
 def gaussian_kernel1d(sigma: float, truncate: float = 3.0, *, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
@@ -65,7 +65,7 @@ def resize(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 
     Voxel ``0`` and voxel ``S - 1`` keep their positions (``align_corners=True``), matching the voxel
     convention of :mod:`plasticine.core.grid`; displacement *vectors* are not rescaled here (see
-    :func:`plasticine.registration.resize_velocity`).
+    :func:`resize_field`).
 
     Shape:
         x: ``(B, C, *S)``; out: ``(B, C, *shape)``.
@@ -77,3 +77,19 @@ def resize(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     if shape == tuple(x.shape[2:]):
         return x
     return F.interpolate(x, size=shape, mode="bilinear" if n == 2 else "trilinear", align_corners=True)
+
+
+def resize_field(field: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Resample a velocity or displacement field (voxel units) to another grid of the same extent.
+
+    Positions are resampled linearly with aligned corner voxels and the vectors are rescaled by
+    ``(shape_i - 1) / (S_i - 1)`` so they keep their physical length.
+
+    Shape:
+        field: ``(B, N, *S)``; out: ``(B, N, *shape)``.
+    """
+    dims = check_shape(field, "B N *S", "field")
+    old, n = dims["S"], dims["N"]
+    out = resize(field, shape)
+    scale = torch.tensor([(s - 1) / max(o - 1, 1) for s, o in zip(shape, old)], dtype=field.dtype, device=field.device)
+    return out * scale.view(1, n, *([1] * n))

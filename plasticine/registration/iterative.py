@@ -21,28 +21,12 @@ from typing import Callable, Literal, Sequence
 import torch
 
 from ..core.deformation import Deformation
-from ..core.filters import gaussian_smooth, resize
+from ..core.filters import gaussian_smooth, resize, resize_field
 from ..core.shapes import check_shape
 from ..core.warp import warp
 from .integrators import scaling_and_squaring
 
-__all__ = ["IterativeRegistration", "IterativeConfig", "resize_velocity"]
-
-
-def resize_velocity(velocity: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Resample a velocity or displacement field to another grid of the same extent.
-
-    Positions are resampled linearly with aligned corner voxels and the vectors are rescaled by
-    ``(shape_i - 1) / (S_i - 1)`` so they keep their physical length.
-
-    Shape:
-        velocity: ``(B, N, *S)``; out: ``(B, N, *shape)``.
-    """
-    dims = check_shape(velocity, "B N *S", "velocity")
-    old, n = dims["S"], dims["N"]
-    out = resize(velocity, shape)
-    scale = torch.tensor([(s - 1) / max(o - 1, 1) for s, o in zip(shape, old)], dtype=velocity.dtype, device=velocity.device)
-    return out * scale.view(1, n, *([1] * n))
+__all__ = ["IterativeRegistration", "IterativeConfig"]
 
 
 @dataclass(frozen=True)
@@ -140,10 +124,10 @@ class IterativeRegistration:
         for factor, iters in zip(cfg.levels, cfg.iterations):
             lshape = tuple(max(4, round((s - 1) / factor) + 1) for s in shape)
             x, y = resize(source, lshape), resize(target, lshape)
-            v0 = torch.zeros(dims["B"], n, *lshape, dtype=source.dtype, device=source.device) if v is None else resize_velocity(v, lshape)
+            v0 = torch.zeros(dims["B"], n, *lshape, dtype=source.dtype, device=source.device) if v is None else resize_field(v, lshape)
             v = self._optimise(x, y, v0, iters).detach()
         with torch.no_grad():
-            v = self._smooth(resize_velocity(v, shape), cfg.smoothing * cfg.levels[-1])
+            v = self._smooth(resize_field(v, shape), cfg.smoothing * cfg.levels[-1])
             return Deformation(scaling_and_squaring(v, cfg.steps), scaling_and_squaring(-v, cfg.steps), v)
 
     @staticmethod
@@ -161,6 +145,7 @@ class IterativeRegistration:
             e = e + cfg.weight * self.regularizer(vs)
         return e, vs
 
+    @torch.enable_grad()
     def _optimise(self, x: torch.Tensor, y: torch.Tensor, v0: torch.Tensor, iters: int) -> torch.Tensor:
         cfg = self.config
         param = v0.clone().requires_grad_(True)

@@ -214,7 +214,8 @@ def registration_objective(
     registration and does not steer it. With ``inverse="learned"`` the regulariser acts on both heads.
 
     Args:
-        network: the registration network.
+        network: the registration network (or a wrapper such as DistributedDataParallel whose
+            ``module`` is one).
         integrator: velocity -> displacement (e.g. :class:`~plasticine.registration.ScalingAndSquaring`).
         x: source images.
         y: target images.
@@ -226,7 +227,8 @@ def registration_objective(
         mask: optional ``(B, 1, *S)`` region for the similarity terms.
 
     Returns:
-        dict with ``total``, ``forward``, ``inverse``, ``smoothness``, ``align`` (scalars).
+        dict with the scalars ``total``, ``forward``, ``inverse``, ``smoothness``, ``align`` and the
+        predicted ``velocity`` ``(B, N, *S)`` (for extra terms such as a supervised one).
 
     Shape:
         x, y: ``(B, C, *S)``; cue: ``(B, Ce, *S)``.
@@ -241,8 +243,9 @@ def registration_objective(
         "forward": similarity(warp(x, fwd), y, mask),
         "inverse": similarity(x, warp(y, inv), mask),
         "smoothness": regularizer(out.velocity)
-        + (regularizer(out.inverse_velocity) if network.config.inverse == "learned" else 0.0),
+        + (regularizer(out.inverse_velocity) if getattr(network, "module", network).config.inverse == "learned" else 0.0),
         "align": (out.aligned_features - out.reference_features.detach()).pow(2).mean(),
+        "velocity": out.velocity,
     }
     terms["total"] = terms["forward"] + terms["inverse"] + smoothness_weight * terms["smoothness"] + align_weight * terms["align"]
     return terms
@@ -257,16 +260,26 @@ class LearnedRegistration:
     Args:
         network: the registration network (put in eval mode by the caller for inference).
         integrator: velocity -> displacement, :class:`~plasticine.registration.ScalingAndSquaring` by default.
+        downsample: run the network on images resized by ``1 / downsample`` (linear, aligned
+            corners) and resample its velocity back (:func:`~plasticine.core.filters.resize_field`)
+            before integrating at full resolution; ``1`` runs at full resolution.
 
     Shape:
         source, target: ``(B, C, *S)``; returned Deformation fields ``(B, N, *S)``.
     """
 
-    def __init__(self, network: RegistrationNet, integrator: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def __init__(self, network: RegistrationNet, integrator: Callable[[torch.Tensor], torch.Tensor] | None = None, downsample: int = 1):
         from .integrators import ScalingAndSquaring
 
+        if not isinstance(downsample, int) or downsample < 1:
+            raise ValueError(f"downsample: expected a positive int, got {downsample!r}")
         self.network = network
         self.integrator = integrator if integrator is not None else ScalingAndSquaring()
+        self.downsample = downsample
+
+    def network_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Spatial size at which the network runs for inputs of size ``shape``."""
+        return tuple(max(2, round((s - 1) / self.downsample) + 1) for s in shape)
 
     def register(self, source: torch.Tensor, target: torch.Tensor | None = None, *, cue: torch.Tensor | None = None) -> Deformation:
         """Predict phi and phi^-1 for ``source`` (towards ``target`` when given).
@@ -276,5 +289,14 @@ class LearnedRegistration:
         """
         if target is None and cue is not None:
             raise ValueError("a cue is only used together with a target; pass target= or drop cue=")
+        shape = tuple(source.shape[2:])
+        small = self.network_shape(shape)
+        if small != shape:
+            from ..core.filters import resize, resize_field
+
+            source, target, cue = (None if t is None else resize(t, small) for t in (source, target, cue))
         out = self.network(source, target, cue)
-        return Deformation(self.integrator(out.velocity), self.integrator(out.inverse_velocity), out.velocity)
+        v, v_inv = out.velocity, out.inverse_velocity
+        if small != shape:
+            v, v_inv = resize_field(v, shape), resize_field(v_inv, shape)
+        return Deformation(self.integrator(v), self.integrator(v_inv), v)

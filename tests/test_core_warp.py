@@ -341,3 +341,27 @@ def test_device_matches_cpu(device, ndim):
     assert out.device.type == device.type
     torch.testing.assert_close(out.cpu(), ref, rtol=0, atol=1e-10)
     torch.testing.assert_close(compose(u.to(device), u.to(device)).cpu(), compose(u, u), rtol=0, atol=1e-10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation is only observable on CUDA")
+def test_no_host_synchronisation_on_cuda():
+    """warp, compose, sampling, the Jacobian and fixed-step integrators only queue kernels."""
+    from plasticine.core import jacobian_determinant
+    from plasticine.registration import integrate_euler, integrate_rk4, scaling_and_squaring
+
+    dev = torch.device("cuda")
+    image = torch.randn(1, 2, 33, 40, device=dev)
+    u = torch.randn(1, 2, 33, 40, device=dev)
+    pts = torch.rand(1, 5, 2, device=dev) * 30
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        warp(image, u)
+        compose(u, u)
+        sample_at_points(image, pts)
+        jacobian_determinant(u)
+        scaling_and_squaring(u, 7)
+        integrate_euler(u, 4)
+        integrate_rk4(u, 2)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -123,8 +123,9 @@ class Deformation:
         Args:
             labels: integer label map in source geometry, values in ``[0, num_classes)`` for
                 ``"linear"``.
-            num_classes: number of classes for the one-hot encoding (default: ``max + 1``, which
-                reads the maximum from the device).
+            num_classes: number of classes for the one-hot encoding (default: ``max + 1``). The
+                ``"linear"`` method reads the label range from the device to check it (one
+                host synchronisation); ``"nearest"`` does not.
             method: ``"linear"`` (one-hot, linear warp, argmax) or ``"nearest"``.
 
         Returns:

@@ -75,6 +75,18 @@ def _normalised_identity(shape: Sequence[int], dtype: torch.dtype, device: torch
     return torch.stack(torch.meshgrid(*axes, indexing="ij")[::-1], dim=0).unsqueeze(0).view(1, n, *shape)
 
 
+def _constant_vector(values: Sequence[float], like: torch.Tensor, ndim: int = 0) -> torch.Tensor:
+    """Python numbers as a tensor on ``like``'s device, shaped ``(1, len, 1 x ndim)``, without a host copy.
+
+    ``torch.tensor(values, device="cuda")`` copies from pageable host memory and waits for the
+    stream; filling entries with scalars only queues kernels.
+    """
+    out = torch.empty(len(values), dtype=like.dtype, device=like.device)
+    for i, x in enumerate(values):
+        out[i] = x
+    return out.view(1, len(values), *([1] * ndim))
+
+
 def _normalised_scale(shape: Sequence[int], like: torch.Tensor, size_one: float = 0.0) -> torch.Tensor:
     """``2 / (S_i - 1)`` per axis in reversed (x, y[, z]) order (``size_one`` for an axis of size 1).
 
@@ -83,7 +95,7 @@ def _normalised_scale(shape: Sequence[int], like: torch.Tensor, size_one: float 
     """
     n = len(shape)
     s = [2.0 / (k - 1) if k > 1 else size_one for k in reversed(tuple(shape))]
-    return torch.tensor(s, dtype=like.dtype, device=like.device).view(1, n, *([1] * n))
+    return _constant_vector(s, like, n)
 
 
 def displacement_to_grid(displacement: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from typing import Literal, Sequence
 
 import torch
 
+from .grid import _constant_vector
 from .shapes import check_shape
 from .warp import compose
 
@@ -97,7 +98,7 @@ def spatial_gradient(field: torch.Tensor, spacing: float | Sequence[float] = 1.0
     n = check_shape(field, "B C *S", "field")["N"]
     h = _spacing(spacing, n)
     g = _twice_gradient(field)
-    scale = torch.tensor([0.5 / x for x in h], dtype=g.dtype, device=g.device).view(1, 1, n, *([1] * n))
+    scale = _constant_vector([0.5 / x for x in h], g, n).unsqueeze(0)
     return g.mul_(scale) if not (torch.is_grad_enabled() and g.requires_grad) else g * scale
 
 
@@ -123,8 +124,8 @@ def jacobian_matrix(displacement: torch.Tensor, spacing: float | Sequence[float]
     h = _spacing(spacing, n)
     g = spatial_gradient(displacement)  # (B, N_i, N_j, *S) in voxels
     if any(x != 1.0 for x in h):
-        hs = torch.tensor(h, dtype=g.dtype, device=g.device)
-        g = g * (hs.view(1, n, 1, *([1] * n)) / hs.view(1, 1, n, *([1] * n)))
+        ratio = [[h[i] / h[j] for j in range(n)] for i in range(n)]
+        g = g * _constant_vector([r for row in ratio for r in row], g, n).view(1, n, n, *([1] * n))
     eye = torch.eye(n, dtype=g.dtype, device=g.device).view(1, n, n, *([1] * n))
     return (g + eye).movedim(1, -1).movedim(1, -1)
 

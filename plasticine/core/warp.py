@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .grid import _normalised_identity, _normalised_scale, displacement_to_grid
+from .grid import _constant_vector, _normalised_identity, _normalised_scale, displacement_to_grid
 from .shapes import check_shape
 
 __all__ = ["warp", "compose", "sample_at_points", "GridSampleWarper", "Mode", "Padding"]
@@ -222,9 +222,10 @@ def sample_at_points(
     if points.dtype != field.dtype:
         raise ValueError(f"points and field must share one dtype, got {points.dtype} and {field.dtype}")
     tmode = _torch_mode(mode, padding, n)
-    shape = torch.tensor(dims["S"], dtype=field.dtype, device=field.device)
-    scale = torch.where(shape > 1, 2.0 / (shape - 1).clamp(min=1), torch.zeros_like(shape))
-    g = points * scale - (scale != 0).to(field.dtype)
+    sizes = dims["S"]
+    scale = _constant_vector([2.0 / (s - 1) if s > 1 else 0.0 for s in sizes], field).view(n)
+    offset = _constant_vector([1.0 if s > 1 else 0.0 for s in sizes], field).view(n)
+    g = points * scale - offset
     g = g.flip(-1).reshape(points.shape[0], points.shape[1], *([1] * (n - 1)), n)
     out = _grid_sample(field, g, tmode, padding)
     return out.reshape(field.shape[0], field.shape[1], points.shape[1]).transpose(1, 2)

@@ -1,7 +1,8 @@
 """SVF integrators: identities, the stated inverse-consistency and Jacobian bounds, group property, gradcheck.
 
 Run as a script (``python tests/test_integrators.py``) to print the inverse-consistency table quoted
-in the :class:`~plasticine.registration.ScalingAndSquaring` docstring.
+in the :class:`~plasticine.registration.ScalingAndSquaring` docstring, or with ``--time`` to print
+the timings of scaling and squaring and of the Jacobian determinant (never part of a test).
 """
 
 from __future__ import annotations
@@ -262,8 +263,52 @@ def inverse_consistency_table() -> list[tuple[str, str, int, float, float]]:
     return rows
 
 
+def timing_table(repeats: int = 15) -> list[tuple[str, float, float]]:
+    """Median and minimum wall time (ms) of the cases the project compares with its peers.
+
+    Scaling and squaring (7 steps) forward + backward on 1x2x256x256 and 1x3x96x96x96 float32
+    velocities, and the Jacobian determinant forward on fields of the same sizes, with the
+    current ``torch.get_num_threads()``. Other processes on the same cores make single timings
+    noisy: compare medians, and the minimum as the least disturbed run.
+    """
+    import time
+
+    gen = make_generator(0)
+    rows = []
+    for shape, reps in [((1, 2, 256, 256), repeats), ((1, 3, 96, 96, 96), max(3, repeats // 5))]:
+        pool = torch.nn.functional.avg_pool2d if len(shape) == 4 else torch.nn.functional.avg_pool3d
+        v = (pool(torch.randn(shape, generator=gen), 9, 1, 4) * 20).requires_grad_()
+        u = v.detach() * 0.05
+
+        def ss() -> None:
+            v.grad = None
+            scaling_and_squaring(v, 7).sum().backward()
+
+        def jd() -> None:
+            with torch.no_grad():
+                jacobian_determinant(u)
+
+        for name, f, n in [("scaling_and_squaring T=7 fwd+bwd", ss, reps), ("jacobian_determinant fwd", jd, 3 * reps)]:
+            f()
+            times = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                f()
+                times.append(time.perf_counter() - t0)
+            times.sort()
+            rows.append((f"{name} {'x'.join(map(str, shape))}", 1e3 * times[len(times) // 2], 1e3 * times[0]))
+    return rows
+
+
 if __name__ == "__main__":
+    import sys
+
     torch.set_num_threads(2)
-    print("inverse consistency of scaling and squaring, 256 x 256, mean |phi o phi^-1 - Id| (voxels)")
-    for field, padding, steps, whole, inner in inverse_consistency_table():
-        print(f"{field}  padding={padding:7s} steps={steps:2d}  whole image {whole:.4f}  interior {inner:.4f}")
+    if "--time" in sys.argv:
+        print(f"timings with {torch.get_num_threads()} threads (ms): median, min")
+        for name, median, best in timing_table():
+            print(f"{name:60s} {median:9.2f} {best:9.2f}")
+    else:
+        print("inverse consistency of scaling and squaring, 256 x 256, mean |phi o phi^-1 - Id| (voxels)")
+        for field, padding, steps, whole, inner in inverse_consistency_table():
+            print(f"{field}  padding={padding:7s} steps={steps:2d}  whole image {whole:.4f}  interior {inner:.4f}")

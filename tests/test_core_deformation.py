@@ -131,6 +131,8 @@ def test_deformation_errors():
         d.labels_to_target(torch.zeros(1, 1, 8, 9))
     with pytest.raises(ValueError, match=r"labels: expected values in \[0, 2\)"):
         d.labels_to_target(torch.full((1, 1, 8, 9), 3), num_classes=2)
+    with pytest.raises(ValueError, match=r"labels: expected batch size 2 .* got \(3, 1, 8, 9\)"):
+        Deformation(torch.zeros(2, 2, 8, 9), torch.zeros(2, 2, 8, 9)).labels_to_source(torch.zeros(3, 1, 8, 9, dtype=torch.long))
     with pytest.raises(ValueError, match="method: expected"):
         d.labels_to_target(torch.zeros(1, 1, 8, 9, dtype=torch.long), method="cubic")
 

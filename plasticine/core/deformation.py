@@ -231,6 +231,10 @@ class Deformation:
 
 def _trace_labels(labels: torch.Tensor, displacement: torch.Tensor, num_classes: int | None, method: str) -> torch.Tensor:
     check_shape(labels, "B 1 *S", "labels", bindings={"S": tuple(displacement.shape[2:])})
+    if displacement.shape[0] not in (1, labels.shape[0]):
+        raise ValueError(
+            f"labels: expected batch size {displacement.shape[0]} to match the deformation {tuple(displacement.shape)}, got {tuple(labels.shape)}"
+        )
     if labels.is_floating_point() or labels.is_complex():
         raise ValueError(f"labels: expected an integer tensor, got {labels.dtype}")
     dtype = displacement.dtype if displacement.is_floating_point() else torch.float32

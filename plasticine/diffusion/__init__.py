@@ -4,6 +4,7 @@ See :mod:`plasticine.diffusion.schedules`, :mod:`plasticine.diffusion.samplers` 
 :mod:`plasticine.diffusion.training`.
 """
 
+from .conditioning import ConcatConditioning, LearnedConditioning, structure_condition
 from .samplers import AncestralSampler, DDIMSampler, DPMSolverPP, PlanSampler, SampleResult, Spacing, step_plan
 from .schedules import (
     CosineSchedule,
@@ -15,23 +16,31 @@ from .schedules import (
     sample_noise_level,
 )
 from .training import EMA, NoisePredictionLoss, noise_prediction_loss
+from .unet import ConditionalUNet, UNetConfig, log_snr, noise_level_embedding
 
 __all__ = [
     "AncestralSampler",
+    "ConcatConditioning",
+    "ConditionalUNet",
     "CosineSchedule",
     "DDIMSampler",
     "DPMSolverPP",
     "DiscreteSchedule",
     "EMA",
+    "LearnedConditioning",
     "LinearSchedule",
     "NoisePredictionLoss",
     "PlanSampler",
     "SampleResult",
     "ScheduleFromBetas",
     "Spacing",
+    "UNetConfig",
     "diffuse",
+    "log_snr",
+    "noise_level_embedding",
     "noise_prediction_loss",
     "posterior_coefficients",
     "sample_noise_level",
     "step_plan",
+    "structure_condition",
 ]

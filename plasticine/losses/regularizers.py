@@ -33,11 +33,18 @@ def _prepare(displacement: torch.Tensor, spacing: float | Sequence[float], min_s
             f"displacement: {what} needs at least {min_size} voxels along every spatial axis, got shape "
             f"{tuple(displacement.shape)}"
         )
-    u = promote(displacement)
-    if any(s != 1.0 for s in h):
-        # Physical displacement: component i times h_i.
-        u = u * torch.tensor(h, dtype=u.dtype, device=u.device).view(1, n, *([1] * n))
-    return u, n, h
+    return promote(displacement), n, h
+
+
+def _mean_square(d: torch.Tensor, scale: list[float]) -> torch.Tensor:
+    """``mean((scale_i * d_i)^2)`` over batch, components ``i`` and positions.
+
+    Shape:
+        d: ``(B, N, *S')``; scale: N numbers; out: ``()``.
+    """
+    per_component = d.square().sum(dim=[0] + list(range(2, d.dim())))
+    weights = torch.tensor([c * c for c in scale], dtype=d.dtype, device=d.device)
+    return (per_component * weights).sum() / d.numel()
 
 
 def gradient_smoothness(displacement: torch.Tensor, spacing: float | Sequence[float] = 1.0) -> torch.Tensor:
@@ -75,10 +82,8 @@ def gradient_smoothness(displacement: torch.Tensor, spacing: float | Sequence[fl
         u, n, h = _prepare(displacement, spacing, 2, "gradient_smoothness")
         total = u.new_zeros(())
         for j in range(n):
-            d = 2 + j
-            size = u.shape[d]
-            diff = (u.narrow(d, 1, size - 1) - u.narrow(d, 0, size - 1)) / h[j]
-            total = total + diff.square().mean()
+            # component i in physical units (h_i u_i), differentiated along x_j (/ h_j)
+            total = total + _mean_square(torch.diff(u, dim=2 + j), [h[i] / h[j] for i in range(n)])
         return total
 
 
@@ -130,16 +135,12 @@ def bending_energy(displacement: torch.Tensor, spacing: float | Sequence[float] 
         u, n, h = _prepare(displacement, spacing, 3, "bending_energy")
         total = u.new_zeros(())
         for j in range(n):
-            d = 2 + j
-            size = u.shape[d]
-            second = (u.narrow(d, 2, size - 2) - 2.0 * u.narrow(d, 1, size - 2) + u.narrow(d, 0, size - 2)) / h[j] ** 2
-            total = total + second.square().mean()
-        for j in range(n):
-            for k in range(j + 1, n):
-                dj, dk = 2 + j, 2 + k
-                first = u.narrow(dj, 1, u.shape[dj] - 1) - u.narrow(dj, 0, u.shape[dj] - 1)
-                mixed = (first.narrow(dk, 1, u.shape[dk] - 1) - first.narrow(dk, 0, u.shape[dk] - 1)) / (h[j] * h[k])
-                total = total + 2.0 * mixed.square().mean()
+            first = torch.diff(u, dim=2 + j)  # forward differences along x_j
+            for k in range(j, n):
+                # [1, -2, 1] for k == j, the 2x2 forward stencil for k != j (counted twice)
+                second = torch.diff(first, dim=2 + k)
+                term = _mean_square(second, [h[i] / (h[j] * h[k]) for i in range(n)])
+                total = total + (term if k == j else 2.0 * term)
         return total
 
 

@@ -1,0 +1,684 @@
+r"""``plasticine demo``: traceable translation on real MR anatomy with exact truth, offline.
+
+**The task.** The source domain is the real BrainWeb T1 slice shipped in the package
+(:func:`plasticine.data.brainweb_slices`), together with smooth random deformations of it for
+variety (:func:`plasticine.data.synthetic.random_deformation`, 4 voxels at most). The target
+domain is the same anatomy after a systematic structure change, the same for every subject (the
+paper's disease-progression setting): an enlargement of the ventricles by a smooth radial field
+centred on the ventricle mask,
+
+.. math::
+
+    v(p) = -a\,(p - c)\,\exp\Big(-\tfrac12 \sum_i \big((p_i - c_i)/\sigma_i\big)^2\Big),
+    \qquad \phi_E = \exp(v), \quad \phi_E^{-1} = \exp(-v),
+
+with :math:`c` the centroid of the ventricle mask, :math:`\sigma_i` twice the mask's spread along
+axis :math:`i`, and :math:`a` such that :math:`\max \lVert v \rVert` is ``enlargement`` voxels
+(``exp`` by scaling and squaring in float64); a target :math:`y = g(x) \circ \phi_E` pulls the
+anatomy towards :math:`c`, so the ventricles grow. The contrast :math:`g` is PD-like,
+calibrated on the real PD slice of the same anatomy: the two slices are pixel-aligned, so
+:math:`g(t)` is the mean PD value of the pixels whose T1 value is :math:`t` (a 256-entry table,
+empty entries interpolated, see :func:`pd_lookup`).
+
+**Exact truth.** For every subject the true map is :math:`\phi_E`; the demo traces the source's
+ventricle mask into the translation with the estimated :math:`\hat\phi` and compares it with the
+truly enlarged mask (one-hot linear warps with argmax), and measures the endpoint error
+:math:`\lVert \hat u(p) - u_E(p) \rVert` inside the brain (mean over the brain mask, in voxels of
+the working grid), next to the same numbers for the identity map (no registration).
+
+**Size.** Everything runs on a 108 x 90 grid (the 217 x 181 slices resampled by half with
+antialiasing), so that the demo and its training fit a CPU; voxels are 2 mm.
+
+**The translator** is a :class:`~plasticine.translator.TraceableTranslator` with a k-means
+structure extractor (4 classes), the learned dual-velocity registration network with the noise cue
+and scaling and squaring, a conditional U-Net denoiser, the paper's linear noise schedule, a DDIM
+sampler and concatenation conditioning. It is trained by :func:`train_demo_translator` with the
+training recipe of :mod:`plasticine.training` (two :class:`~plasticine.training.Trainer` stages,
+denoiser first, then the registration network with :func:`~plasticine.training.deformation_objective`).
+The demo's pairs are generated, so the denoiser is trained on the condition it meets at inference,
+:math:`\mathrm{conditioning}(x_s \circ \phi_E)` (k-means classes are ordered by intensity, which
+differs between T1 and PD; the structure map of the PD-like target, Algorithm 2's :math:`y_s`,
+would give a condition whose classes mean other tissues at inference).
+
+The shipped checkpoint ``plasticine/data/demo_translator.pt`` is what ``plasticine demo
+--retrain`` writes with the default settings (deterministic given the seed on one machine; see
+``plasticine/data/demo_NOTICE``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .core.deformation import Deformation
+from .core.warp import sample_at_points, warp
+from .translator import TraceableTranslator
+
+__all__ = [
+    "DemoConfig",
+    "DemoCohort",
+    "DEMO_CHECKPOINT",
+    "pd_lookup",
+    "enlargement_field",
+    "make_cohort",
+    "build_demo_translator",
+    "train_demo_translator",
+    "evaluate",
+    "run_demo",
+]
+
+#: File name of the shipped checkpoint inside :mod:`plasticine.data`.
+DEMO_CHECKPOINT = "demo_translator.pt"
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Settings of the demo task, its translator and its training.
+
+    Attributes:
+        shape: working grid (the slices are resampled to it).
+        enlargement: largest displacement of the systematic field, in voxels of ``shape``.
+        subject_displacement: largest displacement of the random subject deformations.
+        train_subjects: generated training pairs.
+        test_subjects: evaluation subjects; the first is the real slice itself.
+        num_classes: classes of the k-means structure map.
+        sampler_steps: DDIM steps.
+        start_fraction: start step as a fraction of ``K``.
+        diffusion_iterations: optimizer steps of the denoiser.
+        registration_iterations: optimizer steps of the registration network.
+        batch_size: items per training batch.
+        learning_rate: Adam learning rate of both stages.
+        seed: seed of everything.
+    """
+
+    shape: tuple[int, int] = (108, 90)
+    enlargement: float = 3.0
+    subject_displacement: float = 4.0
+    train_subjects: int = 48
+    test_subjects: int = 4
+    num_classes: int = 4
+    sampler_steps: int = 10
+    start_fraction: float = 0.6
+    diffusion_iterations: int = 400
+    registration_iterations: int = 500
+    batch_size: int = 4
+    learning_rate: float = 2e-3
+    seed: int = 0
+
+
+#: Smaller settings for tests and a fast look (``--quick``).
+QUICK = DemoConfig(shape=(54, 45), enlargement=1.5, subject_displacement=2.0, train_subjects=8, test_subjects=2, diffusion_iterations=4, registration_iterations=4, batch_size=4, sampler_steps=4)
+
+
+# -- the task -------------------------------------------------------------------------------------
+
+
+def pd_lookup(t1: np.ndarray, pd: np.ndarray) -> np.ndarray:
+    """The PD-like contrast map fitted on the pixel-aligned real T1 and PD slices.
+
+    ``table[t]`` is the mean PD value of the pixels whose T1 value is ``t``; values no pixel has
+    are interpolated linearly between their neighbours (held constant beyond the ends).
+
+    Args:
+        t1: uint8 T1 slice.
+        pd: uint8 PD slice, pixel-aligned with ``t1``.
+
+    Returns:
+        float64 table of 256 PD values in ``[0, 255]``.
+
+    Shape:
+        t1, pd: ``(H, W)``; out: ``(256,)``.
+    """
+    if t1.shape != pd.shape:
+        raise ValueError(f"t1, pd: expected the same shape, got {t1.shape} and {pd.shape}")
+    t = t1.astype(np.int64).ravel()
+    counts = np.bincount(t, minlength=256)[:256]
+    sums = np.bincount(t, weights=pd.astype(np.float64).ravel(), minlength=256)[:256]
+    seen = counts > 0
+    grid = np.arange(256)
+    return np.interp(grid, grid[seen], sums[seen] / counts[seen])
+
+
+def _resample(image: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
+    x = torch.from_numpy(np.asarray(image, dtype=np.float64))[None, None]
+    if tuple(x.shape[2:]) == tuple(shape):
+        return x
+    return F.interpolate(x, size=shape, mode="bilinear", antialias=True, align_corners=False)
+
+
+def _brain_mask(t1: np.ndarray) -> np.ndarray:
+    """Brain (tissue inside the skull) of the T1 slice: the largest bright component, holes filled."""
+    from scipy import ndimage
+
+    tissue = ndimage.binary_erosion(t1 > 40, iterations=2)
+    labels, n = ndimage.label(tissue)
+    sizes = ndimage.sum(tissue, labels, range(1, n + 1))
+    brain = labels == (1 + int(np.argmax(sizes)))
+    brain = ndimage.binary_dilation(brain, iterations=2) & (t1 > 20)
+    return ndimage.binary_fill_holes(brain)
+
+
+def enlargement_field(mask: torch.Tensor, max_displacement: float, steps: int = 10) -> Deformation:
+    r"""The systematic ventricle enlargement: a smooth radial field centred on a mask, and its inverse.
+
+    :math:`v(p) = -a (p - c) \exp(-\frac12 \sum_i ((p_i - c_i)/\sigma_i)^2)` with :math:`c` the
+    mask's centroid, :math:`\sigma_i` twice its standard deviation along axis :math:`i` and
+    :math:`a` such that :math:`\max\lVert v\rVert` = ``max_displacement``;
+    :math:`\phi = \exp(v)`, :math:`\phi^{-1} = \exp(-v)` by scaling and squaring in float64.
+    Pulling an image back through :math:`\phi` enlarges the masked structure.
+
+    Args:
+        mask: the structure (nonzero inside).
+        max_displacement: largest velocity length, voxels; must be below the size at which the map
+            would fold.
+        steps: squarings.
+
+    Returns:
+        The :class:`~plasticine.core.Deformation` (float64, with its velocity).
+
+    Shape:
+        mask: ``(1, 1, *S)``; fields ``(1, N, *S)``.
+    """
+    from .core.shapes import check_shape
+    from .registration.integrators import scaling_and_squaring
+
+    dims = check_shape(mask, "1 1 *S", "mask")
+    m = mask[0, 0].to(torch.float64) > 0
+    if not bool(m.any()):
+        raise ValueError("mask: expected a nonempty mask")
+    idx = torch.nonzero(m).to(torch.float64)
+    c, sigma = idx.mean(0), 2.0 * idx.std(0).clamp(min=1.0)
+    coords = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float64) for s in dims["S"]], indexing="ij"))
+    rel = coords - c.view(-1, *([1] * len(dims["S"])))
+    g = torch.exp(-0.5 * ((rel / sigma.view(-1, *([1] * len(dims["S"])))) ** 2).sum(0))
+    v = -(rel * g)[None]
+    top = float(v.norm(dim=1).amax())
+    a = float(max_displacement) / top
+    # v = -a (p - c) g(p) with 0 < a < 1 keeps the Jacobian of v above -1 in every direction: no folding
+    if not 0.0 < a < 1.0:
+        raise ValueError(f"max_displacement: expected a number in (0, {top:.2f}) voxels for this mask (larger folds the map), got {max_displacement}")
+    v = a * v
+    return Deformation(scaling_and_squaring(v, steps), scaling_and_squaring(-v, steps), v)
+
+
+@dataclass
+class DemoCohort:
+    """Generated subjects of the demo with their exact truth.
+
+    Attributes:
+        sources: T1 source images in ``[0, 1]``.
+        targets: PD-like targets with enlarged ventricles, :math:`g(x) \\circ \\phi_E`.
+        source_masks: ventricle masks of the sources (0/1).
+        target_masks: the truly enlarged masks (the source masks traced through :math:`\\phi_E`).
+        brain: brain masks of the sources (bool).
+        field: the systematic field :math:`\\phi_E` (batch of one, shared by every subject).
+        landmarks: source landmarks (around the ventricle), voxel coordinates.
+        target_landmarks: their true positions in the target, :math:`\\phi_E^{-1}(p)`.
+
+    Shape:
+        images and masks: ``(n, 1, H, W)``; field: ``(1, 2, H, W)``; landmarks: ``(n, P, 2)``.
+    """
+
+    sources: torch.Tensor
+    targets: torch.Tensor
+    source_masks: torch.Tensor
+    target_masks: torch.Tensor
+    brain: torch.Tensor
+    field: Deformation
+    landmarks: torch.Tensor
+    target_landmarks: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.sources.shape[0]
+
+
+def make_cohort(config: DemoConfig, num_subjects: int, seed: int, *, include_real: bool) -> DemoCohort:
+    """Generate subjects: random smooth deformations of the real slice, and their targets.
+
+    Subject ``i`` is :math:`x_i = T_1 \\circ \\psi_i` (with :math:`\\psi_0 = \\mathrm{id}` when
+    ``include_real``), its target :math:`y_i = g(x_i) \\circ \\phi_E`; masks follow the same maps
+    (one-hot linear warps with argmax). Landmarks are 8 points on an ellipse around the ventricle
+    centroid and the centroid itself, at the same coordinates in every source; their true
+    positions in the target are :math:`\\phi_E^{-1}(p)`.
+
+    Args:
+        config: the task settings.
+        num_subjects: ``n``.
+        seed: seed of the subject deformations.
+        include_real: subject 0 is the undeformed real slice.
+
+    Returns:
+        The :class:`DemoCohort` (float32 images).
+
+    Shape:
+        See :class:`DemoCohort`.
+    """
+    from .data import brainweb_slices
+    from .data.synthetic import random_deformation
+
+    d = brainweb_slices()
+    shape = tuple(config.shape)
+    table = pd_lookup(d["t1"], d["pd"])
+    t1 = _resample(d["t1"] / 255.0, shape)
+    vent = (_resample(d["ventricles"].astype(np.float64), shape) > 0.5).to(torch.float64)
+    brain = (_resample(_brain_mask(d["t1"]).astype(np.float64), shape) > 0.5).to(torch.float64)
+    scale = shape[0] / d["t1"].shape[0]
+    field = enlargement_field(vent, config.enlargement)
+    g = torch.Generator().manual_seed(seed)
+    n_random = num_subjects - (1 if include_real else 0)
+    if n_random > 0:
+        psi = random_deformation(shape, config.subject_displacement, control_points=5, batch=n_random, generator=g, dtype=torch.float64)
+        u = psi.forward
+        if include_real:
+            u = torch.cat([torch.zeros_like(u[:1]), u])
+    else:
+        u = torch.zeros((num_subjects, 2, *shape), dtype=torch.float64)
+    n = num_subjects
+    x = warp(t1.expand(n, -1, -1, -1), u)
+    masks = Deformation(u, u).labels_to_target(vent.expand(n, -1, -1, -1).long(), 2)
+    brains = Deformation(u, u).labels_to_target(brain.expand(n, -1, -1, -1).long(), 2).bool()
+    # the PD-like contrast, by linear interpolation of the table at the T1 values
+    pos = (x * 255.0).clamp(0, 255)
+    lo = pos.floor().long().clamp(max=254)
+    t = pos - lo
+    tab = torch.from_numpy(table / 255.0)
+    pdlike = tab[lo] * (1 - t) + tab[lo + 1] * t
+    fe = Deformation(field.forward.expand(n, -1, -1, -1), field.inverse.expand(n, -1, -1, -1))
+    y = fe.to_target(pdlike)
+    target_masks = fe.labels_to_target(masks, 2)
+    # landmarks: the ventricle centroid and 8 points on an ellipse around it (same in every source)
+    c = torch.nonzero(vent[0, 0] > 0).to(torch.float64).mean(0)
+    ang = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
+    radius = torch.tensor([40.0, 20.0], dtype=torch.float64) * scale
+    ring = c + radius * torch.stack([torch.sin(ang), torch.cos(ang)], -1)
+    pts = torch.cat([c[None], ring]).expand(n, -1, -1).contiguous()
+    target_pts = fe.points_to_target(pts)
+    f32 = torch.float32
+    return DemoCohort(x.to(f32), y.to(f32), masks, target_masks, brains, field, pts.to(f32), target_pts.to(f32))
+
+
+# -- the translator -------------------------------------------------------------------------------
+
+
+def build_demo_translator(config: DemoConfig = DemoConfig()) -> TraceableTranslator:
+    """The demo's translator with freshly initialised weights (about 0.25 M parameters).
+
+    K-means structure map (``num_classes``), the learned registration network with the noise cue
+    (16 to 32 channels, scaling and squaring with 7 squarings), a conditional U-Net (16, 32, 32
+    channels, no attention), the paper's linear schedule (:math:`10^{-6}..10^{-2}`, K = 2000), DDIM
+    with ``sampler_steps`` steps and concatenation conditioning.
+
+    Args:
+        config: the settings.
+
+    Returns:
+        The translator, in training mode.
+
+    Shape:
+        Not applicable.
+    """
+    from .diffusion import DDIMSampler, LinearSchedule
+    from .diffusion.conditioning import ConcatConditioning
+    from .diffusion.unet import ConditionalUNet, UNetConfig
+    from .registration import ScalingAndSquaring
+    from .registration.network import LearnedRegistration, RegistrationNet, RegistrationNetConfig
+    from .segmentation import KMeansExtractor
+
+    L = config.num_classes
+    torch.manual_seed(config.seed)  # the initial weights
+    net = RegistrationNet(RegistrationNetConfig(features=16, encoder=(16, 32, 32, 32), align_channels=16, align_layers=3))
+    unet = ConditionalUNet(UNetConfig(cond_channels=L, base_channels=16, channel_mults=(1, 2, 2), attention_levels=(), norm_groups=8))
+    return TraceableTranslator(
+        KMeansExtractor(L, max_iter=50),
+        LearnedRegistration(net, ScalingAndSquaring(7)),
+        unet,
+        LinearSchedule(),
+        DDIMSampler(config.sampler_steps),
+        ConcatConditioning(L),
+        start_fraction=config.start_fraction,
+    )
+
+
+def _say(message: str, verbose: bool) -> None:
+    if verbose:
+        print(message, file=sys.stderr, flush=True)
+
+
+def train_demo_translator(config: DemoConfig = DemoConfig(), *, verbose: bool = True) -> TraceableTranslator:
+    """Train the demo translator with the project's recipe on generated pairs (CPU, deterministic).
+
+    Stage 1 trains the denoiser with the paper's L1 noise loss
+    (:func:`~plasticine.diffusion.noise_prediction_loss`) on the targets, conditioned on
+    :math:`\\mathrm{conditioning}(x_s \\circ \\phi_E)` (see the module docstring); stage 2 trains
+    the registration network with :func:`~plasticine.training.deformation_objective` (symmetric
+    normalised mutual information, gradient smoothness, feature alignment, the frozen denoiser's
+    noise cue). Each stage is a :class:`~plasticine.training.Trainer` over
+    :class:`~plasticine.training.ShuffledBatches` seeded from ``config.seed``.
+
+    Args:
+        config: the settings.
+        verbose: print progress to stderr.
+
+    Returns:
+        The trained translator, in evaluation mode.
+
+    Shape:
+        Not applicable.
+    """
+    from .diffusion import noise_prediction_loss
+    from .training import ShuffledBatches, TrainConfig, Trainer, deformation_objective
+
+    cohort = make_cohort(config, config.train_subjects, config.seed + 1, include_real=False)
+    translator = build_demo_translator(config)
+    progress = "print" if verbose else "none"
+    with torch.no_grad():
+        xs = translator.structure_map(cohort.sources)
+        n = len(cohort)
+        field = Deformation(*(f.expand(n, -1, -1, -1).to(torch.float32) for f in (cohort.field.forward, cohort.field.inverse)))
+        condition = translator.conditioning(field.to_target(xs))
+    unet = translator.denoiser
+    _say(f"stage 1: denoiser, {config.diffusion_iterations} steps on {n} generated pairs of size {config.shape}", verbose)
+
+    def diffusion_loss(model: Any, batch: Any, g: torch.Generator) -> torch.Tensor:
+        y, c = batch
+        return noise_prediction_loss(model, translator.schedule, y, c, g, "l1")
+
+    every = max(1, config.diffusion_iterations // 10)
+    Trainer(
+        diffusion_loss,
+        unet,
+        torch.optim.Adam(unet.parameters(), config.learning_rate),
+        ShuffledBatches(list(zip(cohort.targets, condition)), config.batch_size, seed=config.seed, rank=0, world_size=1),
+        TrainConfig(steps=config.diffusion_iterations, seed=config.seed, progress=progress, log_every=every),
+    ).fit()
+    unet.eval()
+    net = translator.registration.network
+    _say(f"stage 2: registration network, {config.registration_iterations} steps", verbose)
+    every = max(1, config.registration_iterations // 10)
+    Trainer(
+        lambda m, b, g: deformation_objective(translator, b[0], b[1], g, network=m),
+        net,
+        torch.optim.Adam(net.parameters(), config.learning_rate),
+        ShuffledBatches(list(zip(cohort.sources, cohort.targets)), config.batch_size, seed=config.seed + 1, rank=0, world_size=1),
+        TrainConfig(steps=config.registration_iterations, seed=config.seed + 1, progress=progress, log_every=every),
+    ).fit()
+    return translator.eval()
+
+
+# -- evaluation and outputs -----------------------------------------------------------------------
+
+
+def _dice(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.bool(), b.bool()
+    total = int(a.sum() + b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+def evaluate(translator: TraceableTranslator, cohort: DemoCohort, *, seed: int = 0) -> tuple[dict[str, Any], Any]:
+    r"""Translate the cohort's sources and score how well the translation traces, against exact truth.
+
+    Scores (means over the subjects, and per subject):
+
+    * ``ventricle_dice``: Dice of the source ventricle mask traced into the translation with the
+      estimated :math:`\hat\phi` against the truly enlarged mask (``ventricle_dice_identity``: the
+      untraced source mask against it);
+    * ``endpoint_error``: mean :math:`\lVert \hat u - u_E \rVert` over the brain, voxels
+      (``endpoint_error_identity``: mean :math:`\lVert u_E \rVert`, the error of no registration);
+      ``endpoint_error_changed``: the same inside the region where :math:`\lVert u_E \rVert > 0.5`;
+    * ``landmark_error``: mean distance between :math:`\hat\phi^{-1}(p)` and :math:`\phi_E^{-1}(p)`;
+    * ``folding_fraction``: fraction of voxels with :math:`\det J_{\hat\phi} \le 0`;
+    * ``translation_mae``: mean absolute difference between the translation and the true target
+      inside the brain (``translation_mae_source``: the source itself against the target).
+
+    Args:
+        translator: the translator (evaluation mode).
+        cohort: the subjects with their truth.
+        seed: seed of the sampler's generator.
+
+    Returns:
+        ``(metrics, result)``: a dict of floats and lists, and the
+        :class:`~plasticine.translator.TranslationResult`.
+
+    Shape:
+        Not applicable.
+    """
+    result = translator.translate(cohort.sources, generator=torch.Generator().manual_seed(seed))
+    d = result.deformation
+    n = len(cohort)
+    truth = cohort.field.forward.to(d.forward.dtype)
+    traced = d.labels_to_target(cohort.source_masks, 2)
+    brain = cohort.brain[:, 0]
+    err = (d.forward - truth).norm(dim=1)
+    true_norm = truth.norm(dim=1).expand_as(err)
+    changed = brain & (true_norm > 0.5)
+    est_pts = result.points_to_target(cohort.landmarks)
+    per: dict[str, list[float]] = {k: [] for k in (
+        "ventricle_dice", "ventricle_dice_identity", "endpoint_error", "endpoint_error_identity", "endpoint_error_changed",
+        "endpoint_error_changed_identity", "landmark_error", "landmark_error_identity", "folding_fraction", "translation_mae",
+        "translation_mae_source")}
+    folding = d.folding_fraction()
+    folding = folding.reshape(-1) if folding.dim() else folding.expand(n)
+    for i in range(n):
+        per["ventricle_dice"].append(_dice(traced[i], cohort.target_masks[i]))
+        per["ventricle_dice_identity"].append(_dice(cohort.source_masks[i], cohort.target_masks[i]))
+        per["endpoint_error"].append(float(err[i][brain[i]].mean()))
+        per["endpoint_error_identity"].append(float(true_norm[i][brain[i]].mean()))
+        per["endpoint_error_changed"].append(float(err[i][changed[i]].mean()))
+        per["endpoint_error_changed_identity"].append(float(true_norm[i][changed[i]].mean()))
+        per["landmark_error"].append(float((est_pts[i] - cohort.target_landmarks[i]).norm(dim=-1).mean()))
+        per["landmark_error_identity"].append(float((cohort.landmarks[i] - cohort.target_landmarks[i]).norm(dim=-1).mean()))
+        per["folding_fraction"].append(float(folding[i]) if folding.numel() == n else float(folding.mean()))
+        per["translation_mae"].append(float((result.image[i] - cohort.targets[i]).abs()[0][brain[i]].mean()))
+        per["translation_mae_source"].append(float((cohort.sources[i] - cohort.targets[i]).abs()[0][brain[i]].mean()))
+    metrics: dict[str, Any] = {k: float(np.mean(v)) for k, v in per.items()}
+    metrics["per_subject"] = per
+    return metrics, result
+
+
+def _grid_lines(ax: Any, u: torch.Tensor, step: int, color: str) -> None:
+    """Draw the image of a regular grid under p -> p + u(p) (u: (2, H, W), rows then columns)."""
+    H, W = u.shape[1:]
+    rows = torch.arange(H, dtype=u.dtype)[:, None] + u[0]
+    cols = torch.arange(W, dtype=u.dtype)[None, :] + u[1]
+    for r in range(0, H, step):
+        ax.plot(cols[r].numpy(), rows[r].numpy(), color=color, lw=0.6)
+    for c in range(0, W, step):
+        ax.plot(cols[:, c].numpy(), rows[:, c].numpy(), color=color, lw=0.6)
+
+
+def _write_outputs(out: Path, cohort: DemoCohort, result: Any, metrics: dict[str, Any], *, figures: bool) -> list[str]:
+    """Images, deformations, masks, landmarks, metrics and figures of the demo; returns notes."""
+    from .io import write_deformation, write_image, write_trace
+
+    notes: list[str] = []
+    d = result.deformation
+    traced = d.labels_to_target(cohort.source_masks, 2)
+    est_pts = result.points_to_target(cohort.landmarks)
+    for i in range(len(cohort)):
+        s = f"subject{i}"
+        write_image(out / f"{s}_source.png", cohort.sources[i])
+        write_image(out / f"{s}_target_truth.png", cohort.targets[i].clamp(0, 1))
+        write_image(out / f"{s}_translated.png", result.image[i].clamp(0, 1))
+        write_image(out / f"{s}_mask_source.png", cohort.source_masks[i].float())
+        write_image(out / f"{s}_mask_traced.png", traced[i].float())
+        write_image(out / f"{s}_mask_truth.png", cohort.target_masks[i].float())
+        write_deformation(out / f"{s}_deformation.npz", d, index=i)
+        write_trace(
+            out / f"{s}_landmarks.json",
+            cohort.landmarks[i],
+            est_pts[i],
+            true_target=cohort.target_landmarks[i].tolist(),
+            description="source landmarks (ventricle centroid and a ring around it) and their estimated positions in the translation, phi^-1(p); true_target: phi_E^-1(p)",
+        )
+    if not figures:
+        return notes
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        notes.append("figures skipped: matplotlib is not installed (pip install 'plasticine[plot]')")
+        return notes
+    step = max(2, cohort.sources.shape[-1] // 18)
+    for i in range(len(cohort)):
+        fig, axes = plt.subplots(1, 2, figsize=(7, 4.2))
+        for ax, u, title, color in ((axes[0], d.forward[i], "estimated phi", "tab:orange"), (axes[1], cohort.field.forward[0].float(), "true phi_E", "tab:green")):
+            ax.imshow(result.image[i, 0].clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
+            _grid_lines(ax, u, step, color)
+            ax.set_title(title)
+            ax.axis("off")
+        fig.tight_layout()
+        fig.savefig(out / f"subject{i}_grid.png", dpi=100)
+        plt.close(fig)
+    k = min(len(cohort), 3)
+    fig, axes = plt.subplots(k, 5, figsize=(13, 2.9 * k), squeeze=False)
+    for i in range(k):
+        row = axes[i]
+        row[0].imshow(cohort.sources[i, 0].numpy(), cmap="gray", vmin=0, vmax=1)
+        row[0].contour(cohort.source_masks[i, 0].numpy(), levels=[0.5], colors="yellow", linewidths=0.8)
+        row[0].plot(cohort.landmarks[i, :, 1].numpy(), cohort.landmarks[i, :, 0].numpy(), "y.", ms=4)
+        row[1].imshow(result.image[i, 0].clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
+        row[1].contour(traced[i, 0].numpy(), levels=[0.5], colors="tab:orange", linewidths=0.8)
+        row[1].plot(est_pts[i, :, 1].numpy(), est_pts[i, :, 0].numpy(), ".", color="tab:orange", ms=4)
+        row[2].imshow(cohort.targets[i, 0].clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
+        row[2].contour(cohort.target_masks[i, 0].numpy(), levels=[0.5], colors="tab:green", linewidths=0.8)
+        row[2].plot(cohort.target_landmarks[i, :, 1].numpy(), cohort.target_landmarks[i, :, 0].numpy(), ".", color="tab:green", ms=4)
+        row[3].imshow(result.image[i, 0].clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
+        _grid_lines(row[3], d.forward[i], step, "tab:orange")
+        err = (d.forward[i] - cohort.field.forward[0].float()).norm(dim=0)
+        im = row[4].imshow(err.numpy(), cmap="magma", vmin=0, vmax=max(1.0, float(cohort.field.forward.norm(dim=1).max())))
+        fig.colorbar(im, ax=row[4], fraction=0.04)
+        pm = metrics["per_subject"]
+        titles = (
+            "source (T1) + ventricle mask" if i else "source: real T1 slice",
+            f"translation, traced mask (Dice {pm['ventricle_dice'][i]:.3f})",
+            "true target (PD-like, enlarged)",
+            "estimated phi",
+            f"endpoint error (mean {pm['endpoint_error'][i]:.2f} vx)",
+        )
+        for ax, t in zip(row, titles):
+            ax.set_title(t, fontsize=8)
+            ax.axis("off")
+    fig.suptitle(
+        f"plasticine demo: traced ventricle Dice {metrics['ventricle_dice']:.3f} (identity {metrics['ventricle_dice_identity']:.3f}), "
+        f"endpoint error {metrics['endpoint_error']:.2f} voxel (identity {metrics['endpoint_error_identity']:.2f})",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(out / "summary.png", dpi=100)
+    plt.close(fig)
+    return notes
+
+
+def shipped_checkpoint() -> Path:
+    """The path of the checkpoint shipped in :mod:`plasticine.data`.
+
+    Returns:
+        The path (inside the installed package).
+
+    Shape:
+        Not applicable.
+    """
+    return Path(str(resources.files("plasticine.data").joinpath(DEMO_CHECKPOINT)))
+
+
+def run_demo(
+    output: str | os.PathLike[str] = "plasticine-demo",
+    *,
+    retrain: bool = False,
+    quick: bool = False,
+    checkpoint: str | os.PathLike[str] | None = None,
+    config: DemoConfig | None = None,
+    figures: bool = True,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """Run the demo: load (or retrain) the translator, translate, trace, score, write the outputs.
+
+    Args:
+        output: the output folder (created).
+        retrain: train the translator first (``config``'s recipe) and write it to ``checkpoint``
+            (default ``<output>/demo_translator.pt``) instead of loading the shipped one.
+        quick: one test subject (the real slice) and 4 sampler steps; with ``retrain``, the small
+            :data:`QUICK` task (54 x 45, a few training steps) for a fast check.
+        checkpoint: the checkpoint to load (default: the shipped one) or, with ``retrain``, to write.
+        config: the task settings (default :class:`DemoConfig`, or :data:`QUICK` with ``quick`` and
+            ``retrain``).
+        figures: write the matplotlib figures (skipped with a note when matplotlib is missing).
+        verbose: print progress and the scores.
+
+    Returns:
+        The metrics (also written to ``<output>/metrics.json``).
+
+    Raises:
+        plasticine.checkpoint.CheckpointError: for a missing or unreadable checkpoint.
+
+    Shape:
+        Not applicable.
+    """
+    start = time.perf_counter()
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    if config is None:
+        config = QUICK if (quick and retrain) else DemoConfig()
+    if retrain:
+        translator = train_demo_translator(config, verbose=verbose)
+        ckpt = Path(checkpoint) if checkpoint is not None else out / DEMO_CHECKPOINT
+        translator.save(ckpt)
+        _say(f"wrote the checkpoint {ckpt} ({ckpt.stat().st_size / 1e6:.2f} MB)", verbose)
+    else:
+        ckpt = Path(checkpoint) if checkpoint is not None else shipped_checkpoint()
+        translator = TraceableTranslator.load(ckpt)
+    train_seconds = time.perf_counter() - start
+    if quick:
+        from .diffusion import DDIMSampler
+
+        translator = translator.replace(sampler=DDIMSampler(4))
+        config = replace(config, test_subjects=1, sampler_steps=4)
+    cohort = make_cohort(config, config.test_subjects, config.seed + 1000, include_real=True)
+    metrics, result = evaluate(translator, cohort, seed=config.seed)
+    notes = _write_outputs(out, cohort, result, metrics, figures=figures)
+    seconds = time.perf_counter() - start
+    metrics.update(
+        {
+            "goals": {"ventricle_dice": "> 0.9", "endpoint_error": "< 1 voxel"},
+            "goals_met": {"ventricle_dice": metrics["ventricle_dice"] > 0.9, "endpoint_error": metrics["endpoint_error"] < 1.0},
+            "subjects": len(cohort),
+            "shape": list(config.shape),
+            "voxel_mm": 217 / config.shape[0],
+            "checkpoint": str(ckpt),
+            "retrained": retrain,
+            "quick": quick,
+            "config": asdict(config),
+            "seconds": seconds,
+            "training_seconds": train_seconds if retrain else 0.0,
+            "threads": torch.get_num_threads(),
+            "notes": notes,
+        }
+    )
+    from .checkpoint import atomic_write
+
+    atomic_write(out / "metrics.json", json.dumps(metrics, indent=1).encode())
+    if verbose:
+        print(f"plasticine demo: {len(cohort)} subject(s) on a {config.shape[0]} x {config.shape[1]} grid, checkpoint {ckpt}")
+        print(f"  traced ventricle Dice  {metrics['ventricle_dice']:.3f}   (no registration: {metrics['ventricle_dice_identity']:.3f}; goal > 0.9)")
+        print(f"  endpoint error, brain  {metrics['endpoint_error']:.3f} voxel (no registration: {metrics['endpoint_error_identity']:.3f}; goal < 1)")
+        print(f"  endpoint error where the true field moves > 0.5 voxel  {metrics['endpoint_error_changed']:.3f} (no registration: {metrics['endpoint_error_changed_identity']:.3f})")
+        print(f"  landmark error         {metrics['landmark_error']:.3f} voxel (no registration: {metrics['landmark_error_identity']:.3f})")
+        print(f"  folded voxels          {100 * metrics['folding_fraction']:.3f} %")
+        print(f"  translation MAE, brain {metrics['translation_mae']:.3f} (source vs target: {metrics['translation_mae_source']:.3f})")
+        for note in notes:
+            print(f"  {note}")
+        print(f"  outputs in {out}/ ({seconds:.1f} s)")
+    return metrics

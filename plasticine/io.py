@@ -1,0 +1,729 @@
+r"""Reading and writing images, deformations and trace files.
+
+**Reading.** :func:`read_image` reads one file into a ``(C, *S)`` float32 tensor in the array
+order of the file (no reorientation):
+
+* PNG (and other Pillow formats: ``.png``, ``.jpg``, ``.jpeg``, ``.tif``, ``.tiff``, ``.bmp``):
+  grayscale (8, 16 or 32 bit) gives ``C = 1``, RGB gives ``C = 3``; images with an alpha channel or a
+  palette are refused (convert them first), so that nothing is dropped silently;
+* NIfTI (``.nii``, ``.nii.gz``, read with nibabel): a 3D volume gives ``(1, X, Y, Z)`` in nibabel's
+  array order with the scaling of the header applied; a 4D series gives ``(T, X, Y, Z)``; a 2D image
+  (or a volume with one slice, ``(X, Y, 1)``) gives ``(1, X, Y)``;
+* DICOM (``.dcm``, read with pydicom): the modality LUT is applied (``RescaleSlope`` and
+  ``RescaleIntercept``, so CT values are in Hounsfield units); a single frame gives ``(1, H, W)``,
+  a multi-frame file ``(1, F, H, W)``, a colour image ``(3, H, W)``.
+
+The ``io`` extra (``pip install 'plasticine[io]'``) installs Pillow, nibabel and pydicom; each is
+imported only when a file of its format is read or written, and a missing one raises an
+:class:`ImportError` that says what to install.
+
+**2D slices of 3D volumes.** With ``axis`` (0, 1 or 2, a spatial axis of the volume) every slice
+along that axis is an item of :class:`ImageFolder`; ``slices=(start, stop)`` keeps the slices
+``start <= i < stop`` (Python ``range`` semantics, negative values count from the end).
+
+**Intensity normalisation** (:func:`normalize_intensity`), per image and channel:
+
+* ``"percentile"`` (the default): clip to the 1st and 99th percentiles :math:`[q_l, q_h]` and map to
+  :math:`[0, 1]`, :math:`x' = (\mathrm{clip}(x, q_l, q_h) - q_l) / (q_h - q_l)`; robust to a few
+  very bright voxels and the scale the shipped translators are trained on;
+* ``"minmax"``: :math:`x' = (x - \min x) / (\max x - \min x)`, in :math:`[0, 1]`;
+* ``"zscore"``: :math:`x' = (x - \mu) / \sigma` over the whole image;
+* ``"none"``: the stored values (after the header scaling or modality LUT).
+
+A constant image (zero range or zero deviation) maps to zeros.
+
+**Writing.** :func:`write_image` writes PNG (2D; values clipped to :math:`[0, 1]` and stored as 8
+bits) or NIfTI (2D or 3D, float32, identity affine unless one is given); :func:`write_deformation`
+writes a :class:`~plasticine.core.Deformation` as ``.npz`` (``forward``, ``inverse`` and, if
+present, ``velocity``, each ``(N, *S)`` float32 in voxels) or as NIfTI vector images (the forward
+displacement in the named file, the inverse next to it with the suffix ``_inverse``; array shape
+``(X, Y, Z, 1, N)`` with ``Z = 1`` in 2D, intent ``vector``); :func:`write_trace` writes a JSON trace file atomically
+(temporary file in the same folder, then :func:`os.replace`).
+
+Every reading error names the file: :class:`ImageReadError` (a :class:`ValueError`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from .core.deformation import Deformation
+from .core.shapes import check_shape
+
+__all__ = [
+    "Normalization",
+    "ImageReadError",
+    "SUFFIXES",
+    "image_format",
+    "normalize_intensity",
+    "read_image",
+    "ImageFolder",
+    "UnpairedImages",
+    "write_image",
+    "write_deformation",
+    "read_deformation",
+    "write_trace",
+    "read_points",
+    "TRACE_FORMAT",
+]
+
+Normalization = Literal["percentile", "minmax", "zscore", "none"]
+Format = Literal["pillow", "nifti", "dicom"]
+
+#: Supported file name endings by format.
+SUFFIXES: dict[str, tuple[str, ...]] = {
+    "pillow": (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"),
+    "nifti": (".nii", ".nii.gz"),
+    "dicom": (".dcm", ".dicom"),
+}
+
+#: The ``format`` field of a trace file.
+TRACE_FORMAT = "plasticine-trace"
+
+_EXTRA = "pip install 'plasticine[io]'"
+
+
+class ImageReadError(ValueError):
+    """A file could not be read as an image, a deformation or a points list; the message names it."""
+
+
+def _import(module: str, what: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        package = {"PIL": "pillow"}.get(module, module)
+        raise ImportError(f"{what} needs the {package} package: {_EXTRA} (or pip install {package})") from err
+
+
+def image_format(path: str | os.PathLike[str]) -> Format:
+    """The format of a file, from its name (case-insensitive).
+
+    Args:
+        path: the file name.
+
+    Returns:
+        ``"pillow"``, ``"nifti"`` or ``"dicom"``.
+
+    Raises:
+        ImageReadError: for an unsupported ending, naming the file and the supported ones.
+
+    Shape:
+        Not applicable.
+    """
+    name = Path(path).name.lower()
+    for fmt, suffixes in SUFFIXES.items():
+        if name.endswith(suffixes):
+            return fmt  # type: ignore[return-value]
+    known = ", ".join(s for group in SUFFIXES.values() for s in group)
+    raise ImageReadError(f"{path}: unsupported file type (expected one of {known})")
+
+
+def normalize_intensity(image: torch.Tensor, method: Normalization = "percentile", *, low: float = 1.0, high: float = 99.0) -> torch.Tensor:
+    r"""Normalise the intensities of one image, each channel on its own (see the module docstring).
+
+    Args:
+        image: the image.
+        method: ``"percentile"`` (clip to the ``low`` and ``high`` percentiles, map to [0, 1]),
+            ``"minmax"`` (map to [0, 1]), ``"zscore"`` (zero mean, unit deviation) or ``"none"``.
+        low: lower percentile of ``"percentile"``, in ``[0, high)``.
+        high: upper percentile of ``"percentile"``, in ``(low, 100]``.
+
+    Returns:
+        The normalised image, float32 (float64 stays float64); a constant channel maps to zeros.
+
+    Raises:
+        ValueError: for an unknown method, bad percentiles or non-finite values.
+
+    Shape:
+        image: ``(C, *S)``; out: ``(C, *S)``.
+
+    Example:
+        >>> normalize_intensity(torch.tensor([[0.0, 5.0, 10.0]]), "minmax").tolist()
+        [[0.0, 0.5, 1.0]]
+    """
+    check_shape(image, "C *S", "image", spatial=(1, 2, 3))
+    if method not in ("percentile", "minmax", "zscore", "none"):
+        raise ValueError(f"method: expected 'percentile', 'minmax', 'zscore' or 'none', got {method!r}")
+    if not 0.0 <= low < high <= 100.0:
+        raise ValueError(f"low, high: expected 0 <= low < high <= 100, got {low}, {high}")
+    x = image if image.dtype == torch.float64 else image.to(torch.float32)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"image: expected finite values, found {int((~torch.isfinite(x)).sum())} NaN or infinite value(s)")
+    if method == "none":
+        return x
+    flat = x.reshape(x.shape[0], -1)
+    if method == "zscore":
+        mean = flat.mean(1, keepdim=True)
+        std = flat.std(1, correction=0, keepdim=True)
+        out = torch.where(std > 0, (flat - mean) / std.clamp(min=torch.finfo(x.dtype).tiny), torch.zeros_like(flat))
+        return out.reshape(x.shape)
+    if method == "minmax":
+        lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
+    else:
+        q = torch.quantile(flat.to(torch.float64), torch.tensor([low / 100.0, high / 100.0], dtype=torch.float64), dim=1).to(x.dtype)
+        lo, hi = q[0][:, None], q[1][:, None]
+        flat = torch.minimum(torch.maximum(flat, lo), hi)
+    span = hi - lo
+    out = torch.where(span > 0, (flat - lo) / span.clamp(min=torch.finfo(x.dtype).tiny), torch.zeros_like(flat))
+    return out.reshape(x.shape)
+
+
+def _read_pillow(path: Path) -> np.ndarray:
+    Image = _import("PIL.Image", f"reading {path.name}")
+    with Image.open(path) as im:
+        im.load()
+        mode = im.mode
+        if mode in ("L", "I", "F", "I;16", "I;16B", "I;16L", "1"):
+            arr = np.asarray(im.convert("F") if mode == "1" else im)
+            return arr.astype(np.float64)[None]
+        if mode == "RGB":
+            return np.moveaxis(np.asarray(im).astype(np.float64), -1, 0)
+        raise ImageReadError(f"{path}: Pillow mode {mode!r} is not supported (expected a grayscale or RGB image; convert images with alpha or a palette first)")
+
+
+def _read_nifti(path: Path) -> np.ndarray:
+    nib = _import("nibabel", f"reading {path.name}")
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj, dtype=np.float64)  # applies the header's scl_slope and scl_inter
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim == 2:
+        return data[None]
+    if data.ndim == 3:
+        return data[None, :, :, 0] if data.shape[2] == 1 else data[None]
+    if data.ndim == 4:
+        return np.moveaxis(data, -1, 0)
+    raise ImageReadError(f"{path}: expected a 2D, 3D or 4D NIfTI image, got array shape {data.shape}")
+
+
+def _read_dicom(path: Path) -> np.ndarray:
+    pydicom = _import("pydicom", f"reading {path.name}")
+    ds = pydicom.dcmread(str(path))
+    if "PixelData" not in ds:
+        raise ImageReadError(f"{path}: the DICOM file holds no pixel data")
+    arr = ds.pixel_array
+    try:
+        from pydicom.pixels import apply_modality_lut
+    except ImportError:  # pydicom < 3
+        from pydicom.pixel_data_handlers.util import apply_modality_lut
+    samples = int(getattr(ds, "SamplesPerPixel", 1))
+    if samples == 1:
+        arr = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+        return arr[None]
+    if samples == 3:
+        arr = np.asarray(arr, dtype=np.float64)
+        return np.moveaxis(arr, -1, 0)
+    raise ImageReadError(f"{path}: expected 1 or 3 samples per pixel, got {samples}")
+
+
+_READERS = {"pillow": _read_pillow, "nifti": _read_nifti, "dicom": _read_dicom}
+
+
+def read_image(path: str | os.PathLike[str], *, normalization: Normalization = "percentile") -> torch.Tensor:
+    """Read one PNG, NIfTI or DICOM file into a float tensor (see the module docstring).
+
+    Args:
+        path: the file.
+        normalization: see :func:`normalize_intensity`.
+
+    Returns:
+        The image, float32.
+
+    Raises:
+        ImageReadError: for a missing, unsupported, damaged or non-finite file (the message names it).
+        ImportError: when the package of the format is not installed.
+
+    Shape:
+        out: ``(C, *S)`` with 2 or 3 spatial dimensions.
+    """
+    path = Path(path)
+    fmt = image_format(path)
+    if not path.is_file():
+        raise ImageReadError(f"{path}: no such file")
+    try:
+        arr = _READERS[fmt](path)
+    except (ImageReadError, ImportError):
+        raise
+    except Exception as err:  # every library raises its own types
+        raise ImageReadError(f"{path}: cannot read as {fmt} ({type(err).__name__}: {err})") from err
+    if arr.ndim not in (3, 4) or min(arr.shape[1:]) < 1:
+        raise ImageReadError(f"{path}: expected a 2D or 3D image, got array shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ImageReadError(f"{path}: contains {int((~np.isfinite(arr)).sum())} NaN or infinite value(s)")
+    try:
+        return normalize_intensity(torch.from_numpy(np.ascontiguousarray(arr)), normalization).to(torch.float32)
+    except ValueError as err:
+        raise ImageReadError(f"{path}: {err}") from err
+
+
+@dataclass(frozen=True)
+class _Item:
+    path: Path
+    slice: int | None
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """The images of a folder (or a list of files), one item per image or per 2D slice.
+
+    The files are read once, at construction (sorted by name); unsupported names are skipped when
+    a folder is listed and refused when named. With ``axis``, each 3D volume becomes its slices
+    along that spatial axis (2D files are kept as they are); without it a volume is one 3D item.
+    Intensities are normalised per file (per volume for slices), see :func:`normalize_intensity`.
+
+    Args:
+        root: a folder, one file, or a sequence of files.
+        axis: spatial axis of the volumes to slice along (0, 1 or 2), or None.
+        slices: ``(start, stop)`` range of slice indices to keep (Python ``range`` semantics), or
+            None for all; only with ``axis``.
+        normalization: see :func:`normalize_intensity`.
+        recursive: list sub-folders too.
+
+    Raises:
+        ImageReadError: for an empty selection or a file that cannot be read.
+
+    Shape:
+        item: ``(C, *S)`` float32.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        *,
+        axis: int | None = None,
+        slices: tuple[int, int] | None = None,
+        normalization: Normalization = "percentile",
+        recursive: bool = False,
+    ) -> None:
+        if axis is not None and axis not in (0, 1, 2):
+            raise ValueError(f"axis: expected None, 0, 1 or 2, got {axis!r}")
+        if slices is not None and axis is None:
+            raise ValueError("slices: a slice range needs axis= (the axis to slice along)")
+        if slices is not None and (len(slices) != 2 or not all(isinstance(s, int) for s in slices)):
+            raise ValueError(f"slices: expected (start, stop) integers, got {slices!r}")
+        self.files = self._list(root, recursive)
+        self.axis, self.slice_range, self.normalization = axis, slices, normalization
+        self.items: list[_Item] = []
+        self._images: list[torch.Tensor] = []
+        for path in self.files:
+            image = read_image(path, normalization=normalization)
+            if axis is None or image.dim() == 3:
+                self.items.append(_Item(path, None))
+                self._images.append(image)
+                continue
+            depth = image.shape[1 + axis]
+            indices = range(depth) if slices is None else range(depth)[slice(*slices)]
+            for i in indices:
+                self.items.append(_Item(path, i))
+                self._images.append(image.select(1 + axis, i).contiguous())
+        if not self.items:
+            raise ImageReadError(f"{root}: no image selected (files {[str(f) for f in self.files]}, axis={axis}, slices={slices})")
+
+    @staticmethod
+    def _list(root: Any, recursive: bool) -> list[Path]:
+        if isinstance(root, (str, os.PathLike)):
+            path = Path(root)
+            if path.is_dir():
+                found = path.rglob("*") if recursive else path.iterdir()
+                files = []
+                for f in found:
+                    if not f.is_file():
+                        continue
+                    try:
+                        image_format(f)
+                    except ImageReadError:
+                        continue
+                    files.append(f)
+                if not files:
+                    raise ImageReadError(f"{path}: the folder holds no supported image file (expected names ending in {sorted(s for g in SUFFIXES.values() for s in g)})")
+                return sorted(files)
+            if not path.exists():
+                raise ImageReadError(f"{path}: no such file or folder")
+            image_format(path)
+            return [path]
+        files = [Path(f) for f in root]
+        for f in files:
+            image_format(f)
+        if not files:
+            raise ImageReadError("expected at least one file, got an empty list")
+        return files
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self._images[index]
+
+    def name(self, index: int) -> str:
+        """A file-name stem for item ``index``: the file name without its ending, plus ``_s<slice>``.
+
+        Args:
+            index: the item.
+
+        Returns:
+            The name.
+
+        Shape:
+            Not applicable.
+        """
+        item = self.items[index]
+        stem = item.path.name
+        for suffix in sorted((s for g in SUFFIXES.values() for s in g), key=len, reverse=True):
+            if stem.lower().endswith(suffix):
+                stem = stem[: -len(suffix)]
+                break
+        return stem if item.slice is None else f"{stem}_s{item.slice:04d}"
+
+    def stack(self) -> torch.Tensor:
+        """All items as one batch.
+
+        Returns:
+            The batch.
+
+        Raises:
+            ImageReadError: when the items differ in shape, naming the first two files that do.
+
+        Shape:
+            out: ``(n, C, *S)``.
+        """
+        first = self._images[0].shape
+        for item, image in zip(self.items, self._images):
+            if image.shape != first:
+                raise ImageReadError(
+                    f"{item.path}: shape {tuple(image.shape)} differs from {tuple(first)} of {self.items[0].path}; "
+                    "every image of a set must have the same channels and size (resample them first)"
+                )
+        return torch.stack(self._images)
+
+
+class UnpairedImages(torch.utils.data.Dataset):
+    """Unpaired (source, target) items for training the registration network.
+
+    Item ``i`` is ``(source[i % n_s], target[order[i] % n_t])`` for ``i < max(n_s, n_t)``, with
+    ``order`` a random permutation drawn once from ``seed``: every image is used, and sources meet
+    targets of other subjects.
+
+    Args:
+        source: the source images.
+        target: the target images.
+        seed: seed of the pairing.
+
+    Shape:
+        item: ``((C, *S), (C, *S))``.
+    """
+
+    def __init__(self, source: torch.utils.data.Dataset, target: torch.utils.data.Dataset, *, seed: int = 0) -> None:
+        self.source, self.target = source, target
+        n = max(len(source), len(target))  # type: ignore[arg-type]
+        self.order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return int(self.order.shape[0])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.source[index % len(self.source)], self.target[int(self.order[index]) % len(self.target)]  # type: ignore[arg-type]
+
+
+# -- writing --------------------------------------------------------------------------------------
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith((".nii", ".nii.gz"))
+
+
+def _write_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None, intent: str | None = None) -> None:
+    nib = _import("nibabel", f"writing {path.name}")
+    img = nib.Nifti1Image(np.asarray(array, dtype=np.float32), np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64))
+    if intent is not None:
+        img.header.set_intent(intent)
+    data = img.to_bytes()
+    if path.name.lower().endswith(".gz"):
+        import gzip
+
+        data = gzip.compress(data, mtime=0)
+    _atomic_bytes(path, data)
+
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    from .checkpoint import atomic_write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, data)
+
+
+def write_image(path: str | os.PathLike[str], image: torch.Tensor, *, affine: np.ndarray | None = None) -> Path:
+    """Write one image: PNG for 2D (``.png``), NIfTI for 2D or 3D (``.nii``, ``.nii.gz``).
+
+    PNG: 1 or 3 channels, values clipped to :math:`[0, 1]` and stored as 8 bits
+    (:math:`\\mathrm{round}(255 x)`). NIfTI: float32, channels as the last axis when ``C > 1``,
+    ``affine`` (4 x 4, identity by default) as the header's affine. Folders are created; the file is
+    replaced atomically.
+
+    Args:
+        path: the file.
+        image: the image.
+        affine: voxel-to-world affine of a NIfTI file.
+
+    Returns:
+        The path.
+
+    Raises:
+        ValueError: for a bad shape, non-finite values, or a format that cannot hold the image.
+
+    Shape:
+        image: ``(C, *S)``.
+    """
+    path = Path(path)
+    dims = check_shape(image, "C *S", "image", spatial=(2, 3))
+    arr = image.detach().to("cpu", torch.float64).numpy()
+    if not np.isfinite(arr).all():
+        raise ValueError(f"image: expected finite values, found {int((~np.isfinite(arr)).sum())} NaN or infinite value(s)")
+    if _is_nifti(path):
+        data = arr[0] if dims["C"] == 1 else np.moveaxis(arr, 0, -1)
+        if dims["C"] > 1 and dims["N"] == 2:
+            data = data[:, :, None, :]  # (X, Y, 1, C): the 4th NIfTI axis holds the channels
+        _write_nifti(path, data, affine)
+        return path
+    if not path.name.lower().endswith(".png"):
+        raise ValueError(f"{path}: expected a file name ending in .png, .nii or .nii.gz")
+    if dims["N"] != 2:
+        raise ValueError(f"{path}: a PNG holds a 2D image, got spatial size {dims['S']} (write .nii.gz for 3D)")
+    if dims["C"] not in (1, 3):
+        raise ValueError(f"{path}: a PNG holds 1 or 3 channels, got {dims['C']}")
+    Image = _import("PIL.Image", f"writing {path.name}")
+    u8 = np.round(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
+    im = Image.fromarray(u8[0]) if dims["C"] == 1 else Image.fromarray(np.moveaxis(u8, 0, -1))
+    import io as _io
+
+    buf = _io.BytesIO()
+    im.save(buf, format="PNG")
+    _atomic_bytes(path, buf.getvalue())
+    return path
+
+
+def _inverse_path(path: Path) -> Path:
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return path.with_name(name[: -len(suffix)] + "_inverse" + name[-len(suffix) :])
+    raise ValueError(f"{path}: not a NIfTI name")
+
+
+def write_deformation(path: str | os.PathLike[str], deformation: Deformation, *, index: int = 0) -> Path:
+    """Write batch item ``index`` of a deformation as ``.npz`` or NIfTI (see the module docstring).
+
+    Args:
+        path: ``.npz``, ``.nii`` or ``.nii.gz``.
+        deformation: the deformation.
+        index: the batch item.
+
+    Returns:
+        The path (of the forward field for NIfTI).
+
+    Raises:
+        ValueError: for an unknown ending or index.
+
+    Shape:
+        deformation fields: ``(B, N, *S)``; each written array ``(N, *S)`` (npz) or
+        ``(X, Y, Z, 1, N)`` (NIfTI, ``Z = 1`` in 2D).
+    """
+    path = Path(path)
+    B = deformation.forward.shape[0]
+    if not 0 <= index < B:
+        raise ValueError(f"index: expected 0 <= index < {B}, got {index}")
+    fields = {"forward": deformation.forward[index], "inverse": deformation.inverse[index]}
+    if deformation.velocity is not None:
+        fields["velocity"] = deformation.velocity[index]
+    arrays = {k: v.detach().to("cpu", torch.float32).numpy() for k, v in fields.items()}
+    if path.name.lower().endswith(".npz"):
+        import io as _io
+
+        buf = _io.BytesIO()
+        np.savez_compressed(buf, **arrays, convention=np.array("phi(p) = p + forward(p), voxels, tensor axis order; inverse is phi^-1"))
+        _atomic_bytes(path, buf.getvalue())
+        return path
+    if _is_nifti(path):
+        for target, key in ((path, "forward"), (_inverse_path(path), "inverse")):
+            a = np.moveaxis(arrays[key], 0, -1)
+            spatial = a.shape[:-1] + ((1,) if a.ndim == 3 else ())  # 2D fields get a Z axis of size 1
+            _write_nifti(target, a.reshape(spatial + (1, a.shape[-1])), None, "vector")
+        return path
+    raise ValueError(f"{path}: expected a file name ending in .npz, .nii or .nii.gz")
+
+
+def read_deformation(path: str | os.PathLike[str]) -> Deformation:
+    """Read a deformation written by :func:`write_deformation` (batch of one).
+
+    Args:
+        path: ``.npz`` or the forward NIfTI file (its ``_inverse`` file must sit next to it).
+
+    Returns:
+        The :class:`~plasticine.core.Deformation`, float32.
+
+    Raises:
+        ImageReadError: for a missing or malformed file, naming it.
+
+    Shape:
+        fields: ``(1, N, *S)``.
+    """
+    path = Path(path)
+    try:
+        if path.name.lower().endswith(".npz"):
+            if not path.is_file():
+                raise ImageReadError(f"{path}: no such file")
+            with np.load(path, allow_pickle=False) as z:
+                missing = {"forward", "inverse"} - set(z.files)
+                if missing:
+                    raise ImageReadError(f"{path}: expected arrays 'forward' and 'inverse', missing {sorted(missing)}")
+                fields = {k: torch.from_numpy(z[k].astype(np.float32)) for k in ("forward", "inverse", "velocity") if k in z.files}
+        elif _is_nifti(path):
+            nib = _import("nibabel", f"reading {path.name}")
+            fields = {}
+            for key, p in (("forward", path), ("inverse", _inverse_path(path))):
+                if not p.is_file():
+                    raise ImageReadError(f"{p}: no such file (a NIfTI deformation is a forward file and its _inverse file)")
+                a = np.asarray(nib.load(str(p)).dataobj, dtype=np.float32)
+                if a.ndim != 5 or a.shape[3] != 1:
+                    raise ImageReadError(f"{p}: expected a vector image of shape (X, Y, Z, 1, N), got {a.shape}")
+                a = a[..., 0, :]
+                n = a.shape[-1]
+                if n == 2:
+                    a = a[:, :, 0, :]
+                fields[key] = torch.from_numpy(np.ascontiguousarray(np.moveaxis(a, -1, 0)))
+        else:
+            raise ImageReadError(f"{path}: expected a deformation file ending in .npz, .nii or .nii.gz")
+        f = fields["forward"]
+        n = f.shape[0]
+        if f.dim() != n + 1 or n not in (2, 3) or fields["inverse"].shape != f.shape:
+            raise ImageReadError(f"{path}: expected forward and inverse fields of shape (N, *S) with N = 2 or 3 spatial axes, got {tuple(f.shape)} and {tuple(fields['inverse'].shape)}")
+        v = fields.get("velocity")
+        return Deformation(f[None], fields["inverse"][None], None if v is None else v[None])
+    except ImageReadError:
+        raise
+    except ImportError:
+        raise
+    except Exception as err:
+        raise ImageReadError(f"{path}: cannot read the deformation ({type(err).__name__}: {err})") from err
+
+
+def write_trace(
+    path: str | os.PathLike[str],
+    source_points: torch.Tensor,
+    target_points: torch.Tensor,
+    **metadata: Any,
+) -> Path:
+    """Write a trace file: corresponding points in the source and in the translation, as JSON.
+
+    The file is ``{"format": "plasticine-trace", "version": 1, "units": "voxel", "axis_order":
+    "tensor", "points": [{"source": [...], "target": [...]}, ...], **metadata}``, written
+    atomically (temporary file in the same folder, then :func:`os.replace`).
+
+    Args:
+        path: the file.
+        source_points: voxel coordinates in the source, tensor axis order.
+        target_points: the same points in the target.
+        **metadata: JSON values stored alongside (input file, start step, seed...).
+
+    Returns:
+        The path.
+
+    Raises:
+        ValueError: for mismatched or non-finite points, or metadata that is not JSON data.
+
+    Shape:
+        source_points, target_points: ``(P, N)``.
+    """
+    dims = check_shape(source_points, "P N", "source_points")
+    check_shape(target_points, "P N", "target_points", bindings=dims)
+    for name, p in (("source_points", source_points), ("target_points", target_points)):
+        if not bool(torch.isfinite(p).all()):
+            raise ValueError(f"{name}: expected finite coordinates")
+    reserved = {"format", "version", "units", "axis_order", "points"} & set(metadata)
+    if reserved:
+        raise ValueError(f"metadata: the keys {sorted(reserved)} are reserved")
+    doc = {
+        "format": TRACE_FORMAT,
+        "version": 1,
+        "units": "voxel",
+        "axis_order": "tensor",
+        "points": [{"source": s, "target": t} for s, t in zip(source_points.tolist(), target_points.tolist())],
+        **metadata,
+    }
+    try:
+        text = json.dumps(doc, indent=1)
+    except TypeError as err:
+        raise ValueError(f"metadata: expected JSON values: {err}") from err
+    path = Path(path)
+    _atomic_bytes(path, text.encode())
+    return path
+
+
+def read_points(path: str | os.PathLike[str], *, which: Literal["source", "target"] = "source") -> torch.Tensor:
+    """Read points: a trace file, a JSON list of coordinate lists, or a CSV/text table.
+
+    Accepted: a trace file of :func:`write_trace` (its ``which`` side); JSON ``[[...], ...]`` or
+    ``{"points": [[...], ...]}``; ``.csv``/``.txt`` with one point per line, coordinates separated
+    by commas or white space (lines starting with ``#`` and a header line without numbers are
+    skipped). Coordinates are voxels in tensor axis order.
+
+    Args:
+        path: the file.
+        which: the side of a trace file to read.
+
+    Returns:
+        float32 points.
+
+    Raises:
+        ImageReadError: for a missing or malformed file, naming it.
+
+    Shape:
+        out: ``(P, N)``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"{path}: no such file")
+    text = path.read_text()
+    rows: Any
+    if path.suffix.lower() == ".json":
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ImageReadError(f"{path}: not valid JSON: {err}") from err
+        if isinstance(doc, dict) and doc.get("format") == TRACE_FORMAT:
+            if which not in ("source", "target"):
+                raise ValueError(f"which: expected 'source' or 'target', got {which!r}")
+            rows = [p[which] for p in doc.get("points", [])]
+        elif isinstance(doc, dict) and "points" in doc:
+            rows = doc["points"]
+        else:
+            rows = doc
+    else:
+        rows = []
+        for line in text.splitlines():
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.replace(",", " ").split()
+            try:
+                rows.append([float(p) for p in parts])
+            except ValueError:
+                if rows:
+                    raise ImageReadError(f"{path}: a line is not a list of numbers: {line!r}") from None
+    try:
+        pts = torch.tensor(rows, dtype=torch.float32)
+    except (TypeError, ValueError) as err:
+        raise ImageReadError(f"{path}: expected a list of points with the same number of coordinates each ({err})") from err
+    if pts.dim() != 2 or pts.shape[0] == 0 or pts.shape[1] not in (2, 3):
+        raise ImageReadError(f"{path}: expected P >= 1 points of 2 or 3 coordinates, got an array of shape {tuple(pts.shape)}")
+    if not bool(torch.isfinite(pts).all()):
+        raise ImageReadError(f"{path}: coordinates must be finite")
+    return pts

@@ -317,7 +317,7 @@ class _Direction:
         """``(B, C, *S)`` -> ``(n, M, C)``."""
         b, c = x.shape[:2]
         if self.axis is not None:
-            y = x.movedim(2 + self.axis, 0).movedim(1, -1)  # (n, B, *rest, C)
+            y = x.movedim(2 + self.axis, 0).movedim(2, -1)  # (n, B, *rest, C)
             return y.reshape(y.shape[0], -1, c)
         flat = torch.cat([x.reshape(b, c, -1), x.new_zeros(b, c, 1)], 2)
         y = flat[:, :, self.index]  # (B, C, n, L)
@@ -331,9 +331,11 @@ class _Direction:
         """``(n, M, C)`` -> ``(B, C, *S)``."""
         if self.axis is not None:
             n = lines.shape[0]
+            nd = len(self.shape)
             rest = [s for i, s in enumerate(self.shape) if i != self.axis]
-            y = lines.reshape(n, b, *rest, c).movedim(-1, 1).movedim(0, 2 + self.axis)
-            return y.contiguous()
+            y = lines.reshape(n, b, *rest, c)  # dims: n, B, rest..., C
+            spatial = [0 if i == self.axis else 2 + i - (i > self.axis) for i in range(nd)]
+            return y.permute(1, nd + 1, *spatial).contiguous()
         n, ln = self.index.shape
         y = lines.reshape(n, b, ln, c).permute(1, 3, 0, 2).reshape(b, c, n * ln)
         return y[:, :, self.pixel_pos].reshape(b, c, *self.shape)
@@ -486,7 +488,8 @@ def potts(
     Args:
         image: images, any intensity scale (vector-valued with ``C > 1``: channels share the jumps).
         gamma: jump penalty per pixel (not rescaled; see :func:`pixel_gamma`), ``> 0``.
-        weights: non-negative data weights ``(B, 1, *S)``; None means all ones.
+        weights: non-negative data weights ``(B, 1, *S)``; None means all ones. The result does
+            not depend on the data where the weight is 0 (a region without weight gets 0).
         neighborhood: ``"axes"`` (4/6-neighbourhood) or ``"diagonals"`` (2D 8-neighbourhood,
             near-isotropic weights).
         max_iter: most ADMM iterations; an image that has not converged by then returns its
@@ -543,7 +546,13 @@ def potts(
     fnorm = (fw * f).flatten(1).sum(1)
     out = f.clone()
     active = torch.arange(bsz, device=f.device)
-    copies = [f.clone() for _ in range(k)]
+    if w is None:
+        start = f
+    else:  # pixels without weight start at the weighted mean, so that their data never enters
+        wsum = w.flatten(2).sum(2).clamp_min(torch.finfo(f.dtype).tiny)
+        wmean = (fw.flatten(2).sum(2) / wsum).view(bsz, c, *([1] * len(shape)))
+        start = torch.where(w > 0, f, wmean)
+    copies = [start.clone() for _ in range(k)]
     lams = {p: torch.zeros_like(f) for p in pairs}
     for _ in range(max_iter):
         den_add = k * (k - 1) / 2 * mu
@@ -585,7 +594,15 @@ def potts(
             w = None if w is None else w[keep]
     if len(active):
         out[active] = copies[0]
-    span = (image.flatten(2).amax(2) - image.flatten(2).amin(2)).amax(1)  # (B,)
+    # intensity range of each image over the pixels that carry weight: the scale of merge_tol
+    flat = image.flatten(2)
+    if weights is not None:
+        used = weights.flatten(2) > 0
+        hi = torch.where(used, flat, -math.inf).amax(2)
+        lo = torch.where(used, flat, math.inf).amin(2)
+        span = torch.where(used.any(2), hi - lo, torch.zeros_like(hi)).amax(1)
+    else:
+        span = (flat.amax(2) - flat.amin(2)).amax(1)  # (B,)
     out = _merge_and_refit_batch(out, image, weights, offsets, merge_tol, span)
     # ADMM is a heuristic for an NP-hard problem: keep the constant image where it is better
     wt = torch.ones_like(image[:, :1]) if weights is None else weights

@@ -3,12 +3,21 @@ r"""Mutual information of two images from a sparse Parzen-window joint histogram
 The joint histogram is the Parzen-window estimate of Mattes et al. and Thevenaz & Unser: every
 sample (a voxel of the moving and of the fixed image) adds the outer product of two kernel
 vectors to the histogram, and the kernel is compact, so a sample touches only ``K`` bins per axis
-(``K = 4`` for the cubic B-spline, ``K * K = 16`` joint bins). The estimator accumulates exactly
-these ``K * K`` contributions per sample with one ``index_add_`` into per-cell blocks, never the
-dense ``samples x bins`` weight matrix, and a hand-written backward pass returns the gradient of
-the histogram with respect to the bin positions of both images (it flows through the kernel
-weights) and to the mask weights. Work and memory are linear in the number of samples and do not
-grow with the number of bins beyond the ``bins x bins`` histogram.
+(``K = 4`` for the cubic B-spline, ``K * K = 16`` joint bins). The estimator never forms the
+dense ``samples x bins`` weight matrix:
+
+* Every sample falls in a *cell*, the pair of first bins its two kernels touch. For the cubic
+  B-spline the four weights are cubic polynomials of the sample's fractional bin position ``f``,
+  so one ``index_add_`` accumulates, per cell, the 16 moments :math:`\sum w f_m^p f_f^q`
+  (``p, q < 4``); a ``4 x 4`` change of basis per cell turns them into the 16 joint-bin
+  contributions. For the Gaussian the ``K * K`` weight products are accumulated directly.
+* A hand-written backward pass gathers, per sample, the histogram gradient of its cell and
+  evaluates the derivative of the kernel products (for the B-spline a bivariate polynomial, by
+  Horner's rule), giving the gradient with respect to the bin positions of both images (it flows
+  through the kernel weights) and to the mask weights.
+
+Work and memory are linear in the number of samples (processed in chunks of bounded size) and
+do not grow with the number of bins beyond the ``bins x bins`` histogram.
 
 References:
     D. Mattes, D. R. Haynor, H. Vesselle, T. K. Lewellen, W. Eubank, "PET-CT image registration in
@@ -162,8 +171,13 @@ def _cell_index(first_m: torch.Tensor, first_f: torch.Tensor, start: int, stop: 
 
 
 class _JointHistogram(torch.autograd.Function):
-    """Parzen joint histogram of bin positions (up to a constant factor), differentiable in
-    positions and weights."""
+    """Parzen joint histogram of bin positions, up to a constant factor (36 for the B-spline).
+
+    Differentiable in both positions and in the sample weights; double backward is not supported.
+
+    Shape:
+        tm, tf: ``(M, n)``; w: ``(M, n)`` or None; out: ``(M, bins, bins)``.
+    """
 
     @staticmethod
     def forward(ctx, tm: torch.Tensor, tf: torch.Tensor, w: torch.Tensor | None, spec: _Spec) -> torch.Tensor:  # type: ignore[override]

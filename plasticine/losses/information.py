@@ -157,7 +157,7 @@ def _gaussian_taps(
 
 def _chunk_size(device: torch.device) -> int:
     # Bounded temporaries on the CPU (they stay in cache); few, large launches on accelerators.
-    return 1 << 15 if device.type == "cpu" else 1 << 22
+    return 1 << 15 if device.type == "cpu" else 1 << 20
 
 
 def _cell_index(first_m: torch.Tensor, first_f: torch.Tensor, start: int, stop: int, n: int, c: int) -> torch.Tensor:

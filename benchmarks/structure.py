@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         run([128], ["t1"], ["axes"], repeats=1, batch=args.batch, device=device)
     else:
-        run([128, 256], ["t1", "pd"], ["axes", "diagonals"], repeats=3, batch=args.batch, device=device)
+        run([128, 256], ["t1", "pd"], ["axes", "diagonals"], repeats=2, batch=args.batch, device=device)
 
 
 if __name__ == "__main__":

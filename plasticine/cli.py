@@ -1,0 +1,353 @@
+"""The ``plasticine`` command line: ``train``, ``translate``, ``trace`` and ``demo``.
+
+Run ``plasticine <command> --help`` for the options of each (``python -m plasticine`` is the same).
+
+* ``plasticine train --source SRC --target TGT --output model.pt`` trains a translator on two
+  unpaired image folders (PNG, NIfTI or DICOM; ``--axis`` slices 3D volumes into 2D images): the
+  denoiser first (the paper's Algorithm 2, :func:`~plasticine.training.diffusion_objective`), then
+  the registration network (:func:`~plasticine.training.deformation_objective` on unpaired
+  source/target pairs). Each stage writes a training checkpoint next to the output
+  (``model.pt.diffusion-state.pt``, ``model.pt.registration-state.pt``) every
+  ``--checkpoint-every`` steps; running the same command again resumes where it stopped (and a
+  larger ``--*-steps`` continues training).
+* ``plasticine translate --model model.pt --input IN --output OUT`` writes, per input image,
+  ``<name>_translated.png`` (``.nii.gz`` for 3D), ``<name>_deformation.npz`` (phi and phi^-1, see
+  :func:`plasticine.io.write_deformation`) and ``<name>_trace.json`` (a trace file: the ``--points``
+  carried into the translation, and how the output was made).
+* ``plasticine trace --deformation X_deformation.npz --mask M --output OUT`` (or ``--points P``)
+  carries a mask or points through a saved result: ``--direction to-target`` (default) from the
+  source into the translation (mask o phi, points phi^-1(p)), ``to-source`` back (mask o phi^-1,
+  points phi(q)).
+* ``plasticine demo`` runs :func:`plasticine.demo.run_demo` (offline, on the shipped real MR slice).
+
+Bad input (a missing or unreadable file, mismatched shapes, a bad option) prints one line
+``plasticine <command>: error: ...`` to stderr and exits with status 1 (2 for a malformed command
+line), without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+__all__ = ["main", "build_parser", "build_translator"]
+
+
+def build_translator(ndim: int, channels: int, *, classes: int = 4, sampler_steps: int = 20, start_fraction: float = 0.5, seed: int = 0) -> Any:
+    """The translator that ``plasticine train`` builds: small networks that train on a CPU.
+
+    K-means structure map with ``classes`` classes, the learned registration network with the noise
+    cue (16 to 32 channels) and scaling and squaring, a conditional U-Net (16, 32, 32 channels), the
+    paper's linear schedule, DDIM with ``sampler_steps`` steps, concatenation conditioning.
+
+    Args:
+        ndim: 2 or 3 spatial dimensions.
+        channels: image channels.
+        classes: structure classes.
+        sampler_steps: DDIM steps.
+        start_fraction: default start step as a fraction of ``K``.
+        seed: seed of the initial weights.
+
+    Returns:
+        A :class:`~plasticine.translator.TraceableTranslator`.
+
+    Shape:
+        Not applicable.
+    """
+    from .diffusion import DDIMSampler, LinearSchedule
+    from .diffusion.conditioning import ConcatConditioning
+    from .diffusion.unet import ConditionalUNet, UNetConfig
+    from .registration import ScalingAndSquaring
+    from .registration.network import LearnedRegistration, RegistrationNet, RegistrationNetConfig
+    from .segmentation import KMeansExtractor
+    from .translator import TraceableTranslator
+
+    if ndim not in (2, 3):
+        raise ValueError(f"ndim: expected 2 or 3, got {ndim}")
+    torch.manual_seed(seed)
+    net = RegistrationNet(
+        RegistrationNetConfig(spatial_dims=ndim, image_channels=channels, cue_channels=channels, features=16, encoder=(16, 32, 32, 32), align_channels=16, align_layers=3)
+    )
+    unet = ConditionalUNet(UNetConfig(ndim=ndim, in_channels=channels, cond_channels=classes, base_channels=16, channel_mults=(1, 2, 2), attention_levels=()))
+    return TraceableTranslator(
+        KMeansExtractor(classes, max_iter=50),
+        LearnedRegistration(net, ScalingAndSquaring(7)),
+        unet,
+        LinearSchedule(),
+        DDIMSampler(sampler_steps),
+        ConcatConditioning(classes),
+        start_fraction=start_fraction,
+    )
+
+
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--axis", type=int, choices=(0, 1, 2), default=None, help="slice 3D volumes into 2D images along this array axis")
+    p.add_argument("--slices", type=int, nargs=2, metavar=("START", "STOP"), default=None, help="keep slices START <= i < STOP (with --axis)")
+    p.add_argument(
+        "--normalization",
+        choices=("percentile", "minmax", "zscore", "none"),
+        default="percentile",
+        help="intensity normalisation per image (default: clip to the 1st-99th percentiles, map to [0, 1])",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``plasticine`` command.
+
+    Returns:
+        The parser with the ``train``, ``translate``, ``trace`` and ``demo`` subcommands.
+
+    Shape:
+        Not applicable.
+    """
+    parser = argparse.ArgumentParser(prog="plasticine", description="Traceable medical image translation (diffusion for intensity, diffeomorphic registration for shape).")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,translate,trace,demo}")
+
+    p = sub.add_parser("train", help="train a translator on unpaired source and target images", description="Train a translator on unpaired source and target images (resumable).")
+    p.add_argument("--source", required=True, help="folder (or file) of source-domain images")
+    p.add_argument("--target", required=True, help="folder (or file) of target-domain images")
+    p.add_argument("--output", required=True, help="translator file to write (.pt, or .safetensors with the safetensors package)")
+    _add_data_options(p)
+    p.add_argument("--classes", type=int, default=4, help="structure-map classes (k-means)")
+    p.add_argument("--diffusion-steps", type=int, default=2000, help="optimizer steps of the denoiser")
+    p.add_argument("--registration-steps", type=int, default=2000, help="optimizer steps of the registration network")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
+    p.add_argument("--sampler-steps", type=int, default=20, help="DDIM steps at translation")
+    p.add_argument("--start-fraction", type=float, default=0.5, help="default start step as a fraction of K")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between training checkpoints")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+    p = sub.add_parser("translate", help="translate images with a saved translator", description="Translate images; writes the translation, phi and phi^-1, and a trace file per input.")
+    p.add_argument("--model", required=True, help="translator file written by train")
+    p.add_argument("--input", required=True, help="folder or file of source images")
+    p.add_argument("--output", required=True, help="output folder")
+    _add_data_options(p)
+    p.add_argument("--start-step", type=int, default=None, help="start step k0 (default: the translator's)")
+    p.add_argument("--samples", type=int, default=1, help="draws per image (their mean is written)")
+    p.add_argument("--seed", type=int, default=0, help="seed of item i is seed + i")
+    p.add_argument("--points", default=None, help="points file (JSON or CSV, source voxel coordinates) to carry into every translation")
+    p.add_argument("--deformation-format", choices=("npz", "nii.gz"), default="npz")
+    p.add_argument("--device", default="cpu")
+
+    p = sub.add_parser("trace", help="carry a mask or points through a saved deformation", description="Carry a mask or points through a deformation written by translate.")
+    p.add_argument("--deformation", required=True, help="<name>_deformation.npz (or .nii.gz) written by translate")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--mask", help="label or mask image (PNG or NIfTI) in the geometry it is carried from")
+    what.add_argument("--points", help="points file (JSON, a trace file, or CSV)")
+    p.add_argument("--direction", choices=("to-target", "to-source"), default="to-target", help="to-target: source -> translation; to-source: back")
+    p.add_argument("--which", choices=("source", "target"), default=None, help="side of a trace file to read (default: the side the direction starts from)")
+    p.add_argument("--output", required=True, help="output mask image or trace file (.json)")
+
+    p = sub.add_parser("demo", help="the offline demo on real MR anatomy", description="Translate the shipped real T1 slice into an enlarged-ventricle PD-like domain and score the tracing against exact truth.")
+    p.add_argument("--output", default="plasticine-demo", help="output folder")
+    p.add_argument("--retrain", action="store_true", help="train the translator with the recipe first (a few minutes on a CPU) and write its checkpoint")
+    p.add_argument("--quick", action="store_true", help="one subject and 4 sampler steps; with --retrain, a tiny task for a fast check")
+    p.add_argument("--checkpoint", default=None, help="checkpoint to load (default: the shipped one) or, with --retrain, to write")
+    p.add_argument("--diffusion-steps", type=int, default=None, help="with --retrain: optimizer steps of the denoiser")
+    p.add_argument("--registration-steps", type=int, default=None, help="with --retrain: optimizer steps of the registration network")
+    p.add_argument("--seed", type=int, default=None, help="seed of the task and the training")
+    p.add_argument("--no-figures", action="store_true", help="skip the matplotlib figures")
+    return parser
+
+
+def _load_images(args: argparse.Namespace, path: str) -> Any:
+    from .io import ImageFolder
+
+    return ImageFolder(path, axis=args.axis, slices=None if args.slices is None else tuple(args.slices), normalization=args.normalization)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .io import UnpairedImages
+    from .training import ShuffledBatches, TrainConfig, Trainer, deformation_objective, diffusion_objective
+
+    for name in ("diffusion_steps", "registration_steps", "batch_size", "checkpoint_every", "classes", "sampler_steps"):
+        if getattr(args, name) < (0 if name == "checkpoint_every" else 1):
+            raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
+    source, target = _load_images(args, args.source), _load_images(args, args.target)
+    xs, ys = source.stack(), target.stack()
+    if xs.shape[1:] != ys.shape[1:]:
+        raise ValueError(f"source images have shape {tuple(xs.shape[1:])} (C, *S), target images {tuple(ys.shape[1:])}: resample them to one size")
+    for name, n in (("source", len(source)), ("target", len(target))):
+        if n < args.batch_size:
+            raise ValueError(f"--{name}: {n} image(s), fewer than --batch-size {args.batch_size}")
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    t = build_translator(xs.dim() - 2, xs.shape[1], classes=args.classes, sampler_steps=args.sampler_steps, start_fraction=args.start_fraction, seed=args.seed).to(device)
+    progress = "none" if args.quiet else "auto"
+    common = dict(checkpoint_every=args.checkpoint_every, seed=args.seed, progress=progress, log_every=max(1, min(args.diffusion_steps, args.registration_steps) // 10))
+    if not args.quiet:
+        print(f"plasticine train: {len(source)} source and {len(target)} target image(s) of shape {tuple(xs.shape[1:])}", file=sys.stderr)
+    unet = t.denoiser
+    Trainer(
+        lambda m, y, g: diffusion_objective(t, y, g, denoiser=m),
+        unet,
+        torch.optim.Adam(unet.parameters(), args.lr),
+        ShuffledBatches(ys, args.batch_size, seed=args.seed),
+        TrainConfig(steps=args.diffusion_steps, checkpoint_path=f"{out}.diffusion-state.pt", **common),
+    ).fit()
+    unet.eval()
+    net = t.registration.network
+    Trainer(
+        lambda m, b, g: deformation_objective(t, b[0], b[1], g, network=m),
+        net,
+        torch.optim.Adam(net.parameters(), args.lr),
+        ShuffledBatches(UnpairedImages(source, target, seed=args.seed), args.batch_size, seed=args.seed + 1),
+        TrainConfig(steps=args.registration_steps, checkpoint_path=f"{out}.registration-state.pt", **{**common, "seed": args.seed + 1}),
+    ).fit()
+    t.eval().save(out)
+    if not args.quiet:
+        print(f"plasticine train: wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _translate(args: argparse.Namespace) -> int:
+    from .io import read_points, write_deformation, write_image, write_trace
+    from .translator import TraceableTranslator
+
+    if args.samples < 1:
+        raise ValueError(f"--samples: expected an integer >= 1, got {args.samples}")
+    device = torch.device(args.device)
+    translator = TraceableTranslator.load(args.model, map_location=device)
+    images = _load_images(args, args.input)
+    points = None if args.points is None else read_points(args.points)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(len(images)):
+        x = images[i][None].to(device)
+        if points is not None and points.shape[1] != x.dim() - 2:
+            raise ValueError(f"{args.points}: points have {points.shape[1]} coordinates, the images {x.dim() - 2} spatial dimensions")
+        name = images.name(i)
+        g = torch.Generator(device).manual_seed(args.seed + i)
+        try:
+            r = translator.translate(x, start_step=args.start_step, num_samples=args.samples, generator=g)
+        except ValueError as err:
+            raise ValueError(f"{images.items[i].path}: {err}") from err
+        ext = ".png" if x.dim() == 4 and x.shape[1] in (1, 3) else ".nii.gz"
+        image_file = out / f"{name}_translated{ext}"
+        write_image(image_file, r.image[0].cpu() if ext == ".nii.gz" else r.image[0].clamp(0, 1).cpu())
+        def_file = out / f"{name}_deformation.{args.deformation_format}"
+        write_deformation(def_file, r.deformation.to("cpu"))
+        src = torch.empty(0, x.dim() - 2) if points is None else points
+        tgt = src if points is None else r.points_to_target(points[None].to(device))[0].cpu()
+        item = images.items[i]
+        write_trace(
+            out / f"{name}_trace.json",
+            src,
+            tgt,
+            input=str(item.path),
+            slice=item.slice,
+            axis=images.axis,
+            model=str(args.model),
+            translated=image_file.name,
+            deformation=def_file.name,
+            start_step=r.start_step,
+            samples=args.samples,
+            seed=args.seed + i,
+            normalization=images.normalization,
+        )
+        print(f"{item.path}{'' if item.slice is None else f' slice {item.slice}'} -> {image_file}")
+    return 0
+
+
+def _trace(args: argparse.Namespace) -> int:
+    from .io import read_deformation, read_image, read_points, write_image, write_trace
+
+    d = read_deformation(args.deformation)
+    to_target = args.direction == "to-target"
+    out = Path(args.output)
+    if args.points is not None:
+        which = args.which or ("source" if to_target else "target")
+        p = read_points(args.points, which=which)
+        if p.shape[1] != d.ndim:
+            raise ValueError(f"{args.points}: points have {p.shape[1]} coordinates, the deformation {d.ndim} spatial dimensions")
+        q = (d.points_to_target(p[None]) if to_target else d.points_to_source(p[None]))[0]
+        src, tgt = (p, q) if to_target else (q, p)
+        write_trace(out, src, tgt, deformation=str(args.deformation), direction=args.direction, points_file=str(args.points))
+        print(f"{len(p)} point(s) -> {out}")
+        return 0
+    mask = read_image(args.mask, normalization="none")
+    if tuple(mask.shape[1:]) != d.shape:
+        raise ValueError(f"{args.mask}: spatial size {tuple(mask.shape[1:])}, the deformation {d.shape}")
+    if mask.shape[0] != 1:
+        raise ValueError(f"{args.mask}: expected a single-channel label image, got {mask.shape[0]} channels")
+    values = torch.unique(mask)
+    if not bool((values == values.round()).all()):
+        raise ValueError(f"{args.mask}: expected integer labels, found non-integer values (e.g. {float(values[values != values.round()][0])})")
+    labels = torch.searchsorted(values, mask)[None]
+    traced = d.labels_to_target(labels, len(values)) if to_target else d.labels_to_source(labels, len(values))
+    result = values[traced[0]]
+    if out.name.lower().endswith(".png"):
+        if float(values.min()) < 0 or float(values.max()) > 255:
+            raise ValueError(f"{out}: a PNG holds labels 0..255, the mask has {float(values.min())}..{float(values.max())} (write .nii.gz)")
+        result = result / 255.0
+    write_image(out, result)
+    print(f"{args.mask} -> {out}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .demo import QUICK, DemoConfig, run_demo
+
+    config = QUICK if (args.quick and args.retrain) else DemoConfig()
+    changes: dict[str, Any] = {}
+    if args.diffusion_steps is not None:
+        changes["diffusion_iterations"] = args.diffusion_steps
+    if args.registration_steps is not None:
+        changes["registration_iterations"] = args.registration_steps
+    if args.seed is not None:
+        changes["seed"] = args.seed
+    if changes and not args.retrain and set(changes) != {"seed"}:
+        raise ValueError("--diffusion-steps and --registration-steps need --retrain")
+    for key in ("diffusion_iterations", "registration_iterations"):
+        if key in changes and changes[key] < 1:
+            raise ValueError(f"--{key.split('_')[0]}-steps: expected an integer >= 1, got {changes[key]}")
+    config = replace(config, **changes)
+    run_demo(args.output, retrain=args.retrain, quick=args.quick, checkpoint=args.checkpoint, config=config, figures=not args.no_figures)
+    return 0
+
+
+_COMMANDS = {"train": _train, "translate": _translate, "trace": _trace, "demo": _demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``plasticine`` command line.
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 on success, 1 for bad input (one line on stderr, no traceback), 2 for a
+        malformed command line (argparse's message).
+
+    Shape:
+        Not applicable.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads: expected an integer >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    try:
+        return _COMMANDS[args.command](args)
+    except (ValueError, OSError, ImportError, FloatingPointError, RuntimeError) as err:
+        print(f"plasticine {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"plasticine {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -7,9 +7,10 @@ One run measures, on one device:
    condition channel (``in_channels=2`` for diffusers, which takes the concatenation). Two matched
    pairs: one residual block per level (plasticine's default against ``layers_per_block=1``) and two
    (``num_res_blocks=2`` against ``layers_per_block=2``); both nets have channels (32, 64, 64) and
-   attention only at the coarsest level. Calls alternate between the two nets so that load on a
-   shared machine hits both alike; the median of each is reported with the ratio
-   plasticine / diffusers (below 1: plasticine is faster).
+   attention only at the coarsest level. plasticine stores its convolution weights channels-last by
+   default; diffusers is timed as it comes and also converted to channels-last (same weights).
+   Calls alternate between the nets so that load on a shared machine hits all alike; the median
+   of each is reported with the ratios plasticine / diffusers (below 1: plasticine is faster).
 2. **A translation-style sampling** at 128x128 (64x64 with ``--quick``) with the default U-Net:
    start from a clean source image noised to the middle of the paper's schedule (linear betas
    1e-6..1e-2, K = 2000, ``start_step = 1000``), then DDIM (50 steps, eta 0) and DPM-Solver++(2M)
@@ -28,7 +29,7 @@ One run measures, on one device:
 Usage::
 
     python benchmarks/diffusion.py            # full run
-    python benchmarks/diffusion.py --quick    # fewer repeats, 64x64 translation (< 1 min on 2 cores)
+    python benchmarks/diffusion.py --quick    # one block per level, fewer repeats, 64x64 translation (< 1 min)
     python benchmarks/diffusion.py --device cuda --json out.json
 
 A part whose plasticine pieces do not exist is reported as ``missing``; diffusers not installed is
@@ -89,7 +90,7 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], device: torch.device,
     return {k: T.Timing(statistics.median(v), min(v), tuple(v), warmup) for k, v in times.items()}
 
 
-def step_speed(device: torch.device, sizes: tuple[int, ...], rounds: int) -> list[dict[str, Any]]:
+def step_speed(device: torch.device, sizes: tuple[int, ...], block_counts: tuple[int, ...], rounds: int) -> list[dict[str, Any]]:
     """Part 1: milliseconds per denoising step, plasticine against diffusers."""
     try:
         import diffusers  # noqa: F401
@@ -97,20 +98,29 @@ def step_speed(device: torch.device, sizes: tuple[int, ...], rounds: int) -> lis
         print(f"diffusers: unavailable ({type(exc).__name__}: {exc})")
         return []
     rows = []
-    for blocks in (1, 2):
+    for blocks in block_counts:
         torch.manual_seed(0)
         ours = ConditionalUNet(UNetConfig(num_res_blocks=blocks)).to(device).eval()
         theirs = diffusers_unet(blocks).to(device).eval()
+        theirs_cl = diffusers_unet(blocks).to(device).eval().to(memory_format=torch.channels_last)
+        theirs_cl.load_state_dict(theirs.state_dict())
         for size in sizes:
             g = torch.Generator().manual_seed(size)
             x = torch.randn(1, 1, size, size, generator=g).to(device)
             c = torch.randn(1, 1, size, size, generator=g).to(device)
             xc = torch.cat([x, c], dim=1)
+            xc_cl = xc.contiguous(memory_format=torch.channels_last)
             gamma = torch.tensor([0.5], device=device)
             t = torch.tensor([500], device=device)
             with torch.inference_mode():
                 res = interleaved_medians(
-                    {"plasticine": lambda: ours(x, gamma, c), "diffusers": lambda: theirs(xc, t).sample}, device, rounds
+                    {
+                        "plasticine": lambda: ours(x, gamma, c),
+                        "diffusers": lambda: theirs(xc, t).sample,
+                        "diffusers_cl": lambda: theirs_cl(xc_cl, t).sample,
+                    },
+                    device,
+                    rounds,
                 )
             rows.append(
                 {
@@ -120,19 +130,23 @@ def step_speed(device: torch.device, sizes: tuple[int, ...], rounds: int) -> lis
                     "params_diffusers": count(theirs),
                     "ms_plasticine": res["plasticine"].median_ms,
                     "ms_diffusers": res["diffusers"].median_ms,
+                    "ms_diffusers_channels_last": res["diffusers_cl"].median_ms,
                     "ratio": T.ratio(res["plasticine"].median_ms, res["diffusers"].median_ms),
+                    "ratio_channels_last": T.ratio(res["plasticine"].median_ms, res["diffusers_cl"].median_ms),
                 }
             )
     print("\nPer denoising step (batch 1, 1 image + 1 condition channel), median ms:")
     print(
         T.format_table(
-            ["blocks/level", "size", "params ours", "params diffusers", "ours ms", "diffusers ms", "ours/diffusers"],
+            ["blocks/level", "size", "params ours", "params diffusers", "ours ms", "diffusers ms", "ours/diffusers",
+             "diffusers channels_last ms", "ours/that"],
             [
                 [str(r["blocks_per_level"]), f"{r['size']}x{r['size']}", f"{r['params_plasticine']:,}", f"{r['params_diffusers']:,}",
-                 T.format_ms(r["ms_plasticine"]), T.format_ms(r["ms_diffusers"]), T.format_ratio(r["ratio"])]
+                 T.format_ms(r["ms_plasticine"]), T.format_ms(r["ms_diffusers"]), T.format_ratio(r["ratio"]),
+                 T.format_ms(r["ms_diffusers_channels_last"]), T.format_ratio(r["ratio_channels_last"])]
                 for r in rows
             ],
-            align=["<", "<", ">", ">", ">", ">", ">"],
+            align=["<", "<", ">", ">", ">", ">", ">", ">", ">"],
         )
     )
     return rows
@@ -239,7 +253,7 @@ def sampler_accuracy(device: torch.device) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print its tables (and write JSON when asked)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="fewer repeats and a 64x64 translation (under a minute on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="one matched pair, fewer repeats, a 64x64 translation (under a minute)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -252,12 +266,15 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     results = {
         "machine": info,
-        "step": step_speed(device, (64, 128), rounds=5 if args.quick else 15),
+        "step": step_speed(device, (64, 128), (1,) if args.quick else (1, 2), rounds=5 if args.quick else 15),
         "translation": translation_time(device, 64 if args.quick else 128, repeats=1 if args.quick else 3),
         "accuracy": sampler_accuracy(device),
     }
     info_after = T.machine_summary(device)
-    print(f"\nTotal {time.perf_counter() - t0:.0f} s; load average at the end {info_after.get('load_average')}")
+    load = info_after.get("load_average")
+    print(f"\nTotal {time.perf_counter() - t0:.0f} s; load average at the end {load} on {info_after['cpu_count']} CPUs")
+    if load is not None and load[0] > (info_after["cpu_count"] or 1):
+        print("note: measured under load (load average above the CPU count): times are inflated and noisy; compare ratios")
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

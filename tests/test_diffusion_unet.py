@@ -53,14 +53,16 @@ def test_shape_uneven_sizes(size, film):
     assert torch.isfinite(out).all()
 
 
+@pytest.fixture(scope="module")
+def small_net() -> ConditionalUNet:
+    return tiny_net(2).eval()
+
+
 @given(seed=st.integers(0, 2**31 - 1), h=st.integers(1, 23), w=st.integers(1, 23))
-def test_shape_any_2d_size(seed, h, w):
-    net = _SMALL_NETS["2d"]
+def test_shape_any_2d_size(small_net, seed, h, w):
     noisy, gamma, cond = inputs((2, 1, h, w), seed=seed)
-    assert net(noisy, gamma, cond).shape == (2, 1, h, w)
-
-
-_SMALL_NETS = {"2d": tiny_net(2).eval()}
+    with torch.no_grad():
+        assert small_net(noisy, gamma, cond).shape == (2, 1, h, w)
 
 
 def test_float64_and_unconditional(dtype):
@@ -91,7 +93,7 @@ def test_gradients_reach_every_parameter(ndim):
 
 def test_gradcheck_inputs_float64():
     net = tiny_net(2, cond_channels=1, film=True, base_channels=4, channel_mults=(1, 2), attention_levels=(1,), num_heads=1, norm_groups=2).double()
-    noisy, gamma, cond = inputs((1, 1, 5, 4), dtype=torch.float64)
+    noisy, gamma, cond = inputs((1, 1, 4, 3), dtype=torch.float64)
     noisy.requires_grad_(True)
     cond.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda x, c: net(x, gamma, c), (noisy, cond), eps=1e-6, atol=1e-5)
@@ -115,8 +117,8 @@ def test_dropout_acts_in_train_mode():
 
 
 @given(seed=st.integers(0, 2**31 - 1))
-def test_batch_items_are_independent(seed):
-    net = _SMALL_NETS["2d"]
+def test_batch_items_are_independent(small_net, seed):
+    net = small_net
     noisy, gamma, cond = inputs((3, 1, 9, 12), seed=seed)
     with torch.no_grad():
         full = net(noisy, gamma, cond)

@@ -1,0 +1,262 @@
+"""Data I/O: readers against the libraries' own values, round trips, normalisation against numpy, errors naming the file."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_generator
+from hypothesis import given
+from hypothesis import strategies as st
+
+from plasticine.core import Deformation
+from plasticine.io import (
+    ImageFolder,
+    ImageReadError,
+    UnpairedImages,
+    image_format,
+    normalize_intensity,
+    read_deformation,
+    read_image,
+    read_points,
+    write_deformation,
+    write_image,
+    write_trace,
+)
+
+PIL = pytest.importorskip("PIL.Image", reason="the io extra (pillow) is not installed")
+nib = pytest.importorskip("nibabel", reason="the io extra (nibabel) is not installed")
+
+
+# -- normalisation --------------------------------------------------------------------------------
+
+
+def test_percentile_normalisation_matches_numpy():
+    x = torch.rand(2, 9, 7, generator=make_generator(0), dtype=torch.float64) * 50 - 3
+    out = normalize_intensity(x, "percentile", low=2.0, high=97.0)
+    for c in range(2):
+        a = x[c].numpy()
+        lo, hi = np.percentile(a, 2.0), np.percentile(a, 97.0)
+        np.testing.assert_allclose(out[c].numpy(), (np.clip(a, lo, hi) - lo) / (hi - lo), atol=1e-12)
+
+
+def test_minmax_and_zscore_match_numpy_and_constant_is_zero():
+    x = torch.rand(1, 5, 6, 4, generator=make_generator(1), dtype=torch.float64)
+    a = x.numpy()
+    np.testing.assert_allclose(normalize_intensity(x, "minmax").numpy(), (a - a.min()) / (a.max() - a.min()), atol=1e-12)
+    np.testing.assert_allclose(normalize_intensity(x, "zscore").numpy(), (a - a.mean()) / a.std(), atol=1e-12)
+    assert torch.equal(normalize_intensity(x, "none"), x)
+    const = torch.full((1, 4, 4), 3.0)
+    for m in ("percentile", "minmax", "zscore"):
+        assert torch.equal(normalize_intensity(const, m), torch.zeros_like(const))
+
+
+@given(seed=st.integers(0, 2**31 - 1))
+def test_percentile_output_in_unit_range_and_order_preserving(seed):
+    x = torch.randn(1, 8, 8, generator=make_generator(seed)) * 100
+    out = normalize_intensity(x)
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    flat, o = x.flatten(), out.flatten()
+    i, j = torch.randint(0, 64, (2, 50), generator=make_generator(seed + 1))
+    assert bool(((flat[i] <= flat[j]) <= (o[i] <= o[j])).all())  # a <= b implies f(a) <= f(b)
+
+
+def test_normalisation_errors():
+    with pytest.raises(ValueError, match="method"):
+        normalize_intensity(torch.rand(1, 4, 4), "softmax")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="NaN"):
+        normalize_intensity(torch.tensor([[[float("nan"), 1.0]]]))
+    with pytest.raises(ValueError, match="low, high"):
+        normalize_intensity(torch.rand(1, 4, 4), low=50, high=10)
+
+
+# -- PNG ------------------------------------------------------------------------------------------
+
+
+def test_png_round_trip_is_exact_on_8_bit_values(tmp_path):
+    k = torch.randint(0, 256, (1, 11, 7), generator=make_generator(2)).double()
+    write_image(tmp_path / "a.png", k / 255.0)
+    back = read_image(tmp_path / "a.png", normalization="none")
+    assert back.shape == (1, 11, 7) and back.dtype == torch.float32
+    assert torch.equal(back.double(), k)
+    rgb = torch.rand(3, 5, 6, generator=make_generator(3))
+    write_image(tmp_path / "rgb.png", rgb)
+    assert read_image(tmp_path / "rgb.png").shape == (3, 5, 6)
+
+
+def test_png_16_bit_and_modes(tmp_path):
+    a = (np.arange(30, dtype=np.uint16).reshape(5, 6) * 2000).astype(np.uint16)
+    PIL.fromarray(a).save(tmp_path / "w.png")
+    assert np.array_equal(read_image(tmp_path / "w.png", normalization="none")[0].numpy(), a.astype(np.float32))
+    PIL.new("RGBA", (4, 4)).save(tmp_path / "alpha.png")
+    with pytest.raises(ImageReadError, match="alpha.png.*RGBA"):
+        read_image(tmp_path / "alpha.png")
+    with pytest.raises(ValueError, match="PNG holds a 2D image"):
+        write_image(tmp_path / "v.png", torch.rand(1, 3, 4, 5))
+
+
+# -- NIfTI ----------------------------------------------------------------------------------------
+
+
+def test_nifti_round_trip_and_header_scaling(tmp_path):
+    v = torch.rand(1, 6, 5, 4, generator=make_generator(4)) * 100
+    write_image(tmp_path / "v.nii.gz", v)
+    assert torch.equal(read_image(tmp_path / "v.nii.gz", normalization="none"), v)
+    # scaled int16 storage: the reader applies scl_slope and scl_inter like nibabel
+    data = np.arange(60, dtype=np.int16).reshape(3, 4, 5)
+    img = nib.Nifti1Image(data, np.eye(4))
+    img.header.set_slope_inter(0.5, -3.0)
+    nib.save(img, tmp_path / "s.nii")
+    expected = np.asarray(nib.load(tmp_path / "s.nii").dataobj, dtype=np.float64)
+    np.testing.assert_allclose(read_image(tmp_path / "s.nii", normalization="none")[0].numpy(), expected)
+    np.testing.assert_allclose(expected, data * 0.5 - 3.0)
+    # a 4D series: the last axis becomes the channels; a 2D image has one channel
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((4, 5, 3, 2)).astype(np.float32), np.eye(4)), tmp_path / "t.nii.gz")
+    assert read_image(tmp_path / "t.nii.gz").shape == (2, 4, 5, 3)
+    write_image(tmp_path / "two.nii.gz", torch.rand(1, 7, 3))
+    assert read_image(tmp_path / "two.nii.gz").shape == (1, 7, 3)
+
+
+def test_slices_of_a_volume(tmp_path):
+    v = torch.rand(1, 6, 5, 4, generator=make_generator(5))
+    write_image(tmp_path / "vol.nii.gz", v)
+    write_image(tmp_path / "flat.png", torch.rand(1, 6, 5, generator=make_generator(6)))
+    ds = ImageFolder(tmp_path / "vol.nii.gz", axis=1, slices=(1, -1), normalization="none")
+    assert len(ds) == 3 and [it.slice for it in ds.items] == [1, 2, 3]
+    for i, s in enumerate((1, 2, 3)):
+        assert torch.equal(ds[i], v[:, :, s])
+    assert ds.name(0) == "vol_s0001"
+    whole = ImageFolder(tmp_path, normalization="none")  # a folder: sorted, volumes stay 3D
+    assert [p.name for p in whole.files] == ["flat.png", "vol.nii.gz"]
+    assert whole[1].shape == (1, 6, 5, 4)
+    with pytest.raises(ImageReadError, match="vol.nii.gz.*differs"):
+        whole.stack()
+    with pytest.raises(ValueError, match="needs axis"):
+        ImageFolder(tmp_path, slices=(0, 2))
+
+
+def test_real_nibabel_anatomical():
+    from nibabel.testing import data_path
+
+    path = os.path.join(data_path, "anatomical.nii")
+    if not os.path.exists(path):
+        pytest.skip("nibabel's test data (anatomical.nii) is not installed with this nibabel")
+    ref = np.asarray(nib.load(path).dataobj, dtype=np.float64)
+    x = read_image(path, normalization="none")
+    assert x.shape == (1,) + ref.shape
+    np.testing.assert_allclose(x[0].numpy(), ref.astype(np.float32))
+    ds = ImageFolder(path, axis=2, slices=(10, 12))
+    assert len(ds) == 2 and ds[0].shape == (1,) + ref.shape[:2]
+    assert 0.0 <= float(ds[0].min()) and float(ds[0].max()) <= 1.0
+
+
+# -- DICOM ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm"])
+def test_real_pydicom_files(name):
+    pydicom = pytest.importorskip("pydicom", reason="the io extra (pydicom) is not installed")
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name)
+    if path is None:
+        pytest.skip(f"pydicom's test file {name} is not available")
+    ds = pydicom.dcmread(path)
+    expected = ds.pixel_array.astype(np.float64) * float(getattr(ds, "RescaleSlope", 1)) + float(getattr(ds, "RescaleIntercept", 0))
+    x = read_image(path, normalization="none")
+    assert x.shape == (1,) + ds.pixel_array.shape
+    np.testing.assert_allclose(x[0].numpy(), expected)
+    if name == "CT_small.dcm":
+        assert float(x.min()) < -500  # Hounsfield units: air is far below zero
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["bad.png", "bad.nii.gz", "bad.nii", "bad.dcm"])
+def test_damaged_files_raise_naming_the_file(tmp_path, name):
+    (tmp_path / name).write_bytes(b"this is not an image")
+    with pytest.raises(ImageReadError, match=name.replace(".", r"\.")):
+        read_image(tmp_path / name)
+    with pytest.raises(ImageReadError, match=name.replace(".", r"\.")):
+        ImageFolder(tmp_path)
+
+
+def test_other_errors(tmp_path):
+    with pytest.raises(ImageReadError, match=r"x\.gif: unsupported"):
+        image_format(tmp_path / "x.gif")
+    with pytest.raises(ImageReadError, match="no such file"):
+        read_image(tmp_path / "missing.png")
+    with pytest.raises(ImageReadError, match="no supported image"):
+        ImageFolder(tmp_path)
+    nan = nib.Nifti1Image(np.array([[[np.nan, 1.0]]], dtype=np.float32), np.eye(4))
+    nib.save(nan, tmp_path / "nan.nii")
+    with pytest.raises(ImageReadError, match=r"nan\.nii.*NaN"):
+        read_image(tmp_path / "nan.nii")
+
+
+def test_missing_library_says_what_to_install(tmp_path, monkeypatch):
+    write_image(tmp_path / "v.nii", torch.rand(1, 3, 3, 3))
+    monkeypatch.setitem(sys.modules, "nibabel", None)
+    with pytest.raises(ImportError, match=r"nibabel.*plasticine\[io\]"):
+        read_image(tmp_path / "v.nii")
+
+
+# -- deformations, traces, points -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".nii.gz", ".nii"])
+@pytest.mark.parametrize("shape", [(7, 5), (4, 6, 5)])
+def test_deformation_round_trip(tmp_path, suffix, shape):
+    n = len(shape)
+    g = make_generator(7)
+    d = Deformation(torch.randn(2, n, *shape, generator=g), torch.randn(2, n, *shape, generator=g), torch.randn(2, n, *shape, generator=g))
+    path = write_deformation(tmp_path / f"d{suffix}", d, index=1)
+    e = read_deformation(path)
+    assert torch.equal(e.forward, d.forward[1:]) and torch.equal(e.inverse, d.inverse[1:])
+    if suffix == ".npz":
+        assert torch.equal(e.velocity, d.velocity[1:])
+    else:
+        assert (tmp_path / f"d_inverse{suffix}").is_file()
+        assert nib.load(path).header.get_intent()[0] == "vector"
+
+
+def test_trace_file_is_atomic_and_round_trips(tmp_path):
+    src = torch.tensor([[1.0, 2.0], [3.5, 4.0]])
+    tgt = src + 0.25
+    path = write_trace(tmp_path / "t.json", src, tgt, input="x.png", start_step=3)
+    doc = json.loads(path.read_text())
+    assert doc["format"] == "plasticine-trace" and doc["input"] == "x.png" and doc["start_step"] == 3
+    assert torch.equal(read_points(path), src) and torch.equal(read_points(path, which="target"), tgt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json"]  # no temporary file left
+    write_trace(path, tgt, src)  # replaced in place
+    assert torch.equal(read_points(path), tgt)
+    with pytest.raises(ValueError, match="reserved"):
+        write_trace(tmp_path / "u.json", src, tgt, points=[])
+
+
+def test_points_files(tmp_path):
+    (tmp_path / "p.csv").write_text("# comment\nz,y,x\n1,2,3\n4 5 6\n")
+    assert read_points(tmp_path / "p.csv").tolist() == [[1, 2, 3], [4, 5, 6]]
+    (tmp_path / "p.json").write_text(json.dumps({"points": [[1, 2]]}))
+    assert read_points(tmp_path / "p.json").tolist() == [[1, 2]]
+    (tmp_path / "bad.json").write_text("[[1, 2], [3]]")
+    with pytest.raises(ImageReadError, match=r"bad\.json"):
+        read_points(tmp_path / "bad.json")
+    (tmp_path / "bad.txt").write_text("1 2\nthree four\n")
+    with pytest.raises(ImageReadError, match=r"bad\.txt"):
+        read_points(tmp_path / "bad.txt")
+
+
+def test_unpaired_images_use_every_image():
+    src = [torch.full((1, 2, 2), float(i)) for i in range(3)]
+    tgt = [torch.full((1, 2, 2), float(10 + i)) for i in range(5)]
+    ds = UnpairedImages(src, tgt, seed=3)
+    assert len(ds) == 5
+    pairs = [ds[i] for i in range(5)]
+    assert {float(y[0, 0, 0]) for _, y in pairs} == {10.0, 11.0, 12.0, 13.0, 14.0}
+    assert {float(x[0, 0, 0]) for x, _ in pairs} == {0.0, 1.0, 2.0}

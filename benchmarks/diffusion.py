@@ -67,6 +67,7 @@ def diffusers_unet(layers_per_block: int) -> torch.nn.Module:
     """diffusers' UNet2DModel with channels (32, 64, 64), attention at the coarsest level, 2 inputs, 1 output."""
     from diffusers import UNet2DModel
 
+    torch.manual_seed(0)  # diffusers draws its initial weights from the global generator
     return UNet2DModel(
         in_channels=2,
         out_channels=1,
@@ -99,8 +100,7 @@ def step_speed(device: torch.device, sizes: tuple[int, ...], block_counts: tuple
         return []
     rows = []
     for blocks in block_counts:
-        torch.manual_seed(0)
-        ours = ConditionalUNet(UNetConfig(num_res_blocks=blocks)).to(device).eval()
+        ours = ConditionalUNet(UNetConfig(num_res_blocks=blocks), generator=torch.Generator().manual_seed(0)).to(device).eval()
         theirs = diffusers_unet(blocks).to(device).eval()
         theirs_cl = diffusers_unet(blocks).to(device).eval().to(memory_format=torch.channels_last)
         theirs_cl.load_state_dict(theirs.state_dict())
@@ -177,8 +177,7 @@ def translation_time(device: torch.device, size: int, repeats: int) -> list[dict
     S = _samplers()
     if S is None:
         return []
-    torch.manual_seed(0)
-    net = ConditionalUNet(UNetConfig()).to(device).eval()
+    net = ConditionalUNet(UNetConfig(), generator=torch.Generator().manual_seed(0)).to(device).eval()
     schedule = S["LinearSchedule"]()
     t1, _ = _brainweb(device)
     top, left = (217 - size) // 2, (181 - size) // 2 if size <= 181 else 0

@@ -18,10 +18,9 @@ L = 3
 
 
 def make_encoders(ndim: int) -> dict[str, torch.nn.Module]:
-    torch.manual_seed(0)
     return {
         "concat": ConcatConditioning(L),
-        "learned": LearnedConditioning(L, channels=(4, 6, 8), ndim=ndim).eval(),
+        "learned": LearnedConditioning(L, channels=(4, 6, 8), ndim=ndim, generator=make_generator(0)).eval(),
     }
 
 

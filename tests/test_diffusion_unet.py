@@ -25,10 +25,9 @@ def tiny_config(ndim: int = 2, cond_channels: int = 1, **kw) -> UNetConfig:
 
 
 def tiny_net(ndim: int = 2, cond_channels: int = 1, film: bool = False, seed: int = 0, **kw) -> ConditionalUNet:
-    torch.manual_seed(seed)
     cfg = tiny_config(ndim, cond_channels, **kw)
     enc = LearnedConditioning(cond_channels, channels=(4, 4, 8)[: len(cfg.channel_mults)], ndim=ndim) if film else None
-    return ConditionalUNet(cfg, encoder=enc)
+    return ConditionalUNet(cfg, encoder=enc, generator=make_generator(seed))
 
 
 def inputs(shape, cond_channels=1, seed=0, dtype=torch.float32):
@@ -106,14 +105,24 @@ def test_eval_mode_is_deterministic():
         torch.testing.assert_close(net(noisy, gamma, cond), net(noisy, gamma, cond), rtol=0, atol=0)
 
 
-def test_dropout_acts_in_train_mode():
+def test_dropout_acts_in_train_mode_with_replayable_masks():
     net = tiny_net(2, dropout=0.5).train()
     noisy, gamma, cond = inputs((2, 1, 17, 13))
-    torch.manual_seed(1)
-    a = net(noisy, gamma, cond)
-    torch.manual_seed(2)
-    b = net(noisy, gamma, cond)
+    a = net(noisy, gamma, cond, generator=make_generator(1))
+    b = net(noisy, gamma, cond, generator=make_generator(2))
     assert (a - b).abs().max() > 1e-4
+    torch.testing.assert_close(net(noisy, gamma, cond, generator=make_generator(1)), a, rtol=0, atol=0)
+    with torch.no_grad():  # eval mode: no dropout, whatever the generator
+        net.eval()
+        torch.testing.assert_close(net(noisy, gamma, cond, generator=make_generator(1)), net(noisy, gamma, cond))
+
+
+def test_initialisation_replays_from_a_generator():
+    a, b, c = tiny_net(2, film=True, seed=5), tiny_net(2, film=True, seed=5), tiny_net(2, film=True, seed=6)
+    for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+        if pa.dim() > 1:
+            assert not torch.equal(pa, pc), name
 
 
 @given(seed=st.integers(0, 2**31 - 1))
@@ -140,11 +149,9 @@ def test_config_round_trip_rebuilds_the_same_network():
 
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_memory_format_does_not_change_values(ndim):
-    torch.manual_seed(0)
     cfg = tiny_config(ndim)
-    a = ConditionalUNet(cfg, channels_last=True).eval()
-    b = ConditionalUNet(cfg, channels_last=False).eval()
-    b.load_state_dict(a.state_dict())
+    a = ConditionalUNet(cfg, channels_last=True, generator=make_generator(0)).eval()
+    b = ConditionalUNet(cfg, channels_last=False, generator=make_generator(0)).eval()
     noisy, gamma, cond = inputs((2, 1, *((9, 10) if ndim == 2 else (5, 6, 7))))
     with torch.no_grad():
         out = a(noisy, gamma, cond)
@@ -319,8 +326,7 @@ def _train_on_brainweb(steps: int, batch: int, patch: int, seed: int = 0) -> lis
     d = brainweb_slices()
     pair = torch.from_numpy(np.stack([d["pd"], d["t1"]])).float() / 127.5 - 1.0  # (2, 217, 181) in [-1, 1]
     g = make_generator(seed)
-    torch.manual_seed(seed)
-    net = ConditionalUNet(UNetConfig(base_channels=8, channel_mults=(1, 2), attention_levels=(1,), num_heads=1, norm_groups=4))
+    net = ConditionalUNet(UNetConfig(base_channels=8, channel_mults=(1, 2), attention_levels=(1,), num_heads=1, norm_groups=4), generator=g)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     schedule = LinearSchedule()  # the paper's: 1e-6 .. 1e-2 over 2000 steps
     losses = []

@@ -162,6 +162,9 @@ class LearnedConditioning(nn.Module):
         in_channels: ``L``, the structure channels (the U-Net's ``cond_channels``).
         channels: feature channels per level; its length must equal the U-Net's number of levels.
         ndim: number of spatial dimensions, 2 or 3.
+        generator: source of the initial weights (see
+            :func:`~plasticine.diffusion.unet.init_parameters`); None keeps PyTorch's default
+            initialisation from the global generator.
 
     Shape:
         structure: ``(B, L, *S)``; out (``forward``): ``(B, channels[0], *S)``;
@@ -177,7 +180,13 @@ class LearnedConditioning(nn.Module):
         T. Park et al., "Semantic Image Synthesis with Spatially-Adaptive Normalization", CVPR 2019.
     """
 
-    def __init__(self, in_channels: int, channels: Sequence[int] = (16, 32, 32), ndim: Literal[2, 3] = 2) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        channels: Sequence[int] = (16, 32, 32),
+        ndim: Literal[2, 3] = 2,
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__()
         if not isinstance(in_channels, int) or in_channels < 1:
             raise ValueError(f"in_channels: expected a positive int, got {in_channels!r}")
@@ -199,6 +208,10 @@ class LearnedConditioning(nn.Module):
                 )
             )
             prev = ch
+        if generator is not None:
+            from .unet import init_parameters
+
+            init_parameters(self, generator)
 
     @property
     def out_channels(self) -> int:

@@ -37,7 +37,7 @@ from ..core.shapes import check_shape
 if TYPE_CHECKING:  # pragma: no cover
     from .conditioning import LearnedConditioning
 
-__all__ = ["UNetConfig", "ConditionalUNet", "noise_level_embedding", "log_snr", "MAX_LOG_SNR"]
+__all__ = ["UNetConfig", "ConditionalUNet", "noise_level_embedding", "log_snr", "init_parameters", "MAX_LOG_SNR"]
 
 MAX_LOG_SNR: float = 20.0
 """Clip of :math:`|\\lambda|` in :func:`log_snr` (:math:`\\gamma = 1` maps to ``+MAX_LOG_SNR``)."""
@@ -133,8 +133,49 @@ def _check_gamma_values(gamma: torch.Tensor) -> None:
     if bool(bad.any()):
         raise ValueError(
             f"gamma: expected cumulative signal levels in (0, 1], got values in "
-            f"[{float(gamma.nan_to_num(float('nan')).min())}, {float(gamma.max())}] ({int(bad.sum())} outside)"
+            f"[{float(gamma.min())}, {float(gamma.max())}] ({int(bad.sum())} outside)"
         )
+
+
+def init_parameters(module: nn.Module, generator: torch.Generator | None = None) -> None:
+    r"""Draw the weights of every convolution and linear layer in ``module`` from ``generator``.
+
+    PyTorch's default initialisation, made replayable: weights :math:`\sim` Kaiming-uniform with
+    :math:`a = \sqrt 5`, biases :math:`\sim U(-1/\sqrt{fan_{in}}, 1/\sqrt{fan_{in}})`; GroupNorm
+    layers get unit scale and zero shift. Layers are visited in ``module.modules()`` order, so the
+    same seed gives the same weights.
+
+    Args:
+        module: the network (modified in place).
+        generator: source of the weights (on the CPU or the weights' device); None uses torch's
+            global generator.
+
+    Returns:
+        None.
+
+    Shape:
+        Not applicable (parameters keep their shapes and memory format).
+    """
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.Linear)):
+                nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=generator)
+                if m.bias is not None:
+                    fan_in = m.weight.shape[1] * math.prod(m.weight.shape[2:])
+                    bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+                    nn.init.uniform_(m.bias, -bound, bound, generator=generator)
+            elif isinstance(m, nn.GroupNorm):
+                m.reset_parameters()
+
+
+def _dropout(x: torch.Tensor, p: float, training: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """Inverted dropout; the mask comes from ``generator`` when one is given."""
+    if not training or p == 0.0:
+        return x
+    if generator is None:
+        return F.dropout(x, p, True)
+    keep = torch.rand(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device) >= p
+    return x * keep / (1.0 - p)
 
 
 @dataclass(frozen=True)
@@ -251,18 +292,18 @@ class _ResBlock(nn.Module):
         self.emb = nn.Linear(emb_dim, 2 * cout)
         self.film = _conv(ndim, film_channels, 2 * cout, 1) if film_channels else None
         self.norm2 = nn.GroupNorm(groups, cout)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout
         self.conv2 = _conv(ndim, cout, cout, 3)
         self.skip = _conv(ndim, cin, cout, 1) if cin != cout else nn.Identity()
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, film: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, film: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         ss = self.emb(emb).view(emb.shape[0], -1, *([1] * (x.dim() - 2)))
         if self.film is not None:
             ss = ss + self.film(film)
         scale, shift = ss.chunk(2, dim=1)
         h = torch.addcmul(shift, self.norm2(h), 1 + scale)
-        h = self.conv2(self.dropout(F.silu(h)))
+        h = self.conv2(_dropout(F.silu(h), self.dropout, self.training, generator))
         return self.skip(x) + h
 
 
@@ -317,6 +358,8 @@ class ConditionalUNet(nn.Module):
             (``channels_last_3d`` in 3D). The values are the same either way; on the CPU oneDNN then
             runs the network channels-last, about 20% faster per step in 2D (measured with
             ``benchmarks/diffusion.py``). The output is returned contiguous.
+        generator: source of the initial weights (:func:`init_parameters`, the encoder's too);
+            None keeps PyTorch's default initialisation from the global generator.
 
     Raises:
         ValueError: for an encoder that does not fit the config.
@@ -338,7 +381,11 @@ class ConditionalUNet(nn.Module):
     """
 
     def __init__(
-        self, config: UNetConfig | None = None, encoder: "LearnedConditioning | None" = None, channels_last: bool = True
+        self,
+        config: UNetConfig | None = None,
+        encoder: "LearnedConditioning | None" = None,
+        channels_last: bool = True,
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         config = UNetConfig() if config is None else config
@@ -400,12 +447,21 @@ class ConditionalUNet(nn.Module):
             if lvl > 0:
                 self.upsample.append(_conv(nd, ch, ch, 3))
         self.head = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), _conv(nd, ch, config.in_channels, 3))
+        if generator is not None:
+            init_parameters(self, generator)
         self.channels_last = bool(channels_last)
         if self.channels_last:
             # convolution weights channels-last: oneDNN then runs the whole network channels-last
             self.to(memory_format=torch.channels_last if nd == 2 else torch.channels_last_3d)
 
-    def forward(self, noisy: torch.Tensor, gamma: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        noisy: torch.Tensor,
+        gamma: torch.Tensor,
+        condition: torch.Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Predict the noise in ``noisy`` at signal level ``gamma`` given ``condition``.
 
         Args:
@@ -413,6 +469,8 @@ class ConditionalUNet(nn.Module):
             gamma: cumulative signal levels :math:`\\gamma_k \\in (0, 1]`, one per batch item (any
                 floating dtype; float64 from a schedule is fine).
             condition: the condition, same dtype as ``noisy``; None exactly when ``cond_channels == 0``.
+            generator: source of the dropout masks in training mode (None: torch's global
+                generator); unused in eval mode or with ``dropout = 0``.
 
         Returns:
             :math:`\\hat\\epsilon`, same shape and dtype as ``noisy``.
@@ -453,17 +511,17 @@ class ConditionalUNet(nn.Module):
         skips = [h]
         for lvl, (blocks, attns) in enumerate(zip(self.down_blocks, self.down_attn)):
             for block, attn in zip(blocks, attns):
-                h = attn(block(h, emb, feats[lvl]))
+                h = attn(block(h, emb, feats[lvl], generator))
                 skips.append(h)
             if lvl < len(self.downsample):
                 h = self.downsample[lvl](h)
                 skips.append(h)
-        h = self.mid2(self.mid_attn(self.mid1(h, emb, feats[-1])), emb, feats[-1])
+        h = self.mid2(self.mid_attn(self.mid1(h, emb, feats[-1], generator)), emb, feats[-1], generator)
         levels = len(cfg.channel_mults)
         for i, (blocks, attns) in enumerate(zip(self.up_blocks, self.up_attn)):
             lvl = levels - 1 - i
             for block, attn in zip(blocks, attns):
-                h = attn(block(torch.cat([h, skips.pop()], dim=1), emb, feats[lvl]))
+                h = attn(block(torch.cat([h, skips.pop()], dim=1), emb, feats[lvl], generator))
             if lvl > 0:
                 h = F.interpolate(h, size=skips[-1].shape[2:], mode="nearest")
                 h = self.upsample[i](h)

@@ -33,6 +33,7 @@ References:
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Literal, NamedTuple
 
 import torch
@@ -74,6 +75,8 @@ class _Spec(NamedTuple):
 
 
 def _spec(bins: int, kernel: str, sigma: float) -> _Spec:
+    if isinstance(bins, numbers.Integral) and not isinstance(bins, bool):
+        bins = int(bins)
     if kernel == "bspline":
         if not isinstance(bins, int) or bins < 4:
             raise ValueError(f"bins: the cubic B-spline kernel spans 4 bins, so at least 4 bins are needed, got {bins!r}")

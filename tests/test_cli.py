@@ -1,0 +1,124 @@
+"""The command line on small inputs: train (and resume), translate, trace, errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_generator
+
+from plasticine.checkpoint import load_state
+from plasticine.cli import main
+from plasticine.core import Deformation, sample_at_points
+from plasticine.io import read_deformation, read_image, read_points, write_deformation, write_image
+
+pytest.importorskip("PIL.Image", reason="the io extra (pillow) is not installed")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    g = make_generator(0)
+    for i in range(4):
+        x = torch.rand(1, 16, 12, generator=g)
+        write_image(root / "src" / f"a{i}.png", x)
+        write_image(root / "tgt" / f"b{i}.png", 1.0 - x)
+    return root
+
+
+@pytest.fixture(scope="module")
+def model(folders):
+    out = folders / "model.pt"
+    args = ["--threads", "1", "train", "--source", str(folders / "src"), "--target", str(folders / "tgt"), "--output", str(out)]
+    assert main(args + ["--diffusion-steps", "2", "--registration-steps", "2", "--batch-size", "2", "--quiet"]) == 0
+    return out
+
+
+def test_train_writes_a_model_and_resumes(folders, model):
+    assert model.is_file()
+    dm, reg = load_state(f"{model}.diffusion-state.pt"), load_state(f"{model}.registration-state.pt")
+    assert dm["step"] == 2 and reg["step"] == 2
+    # running again with more steps continues both stages from their checkpoints
+    out = folders / "model.pt"
+    args = ["train", "--source", str(folders / "src"), "--target", str(folders / "tgt"), "--output", str(folders / "more.pt")]
+    for suffix in (".diffusion-state.pt", ".registration-state.pt"):
+        (folders / f"more.pt{suffix}").write_bytes((folders / f"model.pt{suffix}").read_bytes())
+    assert main(args + ["--diffusion-steps", "3", "--registration-steps", "2", "--batch-size", "2", "--quiet"]) == 0
+    dm3 = load_state(folders / "more.pt.diffusion-state.pt")
+    assert dm3["step"] == 3
+    assert any(not torch.equal(dm3["model"][k], v) for k, v in dm["model"].items())  # one more step changed the denoiser
+    # the registration stage was complete: its weights are those of the first run
+    reg2 = load_state(folders / "more.pt.registration-state.pt")
+    assert all(torch.equal(reg2["model"][k], v) for k, v in reg["model"].items())
+    assert out.is_file()
+
+
+def test_translate_writes_images_deformations_and_traces(folders, model, tmp_path):
+    pts = tmp_path / "p.json"
+    pts.write_text(json.dumps([[3.0, 4.0], [10.5, 7.25]]))
+    out = tmp_path / "out"
+    assert main(["translate", "--model", str(model), "--input", str(folders / "src"), "--output", str(out), "--start-step", "20", "--points", str(pts)]) == 0
+    for i in range(4):
+        img = read_image(out / f"a{i}_translated.png", normalization="none")
+        assert img.shape == (1, 16, 12)
+        d = read_deformation(out / f"a{i}_deformation.npz")
+        assert d.forward.shape == (1, 2, 16, 12)
+        doc = json.loads((out / f"a{i}_trace.json").read_text())
+        assert doc["start_step"] == 20 and doc["deformation"] == f"a{i}_deformation.npz" and doc["seed"] == i
+        # the trace file holds phi^-1(p) of the written deformation
+        expected = torch.tensor([[3.0, 4.0], [10.5, 7.25]]) + sample_at_points(d.inverse, torch.tensor([[[3.0, 4.0], [10.5, 7.25]]]))[0]
+        torch.testing.assert_close(read_points(out / f"a{i}_trace.json", which="target"), expected)
+
+
+def test_trace_points_and_masks_through_a_known_shift(tmp_path):
+    # phi(p) = p + (0, 2): the target column c shows source column c + 2
+    u = torch.zeros(1, 2, 10, 9)
+    u[:, 1] = 2.0
+    write_deformation(tmp_path / "d.npz", Deformation(u, -u))
+    mask = torch.zeros(1, 10, 9)
+    mask[:, 3:6, 4:7] = 1.0
+    write_image(tmp_path / "m.png", mask)
+    assert main(["trace", "--deformation", str(tmp_path / "d.npz"), "--mask", str(tmp_path / "m.png"), "--output", str(tmp_path / "t.png")]) == 0
+    traced = read_image(tmp_path / "t.png", normalization="none")[0]
+    expected = np.zeros((10, 9))
+    expected[3:6, 2:5] = 255
+    np.testing.assert_array_equal(traced.numpy(), expected)
+    assert main(["trace", "--deformation", str(tmp_path / "d.npz"), "--mask", str(tmp_path / "t.png"), "--direction", "to-source", "--output", str(tmp_path / "back.nii.gz")]) == 0
+    back = read_image(tmp_path / "back.nii.gz", normalization="none")[0]
+    np.testing.assert_array_equal(back.numpy(), mask[0].numpy() * 255)
+    (tmp_path / "p.csv").write_text("1,5\n2,6.5\n")
+    assert main(["trace", "--deformation", str(tmp_path / "d.npz"), "--points", str(tmp_path / "p.csv"), "--output", str(tmp_path / "p.json")]) == 0
+    assert read_points(tmp_path / "p.json", which="target").tolist() == [[1.0, 3.0], [2.0, 4.5]]
+    assert main(["trace", "--deformation", str(tmp_path / "d.npz"), "--points", str(tmp_path / "p.json"), "--direction", "to-source", "--output", str(tmp_path / "q.json")]) == 0
+    assert read_points(tmp_path / "q.json", which="source").tolist() == [[1.0, 5.0], [2.0, 6.5]]
+
+
+def test_bad_inputs_exit_1_with_one_line(folders, model, tmp_path, capsys):
+    bad = tmp_path / "in"
+    bad.mkdir()
+    (bad / "broken.png").write_bytes(b"not a png")
+    cases = [
+        (["translate", "--model", str(model), "--input", str(bad), "--output", str(tmp_path / "o")], "broken.png"),
+        (["translate", "--model", str(tmp_path / "none.pt"), "--input", str(folders / "src"), "--output", str(tmp_path / "o")], "none.pt"),
+        (["trace", "--deformation", str(tmp_path / "none.npz"), "--points", str(tmp_path / "p.json"), "--output", str(tmp_path / "x.json")], "none.npz"),
+        (["train", "--source", str(folders / "src"), "--target", str(bad), "--output", str(tmp_path / "m.pt")], "broken.png"),
+        (["demo", "--diffusion-steps", "3"], "--retrain"),
+    ]
+    for argv, needle in cases:
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err and err.count("\n") == 1, err
+    with pytest.raises(SystemExit) as info:
+        main(["translate", "--model", str(model)])
+    assert info.value.code == 2
+
+
+def test_python_dash_m_runs():
+    out = subprocess.run([sys.executable, "-m", "plasticine", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "translate" in out.stdout and "demo" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "plasticine", "trace", "--deformation", "nothing.npz", "--points", "p.json", "--output", "o.json"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "nothing.npz" in out.stderr and "Traceback" not in out.stderr

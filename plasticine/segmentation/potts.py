@@ -152,10 +152,10 @@ def _solve_lines(g: torch.Tensor, w: torch.Tensor | None, gamma: float, lengths:
     scalar = c == 1
     s1v = s1[..., 0] if scalar else s1
     # b[r] = P[r] + gamma - s2[r] satisfies b[0] = 0, b[r] = min_l (b[l] - q(l, r)) + gamma with
-    # q(l, r) = |S1[r] - S1[l]|^2 / (W[r] - W[l]); jump[r] is the minimising l
+    # q(l, r) = |S1[r] - S1[l]|^2 / (W[r] - W[l]); only the values are reduced here (a reduction with
+    # indices is several times slower in torch), the minimising l are recovered by backtracking
     b = torch.empty(n + 1, m, dtype=torch.float64, device=dev)
     b[0] = 0.0
-    jump = torch.zeros(n + 1, m, dtype=torch.long, device=dev)
     best = torch.empty(m, dtype=torch.float64, device=dev)
     buf1 = torch.empty((n, m) if scalar else (n, m, c), dtype=torch.float64, device=dev)
     buf2 = torch.empty(n, m, dtype=torch.float64, device=dev)
@@ -172,30 +172,56 @@ def _solve_lines(g: torch.Tensor, w: torch.Tensor | None, gamma: float, lengths:
         else:
             q = torch.sum(u.square_(), -1, out=buf2[:r])
             cand = torch.addcmul(b[:r], q, iw, value=-1.0, out=buf2[:r])
-        torch.min(cand, 0, out=(best, jump[r]))
+        torch.amin(cand, 0, out=best)
         torch.add(best, gamma, out=b[r])
-    u = _segment_means(s1, cw, _backtrack(jump, lengths)) + shift
+    bounds = _backtrack_values(s1, s2, cw, inv, b, gamma, lengths)
+    u = _segment_means(s1, cw, bounds) + shift
     return u.to(g.dtype)
 
 
-def _backtrack(jump: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
-    """Jump positions of the optimal partitions from the back pointers ``jump (n + 1, M)``.
+def _backtrack_values(
+    s1: torch.Tensor,
+    s2: torch.Tensor,
+    cw: torch.Tensor | None,
+    inv: torch.Tensor | None,
+    b: torch.Tensor,
+    gamma: float,
+    lengths: torch.Tensor | None,
+) -> torch.Tensor:
+    """Jump positions of the optimal partitions, from the optimal values ``b (n + 1, M)`` alone.
 
-    Returns ``(n + 1, M)`` bool, True at 0, at n, at each line's end and at every jump.
+    Walks back from each line's end: at the current ``r`` of every line it recomputes the
+    candidates ``b[l] - q(l, r)`` and moves to the largest ``l`` whose candidate attains the optimum
+    ``b[r] - gamma`` (up to a relative 1e-10 for rounding). One step per segment of the longest
+    partition; the forward pass then needs only the fast value reduction. Returns ``(n + 1, M)``
+    bool, True at 0, at n, at each line's end and at every jump.
     """
-    n1, m = jump.shape
-    bounds = torch.zeros(n1, m, dtype=torch.bool, device=jump.device)
+    n1, m = b.shape
+    n = n1 - 1
+    c = s1.shape[-1]
+    dev = b.device
+    bounds = torch.zeros(n1, m, dtype=torch.bool, device=dev)
     bounds[0] = True
-    bounds[n1 - 1] = True
-    if lengths is None:
-        cur = torch.full((1, m), n1 - 1, dtype=torch.long, device=jump.device)
-    else:
-        cur = lengths[None].clone()
-    while True:
-        bounds.scatter_(0, cur, True)
-        cur = jump.gather(0, cur)
-        if not bool(cur.any()):
-            return bounds
+    bounds[n] = True
+    cur = torch.full((m,), n, dtype=torch.long, device=dev) if lengths is None else lengths.clone()
+    bounds[cur, torch.arange(m, device=dev)] = True
+    tol = 1e-10 * (b.abs().amax(0) + s2[n].abs() + abs(gamma))  # (M,)
+    lpos = torch.arange(n, device=dev)[:, None]
+    s1l = s1[:n]
+    bl = b[:n]
+    while bool(cur.any()):
+        idx = cur[None]
+        u = s1l - s1.gather(0, idx[..., None].expand(1, m, c))
+        q = u.square_().sum(-1) if c > 1 else u[..., 0].square_()
+        if cw is None:
+            q.mul_(inv.index_select(0, cur)[:, :n].T)
+        else:
+            q.div_((cw.gather(0, idx) - cw[:n]).clamp_min_(_TINY))
+        target = b.gather(0, idx) - gamma + tol
+        ok = (bl - q <= target) & (lpos < idx)
+        cur = torch.where(ok, lpos, 0).amax(0)
+        bounds.scatter_(0, cur[None], True)
+    return bounds
 
 
 def _segment_means(s1: torch.Tensor, cw: torch.Tensor | None, bounds: torch.Tensor) -> torch.Tensor:

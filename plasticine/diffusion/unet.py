@@ -183,7 +183,7 @@ class UNetConfig:
     """Hyper-parameters of :class:`ConditionalUNet` (frozen, serialisable with :meth:`to_dict`).
 
     Level ``i`` (``0 <= i < len(channel_mults)``) works at ``ceil(S / 2**i)`` with
-    ``base_channels * channel_mults[i]`` channels. The default (about 1.4 M parameters in 2D) is
+    ``base_channels * channel_mults[i]`` channels. The default (about 1.2 M parameters in 2D) is
     tuned for CPU speed: one residual block per level and attention only at the coarsest level.
 
     Args:

@@ -156,6 +156,16 @@ def test_potts_1d_matches_loop_dp_on_longer_signals():
             assert e_ours == pytest.approx(e_ref, rel=1e-10)
 
 
+def test_potts_1d_many_lines_equal_few():
+    """More lines than one CPU block (256) give what each line gives alone."""
+    gen = make_generator(7)
+    f = torch.rand(600, 12, 2, generator=gen, dtype=torch.float64)
+    w = torch.rand(600, 12, generator=gen, dtype=torch.float64) + 0.1
+    u = potts_1d(f, 0.2, w)
+    for i in (0, 255, 256, 599):
+        torch.testing.assert_close(u[i : i + 1], potts_1d(f[i : i + 1], 0.2, w[i : i + 1]), rtol=0, atol=1e-12)
+
+
 def test_potts_1d_limits_and_float32():
     gen = make_generator(5)
     steps = torch.repeat_interleave(torch.tensor([0.0, 1.0, 0.3, 0.8]), 16)

@@ -121,7 +121,26 @@ def _inverse_lengths(n: int, dtype: torch.dtype, device: torch.device) -> torch.
     return torch.where(diff > 0, 1.0 / diff.clamp_min(1.0), torch.zeros((), dtype=dtype, device=device))
 
 
+_CPU_LINE_CHUNK = 256
+"""Lines solved together on the CPU: blocks of this many keep each step's tensors in cache (measured
+1.6x faster than 2048 lines at once for lines of 256); on CUDA all lines go at once."""
+
+
 def _solve_lines(g: torch.Tensor, w: torch.Tensor | None, gamma: float, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact 1-D L2-Potts on lines stored as columns, in cache-sized blocks of lines on the CPU."""
+    m = g.shape[1]
+    if g.device.type != "cpu" or m <= _CPU_LINE_CHUNK:
+        return _solve_line_block(g, w, gamma, lengths)
+    parts = []
+    for i in range(0, m, _CPU_LINE_CHUNK):
+        sl = slice(i, i + _CPU_LINE_CHUNK)
+        parts.append(
+            _solve_line_block(g[:, sl], None if w is None else w[:, sl], gamma, None if lengths is None else lengths[sl])
+        )
+    return torch.cat(parts, 1)
+
+
+def _solve_line_block(g: torch.Tensor, w: torch.Tensor | None, gamma: float, lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Exact 1-D L2-Potts on lines stored as columns: ``g (n, M, C)``, ``w (n, M)`` or None (ones).
 
     ``lengths (M,)``, when given, ends line ``m`` at position ``lengths[m]``: the values after it

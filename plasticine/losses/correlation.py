@@ -6,7 +6,7 @@ one, +1 for a decreasing one. Flat regions (zero variance in either image) have 
 definition, instead of 0 / 0, and the variances are computed so that rounding cannot make them
 negative (no NaN or inf, also in float16 inputs, which are promoted to float32).
 
-Reference:
+References:
     B. B. Avants, C. L. Epstein, M. Grossman, J. C. Gee, "Symmetric diffeomorphic image registration
     with cross-correlation", Medical Image Analysis 12(1), 2008 (local cross-correlation).
 """

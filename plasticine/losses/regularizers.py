@@ -106,7 +106,7 @@ def bending_energy(displacement: torch.Tensor, spacing: float | Sequence[float] 
     For :math:`u_i = a\, x_j^2 / 2` the value is :math:`a^2 / N` exactly; for
     :math:`u_i = a\, x_j x_k` (:math:`j \ne k`) it is :math:`2 a^2 / N`.
 
-    Reference:
+    References:
         D. Rueckert, L. I. Sonoda, C. Hayes, D. L. G. Hill, M. O. Leach, D. J. Hawkes, "Nonrigid
         registration using free-form deformations: application to breast MR images", IEEE TMI
         18(8), 1999.

@@ -42,7 +42,7 @@ _PADDINGS = ("border", "zeros", "reflection")
 
 
 # A piece of a split grid holds at least this many points (below it the split costs more than it saves).
-_MIN_POINTS_PER_PIECE = 4096
+_MIN_POINTS_PER_PIECE = 16384
 
 
 def _grid_sample(image: torch.Tensor, grid: torch.Tensor, mode: str, padding: str) -> torch.Tensor:

@@ -16,7 +16,8 @@ settings.register_profile(
 settings.register_profile("dev", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# One thread: the tensors here are small, and a second thread only costs start-up and contention.
+torch.set_num_threads(1)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from conftest import make_generator
 from plasticine.data import brainweb_slices
 from plasticine.segmentation.metrics import dice
-from plasticine.segmentation.unet import SegmentationLoss, SegmentationUNet, UNetConfig, segmentation_loss, train_segmentation
+from plasticine.segmentation.unet import SegmentationLoss, SegmentationUNet, SegmentationUNetConfig, segmentation_loss, train_segmentation
 
-TINY = UNetConfig(depth=2, base_width=4)
+TINY = SegmentationUNetConfig(depth=2, base_width=4)
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +42,7 @@ def one_thread():
 @pytest.mark.parametrize("norm", ["instance", "group", "batch", "none"])
 def test_shapes_for_uneven_sizes(size, norm):
     n = len(size)
-    net = SegmentationUNet(2, 3, spatial_dims=n, config=UNetConfig(depth=2, base_width=4, norm=norm, groups=2))
+    net = SegmentationUNet(2, 3, spatial_dims=n, config=SegmentationUNetConfig(depth=2, base_width=4, norm=norm, groups=2))
     out = net(torch.randn(2, 2, *size, generator=make_generator(0)))
     assert out.shape == (2, 3, *size)
     assert bool(torch.isfinite(out).all())
@@ -50,7 +50,7 @@ def test_shapes_for_uneven_sizes(size, norm):
 
 @pytest.mark.parametrize("depth", [0, 1, 3])
 def test_depth_and_multipliers(depth):
-    config = UNetConfig(depth=depth, base_width=3, channel_multipliers=tuple(range(1, depth + 2)))
+    config = SegmentationUNetConfig(depth=depth, base_width=3, channel_multipliers=tuple(range(1, depth + 2)))
     assert config.widths == tuple(3 * m for m in range(1, depth + 2))
     net = SegmentationUNet(1, 2, 2, config)
     assert net(torch.randn(1, 1, 19, 11, generator=make_generator(1))).shape == (1, 2, 19, 11)
@@ -69,7 +69,7 @@ def test_crop_matches_explicit_padding():
 
 def test_gradients_reach_every_parameter(ndim):
     size = (9, 14) if ndim == 2 else (5, 6, 7)
-    net = SegmentationUNet(1, 3, ndim, UNetConfig(depth=2, base_width=4, dropout=0.1), generator=make_generator(4))
+    net = SegmentationUNet(1, 3, ndim, SegmentationUNetConfig(depth=2, base_width=4, dropout=0.1), generator=make_generator(4))
     x = torch.randn(2, 1, *size, generator=make_generator(5), requires_grad=True)
     labels = torch.randint(0, 3, (2, 1, *size), generator=make_generator(6))
     segmentation_loss(net(x, generator=make_generator(7)), labels).backward()
@@ -80,14 +80,14 @@ def test_gradients_reach_every_parameter(ndim):
 
 
 def test_float64_gradcheck_through_the_network():
-    net = SegmentationUNet(1, 2, 2, UNetConfig(depth=1, base_width=2, norm="group", groups=2), generator=make_generator(8)).double()
+    net = SegmentationUNet(1, 2, 2, SegmentationUNetConfig(depth=1, base_width=2, norm="group", groups=2), generator=make_generator(8)).double()
     x = torch.randn(1, 1, 5, 6, dtype=torch.float64, generator=make_generator(9), requires_grad=True)
     # leaky ReLU and max pooling are piecewise linear: check away from their kinks with a small step
     assert torch.autograd.gradcheck(lambda t: net(t), (x,), eps=1e-6, atol=1e-5)
 
 
 def test_initialisation_and_dropout_follow_the_generator():
-    config = UNetConfig(depth=1, base_width=4, dropout=0.3)
+    config = SegmentationUNetConfig(depth=1, base_width=4, dropout=0.3)
     a = SegmentationUNet(1, 2, 2, config, generator=make_generator(10))
     b = SegmentationUNet(1, 2, 2, config, generator=make_generator(10))
     c = SegmentationUNet(1, 2, 2, config, generator=make_generator(11))
@@ -103,7 +103,7 @@ def test_initialisation_and_dropout_follow_the_generator():
 
 def test_runs_on_every_device_with_a_cpu_generator(device):
     # the dropout masks and the training draws come from a CPU generator whatever the device
-    net = SegmentationUNet(1, 2, 3, UNetConfig(depth=1, base_width=4, dropout=0.2), generator=make_generator(16)).to(device)
+    net = SegmentationUNet(1, 2, 3, SegmentationUNetConfig(depth=1, base_width=4, dropout=0.2), generator=make_generator(16)).to(device)
     x = torch.randn(2, 1, 4, 6, 5, generator=make_generator(17)).to(device)
     labels = (x > 0.5).long()
     out = net(x, generator=make_generator(18))
@@ -127,17 +127,17 @@ def test_network_errors():
     with pytest.raises(ValueError, match="num_classes"):
         SegmentationUNet(1, 0, 2)
     with pytest.raises(ValueError, match="groups"):
-        UNetConfig(base_width=6, norm="group", groups=4)
+        SegmentationUNetConfig(base_width=6, norm="group", groups=4)
     with pytest.raises(ValueError, match="channel_multipliers"):
-        UNetConfig(depth=2, channel_multipliers=(1, 2))
+        SegmentationUNetConfig(depth=2, channel_multipliers=(1, 2))
     with pytest.raises(ValueError, match="norm"):
-        UNetConfig(norm="layer")
+        SegmentationUNetConfig(norm="layer")
     with pytest.raises(ValueError, match="dropout"):
-        UNetConfig(dropout=1.0)
+        SegmentationUNetConfig(dropout=1.0)
     with pytest.raises(ValueError, match="kernel_size"):
-        UNetConfig(kernel_size=4)
+        SegmentationUNetConfig(kernel_size=4)
     with pytest.raises(ValueError, match="depth"):
-        UNetConfig(depth=-1)
+        SegmentationUNetConfig(depth=-1)
 
 
 # ---------------------------------------------------------------- the loss
@@ -228,7 +228,7 @@ def test_training_is_replayable():
     image, labels = image[..., 30:62, 20:52], labels[..., 30:62, 20:52]
     runs = []
     for _ in range(2):
-        net = SegmentationUNet(1, 2, 2, UNetConfig(depth=1, base_width=4, dropout=0.1), generator=make_generator(14))
+        net = SegmentationUNet(1, 2, 2, SegmentationUNetConfig(depth=1, base_width=4, dropout=0.1), generator=make_generator(14))
         runs.append((train_segmentation(net, image, labels, 3, make_generator(15)), net.state_dict()))
     assert runs[0][0] == runs[1][0] and len(runs[0][0]) == 3
     for name, value in runs[0][1].items():
@@ -255,10 +255,10 @@ def check_learns_ventricles(config, steps, seed, bound):
 def test_tiny_unet_learns_the_ventricles():
     # measured training Dice with these settings, seeds 0/1/2: 0.958, 0.974, 0.954 (flipped image:
     # 0.945, 0.980, 0.953); calling everything ventricle scores 0.035
-    check_learns_ventricles(UNetConfig(depth=2, base_width=8), steps=100, seed=0, bound=0.8)
+    check_learns_ventricles(SegmentationUNetConfig(depth=2, base_width=8), steps=100, seed=0, bound=0.8)
 
 
 @pytest.mark.slow
 def test_unet_learns_the_ventricles_longer():
     # measured training Dice with these settings, seeds 0/1/2: 0.997, 0.994, 0.991
-    check_learns_ventricles(UNetConfig(depth=3, base_width=8), steps=200, seed=1, bound=0.9)
+    check_learns_ventricles(SegmentationUNetConfig(depth=3, base_width=8), steps=200, seed=1, bound=0.9)

@@ -12,7 +12,7 @@ from .extractors import (
 )
 from .metrics import accuracy, confusion_matrix, dice, hausdorff95, iou, pixel_accuracy
 from .potts import PottsExtractor, pixel_gamma, potts, potts_1d, potts_energy, potts_structure_map
-from .unet import SegmentationLoss, SegmentationUNet, UNetConfig, segmentation_loss, train_segmentation
+from .unet import SegmentationLoss, SegmentationUNet, SegmentationUNetConfig, segmentation_loss, train_segmentation
 
 __all__ = [
     "KMeansExtractor",
@@ -21,7 +21,7 @@ __all__ = [
     "PottsExtractor",
     "SegmentationLoss",
     "SegmentationUNet",
-    "UNetConfig",
+    "SegmentationUNetConfig",
     "accuracy",
     "confusion_matrix",
     "dice",

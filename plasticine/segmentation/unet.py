@@ -33,7 +33,7 @@ from torch import nn
 
 from ..core.shapes import check_shape
 
-__all__ = ["UNetConfig", "SegmentationUNet", "segmentation_loss", "SegmentationLoss", "train_segmentation"]
+__all__ = ["SegmentationUNetConfig", "SegmentationUNet", "segmentation_loss", "SegmentationLoss", "train_segmentation"]
 
 Norm = Literal["instance", "group", "batch", "none"]
 Activation = Literal["leaky_relu", "relu", "gelu"]
@@ -43,7 +43,7 @@ _ACTIVATIONS = ("leaky_relu", "relu", "gelu")
 
 
 @dataclass(frozen=True)
-class UNetConfig:
+class SegmentationUNetConfig:
     """Architecture of a :class:`SegmentationUNet`.
 
     Attributes:
@@ -78,7 +78,7 @@ class UNetConfig:
     def __post_init__(self) -> None:
         def positive_int(name: str, value: object, minimum: int = 1) -> None:
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"UNetConfig.{name}: expected an int >= {minimum}, got {value!r}")
+                raise ValueError(f"SegmentationUNetConfig.{name}: expected an int >= {minimum}, got {value!r}")
 
         positive_int("depth", self.depth, 0)
         positive_int("base_width", self.base_width)
@@ -86,24 +86,24 @@ class UNetConfig:
         positive_int("blocks", self.blocks)
         positive_int("kernel_size", self.kernel_size)
         if self.kernel_size % 2 == 0:
-            raise ValueError(f"UNetConfig.kernel_size: expected an odd size, got {self.kernel_size}")
+            raise ValueError(f"SegmentationUNetConfig.kernel_size: expected an odd size, got {self.kernel_size}")
         if self.norm not in _NORMS:
-            raise ValueError(f"UNetConfig.norm: expected one of {_NORMS}, got {self.norm!r}")
+            raise ValueError(f"SegmentationUNetConfig.norm: expected one of {_NORMS}, got {self.norm!r}")
         if self.activation not in _ACTIVATIONS:
-            raise ValueError(f"UNetConfig.activation: expected one of {_ACTIVATIONS}, got {self.activation!r}")
+            raise ValueError(f"SegmentationUNetConfig.activation: expected one of {_ACTIVATIONS}, got {self.activation!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ValueError(f"UNetConfig.dropout: expected a probability in [0, 1), got {self.dropout!r}")
+            raise ValueError(f"SegmentationUNetConfig.dropout: expected a probability in [0, 1), got {self.dropout!r}")
         if self.channel_multipliers is not None:
             m = tuple(self.channel_multipliers)
             if len(m) != self.depth + 1 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in m):
                 raise ValueError(
-                    f"UNetConfig.channel_multipliers: expected depth + 1 = {self.depth + 1} positive ints, got {self.channel_multipliers!r}"
+                    f"SegmentationUNetConfig.channel_multipliers: expected depth + 1 = {self.depth + 1} positive ints, got {self.channel_multipliers!r}"
                 )
             object.__setattr__(self, "channel_multipliers", m)
         if self.norm == "group":
             bad = [w for w in self.widths if w % self.groups]
             if bad:
-                raise ValueError(f"UNetConfig.groups: {self.groups} groups must divide every level width {self.widths}; they do not divide {bad}")
+                raise ValueError(f"SegmentationUNetConfig.groups: {self.groups} groups must divide every level width {self.widths}; they do not divide {bad}")
 
     @property
     def widths(self) -> tuple[int, ...]:
@@ -122,7 +122,7 @@ def _dropout(x: torch.Tensor, p: float, generator: torch.Generator | None) -> to
 class _Block(nn.Module):
     """Convolution, normalisation, activation (then dropout when training)."""
 
-    def __init__(self, cin: int, cout: int, n: int, config: UNetConfig) -> None:
+    def __init__(self, cin: int, cout: int, n: int, config: SegmentationUNetConfig) -> None:
         super().__init__()
         conv = getattr(nn, f"Conv{n}d")
         self.conv = conv(cin, cout, config.kernel_size, padding=config.kernel_size // 2, bias=config.norm == "none")
@@ -143,7 +143,7 @@ class _Block(nn.Module):
 
 
 class _Level(nn.Module):
-    def __init__(self, cin: int, cout: int, n: int, config: UNetConfig) -> None:
+    def __init__(self, cin: int, cout: int, n: int, config: SegmentationUNetConfig) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(_Block(cin if i == 0 else cout, cout, n, config) for i in range(config.blocks))
 
@@ -168,7 +168,7 @@ class SegmentationUNet(nn.Module):
         num_classes: output channels ``L`` (one logit per class, background included; use
             softmax / argmax over them).
         spatial_dims: 2 or 3; selects ``Conv2d`` or ``Conv3d`` layers. Inputs must match it.
-        config: the architecture (:class:`UNetConfig`); the default is a 5-level network with 16
+        config: the architecture (:class:`SegmentationUNetConfig`); the default is a 5-level network with 16
             base channels and instance normalisation.
         generator: source of the initial weights (see :meth:`reset_parameters`); ``None`` keeps
             PyTorch's default initialisation from the global generator.
@@ -184,7 +184,7 @@ class SegmentationUNet(nn.Module):
         Ronneberger et al., MICCAI 2015; Cicek et al., MICCAI 2016.
 
     Example:
-        >>> net = SegmentationUNet(1, 3, spatial_dims=2, config=UNetConfig(depth=2, base_width=4))
+        >>> net = SegmentationUNet(1, 3, spatial_dims=2, config=SegmentationUNetConfig(depth=2, base_width=4))
         >>> net(torch.zeros(2, 1, 21, 17)).shape
         torch.Size([2, 3, 21, 17])
     """
@@ -194,7 +194,7 @@ class SegmentationUNet(nn.Module):
         in_channels: int,
         num_classes: int,
         spatial_dims: Literal[2, 3] = 2,
-        config: UNetConfig | None = None,
+        config: SegmentationUNetConfig | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
@@ -203,9 +203,9 @@ class SegmentationUNet(nn.Module):
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
         if spatial_dims not in (2, 3) or isinstance(spatial_dims, bool):
             raise ValueError(f"spatial_dims: expected 2 or 3, got {spatial_dims!r}")
-        config = config if config is not None else UNetConfig()
-        if not isinstance(config, UNetConfig):
-            raise ValueError(f"config: expected a UNetConfig, got {type(config).__name__}")
+        config = config if config is not None else SegmentationUNetConfig()
+        if not isinstance(config, SegmentationUNetConfig):
+            raise ValueError(f"config: expected a SegmentationUNetConfig, got {type(config).__name__}")
         self.in_channels, self.num_classes, self.spatial_dims, self.config = in_channels, num_classes, spatial_dims, config
         n, widths = spatial_dims, config.widths
         self.encoder = nn.ModuleList(_Level(in_channels if i == 0 else widths[i - 1], w, n, config) for i, w in enumerate(widths))

@@ -166,11 +166,3 @@ def test_learned_backend_trains_and_predicts_from_source_alone(case):
     # the alignment path was trained on this pair, so the source-only prediction follows the paired one
     assert (alone.forward - d.forward).norm(dim=1).mean() < (d.forward.norm(dim=1).mean())
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors and many steps: one thread avoids thread start-up costs on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -8,7 +8,7 @@ for what is measured, how, and where the peers' definitions differ.
 Usage::
 
     python benchmarks/primitives.py                 # full run: 2D and 3D, CPU (and CUDA if present)
-    python benchmarks/primitives.py --quick         # 2D only, few repeats (CI smoke run, < 1 min)
+    python benchmarks/primitives.py --quick         # 2D only, 2-3 calls each (CI smoke run, about a minute on idle cores)
     python benchmarks/primitives.py --only warp --only mutual_information --json out.json
 
 A primitive that plasticine does not provide yet is reported as ``missing``; a peer that cannot
@@ -1024,7 +1024,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         The parsed options.
     """
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="2D only, few repeats (under a minute)")
+    ap.add_argument("--quick", action="store_true", help="2D only, 2-3 calls per library (CI smoke run)")
     ap.add_argument("--only", action="append", metavar="NAME",
                     help="primitive(s) to run, prefix match, repeatable or comma-separated: "
                     + ", ".join(p.name for p in PRIMITIVES))

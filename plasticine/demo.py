@@ -99,6 +99,8 @@ class DemoConfig:
         registration_iterations: optimizer steps of the registration network.
         batch_size: items per training batch.
         learning_rate: Adam learning rate of both stages.
+        ema_decay: decay of the denoiser's weight average, whose weights are kept (None: the last
+            weights).
         seed: seed of everything.
     """
 
@@ -114,6 +116,7 @@ class DemoConfig:
     registration_iterations: int = 500
     batch_size: int = 4
     learning_rate: float = 2e-3
+    ema_decay: float | None = None
     seed: int = 0
 
 
@@ -395,13 +398,16 @@ def train_demo_translator(config: DemoConfig = DemoConfig(), *, verbose: bool = 
         return noise_prediction_loss(model, translator.schedule, y, c, g, "l1")
 
     every = max(1, config.diffusion_iterations // 10)
-    Trainer(
+    stage1 = Trainer(
         diffusion_loss,
         unet,
         torch.optim.Adam(unet.parameters(), config.learning_rate),
         ShuffledBatches(list(zip(cohort.targets, condition)), config.batch_size, seed=config.seed, rank=0, world_size=1),
-        TrainConfig(steps=config.diffusion_iterations, seed=config.seed, progress=progress, log_every=every),
-    ).fit()
+        TrainConfig(steps=config.diffusion_iterations, seed=config.seed, progress=progress, log_every=every, ema_decay=config.ema_decay),
+    )
+    stage1.fit()
+    if stage1.ema is not None:
+        stage1.ema.copy_to(unet)
     unet.eval()
     net = translator.registration.network
     _say(f"stage 2: registration network, {config.registration_iterations} steps", verbose)

@@ -1,0 +1,104 @@
+"""The demo: its exact truth against independent references, the shipped checkpoint, quick runs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from plasticine.cli import main
+from plasticine.core import jacobian_determinant
+from plasticine.core.warp import compose
+from plasticine.data import brainweb_slices
+from plasticine.demo import QUICK, DemoConfig, enlargement_field, make_cohort, pd_lookup, run_demo, shipped_checkpoint
+from plasticine.translator import TraceableTranslator
+
+pytest.importorskip("PIL.Image", reason="the io extra (pillow) is not installed")
+
+FIELDS = (
+    "ventricle_dice",
+    "ventricle_dice_identity",
+    "endpoint_error",
+    "endpoint_error_identity",
+    "endpoint_error_changed",
+    "landmark_error",
+    "folding_fraction",
+    "translation_mae",
+    "per_subject",
+    "goals_met",
+    "seconds",
+    "shape",
+)
+
+
+def test_pd_lookup_is_the_mean_pd_per_t1_value():
+    d = brainweb_slices()
+    table = pd_lookup(d["t1"], d["pd"])
+    t1, pd = d["t1"].astype(int), d["pd"].astype(float)
+    for t in np.unique(t1)[::7]:  # brute force on a subset of the values present
+        assert table[t] == pytest.approx(pd[t1 == t].mean())
+    assert table.shape == (256,) and np.isfinite(table).all()
+
+
+def test_enlargement_field_is_a_diffeomorphism_that_enlarges_the_mask():
+    mask = torch.zeros(1, 1, 40, 36)
+    mask[:, :, 14:26, 15:21] = 1
+    f = enlargement_field(mask, 2.5)
+    assert float(f.velocity.norm(dim=1).max()) == pytest.approx(2.5)
+    assert float(jacobian_determinant(f.forward).min()) > 0
+    # exp(v) o exp(-v) = id up to the integration error
+    assert float(compose(f.forward, f.inverse).norm(dim=1).max()) < 0.05
+    grown = f.labels_to_target(mask.long(), 2)
+    assert int(grown.sum()) > int(mask.sum()) and bool((grown >= mask.long()).all())
+    with pytest.raises(ValueError, match="max_displacement"):
+        enlargement_field(mask, 50.0)
+
+
+def test_cohort_truth():
+    cfg = DemoConfig(shape=(54, 45), enlargement=1.5, subject_displacement=2.0)
+    c = make_cohort(cfg, 3, seed=5, include_real=True)
+    d = brainweb_slices()
+    # subject 0 is the real slice, resampled with antialiasing (compare with scipy's zoom, loosely)
+    ref = ndimage.zoom(d["t1"] / 255.0, (54 / 217, 45 / 181), order=1)
+    assert np.corrcoef(c.sources[0, 0].numpy().ravel(), ref.ravel())[0, 1] > 0.95
+    assert c.targets.shape == c.sources.shape == (3, 1, 54, 45)
+    assert float(c.targets.min()) >= 0 and float(c.targets.max()) <= 1
+    # the truly enlarged masks are the source masks traced through phi_E, and larger
+    assert torch.equal(c.target_masks[:1], c.field.labels_to_target(c.source_masks[:1], 2))
+    assert bool((c.target_masks.sum((1, 2, 3)) > c.source_masks.sum((1, 2, 3))).all())
+    # landmarks: phi_E^-1(p), so phi_E(target landmark) returns to p
+    back = c.field.points_to_source(c.target_landmarks[:1].double())
+    torch.testing.assert_close(back.float(), c.landmarks[:1], atol=0.05, rtol=0)
+
+
+def test_shipped_checkpoint_loads_small():
+    path = shipped_checkpoint()
+    assert path.is_file(), f"the demo checkpoint {path} is missing from the package"
+    assert path.stat().st_size < 2_500_000
+    t = TraceableTranslator.load(path)
+    assert set(t.components()) == {"structure", "registration", "denoiser", "schedule", "sampler", "conditioning"}
+
+
+def test_quick_demo_writes_metrics_and_outputs(tmp_path):
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    m = run_demo(tmp_path / "demo", quick=True, verbose=False)
+    doc = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    for key in FIELDS:
+        assert key in doc and key in m
+    assert doc["subjects"] == 1 and 0.0 <= doc["ventricle_dice"] <= 1.0 and doc["endpoint_error"] >= 0
+    for name in ("subject0_translated.png", "subject0_deformation.npz", "subject0_mask_traced.png", "subject0_landmarks.json"):
+        assert (tmp_path / "demo" / name).is_file()
+    assert (tmp_path / "demo" / "summary.png").is_file() or doc["notes"]
+
+
+def test_retrain_with_a_tiny_step_count(tmp_path):
+    ckpt = tmp_path / "tiny.pt"
+    code = main(["--threads", "1", "demo", "--retrain", "--quick", "--diffusion-steps", "1", "--registration-steps", "1", "--no-figures", "--output", str(tmp_path / "o"), "--checkpoint", str(ckpt)])
+    assert code == 0
+    doc = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert doc["retrained"] and doc["config"]["diffusion_iterations"] == 1 and doc["shape"] == list(QUICK.shape)
+    t = TraceableTranslator.load(ckpt)
+    assert t.denoiser.config.cond_channels == QUICK.num_classes

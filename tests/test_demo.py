@@ -102,3 +102,16 @@ def test_retrain_with_a_tiny_step_count(tmp_path):
     assert doc["retrained"] and doc["config"]["diffusion_iterations"] == 1 and doc["shape"] == list(QUICK.shape)
     t = TraceableTranslator.load(ckpt)
     assert t.denoiser.config.cond_channels == QUICK.num_classes
+
+
+def test_retraining_is_deterministic_given_the_seed():
+    from dataclasses import replace
+
+    from plasticine.demo import train_demo_translator
+
+    cfg = replace(QUICK, diffusion_iterations=2, registration_iterations=2, train_subjects=4)
+    a = train_demo_translator(cfg, verbose=False).state_dict()
+    b = train_demo_translator(cfg, verbose=False).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    c = train_demo_translator(replace(cfg, seed=1), verbose=False).state_dict()
+    assert any(not torch.equal(a[k], c[k]) for k in a)

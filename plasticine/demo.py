@@ -315,12 +315,13 @@ def make_cohort(config: DemoConfig, num_subjects: int, seed: int, *, include_rea
 
 
 def build_demo_translator(config: DemoConfig = DemoConfig()) -> TraceableTranslator:
-    """The demo's translator with freshly initialised weights (about 0.25 M parameters).
+    """The demo's translator with freshly initialised weights (about 0.4 M parameters).
 
-    K-means structure map (``num_classes``), the learned registration network with the noise cue
-    (16 to 32 channels, scaling and squaring with 7 squarings), a conditional U-Net (16, 32, 32
-    channels, no attention), the paper's linear schedule (:math:`10^{-6}..10^{-2}`, K = 2000), DDIM
-    with ``sampler_steps`` steps and concatenation conditioning.
+    The translator of ``plasticine train`` (:func:`plasticine.cli.build_translator`) for 2D
+    single-channel images: k-means structure map (``num_classes``), the learned registration
+    network with the noise cue and scaling and squaring, a conditional U-Net (16, 32, 32 channels,
+    no attention), the paper's linear schedule (:math:`10^{-6}..10^{-2}`, K = 2000), DDIM with
+    ``sampler_steps`` steps and concatenation conditioning; weights initialised from ``seed``.
 
     Args:
         config: the settings.
@@ -331,26 +332,9 @@ def build_demo_translator(config: DemoConfig = DemoConfig()) -> TraceableTransla
     Shape:
         Not applicable.
     """
-    from .diffusion import DDIMSampler, LinearSchedule
-    from .diffusion.conditioning import ConcatConditioning
-    from .diffusion.unet import ConditionalUNet, UNetConfig
-    from .registration import ScalingAndSquaring
-    from .registration.network import LearnedRegistration, RegistrationNet, RegistrationNetConfig
-    from .segmentation import KMeansExtractor
+    from .cli import build_translator
 
-    L = config.num_classes
-    torch.manual_seed(config.seed)  # the initial weights
-    net = RegistrationNet(RegistrationNetConfig(features=16, encoder=(16, 32, 32, 32), align_channels=16, align_layers=3))
-    unet = ConditionalUNet(UNetConfig(cond_channels=L, base_channels=16, channel_mults=(1, 2, 2), attention_levels=(), norm_groups=8))
-    return TraceableTranslator(
-        KMeansExtractor(L, max_iter=50),
-        LearnedRegistration(net, ScalingAndSquaring(7)),
-        unet,
-        LinearSchedule(),
-        DDIMSampler(config.sampler_steps),
-        ConcatConditioning(L),
-        start_fraction=config.start_fraction,
-    )
+    return build_translator(2, 1, classes=config.num_classes, sampler_steps=config.sampler_steps, start_fraction=config.start_fraction, seed=config.seed)
 
 
 def _say(message: str, verbose: bool) -> None:

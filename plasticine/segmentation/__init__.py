@@ -11,7 +11,7 @@ from .extractors import (
     one_hot,
 )
 from .metrics import accuracy, confusion_matrix, dice, hausdorff95, iou, pixel_accuracy
-from .potts import PottsExtractor, pixel_gamma, potts, potts_1d, potts_energy, potts_structure_map
+from .potts_model import PottsExtractor, pixel_gamma, potts, potts_1d, potts_energy, potts_structure_map
 from .unet import SegmentationLoss, SegmentationUNet, SegmentationUNetConfig, segmentation_loss, train_segmentation
 
 __all__ = [

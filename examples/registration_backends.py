@@ -54,30 +54,60 @@ def make_pair(t1, pd, generator, max_norm, vary=True):
     return psi.to_target(t1), warp(pd, compose(psi.forward, phi.forward)), phi.velocity, phi.forward
 
 
+def make_pool(t1, pd, generator, size, max_norm, shape, vary):
+    """``size`` generated cases resized to the network grid ``shape``: sources, targets, true velocities."""
+    cases = [make_pair(t1, pd, generator, max_norm, vary=vary) for _ in range(size)]
+    x, y = (resize(torch.cat([c[i] for c in cases]), shape) for i in (0, 1))
+    return x, y, resize_field(torch.cat([c[2] for c in cases]), shape)
+
+
+def network_config(args) -> RegistrationNetConfig:
+    """A small U-Net of three levels with group normalisation, predicting v on a grid 2x coarser."""
+    w = args.width
+    return RegistrationNetConfig(cue_channels=0, features=w, encoder=(w, 2 * w, 2 * w), align_channels=w, velocity_level=1, norm_groups=4)
+
+
 def train(args, t1, pd) -> RegistrationNet:
+    """Supervised velocity error (plus the alignment term) first, then the paper's objective is added.
+
+    The cases come from a pool generated once (generation costs as much as a step), a few of which
+    are replaced by fresh ones at every step, so that the network keeps seeing new deformations.
+    """
     torch.manual_seed(args.seed)
-    cfg = RegistrationNetConfig(cue_channels=0, features=args.width, encoder=(args.width, 2 * args.width, 2 * args.width, 2 * args.width), align_channels=args.width)
-    net = RegistrationNet(cfg)
-    backend = LearnedRegistration(net, downsample=2)
+    net = RegistrationNet(network_config(args))
+    backend = LearnedRegistration(net, downsample=args.downsample)
     small = backend.network_shape(tuple(t1.shape[2:]))
+    g = torch.Generator().manual_seed(args.seed)
+    t0 = time.perf_counter()
+    X, Y, V = make_pool(t1, pd, g, args.pool, args.max_norm, small, args.vary)
+    print(f"pool of {args.pool} cases at {small[0]}x{small[1]} generated in {time.perf_counter() - t0:.0f} s", flush=True)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
     ss = ScalingAndSquaring()
-    g = torch.Generator().manual_seed(args.seed)
-    t0 = time.perf_counter()
+    start = round(args.objective_from * args.steps)
+    t0, run = time.perf_counter(), []
     for step in range(args.steps):
-        batch = [make_pair(t1, pd, g, args.max_norm) for _ in range(args.batch)]
-        x, y = (resize(torch.cat([p[i] for p in batch]), small) for i in (0, 1))
-        v_true = resize_field(torch.cat([p[2] for p in batch]), small)
-        terms = registration_objective(net, ss, x, y, smoothness_weight=0.1, align_weight=0.1)
-        supervised = (terms["velocity"] - v_true).pow(2).sum(1).mean()
-        loss = terms["total"] + args.supervision * supervised
+        if args.refresh:
+            slots = torch.randint(0, args.pool, (args.refresh,), generator=g)
+            X[slots], Y[slots], V[slots] = make_pool(t1, pd, g, args.refresh, args.max_norm, small, args.vary)
+        idx = torch.randint(0, args.pool, (args.batch,), generator=g)
+        x, y, v_true = X[idx], Y[idx], V[idx]
+        if step >= start:
+            terms = registration_objective(net, ss, x, y, smoothness_weight=0.1, align_weight=0.1)
+            velocity, objective = terms["velocity"], args.objective_weight * terms["total"]
+        else:
+            out = net(x, y)
+            velocity, objective = out.velocity, 0.1 * (out.aligned_features - out.reference_features.detach()).pow(2).mean()
+        supervised = (velocity - v_true).pow(2).sum(1).mean()
+        loss = supervised + objective
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
+        run.append(supervised.item())
         if step % max(1, args.steps // 10) == 0 or step == args.steps - 1:
-            print(f"step {step:4d}  loss {loss.item():8.4f}  velocity error {supervised.sqrt().item():.3f} vx  ({time.perf_counter() - t0:.0f} s)", flush=True)
+            rms = args.downsample * np.sqrt(np.mean(run[-50:]))
+            print(f"step {step:5d}  loss {loss.item():8.4f}  velocity error {rms:.3f} vx (rms, full-size voxels)  ({time.perf_counter() - t0:.0f} s)", flush=True)
     return net.eval()
 
 
@@ -115,24 +145,29 @@ def evaluate(name, backend, cases) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--small", action="store_true", help="a few training steps at a small size")
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--pool", type=int, default=256, help="generated cases held at once")
+    p.add_argument("--refresh", type=int, default=1, help="cases of the pool replaced by fresh ones at each step")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--supervision", type=float, default=1.0, help="weight of the known-velocity term")
+    p.add_argument("--objective-from", type=float, default=1.0, help="fraction of the steps after which the paper's objective is added")
+    p.add_argument("--objective-weight", type=float, default=1.0, help="weight of the paper's objective once added")
     p.add_argument("--max-norm", type=float, default=10.0)
+    p.add_argument("--downsample", type=int, default=8, help="the network runs at 1/downsample of the image size")
+    p.add_argument("--vary", action="store_true", help="also deform the source anatomy of each training pair")
     p.add_argument("--cases", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("registration_model"))
+    p.add_argument("--outdir", type=Path, default=Path("registration_model"), help="where the model is saved")
     args = p.parse_args()
     t1, pd = real_slices()
     if args.small:
-        args.steps, args.batch, args.width, args.cases = 3, 2, 4, 1
+        args.steps, args.batch, args.width, args.cases, args.pool, args.downsample = 3, 2, 4, 1, 4, 4
         t1, pd = resize(t1, (72, 60)), resize(pd, (72, 60))
     net = train(args, t1, pd)
-    save(net, args.out)
-    net = load(args.out)
-    print(f"saved and reloaded from {args.out}/")
+    save(net, args.outdir)
+    net = load(args.outdir)
+    print(f"saved and reloaded from {args.outdir}/")
 
     g = torch.Generator().manual_seed(10_000 + args.seed)  # held-out cases
     cases = []
@@ -140,7 +175,7 @@ def main() -> None:
         source, target, v, fwd = make_pair(t1, pd, g, args.max_norm, vary=False)
         cases.append((source, target, v, fwd, warp((t1 > 0.05).float(), fwd) > 0.5))
 
-    backend = LearnedRegistration(net, downsample=2)
+    backend = LearnedRegistration(net, downsample=args.downsample)
     evaluate("learned", backend, cases)
     backend = IterativeRegistration()
     evaluate("iterative", backend, cases)

@@ -166,3 +166,53 @@ def test_learned_backend_trains_and_predicts_from_source_alone(case):
     # the alignment path was trained on this pair, so the source-only prediction follows the paired one
     assert (alone.forward - d.forward).norm(dim=1).mean() < (d.forward.norm(dim=1).mean())
 
+
+
+@pytest.mark.parametrize("shape", [(37, 50), (13, 14, 11)])
+@pytest.mark.parametrize("level", [1, 2])
+def test_coarse_velocity_head_shapes_and_constants(shape, level):
+    """A coarse head yields full-size fields, and a constant coarse velocity stays exactly constant."""
+    n = len(shape)
+    net = RegistrationNet(spatial_dims=n, features=8, encoder=(8, 8, 8), align_channels=8, cue_channels=0, velocity_level=level, norm_groups=4)
+    assert len(net.up) == 3 - level
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in net.modules()) == 3 + 3 - level
+    x, y = torch.randn(2, 1, *shape), torch.randn(2, 1, *shape)
+    out = net(x, y)
+    assert out.velocity.shape == (2, n, *shape)
+    terms = registration_objective(net, ScalingAndSquaring(4), x, y)
+    terms["total"].backward()
+    assert all(p.grad is not None for p in net.parameters())
+    with torch.no_grad():
+        net.head.weight.zero_()
+        net.head.bias.copy_(torch.arange(1.0, n + 1))
+    v = net(x, y).velocity
+    expected = torch.arange(1.0, n + 1).view(1, n, *([1] * n)).expand_as(v)
+    assert torch.allclose(v, expected, atol=1e-5)
+
+
+def test_coarse_velocity_head_is_smooth():
+    """Upsampled and Gaussian-smoothed, the coarse field has far less fine-scale energy than a full-size head's."""
+    torch.manual_seed(0)
+    x, y = torch.randn(1, 1, 64, 64), torch.randn(1, 1, 64, 64)
+
+    def roughness(level):
+        net = RegistrationNet(features=8, encoder=(8, 8, 8), align_channels=8, cue_channels=0, velocity_level=level)
+        torch.nn.init.normal_(net.head.weight, std=1.0)
+        v = net(x, y).velocity.detach()
+        return float((v.diff(dim=2).pow(2).mean() + v.diff(dim=3).pow(2).mean()) / v.pow(2).mean())
+
+    assert roughness(2) < 0.1 * roughness(0)
+
+
+def test_default_config_keeps_its_parameters():
+    """The new options default to the original network (saved weights keep loading)."""
+    net = RegistrationNet(features=8, encoder=(8, 8, 8, 8), align_channels=8)
+    assert len(net.up) == 4 and not any(isinstance(m, torch.nn.GroupNorm) for m in net.modules())
+    blocks = {k for k in net.state_dict() if k.startswith(("up.", "down."))}
+    assert blocks == {f"{part}.{i}.0.{p}" for part in ("up", "down") for i in range(4) for p in ("weight", "bias")}
+
+
+@pytest.mark.parametrize("bad", [dict(velocity_level=4), dict(velocity_level=-1), dict(norm_groups=3), dict(norm_groups=-1)])
+def test_network_config_errors(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        RegistrationNet(features=8, encoder=(8, 8, 8, 8), align_channels=8, **bad)

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.deformation import Deformation
+from ..core.filters import gaussian_smooth
 from ..core.shapes import check_shape
 from ..core.warp import warp
 
@@ -50,6 +51,14 @@ class RegistrationNetConfig:
         inverse: ``"negate"`` (phi^-1 = exp(-v)) or ``"learned"`` (a second velocity head).
         align_channels: width of the feature-alignment block.
         align_layers: number of 3x3 convolutions in the alignment block.
+        velocity_level: decoder level at which the velocity head reads: ``0`` predicts it at full
+            resolution; ``k > 0`` predicts it on the grid ``2**k`` times coarser (the last ``k``
+            decoder levels are not built) and upsamples it linearly then smooths it with a Gaussian
+            of ``2**(k-1)`` voxels, so the field is smooth by construction (the true fields of
+            anatomy are) and the network has fewer full-resolution layers to run.
+        norm_groups: ``G > 0`` puts a group normalisation of ``G`` groups (Wu and He, 2018) after
+            every encoder and decoder convolution, which makes training from scratch much faster;
+            ``0`` leaves them out (every channel count of ``encoder`` must be divisible by ``G``).
     """
 
     spatial_dims: int = 2
@@ -60,6 +69,8 @@ class RegistrationNetConfig:
     inverse: Literal["negate", "learned"] = "negate"
     align_channels: int = 64
     align_layers: int = 4
+    velocity_level: int = 0
+    norm_groups: int = 0
 
     def __post_init__(self):
         if self.spatial_dims not in (2, 3):
@@ -68,6 +79,10 @@ class RegistrationNetConfig:
             raise ValueError(f"inverse: expected 'negate' or 'learned', got {self.inverse!r}")
         if self.cue_channels < 0 or self.image_channels < 1 or not self.encoder or self.align_layers < 1:
             raise ValueError(f"invalid RegistrationNetConfig: {self}")
+        if self.norm_groups < 0 or (self.norm_groups and any(c % self.norm_groups for c in self.encoder)):
+            raise ValueError(f"norm_groups: expected 0 or a divisor of every encoder width {self.encoder}, got {self.norm_groups}")
+        if not 0 <= self.velocity_level < len(self.encoder):
+            raise ValueError(f"velocity_level: expected an int in [0, {len(self.encoder) - 1}] (fewer than the {len(self.encoder)} encoder levels), got {self.velocity_level}")
 
 
 class RegistrationOutput(NamedTuple):
@@ -86,8 +101,9 @@ class RegistrationOutput(NamedTuple):
     aligned_features: torch.Tensor
 
 
-def _block(conv: type, cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(conv(cin, cout, 3, stride=stride, padding=1), nn.LeakyReLU(0.2))
+def _block(conv: type, cin: int, cout: int, stride: int = 1, groups: int = 0) -> nn.Sequential:
+    norm = [nn.GroupNorm(groups, cout)] if groups else []
+    return nn.Sequential(conv(cin, cout, 3, stride=stride, padding=1), *norm, nn.LeakyReLU(0.2))
 
 
 class RegistrationNet(nn.Module):
@@ -122,13 +138,13 @@ class RegistrationNet(nn.Module):
         self.down = nn.ModuleList()
         c, skips = cfg.features, [cfg.features]
         for ch in cfg.encoder:
-            self.down.append(_block(conv, c, ch, stride=2))
+            self.down.append(_block(conv, c, ch, stride=2, groups=cfg.norm_groups))
             c = ch
             skips.append(ch)
         skips.pop()
         self.up = nn.ModuleList()
-        for ch, skip in zip(reversed(cfg.encoder), reversed(skips)):
-            self.up.append(_block(conv, c + skip, ch))
+        for ch, skip in list(zip(reversed(cfg.encoder), reversed(skips)))[: len(cfg.encoder) - cfg.velocity_level]:
+            self.up.append(_block(conv, c + skip, ch, groups=cfg.norm_groups))
             c = ch
         heads = 2 if cfg.inverse == "learned" else 1
         self.head = conv(c, n * heads, 3, padding=1)
@@ -187,7 +203,12 @@ class RegistrationNet(nn.Module):
             h = F.interpolate(h, size=skip.shape[2:], mode="nearest")
             h = block(torch.cat([h, skip], dim=1))
         crop = (slice(None), slice(None)) + tuple(slice(0, s) for s in shape)
-        out = self.head(h)[crop]
+        out = self.head(h)
+        if cfg.velocity_level:
+            mode = "bilinear" if cfg.spatial_dims == 2 else "trilinear"
+            out = F.interpolate(out, size=xp.shape[2:], mode=mode, align_corners=False)
+            out = gaussian_smooth(out, 2.0 ** (cfg.velocity_level - 1))
+        out = out[crop]
         n = cfg.spatial_dims
         v = out[:, :n]
         v_inv = out[:, n:] if cfg.inverse == "learned" else -v

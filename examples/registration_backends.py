@@ -1,12 +1,16 @@
 """Train the registration network on generated pairs from real anatomy, save, reload, swap backends.
 
 Every training pair is exact truth built from the real BrainWeb slices: the source is the T1 slice
-under a random smooth deformation psi (for variety), the target is the real PD slice of the same
-anatomy under psi o phi with another random diffeomorphism phi, so that ``source o phi`` and
-``target`` show the same anatomy in two contrasts. The network
+(with ``--vary``, under a random smooth deformation psi), the target is the real PD slice of the same
+anatomy under (psi o) phi with a random diffeomorphism phi of up to 10 voxels, so that
+``source o phi`` and ``target`` show the same anatomy in two contrasts. The network
 (:class:`~plasticine.registration.network.RegistrationNet`, without the noise cue since no diffusion
-model is involved here) runs at half resolution and learns from the paper's objective (symmetric
-mutual information, smoothness) plus, since phi is known, the squared error of its velocity.
+model is involved here: three levels with group normalisation, the velocity predicted on a grid 2x
+coarser and smoothed) runs at a quarter of the image size. Since phi is known it learns from the
+squared error of its velocity, with fresh cases drawn at every step directly on the network grid;
+the paper's objective (symmetric mutual information, smoothness) can be added for the last steps
+(``--objective-from``). A few minutes of training on 2 cores bring the held-out endpoint error below
+that of ANTs SyN at a few milliseconds per pair.
 
 It is then saved (weights as a plain state dict, loaded with ``weights_only=True``; config as JSON),
 reloaded, and one registration call is made with three backends, each swapped in one line, on
@@ -54,11 +58,28 @@ def make_pair(t1, pd, generator, max_norm, vary=True):
     return psi.to_target(t1), warp(pd, compose(psi.forward, phi.forward)), phi.velocity, phi.forward
 
 
-def make_pool(t1, pd, generator, size, max_norm, shape, vary):
-    """``size`` generated cases resized to the network grid ``shape``: sources, targets, true velocities."""
-    cases = [make_pair(t1, pd, generator, max_norm, vary=vary) for _ in range(size)]
-    x, y = (resize(torch.cat([c[i] for c in cases]), shape) for i in (0, 1))
-    return x, y, resize_field(torch.cat([c[2] for c in cases]), shape)
+def make_small_pair(t1, pd, generator, max_norm, shape, vary=False):
+    """A training case drawn directly on the network grid ``shape`` (about 10x cheaper than :func:`make_pair`).
+
+    The velocity is drawn on the coarse grid with ``max_norm`` scaled to its voxels, integrated there,
+    and its displacement resampled to full size to warp the real full-size slice, which is then
+    resized like the inputs of :class:`LearnedRegistration`, so the images match those of held-out
+    cases while the true velocity is known on the network grid.
+    """
+    full = tuple(t1.shape[2:])
+    scale = float(np.mean([(s - 1) / (f - 1) for s, f in zip(shape, full)]))
+    phi = random_deformation(shape, max_norm * scale, generator=generator)
+    fwd = resize_field(phi.forward, full)
+    if not vary:
+        return resize(t1, shape), resize(warp(pd, fwd), shape), phi.velocity
+    psi = resize_field(random_deformation(shape, 4.0 * scale, generator=generator).forward, full)
+    return resize(warp(t1, psi), shape), resize(warp(pd, compose(psi, fwd)), shape), phi.velocity
+
+
+def make_batch(t1, pd, generator, size, max_norm, shape, vary):
+    """``size`` fresh cases on the network grid: sources, targets, true velocities."""
+    cases = [make_small_pair(t1, pd, generator, max_norm, shape, vary) for _ in range(size)]
+    return tuple(torch.cat([c[i] for c in cases]) for i in range(3))
 
 
 def network_config(args) -> RegistrationNetConfig:
@@ -70,35 +91,31 @@ def network_config(args) -> RegistrationNetConfig:
 def train(args, t1, pd) -> RegistrationNet:
     """Supervised velocity error (plus the alignment term) first, then the paper's objective is added.
 
-    The cases come from a pool generated once (generation costs as much as a step), a few of which
-    are replaced by fresh ones at every step, so that the network keeps seeing new deformations.
+    Every batch is freshly generated (:func:`make_small_pair`): with a fixed pool of a few hundred
+    cases the network overfits it. The squared velocity error is weighted ``1 + brain_weight`` inside
+    the head (target above 0.05) and 1 elsewhere, where the images carry no information.
     """
     torch.manual_seed(args.seed)
     net = RegistrationNet(network_config(args))
     backend = LearnedRegistration(net, downsample=args.downsample)
     small = backend.network_shape(tuple(t1.shape[2:]))
     g = torch.Generator().manual_seed(args.seed)
-    t0 = time.perf_counter()
-    X, Y, V = make_pool(t1, pd, g, args.pool, args.max_norm, small, args.vary)
-    print(f"pool of {args.pool} cases at {small[0]}x{small[1]} generated in {time.perf_counter() - t0:.0f} s", flush=True)
+    print(f"training at {small[0]}x{small[1]} on fresh cases", flush=True)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
     ss = ScalingAndSquaring()
     start = round(args.objective_from * args.steps)
     t0, run = time.perf_counter(), []
     for step in range(args.steps):
-        if args.refresh:
-            slots = torch.randint(0, args.pool, (args.refresh,), generator=g)
-            X[slots], Y[slots], V[slots] = make_pool(t1, pd, g, args.refresh, args.max_norm, small, args.vary)
-        idx = torch.randint(0, args.pool, (args.batch,), generator=g)
-        x, y, v_true = X[idx], Y[idx], V[idx]
+        x, y, v_true = make_batch(t1, pd, g, args.batch, args.max_norm, small, args.vary)
         if step >= start:
             terms = registration_objective(net, ss, x, y, smoothness_weight=0.1, align_weight=0.1)
             velocity, objective = terms["velocity"], args.objective_weight * terms["total"]
         else:
             out = net(x, y)
             velocity, objective = out.velocity, 0.1 * (out.aligned_features - out.reference_features.detach()).pow(2).mean()
-        supervised = (velocity - v_true).pow(2).sum(1).mean()
+        weight = 1 + args.brain_weight * (y > 0.05).float()
+        supervised = ((velocity - v_true).pow(2).sum(1, keepdim=True) * weight).mean() / weight.mean()
         loss = supervised + objective
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -145,16 +162,15 @@ def evaluate(name, backend, cases) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--small", action="store_true", help="a few training steps at a small size")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--pool", type=int, default=256, help="generated cases held at once")
-    p.add_argument("--refresh", type=int, default=1, help="cases of the pool replaced by fresh ones at each step")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--brain-weight", type=float, default=4.0, help="extra weight of the velocity error inside the head")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--objective-from", type=float, default=1.0, help="fraction of the steps after which the paper's objective is added")
     p.add_argument("--objective-weight", type=float, default=1.0, help="weight of the paper's objective once added")
     p.add_argument("--max-norm", type=float, default=10.0)
-    p.add_argument("--downsample", type=int, default=8, help="the network runs at 1/downsample of the image size")
+    p.add_argument("--downsample", type=int, default=4, help="the network runs at 1/downsample of the image size")
     p.add_argument("--vary", action="store_true", help="also deform the source anatomy of each training pair")
     p.add_argument("--cases", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
@@ -162,7 +178,7 @@ def main() -> None:
     args = p.parse_args()
     t1, pd = real_slices()
     if args.small:
-        args.steps, args.batch, args.width, args.cases, args.pool, args.downsample = 3, 2, 4, 1, 4, 4
+        args.steps, args.batch, args.width, args.cases, args.downsample = 3, 2, 4, 1, 4
         t1, pd = resize(t1, (72, 60)), resize(pd, (72, 60))
     net = train(args, t1, pd)
     save(net, args.outdir)

@@ -11,6 +11,11 @@ Its input layer sums two convolutions, one of the source ``x`` and one of the *r
 3x3 convolutions of 64 channels) learns to predict the reference features from ``x`` alone, so that at
 inference the network needs only ``x``. The cue can be switched off (``cue_channels=0``).
 
+Two options help a small network learn in few steps (both off by default, which keeps the original
+network and its saved weights): ``norm_groups`` adds group normalisation after every encoder and
+decoder convolution, and ``velocity_level`` predicts :math:`v` on a coarser grid, upsampled linearly and
+smoothed by a Gaussian, so that the field is smooth by construction, as anatomical deformations are.
+
 Objective (the paper's eq. 6 and 7), for any similarity loss ``S`` (mutual information by default):
 
 .. math::

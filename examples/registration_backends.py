@@ -124,7 +124,7 @@ def train(args, t1, pd) -> RegistrationNet:
         run.append(supervised.item())
         if step % max(1, args.steps // 10) == 0 or step == args.steps - 1:
             rms = args.downsample * np.sqrt(np.mean(run[-50:]))
-            print(f"step {step:5d}  loss {loss.item():8.4f}  velocity error {rms:.3f} vx (rms, full-size voxels)  ({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(f"step {step:5d}  loss {loss.item():8.4f}  velocity error {rms:.3f} vx (brain-weighted rms, full-size voxels)  ({time.perf_counter() - t0:.0f} s)", flush=True)
     return net.eval()
 
 

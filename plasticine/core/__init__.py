@@ -4,6 +4,7 @@ See :doc:`/conventions` for the coordinate model every function here follows.
 """
 
 from .deformation import Deformation
+from .filters import gaussian_smooth, resize, resize_field
 from .grid import (
     displacement_from_world,
     displacement_to_grid,
@@ -46,11 +47,14 @@ __all__ = [
     "displacement_to_grid",
     "displacement_to_world",
     "folding_fraction",
+    "gaussian_smooth",
     "grid_to_displacement",
     "identity_grid",
     "inverse_consistency_error",
     "jacobian_determinant",
     "jacobian_matrix",
+    "resize",
+    "resize_field",
     "sample_at_points",
     "spatial_gradient",
     "voxel_to_world",

@@ -13,6 +13,7 @@ ventricle Dice, folding fraction (det J <= 0), inverse consistency (voxels) and 
     python benchmarks/registration.py               # 5 cases 2D + 1 case 3D, every available backend
     python benchmarks/registration.py --quick       # 2 small 2D cases (CI)
     python benchmarks/registration.py --backends iterative ants
+    python benchmarks/registration.py --learned registration_model   # after examples/registration_backends.py
 """
 
 from __future__ import annotations
@@ -67,7 +68,22 @@ def load_3d():
     return x
 
 
-def backends(names: list[str], quick: bool):
+def load_learned(folder: Path | None, downsample: int):
+    """A network saved by examples/registration_backends.py (config.json + weights.pt, weights only)."""
+    if folder is None:
+        return None
+    import json
+
+    from plasticine.registration import LearnedRegistration, RegistrationNet, RegistrationNetConfig
+
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["encoder"] = tuple(cfg["encoder"])
+    net = RegistrationNet(RegistrationNetConfig(**cfg))
+    net.load_state_dict(torch.load(folder / "weights.pt", weights_only=True))
+    return LearnedRegistration(net.eval(), downsample=downsample)
+
+
+def backends(names: list[str], quick: bool, learned=None):
     out = {}
     for name in names:
         if name == "iterative":
@@ -83,6 +99,11 @@ def backends(names: list[str], quick: bool):
             out[name] = AntsRegistration()
         elif name == "identity":
             out[name] = None
+        elif name == "learned":
+            if learned is None:
+                print("learned: skipped (give --learned DIR, a model saved by examples/registration_backends.py)")
+                continue
+            out[name] = learned
         else:
             raise SystemExit(f"unknown backend {name!r}")
     return out
@@ -122,14 +143,18 @@ def run(args) -> None:
             print(f"3D case skipped: {exc}")
     rows = []
     summary: dict[tuple[str, str], list[dict[str, float]]] = {}
-    for name, backend in backends(args.backends, args.quick).items():
+    learned = load_learned(args.learned, args.learned_downsample)
+    for name, backend in backends(args.backends, args.quick, learned).items():
         for dim, seed, src, tgt, truth, brain, labs in cases:
             t = time.perf_counter()
             if backend is None:
                 z = torch.zeros_like(truth.forward)
                 est = Deformation(z, z)
+            elif name == "learned" and dim == "3d":
+                continue  # the example trains a 2D network
             else:
-                est = backend.register(src, tgt)
+                with torch.no_grad():
+                    est = backend.register(src, tgt)
             sec = time.perf_counter() - t
             r = score(est, truth, brain, labs) | {"sec": sec}
             summary.setdefault((name, dim), []).append(r)
@@ -148,7 +173,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="two small 2D cases")
     p.add_argument("--cases", type=int, default=None, help="number of 2D cases (default 5, quick 2)")
     p.add_argument("--max-norm", type=float, default=10.0, help="largest velocity of the true field, voxels")
-    p.add_argument("--backends", nargs="+", default=["identity", "iterative", "ants"])
+    p.add_argument("--backends", nargs="+", default=["identity", "learned", "iterative", "ants"])
+    p.add_argument("--learned", type=Path, default=None, help="folder of a network saved by examples/registration_backends.py")
+    p.add_argument("--learned-downsample", type=int, default=4, help="the downsampling it was trained for")
     p.add_argument("--no-3d", action="store_true", help="skip the 3D case")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()

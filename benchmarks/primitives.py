@@ -19,7 +19,6 @@ without its 3D version) is listed under the table.
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib
 import importlib.metadata
 import json

@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from .core.deformation import Deformation
-from .core.warp import sample_at_points, warp
+from .core.warp import warp
 from .translator import TraceableTranslator
 
 __all__ = [

@@ -7,7 +7,6 @@ per-sample groups: eps_hat(y_k, gamma_k, c = y0) = (y_k - sqrt(gamma_k) y0) / sq
 import math
 from fractions import Fraction
 
-import numpy as np
 import pytest
 import torch
 from conftest import make_generator

@@ -20,21 +20,12 @@ from typing import Literal, Sequence
 import torch
 
 from .grid import _constant_vector
-from .shapes import check_shape
+from .shapes import check_shape, spacing_tuple
 from .warp import compose
 
 __all__ = ["spatial_gradient", "jacobian_matrix", "jacobian_determinant", "folding_fraction", "inverse_consistency_error"]
 
 Reduction = Literal["mean", "max", "none"]
-
-
-def _spacing(spacing: float | Sequence[float], n: int) -> tuple[float, ...]:
-    if isinstance(spacing, (int, float)):
-        spacing = (float(spacing),) * n
-    spacing = tuple(float(s) for s in spacing)
-    if len(spacing) != n or min(spacing) <= 0:
-        raise ValueError(f"spacing: expected one positive number or {n} positive numbers, got {spacing}")
-    return spacing
 
 
 def _twice_gradient(field: torch.Tensor) -> torch.Tensor:
@@ -96,7 +87,7 @@ def spatial_gradient(field: torch.Tensor, spacing: float | Sequence[float] = 1.0
         tensor([1., 2., 4., 5.])
     """
     n = check_shape(field, "B C *S", "field")["N"]
-    h = _spacing(spacing, n)
+    h = spacing_tuple(spacing, n)
     g = _twice_gradient(field)
     scale = _constant_vector([0.5 / x for x in h], g, n).unsqueeze(0)
     return g.mul_(scale) if not (torch.is_grad_enabled() and g.requires_grad) else g * scale
@@ -121,7 +112,7 @@ def jacobian_matrix(displacement: torch.Tensor, spacing: float | Sequence[float]
         displacement: ``(B, N, *S)``; out: ``(B, *S, N, N)``.
     """
     n = check_shape(displacement, "B N *S", "displacement")["N"]
-    h = _spacing(spacing, n)
+    h = spacing_tuple(spacing, n)
     g = spatial_gradient(displacement)  # (B, N_i, N_j, *S) in voxels
     if any(x != 1.0 for x in h):
         ratio = [[h[i] / h[j] for j in range(n)] for i in range(n)]

@@ -14,11 +14,11 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
-__all__ = ["check_shape", "spatial_dims"]
+__all__ = ["check_shape", "spatial_dims", "spacing_tuple"]
 
 
 def _fail(name: str, pattern: str, shape: tuple[int, ...], why: str) -> ValueError:
@@ -111,3 +111,20 @@ def spatial_dims(tensor: torch.Tensor) -> int:
         tensor: ``(B, C, *S)`` with ``len(S)`` in {2, 3}.
     """
     return check_shape(tensor, "B C *S", "tensor")["N"]
+
+
+def spacing_tuple(spacing: float | Sequence[float], n: int) -> tuple[float, ...]:
+    """One positive voxel size per spatial axis, from one number or ``n`` numbers.
+
+    Raises:
+        ValueError: naming the expected count and the value given.
+
+    Shape:
+        out: ``(n,)`` tuple.
+    """
+    if isinstance(spacing, (int, float)):
+        spacing = (float(spacing),) * n
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != n or min(spacing) <= 0:
+        raise ValueError(f"spacing: expected one positive number or {n} positive numbers, got {spacing}")
+    return spacing

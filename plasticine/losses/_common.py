@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Sequence
 
 import torch
 
@@ -41,16 +40,6 @@ def check_pair(
         if not (torch.is_floating_point(mask) or mask.dtype == torch.bool):
             raise ValueError(f"mask: expected a bool or floating-point tensor, got dtype {mask.dtype}")
     return dims
-
-
-def spacing_tuple(spacing: float | Sequence[float], n: int) -> tuple[float, ...]:
-    """One positive voxel size per spatial axis."""
-    if isinstance(spacing, (int, float)):
-        spacing = (float(spacing),) * n
-    spacing = tuple(float(s) for s in spacing)
-    if len(spacing) != n or min(spacing) <= 0:
-        raise ValueError(f"spacing: expected one positive number or {n} positive numbers, got {spacing}")
-    return spacing
 
 
 def no_autocast(device: torch.device) -> torch.autocast:

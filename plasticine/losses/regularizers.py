@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from ..core import check_shape
-from ._common import no_autocast, promote, spacing_tuple
+from ..core.shapes import spacing_tuple
+from ._common import no_autocast, promote
 
 __all__ = ["gradient_smoothness", "bending_energy", "GradientSmoothness", "BendingEnergy"]
 

@@ -15,8 +15,8 @@ smooth (the "fluid-like" smoothing of the update in SyN and demons). The result 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Literal, Sequence
+from dataclasses import dataclass
+from typing import Callable, Literal
 
 import torch
 

@@ -40,7 +40,7 @@ InputKind = Literal["velocity", "warp", "pair", "field"]
 Status = Literal["ok", "missing", "unavailable", "error"]
 
 SHAPES: dict[int, tuple[int, ...]] = {2: (256, 256), 3: (96, 96, 96)}
-"""Spatial size per number of dimensions (the brief's 1x2x256x256 and 1x3x96x96x96)."""
+"""Spatial size per number of dimensions (1x2x256x256 in 2D, 1x3x96x96x96 in 3D)."""
 
 SQUARING_STEPS = 7
 LNCC_WINDOW = 9

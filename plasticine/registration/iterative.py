@@ -50,7 +50,7 @@ class IterativeConfig:
     """
 
     levels: tuple[int, ...] = (4, 2, 1)
-    iterations: tuple[int, ...] = (60, 40, 20)
+    iterations: tuple[int, ...] = (40, 25, 10)
     lr: float = 0.25
     smoothing: float = 1.5
     weight: float = 0.0

@@ -37,8 +37,8 @@ class AntsRegistration:
         transform: ANTs ``type_of_transform`` (``"SyN"``, ``"SyNOnly"``, ``"ElasticSyN"``, ...).
         metric: SyN metric, ``"mattes"`` (mutual information, the default) or ``"CC"``.
         pad: margin in voxels of the coordinate images used for the conversion.
-        **kwargs: passed on to ``ants.registration`` (e.g. ``reg_iterations=(40, 20, 0)``);
-            ``random_seed`` defaults to 1 so that results repeat.
+        **kwargs: passed on to ``ants.registration`` (e.g. ``reg_iterations=(40, 20, 0)``). ANTs
+            samples its metric randomly and runs multi-threaded, so results vary slightly between runs.
 
     Shape:
         source, target: ``(B, 1, *S)``; returned Deformation fields ``(B, N, *S)`` on the input's
@@ -46,8 +46,7 @@ class AntsRegistration:
     """
 
     def __init__(self, transform: str = "SyN", metric: str = "mattes", pad: int = 32, **kwargs: Any):
-        self.transform, self.metric, self.pad = transform, metric, int(pad)
-        self.kwargs = {"random_seed": 1, **kwargs}
+        self.transform, self.metric, self.pad, self.kwargs = transform, metric, int(pad), kwargs
 
     def register(self, source: torch.Tensor, target: torch.Tensor | None = None, *, cue: torch.Tensor | None = None) -> Deformation:
         """Register each source to its target with ANTs.

@@ -22,19 +22,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from plasticine.core import Deformation, warp
+from plasticine.core import Deformation, resize_field, warp
 from plasticine.data import brainweb_slices
 from plasticine.data.synthetic import random_deformation
 from plasticine.losses import GradientSmoothness, MutualInformation
 from plasticine.registration import scaling_and_squaring
-
-
-def resize_field(field: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Resample a (1, 2, H, W) velocity to another grid of the same extent, rescaling its vectors."""
-    old = field.shape[2:]
-    out = F.interpolate(field, size=shape, mode="bilinear", align_corners=True)
-    scale = torch.tensor([(s - 1) / (o - 1) for s, o in zip(shape, old)], dtype=field.dtype)
-    return out * scale.view(1, 2, 1, 1)
 
 
 def downsample(image: torch.Tensor, factor: int) -> torch.Tensor:

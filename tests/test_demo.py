@@ -83,7 +83,6 @@ def test_shipped_checkpoint_loads_small():
 
 
 def test_quick_demo_writes_metrics_and_outputs(tmp_path):
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     m = run_demo(tmp_path / "demo", quick=True, verbose=False)
     doc = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     for key in FIELDS:

@@ -26,15 +26,6 @@ from plasticine.diffusion import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests run thousands of tiny tensor ops; intra-op threads only add waiting (30x under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _col(gamma, x):
     return gamma.to(torch.float64).view(-1, *([1] * (x.dim() - 1)))
 

@@ -11,15 +11,6 @@ from scipy import stats
 from plasticine.diffusion import EMA, CosineSchedule, LinearSchedule, NoisePredictionLoss, noise_prediction_loss, sample_noise_level
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensor ops: intra-op threads only add waiting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def zero(noisy, gamma, condition):
     return torch.zeros_like(noisy)
 

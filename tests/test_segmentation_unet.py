@@ -17,20 +17,6 @@ from plasticine.segmentation.unet import SegmentationLoss, SegmentationUNet, Seg
 TINY = SegmentationUNetConfig(depth=2, base_width=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread while these tests run, the previous count restored after.
-
-    The networks here are tiny: their convolutions gain little from a second thread, and on cores
-    shared with other processes the thread synchronisation made the ventricle training 20 to 40
-    times slower than with one thread.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------- the network
 
 

@@ -18,6 +18,7 @@ from scipy import ndimage
 
 from ..core.deformation import Deformation
 from ..core.jacobian import jacobian_determinant
+from ..core.shapes import check_shape
 
 __all__ = ["random_velocity", "random_deformation", "random_intensity_map"]
 
@@ -129,8 +130,6 @@ def random_intensity_map(
     Shape:
         image: ``(B, C, *S)``; out: ``(B, C, *S)`` in [0, 1].
     """
-    from ..core.shapes import check_shape
-
     check_shape(image, "B C *S", "image")
     if knots < 2:
         raise ValueError(f"knots: expected at least 2, got {knots}")

@@ -68,8 +68,8 @@ class AntsRegistration:
             reg = ants.registration(fixed=y, moving=x, type_of_transform=self.transform, syn_metric=self.metric, **self.kwargs)
             fwd.append(self._displacement(ants, y, reg["fwdtransforms"], None))
             inv.append(self._displacement(ants, x, reg["invtransforms"], self._invert_flags(reg["invtransforms"])))
-        as_t = lambda fields: torch.from_numpy(np.stack(fields)).to(device=source.device, dtype=source.dtype)  # noqa: E731
-        return Deformation(as_t(fwd), as_t(inv))
+        fwd_t, inv_t = (torch.from_numpy(np.stack(f)).to(device=source.device, dtype=source.dtype) for f in (fwd, inv))
+        return Deformation(fwd_t, inv_t)
 
     @staticmethod
     def _invert_flags(transforms: list[str]) -> list[bool]:

@@ -116,9 +116,21 @@ def displacement_to_grid(displacement: torch.Tensor) -> torch.Tensor:
     """
     dims = check_shape(displacement, "B N *S", "displacement")
     shape = dims["S"]
-    base = _normalised_identity(shape, displacement.dtype, displacement.device)
-    g = torch.addcmul(base, displacement.flip(1), _normalised_scale(shape, displacement))
-    return g.movedim(1, -1)
+    n = len(shape)
+    comps = displacement.unbind(1)
+    # channel k of the grid is axis N - 1 - k: one broadcast add of that axis' linspace per channel
+    # (a stack and a view, no channel flip, no full identity, no tensor of scales)
+    cols = []
+    for k in range(n):
+        a = n - 1 - k
+        if shape[a] > 1:
+            coords = torch.linspace(-1.0, 1.0, shape[a], dtype=displacement.dtype, device=displacement.device)
+            view = [1] * (n + 1)
+            view[1 + a] = shape[a]
+            cols.append(torch.add(coords.view(view), comps[a], alpha=2.0 / (shape[a] - 1)))
+        else:
+            cols.append(torch.zeros_like(comps[a]))
+    return torch.stack(cols, 1).movedim(1, -1)
 
 
 def grid_to_displacement(grid: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..core import check_shape
+from ..core.grid import _constant_vector
 from ..core.shapes import spacing_tuple
 from ._common import no_autocast, promote
 
@@ -26,6 +27,7 @@ __all__ = ["gradient_smoothness", "bending_energy", "GradientSmoothness", "Bendi
 
 
 def _prepare(displacement: torch.Tensor, spacing: float | Sequence[float], min_size: int, what: str):
+    """Checked field in physical units ``h_i u_i`` (float32 at least), its ``N`` and the spacing."""
     dims = check_shape(displacement, "B N *S", "displacement")
     n = dims["N"]
     h = spacing_tuple(spacing, n)
@@ -34,18 +36,22 @@ def _prepare(displacement: torch.Tensor, spacing: float | Sequence[float], min_s
             f"displacement: {what} needs at least {min_size} voxels along every spatial axis, got shape "
             f"{tuple(displacement.shape)}"
         )
-    return promote(displacement), n, h
+    u = promote(displacement)
+    if any(x != h[0] for x in h):
+        u = u * _constant_vector(h, u, n)
+    elif h[0] != 1.0:
+        u = u * h[0]
+    return u, n, h
 
 
-def _mean_square(d: torch.Tensor, scale: list[float]) -> torch.Tensor:
-    """``mean((scale_i * d_i)^2)`` over batch, components ``i`` and positions.
+def _mean_square(d: torch.Tensor, factor: float) -> torch.Tensor:
+    """``mean((factor * d)^2)`` over all entries: one fused dot product, no squared copy.
 
     Shape:
-        d: ``(B, N, *S')``; scale: N numbers; out: ``()``.
+        d: any (contiguous, as ``torch.diff`` returns); out: ``()``.
     """
-    per_component = d.square().sum(dim=[0] + list(range(2, d.dim())))
-    weights = torch.tensor([c * c for c in scale], dtype=d.dtype, device=d.device)
-    return (per_component * weights).sum() / d.numel()
+    flat = d.reshape(-1)
+    return torch.dot(flat, flat) * (factor * factor / flat.numel())
 
 
 def gradient_smoothness(displacement: torch.Tensor, spacing: float | Sequence[float] = 1.0) -> torch.Tensor:
@@ -81,11 +87,9 @@ def gradient_smoothness(displacement: torch.Tensor, spacing: float | Sequence[fl
     """
     with no_autocast(displacement.device):
         u, n, h = _prepare(displacement, spacing, 2, "gradient_smoothness")
-        total = u.new_zeros(())
-        for j in range(n):
-            # component i in physical units (h_i u_i), differentiated along x_j (/ h_j)
-            total = total + _mean_square(torch.diff(u, dim=2 + j), [h[i] / h[j] for i in range(n)])
-        return total
+        # components in physical units (h_i u_i), differentiated along x_j (/ h_j)
+        terms = [_mean_square(torch.diff(u, dim=2 + j), 1.0 / h[j]) for j in range(n)]
+        return torch.stack(terms).sum()
 
 
 def bending_energy(displacement: torch.Tensor, spacing: float | Sequence[float] = 1.0) -> torch.Tensor:
@@ -140,7 +144,7 @@ def bending_energy(displacement: torch.Tensor, spacing: float | Sequence[float] 
             for k in range(j, n):
                 # [1, -2, 1] for k == j, the 2x2 forward stencil for k != j (counted twice)
                 second = torch.diff(first, dim=2 + k)
-                term = _mean_square(second, [h[i] / (h[j] * h[k]) for i in range(n)])
+                term = _mean_square(second, 1.0 / (h[j] * h[k]))
                 total = total + (term if k == j else 2.0 * term)
         return total
 

@@ -263,6 +263,19 @@ def test_gradcheck_warp_linear(ndim_):
         assert torch.autograd.gradcheck(lambda i, d: warp(i, d, "linear", padding), (image, u), fast_mode=fast)
 
 
+def test_gradgradcheck_warp_displacement():
+    # the voxel -> grid conversion is one autograd node whose backward is differentiable again
+    gen = make_generator(5)
+    image = torch.randn(1, 1, 5, 6, generator=gen, dtype=torch.float64)
+    u = (smooth(gen, (1, 2, 5, 6), 1.5, 1.3) + 0.05).requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda d: warp(image, d), (u,))
+    w = torch.randn(1, 2, 5, 6, generator=gen, dtype=torch.float64)
+    (g,) = torch.autograd.grad((displacement_to_grid(u) * w.movedim(1, -1)).sum(), u, create_graph=True)
+    # d/du of sum(grid * w): channel i of u feeds grid channel N - 1 - i with scale 2 / (S_i - 1)
+    expected = torch.stack([w[:, 1] * 2 / 4, w[:, 0] * 2 / 5], 1)
+    assert torch.allclose(g, expected)
+
+
 def test_gradcheck_warp_cubic_2d():
     gen = make_generator(4)
     image = torch.randn(1, 2, 6, 7, generator=gen, dtype=torch.float64, requires_grad=True)

@@ -114,23 +114,47 @@ def displacement_to_grid(displacement: torch.Tensor) -> torch.Tensor:
     Shape:
         displacement: ``(B, N, *S)``; out: ``(B, *S, N)``.
     """
-    dims = check_shape(displacement, "B N *S", "displacement")
-    shape = dims["S"]
-    n = len(shape)
-    comps = displacement.unbind(1)
-    # channel k of the grid is axis N - 1 - k: one broadcast add of that axis' linspace per channel
-    # (a stack and a view, no channel flip, no full identity, no tensor of scales)
-    cols = []
-    for k in range(n):
-        a = n - 1 - k
-        if shape[a] > 1:
-            coords = torch.linspace(-1.0, 1.0, shape[a], dtype=displacement.dtype, device=displacement.device)
-            view = [1] * (n + 1)
-            view[1 + a] = shape[a]
-            cols.append(torch.add(coords.view(view), comps[a], alpha=2.0 / (shape[a] - 1)))
-        else:
-            cols.append(torch.zeros_like(comps[a]))
-    return torch.stack(cols, 1).movedim(1, -1)
+    check_shape(displacement, "B N *S", "displacement")
+    return _ToGrid.apply(displacement)
+
+
+class _ToGrid(torch.autograd.Function):
+    """:func:`displacement_to_grid` as one node: channel ``k`` of the grid is axis ``N - 1 - k``.
+
+    Forward: one broadcast add of that axis' ``linspace`` per channel, written straight into a
+    channel-first buffer (returned as its channel-last view); backward: one scaled copy per channel.
+    No identity grid, channel flip, tensor of scales or concatenation is built per call. The map is
+    affine, so the backward is differentiable again (composite ops under ``create_graph``).
+    """
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor) -> torch.Tensor:  # noqa: D102 - documented on the class
+        shape = tuple(u.shape[2:])
+        n = len(shape)
+        scales = tuple(2.0 / (shape[n - 1 - k] - 1) if shape[n - 1 - k] > 1 else 0.0 for k in range(n))
+        out = torch.empty((u.shape[0], n, *shape), dtype=u.dtype, device=u.device)
+        for k in range(n):
+            a = n - 1 - k
+            if shape[a] > 1:
+                view = [1] * (n + 1)
+                view[1 + a] = shape[a]
+                coords = torch.linspace(-1.0, 1.0, shape[a], dtype=u.dtype, device=u.device).view(view)
+                torch.add(coords, u[:, a], alpha=scales[k], out=out[:, k])
+            else:
+                out[:, k].zero_()
+        ctx.scales = scales
+        return out.movedim(1, -1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        n = grad.shape[-1]
+        scales = ctx.scales
+        if torch.is_grad_enabled():  # create_graph: composite, differentiable ops
+            return torch.stack([grad[..., n - 1 - i] * scales[n - 1 - i] for i in range(n)], 1)
+        gu = torch.empty((grad.shape[0], n, *grad.shape[1:-1]), dtype=grad.dtype, device=grad.device)
+        for i in range(n):
+            torch.mul(grad[..., n - 1 - i], scales[n - 1 - i], out=gu[:, i])
+        return gu
 
 
 def grid_to_displacement(grid: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,15 @@ from scipy import ndimage
 
 from plasticine.core.protocols import StructureExtractor
 from plasticine.data import brainweb_slices
-from plasticine.segmentation import PottsExtractor, pixel_gamma, potts, potts_1d, potts_energy, potts_structure_map
+from plasticine.segmentation import (
+    PottsExtractor,
+    pixel_gamma,
+    potts,
+    potts_1d,
+    potts_energy,
+    potts_model,
+    potts_structure_map,
+)
 from plasticine.segmentation.metrics import dice
 
 from conftest import make_generator
@@ -156,14 +164,32 @@ def test_potts_1d_matches_loop_dp_on_longer_signals():
             assert e_ours == pytest.approx(e_ref, rel=1e-10)
 
 
-def test_potts_1d_many_lines_equal_few():
-    """More lines than one CPU block (256) give what each line gives alone."""
+def test_potts_1d_many_lines_equal_few(monkeypatch):
+    """Lines split over several CPU blocks give what each line gives alone."""
+    monkeypatch.setattr(potts_model, "_CPU_BLOCK_ELEMENTS", 12 * 100)  # blocks of 100 lines
     gen = make_generator(7)
     f = torch.rand(600, 12, 2, generator=gen, dtype=torch.float64)
     w = torch.rand(600, 12, generator=gen, dtype=torch.float64) + 0.1
     u = potts_1d(f, 0.2, w)
-    for i in (0, 255, 256, 599):
+    for i in (0, 99, 100, 599):
         torch.testing.assert_close(u[i : i + 1], potts_1d(f[i : i + 1], 0.2, w[i : i + 1]), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_lines_of_different_lengths_equal_each_line_alone(monkeypatch, weighted):
+    """Lines sorted by length into blocks that stop at their longest line: each equals its line alone."""
+    monkeypatch.setattr(potts_model, "_CPU_BLOCK_ELEMENTS", 60)  # several blocks of a few lines
+    gen = make_generator(8)
+    m, n = 23, 15
+    f = torch.rand(n, m, 1, generator=gen, dtype=torch.float64)
+    w = torch.rand(n, m, generator=gen, dtype=torch.float64) + 0.1 if weighted else None
+    lengths = torch.randint(1, n + 1, (m,), generator=gen)
+    lengths[3] = n
+    u = potts_model._solve_lines(f, w, 0.05, lengths)
+    for k in range(m):
+        ln = int(lengths[k])
+        alone = potts_1d(f[:ln, k, 0][None], 0.05, None if w is None else w[:ln, k][None])[0]
+        torch.testing.assert_close(u[:ln, k, 0], alone, rtol=0, atol=1e-12)
 
 
 def test_potts_1d_limits_and_float32():

@@ -298,6 +298,81 @@ def test_potts_recovers_clean_partitions_2d_and_3d(ndim):
     assert ((u - f).abs() < 0.05).all()
 
 
+def _region_joins(u: np.ndarray, f: np.ndarray, gamma: float, nb: str) -> list[float]:
+    """Energy change of joining each pair of adjacent regions of ``u`` (brute force, one image).
+
+    Regions are the connected sets of equal value (4/6-connected for ``axes``, 8-connected for
+    ``diagonals``); u, f: ``(C, *S)``.
+    """
+    nd = u.ndim - 1
+    conn = ndimage.generate_binary_structure(nd, 1 if nb == "axes" else nd)
+    keys = np.unique(u.reshape(u.shape[0], -1), axis=1)
+    lab = np.zeros(u.shape[1:], dtype=int)
+    count = 0
+    for k in keys.T:
+        sub, n = ndimage.label(np.all(u == k.reshape(-1, *([1] * nd)), axis=0), structure=conn)
+        lab[sub > 0] = sub[sub > 0] + count
+        count += n
+    if nb == "axes":
+        pairs = [(tuple(1 if i == a else 0 for i in range(nd)), 1.0) for a in range(nd)]
+    else:
+        pairs = [((0, 1), math.sqrt(2) - 1), ((1, 0), math.sqrt(2) - 1), ((1, 1), 1 - math.sqrt(2) / 2), ((1, -1), 1 - math.sqrt(2) / 2)]
+    beta: dict[tuple[int, int], float] = {}
+    for p in itertools.product(*(range(s) for s in lab.shape)):
+        for off, om in pairs:
+            q = tuple(a + o for a, o in zip(p, off))
+            if all(0 <= a < s for a, s in zip(q, lab.shape)) and lab[p] != lab[q]:
+                key = (min(lab[p], lab[q]), max(lab[p], lab[q]))
+                beta[key] = beta.get(key, 0.0) + om
+    out = []
+    for (a, b), bw in beta.items():
+        ma, mb = (lab == a).sum(), (lab == b).sum()
+        mu_a, mu_b = f[:, lab == a].mean(1), f[:, lab == b].mean(1)
+        out.append(ma * mb / (ma + mb) * float(((mu_a - mu_b) ** 2).sum()) - gamma * bw)
+    return out
+
+
+@given(seed=st.integers(0, 2**31 - 1), nb=st.sampled_from(["axes", "diagonals"]), gamma=st.floats(0.01, 0.3))
+def test_potts_result_is_stable_under_region_joins(seed, nb, gamma):
+    gen = make_generator(seed)
+    f = _piecewise_image(gen, (9, 11), levels=4, noise=0.15)
+    u = potts(f, gamma, neighborhood=nb)
+    joins = _region_joins(u[0].numpy(), f[0].numpy(), gamma, nb)
+    assert min(joins, default=0.0) >= -1e-9
+    # joining only lowers the energy
+    kept = potts(f, gamma, neighborhood=nb, merge_regions=False)
+    e, e_kept = (potts_energy(x, f, gamma, neighborhood=nb).item() for x in (u, kept))
+    assert e <= e_kept + 1e-9
+
+
+def test_region_joins_in_3d_and_with_weights():
+    gen = make_generator(21)
+    f = _piecewise_image(gen, (5, 6, 7), levels=4, noise=0.2)
+    u = potts(f, 0.05)
+    assert min(_region_joins(u[0].numpy(), f[0].numpy(), 0.05, "axes"), default=0.0) >= -1e-9
+    # a weightless half: its regions cost no data term, so each joins a neighbour
+    w = torch.ones(1, 1, 5, 6, 7, dtype=torch.float64)
+    w[..., :3] = 0.0
+    uw = potts(f, 0.05, w)
+    assert potts_energy(uw, f, 0.05, w).item() <= potts_energy(potts(f, 0.05, w, merge_regions=False), f, 0.05, w).item() + 1e-9
+
+
+def test_refit_regions_joins_exactly_when_it_lowers_the_energy():
+    # two 5x5 halves of a 5x10 image: 5 neighbour pairs across, joining changes the energy by
+    # 25 * 25 / 50 * (mu_a - mu_b)^2 - 5 gamma
+    f = torch.zeros(1, 1, 5, 10, dtype=torch.float64)
+    f[..., 5:] = 0.3
+    labels = torch.tensor([0] * 5 + [5] * 5).repeat(5)
+    offsets, omegas = [(1, 0), (0, 1)], [1.0, 1.0]
+    for gamma, joined in ((0.2, False), (0.25, True)):  # 12.5 * 0.09 = 1.125 vs 5 gamma = 1.0 / 1.25
+        out = potts_model._refit_regions(labels, f, None, gamma, offsets, omegas, merge=True)
+        assert (out.unique().numel() == 1) == joined
+        expected = torch.full_like(f, 0.15) if joined else f
+        torch.testing.assert_close(out, expected)
+    out = potts_model._refit_regions(labels, f, None, 0.25, offsets, omegas, merge=False)
+    torch.testing.assert_close(out, f)
+
+
 def test_potts_batched_equals_single_and_float32_equals_float64():
     gen = make_generator(2)
     f = torch.cat([_piecewise_image(gen, (20, 17), levels=4, noise=0.08) for _ in range(3)])

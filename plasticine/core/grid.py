@@ -87,6 +87,20 @@ def _constant_vector(values: Sequence[float], like: torch.Tensor, ndim: int = 0)
     return out.view(1, len(values), *([1] * ndim))
 
 
+def _vector_length(field: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
+    """Euclidean length of the vectors along dim 1: ``sqrt(sum_i field_i^2)``, gradient 0 at zero vectors.
+
+    A sum of squares and a square root: torch's ``norm(dim=1)`` reduces over the short channel
+    axis about 80 times slower on the CPU (measured 160 vs 2 ms for a 3x90x108x90 field).
+
+    Shape:
+        field: ``(B, N, *S)``; out: ``(B, *S)``, or ``(B, 1, *S)`` with ``keepdim``.
+    """
+    sq = field.square().sum(1, keepdim=keepdim)
+    pos = sq > 0
+    return torch.where(pos, torch.where(pos, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))
+
+
 def _normalised_scale(shape: Sequence[int], like: torch.Tensor, size_one: float = 0.0) -> torch.Tensor:
     """``2 / (S_i - 1)`` per axis in reversed (x, y[, z]) order (``size_one`` for an axis of size 1).
 

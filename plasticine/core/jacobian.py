@@ -19,7 +19,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from .grid import _constant_vector
+from .grid import _constant_vector, _vector_length
 from .shapes import check_shape, spacing_tuple
 from .warp import compose
 
@@ -225,6 +225,6 @@ def inverse_consistency_error(
     """
     dims = check_shape(displacement, "B N *S", "displacement")
     check_shape(inverse, "B N *S", "inverse", bindings=dims)
-    e1 = compose(displacement, inverse).norm(dim=1, keepdim=True)
-    e2 = compose(inverse, displacement).norm(dim=1, keepdim=True)
+    e1 = _vector_length(compose(displacement, inverse), keepdim=True)
+    e2 = _vector_length(compose(inverse, displacement), keepdim=True)
     return _reduce(0.5 * (e1 + e2), mask, reduction)

@@ -63,7 +63,7 @@ def auto_squaring_steps(velocity: torch.Tensor, max_step: float = 0.5, min_steps
         8
     """
     check_shape(velocity, "B N *S", "velocity")
-    vmax = float(velocity.detach().norm(dim=1).amax())
+    vmax = float(velocity.detach().square().sum(1).amax()) ** 0.5
     if not math.isfinite(vmax):
         raise ValueError(f"velocity: expected finite values, found max norm {vmax}")
     need = math.ceil(math.log2(vmax / max_step)) if vmax > max_step else 0

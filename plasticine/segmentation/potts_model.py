@@ -549,13 +549,12 @@ def _refit_regions(
     r"""Give each region the weighted mean of ``f``, after greedy merges of adjacent regions (``merge``).
 
     With masses :math:`m` (sums of weights), means :math:`\mu` and the weighted count
-    :math:`eta_{AB} = \sum_d \omega_d \#\{	ext{neighbour pairs along } d 	ext{ between } A, B\}`,
+    :math:`\beta_{AB} = \sum_d \omega_d \#\{\text{neighbour pairs along } d \text{ between } A, B\}`,
     joining adjacent regions :math:`A` and :math:`B` changes the energy by exactly
 
     .. math::
 
-        \Delta_{AB} = rac{m_A m_B}{m_A + m_B} \lVert \mu_A - \mu_B 
-Vert^2 - \gamma eta_{AB}
+        \Delta_{AB} = \frac{m_A m_B}{m_A + m_B} \lVert \mu_A - \mu_B \rVert^2 - \gamma \beta_{AB}
 
     (the data term of the union minus those of the parts, minus the jumps that disappear; all other
     boundaries keep their counts). Each round joins every pair that is the most negative

@@ -20,14 +20,17 @@ Run ``plasticine <command> --help`` for the options of each (``python -m plastic
   points phi(q)).
 * ``plasticine demo`` runs :func:`plasticine.demo.run_demo` (offline, on the shipped real MR slice).
 
-Bad input (a missing or unreadable file, mismatched shapes, a bad option) prints one line
-``plasticine <command>: error: ...`` to stderr and exits with status 1 (2 for a malformed command
-line), without a traceback.
+Every option is checked before any work starts. Bad input (a missing or unreadable file, mismatched
+shapes, a bad option) prints one line ``plasticine <command>: error: ...`` to stderr and exits with
+status 1 (2 for a malformed command line), without a traceback; ``--debug`` shows the traceback.
+``--threads`` and ``--debug`` are accepted before or after the subcommand, and ``--help`` shows every
+default.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -84,6 +87,27 @@ def build_translator(ndim: int, channels: int, *, classes: int = 4, sampler_step
     )
 
 
+_CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth")
+_MASK_SUFFIXES = (".png", ".nii", ".nii.gz")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help text with the default of every option that has one (not of required or unset ones)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _common_options() -> argparse.ArgumentParser:
+    """Options every subcommand takes (also accepted before the subcommand)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--threads", type=int, default=argparse.SUPPRESS, help="CPU threads for torch (default: torch's choice)")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback of an error")
+    return common
+
+
 def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--axis", type=int, choices=(0, 1, 2), default=None, help="slice 3D volumes into 2D images along this array axis")
     p.add_argument("--slices", type=int, nargs=2, metavar=("START", "STOP"), default=None, help="keep slices START <= i < STOP (with --axis)")
@@ -104,11 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     Shape:
         Not applicable.
     """
-    parser = argparse.ArgumentParser(prog="plasticine", description="Traceable medical image translation (diffusion for intensity, diffeomorphic registration for shape).")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    common = _common_options()
+    parser = argparse.ArgumentParser(
+        prog="plasticine",
+        description="Traceable medical image translation (diffusion for intensity, diffeomorphic registration for shape).",
+        parents=[common],
+        formatter_class=_HelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,translate,trace,demo}")
+    kinds = dict(parents=[common], formatter_class=_HelpFormatter)
 
-    p = sub.add_parser("train", help="train a translator on unpaired source and target images", description="Train a translator on unpaired source and target images (resumable).")
+    p = sub.add_parser("train", **kinds, help="train a translator on unpaired source and target images", description="Train a translator on unpaired source and target images (resumable).")
     p.add_argument("--source", required=True, help="folder (or file) of source-domain images")
     p.add_argument("--target", required=True, help="folder (or file) of target-domain images")
     p.add_argument("--output", required=True, help="translator file to write (.pt, or .safetensors with the safetensors package)")
@@ -116,16 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", type=int, default=4, help="structure-map classes (k-means)")
     p.add_argument("--diffusion-steps", type=int, default=2000, help="optimizer steps of the denoiser")
     p.add_argument("--registration-steps", type=int, default=2000, help="optimizer steps of the registration network")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="images per optimizer step")
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
     p.add_argument("--sampler-steps", type=int, default=20, help="DDIM steps at translation")
     p.add_argument("--start-fraction", type=float, default=0.5, help="default start step as a fraction of K")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between training checkpoints")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights, the batches and the noise")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
-    p = sub.add_parser("translate", help="translate images with a saved translator", description="Translate images; writes the translation, phi and phi^-1, and a trace file per input.")
+    p = sub.add_parser("translate", **kinds, help="translate images with a saved translator", description="Translate images; writes the translation, phi and phi^-1, and a trace file per input.")
     p.add_argument("--model", required=True, help="translator file written by train")
     p.add_argument("--input", required=True, help="folder or file of source images")
     p.add_argument("--output", required=True, help="output folder")
@@ -134,19 +164,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=1, help="draws per image (their mean is written)")
     p.add_argument("--seed", type=int, default=0, help="seed of item i is seed + i")
     p.add_argument("--points", default=None, help="points file (JSON or CSV, source voxel coordinates) to carry into every translation")
-    p.add_argument("--deformation-format", choices=("npz", "nii.gz"), default="npz")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--deformation-format", choices=("npz", "nii.gz"), default="npz", help="file format of phi and phi^-1")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
 
-    p = sub.add_parser("trace", help="carry a mask or points through a saved deformation", description="Carry a mask or points through a deformation written by translate.")
+    p = sub.add_parser("trace", **kinds, help="carry a mask or points through a saved deformation", description="Carry a mask or points through a deformation written by translate.")
     p.add_argument("--deformation", required=True, help="<name>_deformation.npz (or .nii.gz) written by translate")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--mask", help="label or mask image (PNG or NIfTI) in the geometry it is carried from")
     what.add_argument("--points", help="points file (JSON, a trace file, or CSV)")
     p.add_argument("--direction", choices=("to-target", "to-source"), default="to-target", help="to-target: source -> translation; to-source: back")
     p.add_argument("--which", choices=("source", "target"), default=None, help="side of a trace file to read (default: the side the direction starts from)")
-    p.add_argument("--output", required=True, help="output mask image or trace file (.json)")
+    p.add_argument("--output", required=True, help="output: a mask image (.png, .nii, .nii.gz) with --mask, a trace file (.json) with --points")
 
-    p = sub.add_parser("demo", help="the offline demo on real MR anatomy", description="Translate the shipped real T1 slice into an enlarged-ventricle PD-like domain and score the tracing against exact truth.")
+    p = sub.add_parser("demo", **kinds, help="the offline demo on real MR anatomy", description="Translate the shipped real T1 slice into an enlarged-ventricle PD-like domain and score the tracing against exact truth.")
     p.add_argument("--output", default="plasticine-demo", help="output folder")
     p.add_argument("--retrain", action="store_true", help="train the translator with the recipe first (a few minutes on a CPU) and write its checkpoint")
     p.add_argument("--quick", action="store_true", help="one subject and 4 sampler steps; with --retrain, a tiny task for a fast check")
@@ -164,6 +194,31 @@ def _load_images(args: argparse.Namespace, path: str) -> Any:
     return ImageFolder(path, axis=args.axis, slices=None if args.slices is None else tuple(args.slices), normalization=args.normalization)
 
 
+def _device(name: str) -> torch.device:
+    """The ``--device`` as a torch device, refused when it cannot be used here."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {name!r}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device: {name!r} asked for, but torch sees no CUDA device here (use --device cpu)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {name!r}")
+    return device
+
+
+def _check_checkpoint_name(option: str, name: str) -> None:
+    """Refuse a translator file name that saving would refuse, before any work is done."""
+    lower = name.lower()
+    if not lower.endswith(_CHECKPOINT_SUFFIXES):
+        raise ValueError(f"{option}: {name}: expected a file name ending in {', '.join(_CHECKPOINT_SUFFIXES)}")
+    if lower.endswith(".safetensors"):
+        import importlib.util
+
+        if importlib.util.find_spec("safetensors") is None:
+            raise ValueError(f"{option}: {name}: writing .safetensors needs the safetensors package (pip install safetensors), or name a .pt file")
+
+
 def _train(args: argparse.Namespace) -> int:
     from .io import UnpairedImages
     from .training import ShuffledBatches, TrainConfig, Trainer, deformation_objective, diffusion_objective
@@ -171,6 +226,12 @@ def _train(args: argparse.Namespace) -> int:
     for name in ("diffusion_steps", "registration_steps", "batch_size", "checkpoint_every", "classes", "sampler_steps"):
         if getattr(args, name) < (0 if name == "checkpoint_every" else 1):
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
+    _check_checkpoint_name("--output", args.output)
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr: expected a finite learning rate > 0, got {args.lr}")
+    if not (0 < args.start_fraction <= 1):
+        raise ValueError(f"--start-fraction: expected a fraction in (0, 1], got {args.start_fraction}")
+    device = _device(args.device)
     source, target = _load_images(args, args.source), _load_images(args, args.target)
     xs, ys = source.stack(), target.stack()
     if xs.shape[1:] != ys.shape[1:]:
@@ -180,7 +241,6 @@ def _train(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name}: {n} image(s), fewer than --batch-size {args.batch_size}")
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    device = torch.device(args.device)
     t = build_translator(xs.dim() - 2, xs.shape[1], classes=args.classes, sampler_steps=args.sampler_steps, start_fraction=args.start_fraction, seed=args.seed).to(device)
     progress = "none" if args.quiet else "auto"
     common = dict(checkpoint_every=args.checkpoint_every, seed=args.seed, progress=progress, log_every=max(1, min(args.diffusion_steps, args.registration_steps) // 10))
@@ -209,15 +269,30 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_unique_names(images: Any) -> None:
+    """Refuse inputs whose outputs would share a name (``scan.png`` and ``scan.nii.gz``)."""
+    seen: dict[str, Any] = {}
+    for i in range(len(images)):
+        name, item = images.name(i), images.items[i]
+        if name in seen:
+            raise ValueError(
+                f"{item.path}: its outputs would be named {name}_* like those of {seen[name]}; rename one of the two input files"
+            )
+        seen[name] = item.path
+
+
 def _translate(args: argparse.Namespace) -> int:
     from .io import read_points, write_deformation, write_image, write_trace
     from .translator import TraceableTranslator
 
     if args.samples < 1:
         raise ValueError(f"--samples: expected an integer >= 1, got {args.samples}")
-    device = torch.device(args.device)
+    if args.start_step is not None and args.start_step < 1:
+        raise ValueError(f"--start-step: expected an integer >= 1, got {args.start_step}")
+    device = _device(args.device)
     translator = TraceableTranslator.load(args.model, map_location=device)
     images = _load_images(args, args.input)
+    _check_unique_names(images)
     points = None if args.points is None else read_points(args.points)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -233,7 +308,11 @@ def _translate(args: argparse.Namespace) -> int:
             raise ValueError(f"{images.items[i].path}: {err}") from err
         ext = ".png" if x.dim() == 4 and x.shape[1] in (1, 3) else ".nii.gz"
         image_file = out / f"{name}_translated{ext}"
-        write_image(image_file, r.image[0].cpu() if ext == ".nii.gz" else r.image[0].clamp(0, 1).cpu())
+        y = r.image[0].cpu()
+        clipped = int(((y < 0) | (y > 1)).sum()) if ext == ".png" else 0
+        if clipped:  # an 8-bit PNG holds [0, 1]: say how much of the translation lies outside
+            print(f"plasticine translate: {image_file.name}: {clipped} of {y.numel()} values outside [0, 1] clipped for the 8-bit PNG", file=sys.stderr)
+        write_image(image_file, y.clamp(0, 1) if clipped else y)
         def_file = out / f"{name}_deformation.{args.deformation_format}"
         write_deformation(def_file, r.deformation.to("cpu"))
         src = torch.empty(0, x.dim() - 2) if points is None else points
@@ -253,6 +332,7 @@ def _translate(args: argparse.Namespace) -> int:
             samples=args.samples,
             seed=args.seed + i,
             normalization=images.normalization,
+            clipped_values=clipped,
         )
         print(f"{item.path}{'' if item.slice is None else f' slice {item.slice}'} -> {image_file}")
     return 0
@@ -261,9 +341,13 @@ def _translate(args: argparse.Namespace) -> int:
 def _trace(args: argparse.Namespace) -> int:
     from .io import read_deformation, read_image, read_points, write_image, write_trace
 
+    out = Path(args.output)
+    if args.points is not None and not out.name.lower().endswith(".json"):
+        raise ValueError(f"--output: {out}: points are written as a trace file; expected a name ending in .json")
+    if args.mask is not None and not out.name.lower().endswith(_MASK_SUFFIXES):
+        raise ValueError(f"--output: {out}: a traced mask is an image; expected a name ending in {', '.join(_MASK_SUFFIXES)}")
     d = read_deformation(args.deformation)
     to_target = args.direction == "to-target"
-    out = Path(args.output)
     if args.points is not None:
         which = args.which or ("source" if to_target else "target")
         p = read_points(args.points, which=which)
@@ -317,6 +401,16 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line(err: BaseException) -> str:
+    """The message of an error on one line; errors that are not about the input also name their type."""
+    text = " ".join(str(err).split()) or "no message"
+    if isinstance(err, MemoryError):
+        return f"out of memory ({text}); a setting or an input is far larger than this machine holds"
+    if isinstance(err, (ValueError, OSError, ImportError, FloatingPointError)):
+        return text
+    return f"{type(err).__name__}: {text} (an unexpected error: run with --debug for the traceback and report it)"
+
+
 _COMMANDS = {"train": _train, "translate": _translate, "trace": _trace, "demo": _demo}
 
 
@@ -335,18 +429,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads: expected an integer >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        if threads < 1:
+            parser.error(f"--threads: expected an integer >= 1, got {threads}")
+        torch.set_num_threads(threads)
     try:
         return _COMMANDS[args.command](args)
-    except (ValueError, OSError, ImportError, FloatingPointError, RuntimeError) as err:
-        print(f"plasticine {args.command}: error: {err}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"plasticine {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        if getattr(args, "debug", False):
+            raise
+        print(f"plasticine {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

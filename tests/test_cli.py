@@ -122,3 +122,79 @@ def test_python_dash_m_runs():
     assert out.returncode == 0 and "translate" in out.stdout and "demo" in out.stdout
     out = subprocess.run([sys.executable, "-m", "plasticine", "trace", "--deformation", "nothing.npz", "--points", "p.json", "--output", "o.json"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "nothing.npz" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("command", ["train", "translate", "trace", "demo"])
+def test_help_shows_defaults_and_threads(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--threads" in out and "--debug" in out
+    expected = {"train": "(default: 2000)", "translate": "(default: npz)", "trace": "(default: to-target)", "demo": "(default: plasticine-demo)"}
+    assert expected[command] in " ".join(out.split())
+
+
+def test_threads_after_the_subcommand(tmp_path, capsys):
+    before = torch.get_num_threads()
+    try:
+        assert main(["trace", "--threads", "1", "--deformation", str(tmp_path / "none.npz"), "--points", "p.json", "--output", str(tmp_path / "o.json")]) == 1
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert "none.npz" in capsys.readouterr().err
+
+
+def test_train_refuses_bad_options_before_any_work(folders, tmp_path, capsys):
+    base = ["train", "--source", str(folders / "src"), "--target", str(folders / "tgt"), "--diffusion-steps", "1", "--registration-steps", "1", "--batch-size", "2", "--quiet"]
+    cases = [
+        (["--output", str(tmp_path / "m.npz")], "m.npz"),
+        (["--output", str(tmp_path / "m.pt"), "--lr", "nan"], "--lr"),
+        (["--output", str(tmp_path / "m.pt"), "--start-fraction", "1.5"], "--start-fraction"),
+        (["--output", str(tmp_path / "m.pt"), "--device", "tpu"], "--device"),
+    ]
+    for extra, needle in cases:
+        assert main(base + extra) == 1
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, err
+        assert not list(tmp_path.iterdir()), f"{extra}: files were written before the error: {list(tmp_path.iterdir())}"
+
+
+def test_translate_refuses_inputs_whose_outputs_share_a_name(model, tmp_path, capsys):
+    inputs = tmp_path / "in"
+    x = torch.rand(1, 16, 12, generator=make_generator(3))
+    write_image(inputs / "scan.png", x)
+    write_image(inputs / "scan.nii.gz", x[0][None])
+    out = tmp_path / "out"
+    assert main(["translate", "--model", str(model), "--input", str(inputs), "--output", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "scan.png" in err and "scan.nii.gz" in err and err.count("\n") == 1, err
+    assert not out.exists() or not list(out.iterdir())
+
+
+def test_trace_output_must_fit_what_is_traced(tmp_path, capsys):
+    u = torch.zeros(1, 2, 6, 5)
+    write_deformation(tmp_path / "d.npz", Deformation(u, -u))
+    (tmp_path / "p.csv").write_text("1,2\n")
+    assert main(["trace", "--deformation", str(tmp_path / "d.npz"), "--points", str(tmp_path / "p.csv"), "--output", str(tmp_path / "x.png")]) == 1
+    assert ".json" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+    write_image(tmp_path / "m.png", torch.zeros(1, 6, 5))
+    assert main(["trace", "--deformation", str(tmp_path / "d.npz"), "--mask", str(tmp_path / "m.png"), "--output", str(tmp_path / "x.json")]) == 1
+    assert ".png" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize("error", [KeyError("points"), TypeError("list indices must be integers"), MemoryError("Unable to allocate 22.4 GiB")])
+def test_unexpected_errors_are_one_line_and_debug_shows_them(monkeypatch, capsys, error):
+    import plasticine.cli as cli
+
+    def broken(args):
+        raise error
+
+    monkeypatch.setitem(cli._COMMANDS, "trace", broken)
+    argv = ["trace", "--deformation", "d.npz", "--points", "p.json", "--output", "o.json"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and str(error.args[0]) in err
+    assert ("out of memory" in err) if isinstance(error, MemoryError) else (type(error).__name__ in err and "--debug" in err)
+    with pytest.raises(type(error)):
+        main(argv + ["--debug"])

@@ -532,7 +532,7 @@ def _write_outputs(out: Path, cohort: DemoCohort, result: Any, metrics: dict[str
         fig.tight_layout()
         fig.savefig(out / f"subject{i}_grid.png", dpi=100)
         plt.close(fig)
-    k = min(len(cohort), 3)
+    k = len(cohort)
     fig, axes = plt.subplots(k, 5, figsize=(13, 2.9 * k), squeeze=False)
     for i in range(k):
         row = axes[i]
@@ -552,7 +552,7 @@ def _write_outputs(out: Path, cohort: DemoCohort, result: Any, metrics: dict[str
         fig.colorbar(im, ax=row[4], fraction=0.04)
         pm = metrics["per_subject"]
         titles = (
-            "source (T1) + ventricle mask" if i else "source: real T1 slice",
+            f"subject {i}: T1 source ({'real' if i == 0 else 'deformed'}), mask",
             f"translation, traced mask (Dice {pm['ventricle_dice'][i]:.3f})",
             "true target (PD-like, enlarged)",
             "estimated phi",

@@ -114,3 +114,20 @@ def test_retraining_is_deterministic_given_the_seed():
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     c = train_demo_translator(replace(cfg, seed=1), verbose=False).state_dict()
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_summary_figure_shows_every_subject(tmp_path):
+    plt = pytest.importorskip("matplotlib.pyplot", reason="the plot extra (matplotlib) is not installed")
+    from types import SimpleNamespace
+
+    from plasticine.core import Deformation
+    from plasticine.demo import _write_outputs
+
+    n = 4
+    c = make_cohort(DemoConfig(shape=(54, 45), enlargement=1.5, subject_displacement=2.0), n, seed=5, include_real=True)
+    d = Deformation(c.field.forward.expand(n, -1, -1, -1).float(), c.field.inverse.expand(n, -1, -1, -1).float())
+    result = SimpleNamespace(deformation=d, image=c.targets, points_to_target=d.points_to_target)
+    metrics = {"per_subject": {"ventricle_dice": [1.0] * n, "endpoint_error": [0.0] * n}, "ventricle_dice": 1.0, "ventricle_dice_identity": 0.5, "endpoint_error": 0.0, "endpoint_error_identity": 1.0}
+    assert _write_outputs(tmp_path, c, result, metrics, figures=True) == []
+    rows_px = plt.imread(tmp_path / "summary.png").shape[0]
+    assert rows_px == round(2.9 * n * 100), f"summary.png is {rows_px} px high: not one row per subject"

@@ -1,7 +1,8 @@
 """Sphinx configuration of the plasticine documentation.
 
-Build with ``python -m sphinx -W --keep-going -b html docs docs/_build/html``; nothing here needs
-the network (no intersphinx, MathJax is only referenced by the pages, not fetched at build time).
+Build with ``python -m sphinx -W --keep-going -b html docs docs/_build/html``. Nothing here needs the
+network, at build time or when the pages are read: no intersphinx, and MathJax is the copy packaged by
+``sphinx-mathjax-offline`` (the ``docs`` extra), written into ``_static/mathjax`` of the site.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
+    "sphinx-mathjax-offline",  # serves MathJax from _static/mathjax: formulas render offline
     "sphinx.ext.viewcode",
 ]
 

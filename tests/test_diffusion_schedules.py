@@ -291,3 +291,10 @@ def test_invalid_arguments_raise(make, match):
 def test_one_step_linear_is_allowed():
     s = LinearSchedule(0.5, 0.5, 1)
     torch.testing.assert_close(s.gammas, torch.tensor([1.0, 0.5], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("cls", [LinearSchedule, CosineSchedule])
+@pytest.mark.parametrize("num_steps", [3_000_000_000, 3e9, 0, True])
+def test_absurd_step_counts_are_refused_before_allocating(cls, num_steps):
+    with pytest.raises(ValueError, match=r"num_steps: expected an int in \[1, 1000000\]"):
+        cls(num_steps=num_steps)

@@ -357,6 +357,16 @@ class ScheduleFromBetas(DiscreteSchedule):
     """
 
 
+MAX_STEPS = 1_000_000
+"""The most steps a schedule may have (diffusion models use :math:`10^3` to :math:`10^4`); more is
+refused rather than allocated."""
+
+
+def _check_num_steps(num_steps: object) -> None:
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or not 1 <= num_steps <= MAX_STEPS:
+        raise ValueError(f"num_steps: expected an int in [1, {MAX_STEPS}], got {num_steps!r}")
+
+
 class LinearSchedule(DiscreteSchedule):
     r"""Linear variances :math:`\beta_k` from ``beta_start`` to ``beta_end`` (Ho et al. 2020).
 
@@ -374,8 +384,7 @@ class LinearSchedule(DiscreteSchedule):
     """
 
     def __init__(self, beta_start: float = 1e-6, beta_end: float = 1e-2, num_steps: int = 2000) -> None:
-        if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
-            raise ValueError(f"num_steps: expected a positive int, got {num_steps!r}")
+        _check_num_steps(num_steps)
         for name, v in (("beta_start", beta_start), ("beta_end", beta_end)):
             if not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 < v < 1:
                 raise ValueError(f"{name}: expected a float in the open interval (0, 1), got {v!r}")
@@ -422,8 +431,7 @@ class CosineSchedule(DiscreteSchedule):
     """
 
     def __init__(self, num_steps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> None:
-        if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
-            raise ValueError(f"num_steps: expected a positive int, got {num_steps!r}")
+        _check_num_steps(num_steps)
         if not isinstance(s, (int, float)) or not math.isfinite(s) or s < 0:
             raise ValueError(f"s: expected a finite float >= 0, got {s!r}")
         if not isinstance(max_beta, (int, float)) or not 0 < max_beta < 1:

@@ -28,7 +28,9 @@ one, raises :class:`CheckpointError` naming the file and the tensor.
 
 Writes are atomic (:func:`atomic_write`): the bytes go to a temporary file in the same folder, are
 flushed and ``fsync``-ed, and the file is moved over the destination with :func:`os.replace`, so an
-interrupted save leaves the old file intact and never a truncated one.
+interrupted save leaves the old file intact and never a truncated one. The temporaries a killed
+write left for the same destination are removed by the next successful write, and files get the
+permissions that :func:`open` would give them (``0o666`` less the umask).
 
 The registry knows the components shipped with plasticine (schedules, samplers, the conditional
 U-Net, condition encoders, structure extractors, registration backends, integrators, losses). A
@@ -44,7 +46,8 @@ import io
 import json
 import os
 import pickle
-import tempfile
+import re
+import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,8 +283,41 @@ def component_modules(obj: Any) -> dict[str, nn.Module]:
 # -- files ----------------------------------------------------------------------------------------
 
 
+def _create_temporary(folder: Path, name: str) -> tuple[int, Path]:
+    """A new file ``.{name}.XXXXXXXX.tmp`` in ``folder``, opened for writing with mode ``0o666`` less the umask."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = folder / f".{name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot write {folder / name}: no free temporary name .{name}.XXXXXXXX.tmp in {folder}")  # pragma: no cover
+
+
+def _remove_stale_temporaries(folder: Path, name: str) -> None:
+    """Remove the temporaries of earlier writes of ``folder / name`` that were interrupted."""
+    pattern = re.compile(re.escape(f".{name}.") + r"[a-z0-9_]{8}\.tmp")  # also what tempfile.mkstemp made
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:  # pragma: no cover - the folder became unreadable
+        return
+    for entry in entries:
+        if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+            except OSError:  # pragma: no cover - removed meanwhile, or not ours to remove
+                pass
+
+
 def atomic_write(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically: temporary file in the same folder, fsync, ``os.replace``.
+
+    The temporary file is ``.{name}.XXXXXXXX.tmp`` next to ``path``, created with the permissions
+    :func:`open` gives a new file (``0o666`` less the process umask), so the result has them too.
+    After a successful write, temporaries of the same destination left by interrupted (killed)
+    writes are removed; those of other files are kept. Two processes writing the same file at once
+    are not supported (one of them may fail; the file is never truncated).
 
     Args:
         path: destination file (its folder must exist).
@@ -290,6 +326,9 @@ def atomic_write(path: str | os.PathLike[str], data: bytes) -> Path:
     Returns:
         The path.
 
+    Raises:
+        CheckpointError: when the folder does not exist.
+
     Shape:
         Not applicable.
     """
@@ -297,7 +336,7 @@ def atomic_write(path: str | os.PathLike[str], data: bytes) -> Path:
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise CheckpointError(f"cannot write {path}: the folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    fd, tmp = _create_temporary(folder, path.name)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -316,6 +355,7 @@ def atomic_write(path: str | os.PathLike[str], data: bytes) -> Path:
             os.close(dfd)
     except OSError:  # pragma: no cover - some file systems refuse fsync on folders
         pass
+    _remove_stale_temporaries(folder, path.name)
     return path
 
 

@@ -302,3 +302,26 @@ def test_non_finite_training_states_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"state\.pt: refused to load: tensor 'optimizer\.state\.0\.exp_avg'"):
         load_state(path)
 
+
+def test_atomic_write_removes_stale_temporaries(tmp_path):
+    stale = tmp_path / ".state.pt.ab12cd34.tmp"  # left by a write that was killed
+    other = tmp_path / ".other.pt.ab12cd34.tmp"  # another file's (maybe a running write)
+    similar = tmp_path / ".state.pt.old.tmp"  # not a temporary name
+    for p in (stale, other, similar):
+        p.write_bytes(b"partial")
+    atomic_write(tmp_path / "state.pt", b"new")
+    assert (tmp_path / "state.pt").read_bytes() == b"new"
+    assert not stale.exists() and other.exists() and similar.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.pt.ab12cd34.tmp", ".state.pt.old.tmp", "state.pt"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002], ids=oct)
+def test_atomic_write_follows_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "a.bin", b"x")  # a new file
+        save_state(tmp_path / "s.pt", {"w": torch.ones(1)})
+    finally:
+        os.umask(old)
+    for name in ("a.bin", "s.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name

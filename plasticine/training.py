@@ -413,6 +413,8 @@ class TrainConfig:
         log_every: steps between printed lines (when tqdm is not used).
         progress: ``"auto"`` (tqdm when installed, else printed lines), ``"tqdm"``, ``"print"`` or
             ``"none"``; only rank 0 reports.
+        name: the stage's name, shown in the progress bar and at the start of every printed line
+            (e.g. ``"denoiser"``, ``"registration"``).
     """
 
     steps: int
@@ -425,8 +427,11 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 50
     progress: Progress = "auto"
+    name: str = "train"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip() or not self.name.isprintable():
+            raise ValueError(f"TrainConfig.name: expected a non-empty one-line string, got {self.name!r}")
         for name in ("steps", "checkpoint_every", "log_every", "seed"):
             v = getattr(self, name)
             low = 1 if name in ("steps", "log_every") else 0
@@ -711,7 +716,7 @@ class Trainer:
                 if mode == "tqdm":
                     raise ValueError("TrainConfig.progress='tqdm' needs the tqdm package (pip install tqdm), or use 'auto'/'print'") from None
             else:
-                return tqdm(total=self.config.steps, initial=self.step, desc="train", dynamic_ncols=True), "tqdm"
+                return tqdm(total=self.config.steps, initial=self.step, desc=self.config.name, dynamic_ncols=True), "tqdm"
         return None, "print"
 
     def fit(self) -> dict[str, float]:
@@ -730,7 +735,7 @@ class Trainer:
         if path is not None and cfg.resume and path.is_file():
             self.load_checkpoint(path)
             if self.rank == 0 and cfg.progress != "none":
-                print(f"resuming from {path} at step {self.step}", file=sys.stderr)
+                print(f"{cfg.name}: resuming from {path} at step {self.step}", file=sys.stderr)
         self.model.train()
         bar, mode = self._progress()
         try:
@@ -740,7 +745,7 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{terms['total']:.4g}")
                 elif mode == "print" and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
-                    print(f"step {self.step}/{cfg.steps} loss {terms['total']:.4g}", file=sys.stderr)
+                    print(f"{cfg.name}: step {self.step}/{cfg.steps} loss {terms['total']:.4g}", file=sys.stderr)
                 if path is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                     self.save_checkpoint(path)
         finally:

@@ -154,7 +154,7 @@ def test_trainer_precision_progress_and_errors(tmp_path, capsys):
     out = tr.fit()
     assert set(out) == {"total", "extra"} and tr.step == 4
     err = capsys.readouterr().err
-    assert "step 2/4 loss" in err and "step 4/4 loss" in err
+    assert "train: step 2/4 loss" in err and "train: step 4/4 loss" in err
     if importlib.util.find_spec("tqdm") is not None:  # a bar instead of lines
         more = Trainer(objective, net, torch.optim.SGD(net.parameters(), lr=0.1), data, TrainConfig(steps=2, progress="tqdm"))
         assert more.fit()["total"] >= 0 and "step" not in capsys.readouterr().err
@@ -203,3 +203,18 @@ def test_two_stages_then_save_and_translate(tmp_path):
     a = t.translate(x[:1], start_step=10, generator=make_generator(0))
     b = u.translate(x[:1], start_step=10, generator=make_generator(0))
     assert torch.equal(a.image, b.image)
+
+
+def test_progress_names_the_stage(capsys):
+    net = torch.nn.Linear(3, 1)
+    data = ShuffledBatches(torch.randn(8, 3, generator=make_generator(0)), 4, rank=0, world_size=1)
+    objective = lambda m, b, g: m(b).square().mean()  # noqa: E731
+    Trainer(objective, net, torch.optim.SGD(net.parameters(), lr=0.1), data, TrainConfig(steps=2, progress="print", log_every=1, name="denoiser")).fit()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and all(line.startswith("denoiser: step ") for line in lines), lines
+    if importlib.util.find_spec("tqdm") is not None:
+        Trainer(objective, net, torch.optim.SGD(net.parameters(), lr=0.1), data, TrainConfig(steps=2, progress="tqdm", name="registration")).fit()
+        assert "registration" in capsys.readouterr().err
+    for bad in ("", "two\nlines", 3):
+        with pytest.raises(ValueError, match="TrainConfig.name"):
+            TrainConfig(steps=1, name=bad)

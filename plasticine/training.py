@@ -36,6 +36,16 @@ step, the position of the batch source and, for every process, the states of the
 generator and of torch's global generators. A run interrupted after a checkpoint and resumed from it
 ends with the same weights, bit for bit on the CPU, as a run that was never interrupted.
 
+**One rule for resuming.** The checkpoint also records every setting that changes the result: the
+optimizer's class and hyper-parameters (learning rate, betas, weight decay, ...), the model's class,
+config and parameter names, dtypes and shapes, ``TrainConfig.seed``, ``ema_decay``, ``grad_clip``
+and the precision, and through the batch source its order settings (seed, shuffle, batch size,
+world size) and a fingerprint of the data (item count and sha256). A resumed run whose setting
+differs is refused with a one-line error naming the setting, the saved value and the new one; the
+saved settings are never kept silently in place of the given ones. Only ``steps`` may grow (a
+larger value continues training; one below the saved step is refused); the checkpoint cadence, the
+progress reporting and the stage name may change freely.
+
 **Data parallelism.** When :func:`torch.distributed.is_initialized` (e.g. launched by ``torchrun``),
 the model is wrapped in :class:`~torch.nn.parallel.DistributedDataParallel` and handed to the
 objective wrapped; :class:`ShuffledBatches` gives each process its share of every global batch (the
@@ -68,6 +78,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -79,7 +90,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import load_state, save_state
+from .checkpoint import CheckpointError, _fingerprint, load_state, save_state
 from .core.shapes import check_shape
 from .diffusion.schedules import diffuse, sample_noise_level
 from .diffusion.training import EMA, LossKind, noise_prediction_loss
@@ -290,7 +301,10 @@ class ShuffledBatches:
     Epoch ``e`` visits the items in the order ``torch.randperm(n)`` drawn from a generator seeded
     ``seed + e`` (or ``0..n-1`` without ``shuffle``), in global batches of
     ``batch_size * world_size`` items (an incomplete last batch is dropped); rank ``r`` gets items
-    ``r::world_size`` of each global batch. The position ``(epoch, batch)`` is the whole state.
+    ``r::world_size`` of each global batch. The position ``(epoch, batch)`` is the whole state; it is
+    saved with the settings that define the order and a fingerprint of the data (the number of items
+    and the sha256 of every item's dtypes, shapes and values, computed once, at the first save or
+    restore: the data must not change meanwhile), which a restore checks.
 
     Args:
         data: a tensor (items along the first dimension) or a sequence of tensors or of tuples of
@@ -329,6 +343,28 @@ class ShuffledBatches:
         self.rank, self.world_size = rank, world_size
         self.batches_per_epoch = n // (batch_size * world_size)
         self.epoch, self.position = 0, 0
+        self._data_sha256: str | None = None
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The identity of the data: the number of items and the sha256 of their content.
+
+        Computed once (it reads every item) and cached.
+
+        Returns:
+            ``{"items": int, "data_sha256": str}``.
+
+        Shape:
+            Not applicable.
+        """
+        if self._data_sha256 is None:
+            if isinstance(self.data, torch.Tensor):
+                self._data_sha256 = _fingerprint(self.data)[0]
+            else:
+                h = hashlib.sha256()
+                for i in range(len(self.data)):
+                    h.update(_fingerprint(self.data[i])[0].encode())
+                self._data_sha256 = h.hexdigest()
+        return {"items": len(self.data), "data_sha256": self._data_sha256}
 
     def indices(self, epoch: int, position: int) -> torch.Tensor:
         """The dataset indices of batch ``position`` of epoch ``epoch`` on this rank.
@@ -361,18 +397,19 @@ class ShuffledBatches:
         return _collate([self.data[int(i)] for i in idx])
 
     def state_dict(self) -> dict[str, Any]:
-        """The position and the settings that define the order.
+        """The position, the settings that define the order, and the data's :meth:`fingerprint`.
 
         Returns:
-            ``{"epoch", "position", "seed", "shuffle", "batch_size", "world_size"}``.
+            ``{"epoch", "position", "seed", "shuffle", "batch_size", "world_size", "items", "data_sha256"}``.
 
         Shape:
             Not applicable.
         """
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "shuffle": self.shuffle, "batch_size": self.batch_size, "world_size": self.world_size}
+        order = {"epoch": self.epoch, "position": self.position, "seed": self.seed, "shuffle": self.shuffle, "batch_size": self.batch_size, "world_size": self.world_size}
+        return {**order, **self.fingerprint()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the position; the settings must match (the order would differ otherwise).
+        """Restore the position; the settings and the data must match (the order would differ otherwise).
 
         Args:
             state: from :meth:`state_dict`.
@@ -380,13 +417,18 @@ class ShuffledBatches:
         Returns:
             None.
 
+        Raises:
+            ValueError: naming the first setting (``seed``, ``shuffle``, ``batch_size``,
+                ``world_size``, ``items``, ``data_sha256``) that differs, with both values.
+
         Shape:
             Not applicable.
         """
         mine = self.state_dict()
-        for key in ("seed", "shuffle", "batch_size", "world_size"):
+        for key in ("seed", "shuffle", "batch_size", "world_size", "items", "data_sha256"):
             if state.get(key) != mine[key]:
-                raise ValueError(f"ShuffledBatches.load_state_dict: {key}: expected {mine[key]!r} (this source), got {state.get(key)!r} (the saved one)")
+                what = "the data differ" if key in ("items", "data_sha256") else "the batch order would differ"
+                raise ValueError(f"ShuffledBatches.load_state_dict: {key} is {state.get(key)!r} in the saved state, {mine[key]!r} in this source ({what})")
         epoch, position = int(state["epoch"]), int(state["position"])
         if epoch < 0 or not 0 <= position < self.batches_per_epoch:
             raise ValueError(f"ShuffledBatches.load_state_dict: position {position} outside [0, {self.batches_per_epoch})")
@@ -413,6 +455,12 @@ class TrainConfig:
         log_every: steps between printed lines (when tqdm is not used).
         progress: ``"auto"`` (tqdm when installed, else printed lines), ``"tqdm"``, ``"print"`` or
             ``"none"``; only rank 0 reports.
+        name: the stage's name, shown in the progress bar and at the start of every printed line
+            (e.g. ``"denoiser"``, ``"registration"``).
+
+    A run resumed from ``checkpoint_path`` must have the saved ``seed``, ``ema_decay``,
+    ``grad_clip`` and precision and at least the saved step as ``steps`` (see the module docstring);
+    the other fields may change.
     """
 
     steps: int
@@ -425,8 +473,11 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 50
     progress: Progress = "auto"
+    name: str = "train"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip() or not self.name.isprintable():
+            raise ValueError(f"TrainConfig.name: expected a non-empty one-line string, got {self.name!r}")
         for name in ("steps", "checkpoint_every", "log_every", "seed"):
             v = getattr(self, name)
             low = 1 if name in ("steps", "log_every") else 0
@@ -440,6 +491,27 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.ema_decay: expected None or a number in [0, 1), got {self.ema_decay!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"TrainConfig.grad_clip: expected None or a number > 0, got {self.grad_clip!r}")
+
+
+def _plain(value: Any) -> Any:
+    """A setting as plain data that a checkpoint holds and ``==`` compares (tensors as lists, others as repr)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return repr(value)
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "absent"
+
+
+_ABSENT = _Absent()
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -550,6 +622,53 @@ class Trainer:
         dist.all_gather_object(out, local)
         return out
 
+    def settings(self) -> dict[str, Any]:
+        """The settings a resumed run must share with its checkpoint (a change would change the result).
+
+        Returns:
+            ``{name: value}`` of plain data: ``"TrainConfig.seed"``, ``"TrainConfig.ema_decay"``,
+            ``"TrainConfig.grad_clip"``, ``"precision"``, ``"optimizer"`` (its class) and its
+            hyper-parameters (``"optimizer lr"``, ... or ``"optimizer group 1 lr"``, ... with several
+            groups, and the number of parameters of each group), ``"model"`` (its class), the fields
+            of its ``config`` dataclass when it has one (``"model config.<field>"``) and the dtype
+            and shape of every entry of its state dict (``"model tensor <name>"``).
+
+        Shape:
+            Not applicable.
+        """
+        cfg, opt, model = self.config, self.optimizer, self.model
+        out: dict[str, Any] = {
+            "TrainConfig.seed": cfg.seed,
+            "TrainConfig.ema_decay": cfg.ema_decay,
+            "TrainConfig.grad_clip": cfg.grad_clip,
+            "precision": self.precision,
+            "optimizer": f"{type(opt).__module__}.{type(opt).__qualname__}",
+        }
+        for i, group in enumerate(opt.param_groups):
+            prefix = "optimizer " if len(opt.param_groups) == 1 else f"optimizer group {i} "
+            out[f"{prefix}parameters"] = len(group["params"])
+            out.update({f"{prefix}{k}": _plain(v) for k, v in group.items() if k != "params"})
+        out["model"] = f"{type(model).__module__}.{type(model).__qualname__}"
+        model_config = getattr(model, "config", None)
+        if dataclasses.is_dataclass(model_config) and not isinstance(model_config, type):
+            out.update({f"model config.{f.name}": _plain(getattr(model_config, f.name)) for f in dataclasses.fields(model_config)})
+        out.update({f"model tensor {k}": f"{v.dtype} {tuple(v.shape)}" for k, v in model.state_dict().items()})
+        return out
+
+    def _check_settings(self, saved: Any) -> None:
+        """Refuse a checkpoint whose settings differ from this run's, naming the first difference."""
+        if not isinstance(saved, dict):
+            raise ValueError("cannot resume: the checkpoint records no settings (written by an older plasticine); delete it to start over")
+        new = self.settings()
+        for key in list(new) + [k for k in saved if k not in new]:
+            old, now = saved.get(key, _ABSENT), new.get(key, _ABSENT)
+            # an optimizer option that only one torch version knows is not a changed setting
+            if old != now and not (key.startswith("optimizer ") and not key.endswith("parameters") and _ABSENT in (old, now)):
+                raise ValueError(
+                    f"cannot resume: {key} is {old!r} in the checkpoint, {now!r} in this run; "
+                    "resume with the saved setting, or delete the checkpoint to start over"
+                )
+
     def state_dict(self, rng: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """Everything a resumed run needs (tensors and plain data only).
 
@@ -557,7 +676,8 @@ class Trainer:
             rng: the RNG states of every rank (default: this process's only).
 
         Returns:
-            ``{"format", "step", "world_size", "model", "optimizer", "ema", "scaler", "data", "rng", "config"}``.
+            ``{"format", "step", "world_size", "model", "optimizer", "ema", "scaler", "data", "rng",
+            "config", "settings"}`` (``settings`` from :meth:`settings`).
 
         Shape:
             Not applicable.
@@ -574,10 +694,14 @@ class Trainer:
             "data": data_state,
             "rng": rng if rng is not None else [self._local_rng()],
             "config": dataclasses.asdict(self.config),
+            "settings": self.settings(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (same model, optimizer, data source and world size).
+        """Restore what :meth:`state_dict` returned; every setting that changes the result must match.
+
+        Nothing is restored unless all checks pass: the world size, ``steps`` at least the saved
+        step, the :meth:`settings` and the batch source's settings and data fingerprint.
 
         Args:
             state: the state.
@@ -586,7 +710,9 @@ class Trainer:
             None.
 
         Raises:
-            ValueError: for a state of another kind, world size or EMA/precision setting.
+            ValueError: for a state of another kind, another world size, a saved step beyond
+                ``TrainConfig.steps``, or a setting that differs (naming it, the saved and the new
+                value).
 
         Shape:
             Not applicable.
@@ -602,16 +728,19 @@ class Trainer:
             raise ValueError(f"checkpoint ema is {'absent' if state['ema'] is None else 'present'}, but TrainConfig.ema_decay is {self.config.ema_decay!r}")
         if (state["scaler"] is None) != (self.scaler is None):
             raise ValueError(f"checkpoint was trained with a different precision (gradient scaler {'absent' if state['scaler'] is None else 'present'}), this run uses {self.precision!r}")
+        if int(state["step"]) > self.config.steps:
+            raise ValueError(f"cannot resume: the checkpoint is at step {int(state['step'])}, beyond TrainConfig.steps {self.config.steps}; give steps >= {int(state['step'])}")
+        self._check_settings(state.get("settings"))
+        if state["data"] is not None:  # checks its settings and data before it changes anything
+            if not isinstance(self.data, BatchSource):
+                raise ValueError(f"checkpoint holds a data position, but data ({type(self.data).__name__}) cannot restore one")
+            self.data.load_state_dict(state["data"])
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         if self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
-        if state["data"] is not None:
-            if not isinstance(self.data, BatchSource):
-                raise ValueError(f"checkpoint holds a data position, but data ({type(self.data).__name__}) cannot restore one")
-            self.data.load_state_dict(state["data"])
         rng = state["rng"][self.rank]
         self.generator.set_state(rng["generator"])
         torch.set_rng_state(rng["torch"])
@@ -646,12 +775,21 @@ class Trainer:
         Returns:
             None.
 
+        Raises:
+            plasticine.checkpoint.CheckpointError: naming the file, for a file that cannot be read
+                or fails its integrity check, and for a state that :meth:`load_state_dict` refuses.
+
         Shape:
             Not applicable.
         """
         # on the CPU: generator states must stay CPU byte tensors; model, optimizer and EMA copy to their devices
         state = load_state(path, map_location="cpu")
-        self.load_state_dict(state)
+        try:
+            self.load_state_dict(state)
+        except CheckpointError:
+            raise
+        except (ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{path}: {err}") from err
 
     # -- running ----------------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -711,7 +849,7 @@ class Trainer:
                 if mode == "tqdm":
                     raise ValueError("TrainConfig.progress='tqdm' needs the tqdm package (pip install tqdm), or use 'auto'/'print'") from None
             else:
-                return tqdm(total=self.config.steps, initial=self.step, desc="train", dynamic_ncols=True), "tqdm"
+                return tqdm(total=self.config.steps, initial=self.step, desc=self.config.name, dynamic_ncols=True), "tqdm"
         return None, "print"
 
     def fit(self) -> dict[str, float]:
@@ -730,7 +868,7 @@ class Trainer:
         if path is not None and cfg.resume and path.is_file():
             self.load_checkpoint(path)
             if self.rank == 0 and cfg.progress != "none":
-                print(f"resuming from {path} at step {self.step}", file=sys.stderr)
+                print(f"{cfg.name}: resuming from {path} at step {self.step}", file=sys.stderr)
         self.model.train()
         bar, mode = self._progress()
         try:
@@ -740,7 +878,7 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{terms['total']:.4g}")
                 elif mode == "print" and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
-                    print(f"step {self.step}/{cfg.steps} loss {terms['total']:.4g}", file=sys.stderr)
+                    print(f"{cfg.name}: step {self.step}/{cfg.steps} loss {terms['total']:.4g}", file=sys.stderr)
                 if path is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                     self.save_checkpoint(path)
         finally:

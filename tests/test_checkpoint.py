@@ -190,3 +190,138 @@ def test_atomic_write_keeps_the_old_file(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]  # the temporary file is gone
     atomic_write(path, b"abc")
     assert path.read_bytes() == b"abc"
+
+
+def _flip_tensor_bytes(path: Path, tensor: torch.Tensor, count: int = 64) -> None:
+    """Invert ``count`` bytes inside the stored raw bytes of ``tensor`` (found in the file)."""
+    data = bytearray(path.read_bytes())
+    raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    offset = data.find(raw)
+    assert offset > 0 and len(raw) >= 2 * count, "the tensor's bytes are stored as they are"
+    for i in range(offset + len(raw) // 4, offset + len(raw) // 4 + count):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _largest(state: dict) -> tuple[str, torch.Tensor]:
+    return max(state.items(), key=lambda kv: kv[1].numel())
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_flipped_bytes_fail_the_integrity_check(tmp_path, suffix):
+    t = make_translator()
+    path = tmp_path / f"model{suffix}"
+    t.save(path)
+    u = TraceableTranslator.load(path)  # unmodified: the same weights
+    assert all(torch.equal(u.state_dict()[k], v) for k, v in t.state_dict().items())
+    _, big = _largest(t.state_dict())
+    _flip_tensor_bytes(path, big)
+    with pytest.raises(CheckpointError, match=r"model\.(safetensors|pt): integrity check failed"):
+        TraceableTranslator.load(path)
+    with pytest.raises(CheckpointError, match="integrity check failed"):
+        load_tensors(path)
+
+
+def test_flipped_bytes_in_a_training_state(tmp_path):
+    path = tmp_path / "state.pt"
+    w = torch.randn(256, generator=make_generator(0))
+    save_state(path, {"step": 3, "model": {"w": w}, "rng": torch.get_rng_state()})
+    state = load_state(path)
+    assert state["step"] == 3 and torch.equal(state["model"]["w"], w) and "plasticine_sha256" not in state
+    _flip_tensor_bytes(path, w)
+    with pytest.raises(CheckpointError, match=r"state\.pt: integrity check failed"):
+        load_state(path)
+    torch.save({"step": 3, "model": {"w": w}}, path)  # no hash: not written by save_state
+    with pytest.raises(CheckpointError, match="integrity check failed.*no sha256"):
+        load_state(path)
+
+
+def test_the_hash_covers_config_and_names(tmp_path):
+    """A changed config, name or value in a file with the old hash is refused."""
+    path = tmp_path / "m.pt"
+    ck.save_tensors(path, {"a": torch.ones(2), "b": torch.zeros(2)}, {"k": 1})
+    good = torch.load(path, weights_only=True)
+    for change in ({"config": '{"k": 2}'}, {"tensors": {"a": torch.zeros(2), "b": torch.ones(2)}}, {"tensors": {"a": torch.ones(2), "c": torch.zeros(2)}}, {"tensors": {"a": torch.ones(2).double(), "b": torch.zeros(2)}}):
+        torch.save({**good, **change}, path)
+        with pytest.raises(CheckpointError, match="integrity check failed"):
+            load_tensors(path)
+    torch.save({**good, "version": 2, "sha256": None}, path)
+    with pytest.raises(CheckpointError, match="no sha256"):
+        load_tensors(path)
+
+
+def test_version_1_files_load_unverified(tmp_path):
+    """What format version 1 wrote (no hash) still loads, with the finiteness check."""
+    path = tmp_path / "old.pt"
+    torch.save({"format": "plasticine", "version": 1, "config": '{"k": 1}', "tensors": {"w": torch.ones(3)}}, path)
+    tensors, config = load_tensors(path)
+    assert config == {"k": 1} and torch.equal(tensors["w"], torch.ones(3))
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(3)}, tmp_path / "old.safetensors", metadata={"plasticine_config": '{"k": 1}', "format_version": "1"})
+    assert load_tensors(tmp_path / "old.safetensors")[1] == {"k": 1}
+    torch.save({"format": "plasticine", "version": 1, "config": "{}", "tensors": {"w": torch.tensor([1.0, float("nan")])}}, path)
+    with pytest.raises(CheckpointError, match=r"old\.pt: refused to load: tensor 'w' holds 1 non-finite"):
+        load_tensors(path)
+    ck.save_tensors(path, {"w": torch.ones(3)}, {})
+    assert torch.load(path, weights_only=True)["version"] == ck.FORMAT_VERSION == 2
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_non_finite_weights_are_refused(tmp_path, suffix):
+    t = make_translator()
+    name, big = _largest(t.state_dict())
+    with torch.no_grad():
+        big[(0,) * big.dim()] = float("nan")
+    path = tmp_path / f"model{suffix}"
+    with pytest.raises(CheckpointError, match=rf"model{suffix}: refused to write: tensor '{name}' holds 1 non-finite"):
+        t.save(path)
+    assert not path.exists() and not list(tmp_path.iterdir())
+    # a file that holds one (with a valid hash) does not load
+    tensors = {k: v.detach().contiguous().clone() for k, v in t.state_dict().items()}
+    text = json.dumps({"translator": t.config(), "format_version": 2}, sort_keys=True)
+    digest, _ = ck._fingerprint(tensors, text)
+    if suffix == ".pt":
+        torch.save({"format": "plasticine", "version": 2, "config": text, "tensors": tensors, "sha256": digest}, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(tensors, path, metadata={"plasticine_config": text, "format_version": "2", "plasticine_sha256": digest})
+    with pytest.raises(CheckpointError, match=rf"model{suffix}: refused to load: tensor '{name}' holds 1 non-finite"):
+        TraceableTranslator.load(path)
+
+
+def test_non_finite_training_states_are_refused(tmp_path):
+    path = tmp_path / "state.pt"
+    state = {"step": 1, "optimizer": {"state": {0: {"exp_avg": torch.tensor([0.0, float("inf")])}}}, "rng": torch.get_rng_state()}
+    with pytest.raises(CheckpointError, match=r"state\.pt: refused to write: tensor 'optimizer\.state\.0\.exp_avg' holds 1 non-finite"):
+        save_state(path, state)
+    assert not path.exists()
+    digest, _ = ck._fingerprint(state)
+    torch.save({**state, "plasticine_sha256": digest}, path)
+    with pytest.raises(CheckpointError, match=r"state\.pt: refused to load: tensor 'optimizer\.state\.0\.exp_avg'"):
+        load_state(path)
+
+
+def test_atomic_write_removes_stale_temporaries(tmp_path):
+    stale = tmp_path / ".state.pt.ab12cd34.tmp"  # left by a write that was killed
+    other = tmp_path / ".other.pt.ab12cd34.tmp"  # another file's (maybe a running write)
+    similar = tmp_path / ".state.pt.old.tmp"  # not a temporary name
+    for p in (stale, other, similar):
+        p.write_bytes(b"partial")
+    atomic_write(tmp_path / "state.pt", b"new")
+    assert (tmp_path / "state.pt").read_bytes() == b"new"
+    assert not stale.exists() and other.exists() and similar.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.pt.ab12cd34.tmp", ".state.pt.old.tmp", "state.pt"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002], ids=oct)
+def test_atomic_write_follows_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "a.bin", b"x")  # a new file
+        save_state(tmp_path / "s.pt", {"w": torch.ones(1)})
+    finally:
+        os.umask(old)
+    for name in ("a.bin", "s.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name

@@ -11,7 +11,9 @@ from conftest import make_generator
 from test_translator import ShiftRegistration, make_translator, phantom
 
 from plasticine.checkpoint import load_state
+from plasticine.checkpoint import CheckpointError
 from plasticine.diffusion import noise_prediction_loss
+from plasticine.diffusion.unet import ConditionalUNet, UNetConfig
 from plasticine.diffusion.schedules import diffuse, sample_noise_level
 from plasticine.registration.network import registration_objective
 from plasticine.training import ShuffledBatches, TrainConfig, Trainer, deformation_objective, diffusion_objective, noise_cue
@@ -102,13 +104,24 @@ def test_shuffled_batches_order_and_shards():
     assert a.shape == (2, 2) and b.shape == (2,)
 
 
-def _diffusion_run(tmp_path, steps: int, *, stop_at: int | None = None, seed: int = 0, ema: float | None = 0.9):
+def _diffusion_run(
+    tmp_path,
+    steps: int,
+    *,
+    stop_at: int | None = None,
+    init_seed: int = 0,
+    ema: float | None = 0.9,
+    lr: float = 1e-3,
+    images: tuple[int, ...] = (0, 1),
+    unet: ConditionalUNet | None = None,
+    **config,
+):
     """A tiny denoiser trained with the diffusion objective; optionally interrupted before step ``stop_at``."""
-    torch.manual_seed(seed)  # another seed gives another initialisation: the resumed run must not care
-    t = make_translator()
+    torch.manual_seed(init_seed)  # another seed gives another initialisation: the resumed run must not care
+    t = make_translator() if unet is None else make_translator(denoiser=unet)
     t.structure = lambda img: torch.cat([(img < 0.4).to(img.dtype), (img >= 0.4).to(img.dtype)], 1)
-    data = ShuffledBatches(torch.cat([phantom((8, 8), batch=3, seed=s) for s in range(2)]), 2, seed=1, rank=0, world_size=1)
-    opt = torch.optim.Adam(t.denoiser.parameters(), lr=1e-3)
+    data = ShuffledBatches(torch.cat([phantom((8, 8), batch=3, seed=s) for s in images]), 2, seed=1, rank=0, world_size=1)
+    opt = torch.optim.Adam(t.denoiser.parameters(), lr=lr)
     calls = {"n": 0}
 
     def objective(model, y, g):
@@ -117,7 +130,8 @@ def _diffusion_run(tmp_path, steps: int, *, stop_at: int | None = None, seed: in
             raise KeyboardInterrupt
         return diffusion_objective(t, y, g, denoiser=model)
 
-    cfg = TrainConfig(steps=steps, checkpoint_path=str(tmp_path / "train.pt"), checkpoint_every=2, ema_decay=ema, progress="none", seed=4)
+    config = {"checkpoint_every": 2, "progress": "none", "seed": 4, **config}
+    cfg = TrainConfig(steps=steps, checkpoint_path=str(tmp_path / "train.pt"), ema_decay=ema, **config)
     trainer = Trainer(objective, t.denoiser, opt, data, cfg)
     return trainer
 
@@ -131,7 +145,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         broken.fit()
     assert load_state(tmp_path / "b" / "train.pt")["step"] == 2
-    resumed = _diffusion_run(tmp_path / "b", 4, seed=99)
+    resumed = _diffusion_run(tmp_path / "b", 4, init_seed=99)
     resumed.fit()
     assert resumed.step == full.step == 4
     for k, v in full.model.state_dict().items():
@@ -154,7 +168,7 @@ def test_trainer_precision_progress_and_errors(tmp_path, capsys):
     out = tr.fit()
     assert set(out) == {"total", "extra"} and tr.step == 4
     err = capsys.readouterr().err
-    assert "step 2/4 loss" in err and "step 4/4 loss" in err
+    assert "train: step 2/4 loss" in err and "train: step 4/4 loss" in err
     if importlib.util.find_spec("tqdm") is not None:  # a bar instead of lines
         more = Trainer(objective, net, torch.optim.SGD(net.parameters(), lr=0.1), data, TrainConfig(steps=2, progress="tqdm"))
         assert more.fit()["total"] >= 0 and "step" not in capsys.readouterr().err
@@ -203,3 +217,65 @@ def test_two_stages_then_save_and_translate(tmp_path):
     a = t.translate(x[:1], start_step=10, generator=make_generator(0))
     b = u.translate(x[:1], start_step=10, generator=make_generator(0))
     assert torch.equal(a.image, b.image)
+
+
+def test_progress_names_the_stage(capsys):
+    net = torch.nn.Linear(3, 1)
+    data = ShuffledBatches(torch.randn(8, 3, generator=make_generator(0)), 4, rank=0, world_size=1)
+    objective = lambda m, b, g: m(b).square().mean()  # noqa: E731
+    Trainer(objective, net, torch.optim.SGD(net.parameters(), lr=0.1), data, TrainConfig(steps=2, progress="print", log_every=1, name="denoiser")).fit()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and all(line.startswith("denoiser: step ") for line in lines), lines
+    if importlib.util.find_spec("tqdm") is not None:
+        Trainer(objective, net, torch.optim.SGD(net.parameters(), lr=0.1), data, TrainConfig(steps=2, progress="tqdm", name="registration")).fit()
+        assert "registration" in capsys.readouterr().err
+    for bad in ("", "two\nlines", 3):
+        with pytest.raises(ValueError, match="TrainConfig.name"):
+            TrainConfig(steps=1, name=bad)
+
+
+@pytest.fixture
+def saved_run(tmp_path):
+    """A checkpoint after 2 of 4 steps of :func:`_diffusion_run` with its defaults."""
+    run = _diffusion_run(tmp_path, 2)
+    run.fit()
+    return tmp_path
+
+
+SMALL_UNET = dict(cond_channels=2, base_channels=4, channel_mults=(1,), attention_levels=(), norm_groups=4)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"lr": 2e-3}, "optimizer lr is 0.001 in the checkpoint, 0.002 in this run"),
+        ({"images": (0, 2)}, "data_sha256 is '[0-9a-f]{64}' in the saved state, '[0-9a-f]{64}' in this source"),
+        ({"images": (0, 1, 2)}, "items is 6 in the saved state, 9 in this source"),
+        ({"seed": 7}, "TrainConfig.seed is 4 in the checkpoint, 7 in this run"),
+        ({"ema": 0.5}, "TrainConfig.ema_decay is 0.9 in the checkpoint, 0.5 in this run"),
+        ({"grad_clip": 1.0}, "TrainConfig.grad_clip is None in the checkpoint, 1.0 in this run"),
+        ({"precision": "bf16"}, "precision is 'fp32' in the checkpoint, 'bf16' in this run"),
+        ({"unet": ConditionalUNet(UNetConfig(**SMALL_UNET))}, "model config.base_channels is 8 in the checkpoint, 4 in this run"),
+        ({"steps": 1}, "the checkpoint is at step 2, beyond TrainConfig.steps 1"),
+    ],
+    ids=["lr", "data", "items", "seed", "ema", "grad_clip", "precision", "model", "steps"],
+)
+def test_resume_refuses_changed_settings(saved_run, change, message):
+    """Every setting that changes the result is refused on resume, naming it, the saved and the new value."""
+    before = load_state(saved_run / "train.pt")
+    kw = {"steps": 4, **change}
+    run = _diffusion_run(saved_run, kw.pop("steps"), **kw)
+    weights = {k: v.clone() for k, v in run.model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=rf"train\.pt: .*{message}") as info:
+        run.fit()
+    assert "\n" not in str(info.value)
+    assert run.step == 0 and all(torch.equal(v, run.model.state_dict()[k]) for k, v in weights.items())  # nothing restored
+    assert load_state(saved_run / "train.pt")["step"] == before["step"] == 2  # the checkpoint is untouched
+
+
+def test_resume_allows_more_steps_and_cosmetic_changes(saved_run, capsys):
+    run = _diffusion_run(saved_run, 3, checkpoint_every=0, progress="print", log_every=1, name="denoiser")
+    run.fit()
+    assert run.step == 3
+    err = capsys.readouterr().err
+    assert "denoiser: resuming from" in err and "denoiser: step 3/3" in err

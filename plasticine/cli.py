@@ -252,7 +252,7 @@ def _train(args: argparse.Namespace) -> int:
         unet,
         torch.optim.Adam(unet.parameters(), args.lr),
         ShuffledBatches(ys, args.batch_size, seed=args.seed),
-        TrainConfig(steps=args.diffusion_steps, checkpoint_path=f"{out}.diffusion-state.pt", **common),
+        TrainConfig(steps=args.diffusion_steps, checkpoint_path=f"{out}.diffusion-state.pt", name="denoiser", **common),
     ).fit()
     unet.eval()
     net = t.registration.network
@@ -261,7 +261,7 @@ def _train(args: argparse.Namespace) -> int:
         net,
         torch.optim.Adam(net.parameters(), args.lr),
         ShuffledBatches(UnpairedImages(source, target, seed=args.seed), args.batch_size, seed=args.seed + 1),
-        TrainConfig(steps=args.registration_steps, checkpoint_path=f"{out}.registration-state.pt", **{**common, "seed": args.seed + 1}),
+        TrainConfig(steps=args.registration_steps, checkpoint_path=f"{out}.registration-state.pt", name="registration", **{**common, "seed": args.seed + 1}),
     ).fit()
     t.eval().save(out)
     if not args.quiet:

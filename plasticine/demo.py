@@ -387,7 +387,7 @@ def train_demo_translator(config: DemoConfig = DemoConfig(), *, verbose: bool = 
         unet,
         torch.optim.Adam(unet.parameters(), config.learning_rate),
         ShuffledBatches(list(zip(cohort.targets, condition)), config.batch_size, seed=config.seed, rank=0, world_size=1),
-        TrainConfig(steps=config.diffusion_iterations, seed=config.seed, progress=progress, log_every=every, ema_decay=config.ema_decay),
+        TrainConfig(steps=config.diffusion_iterations, seed=config.seed, progress=progress, log_every=every, name="denoiser", ema_decay=config.ema_decay),
     )
     stage1.fit()
     if stage1.ema is not None:
@@ -401,7 +401,7 @@ def train_demo_translator(config: DemoConfig = DemoConfig(), *, verbose: bool = 
         net,
         torch.optim.Adam(net.parameters(), config.learning_rate),
         ShuffledBatches(list(zip(cohort.sources, cohort.targets)), config.batch_size, seed=config.seed + 1, rank=0, world_size=1),
-        TrainConfig(steps=config.registration_iterations, seed=config.seed + 1, progress=progress, log_every=every),
+        TrainConfig(steps=config.registration_iterations, seed=config.seed + 1, progress=progress, log_every=every, name="registration"),
     ).fit()
     return translator.eval()
 

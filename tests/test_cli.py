@@ -198,3 +198,19 @@ def test_unexpected_errors_are_one_line_and_debug_shows_them(monkeypatch, capsys
     assert ("out of memory" in err) if isinstance(error, MemoryError) else (type(error).__name__ in err and "--debug" in err)
     with pytest.raises(type(error)):
         main(argv + ["--debug"])
+
+
+def test_training_log_names_each_stage(folders, tmp_path, capsys):
+    args = ["train", "--source", str(folders / "src"), "--target", str(folders / "tgt"), "--output", str(tmp_path / "m.pt")]
+    assert main(args + ["--diffusion-steps", "1", "--registration-steps", "1", "--batch-size", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "denoiser" in err and "registration" in err, err
+
+
+def test_resume_refuses_a_changed_learning_rate(folders, model, tmp_path, capsys):
+    for suffix in (".diffusion-state.pt", ".registration-state.pt"):
+        (tmp_path / f"m.pt{suffix}").write_bytes((folders / f"model.pt{suffix}").read_bytes())
+    args = ["train", "--source", str(folders / "src"), "--target", str(folders / "tgt"), "--output", str(tmp_path / "m.pt")]
+    assert main(args + ["--diffusion-steps", "3", "--registration-steps", "2", "--batch-size", "2", "--quiet", "--lr", "0.5"]) == 1
+    err = capsys.readouterr().err
+    assert "lr" in err and "0.002" in err and "0.5" in err and err.count("\n") == 1, err

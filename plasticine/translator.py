@@ -42,7 +42,7 @@ from torch import nn
 
 from .core.deformation import Deformation
 from .core.protocols import ConditionEncoder, Denoiser, NoiseSchedule, RegistrationBackend, Sampler, StructureExtractor
-from .core.shapes import check_shape
+from .core.shapes import NonFiniteError, check_finite, check_shape
 
 __all__ = ["TranslationResult", "TraceableTranslator", "COMPONENTS"]
 
@@ -183,12 +183,8 @@ class TranslationResult:
 
 
 def _check_image(x: torch.Tensor, name: str) -> dict[str, Any]:
-    dims = check_shape(x, "B C *S", name)
-    if not x.is_floating_point():
-        raise ValueError(f"{name}: expected a floating tensor, got dtype {x.dtype}")
-    if not bool(torch.isfinite(x).all()):
-        bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(f"{name}: expected finite values, found {bad} NaN or infinite value(s) in a tensor of shape {tuple(x.shape)}")
+    dims = check_shape(x, "B C *S", name, floating=True)
+    check_finite(x, name)
     return dims
 
 
@@ -407,6 +403,21 @@ class TraceableTranslator:
         """
         return self.train(False)
 
+    def _check_like_weights(self, x: torch.Tensor) -> None:
+        """Refuse an image whose dtype or device differs from the weights' (it would fail inside a layer)."""
+        params = [p for m in self.modules().values() for p in m.parameters() if p.is_floating_point()]
+        dtypes = sorted({str(p.dtype) for p in params})
+        devices = sorted({str(p.device) for p in params})
+        if params and str(x.dtype) not in dtypes:
+            want = " or ".join(dtypes)
+            raise ValueError(
+                f"x: expected dtype {want} (the dtype of the translator's weights), got {x.dtype}: "
+                f"convert the image (x.to({want})) or the translator (translator.to({x.dtype}))"
+            )
+        if params and str(x.device) not in devices:
+            want = " or ".join(devices)
+            raise ValueError(f"x: expected device {want} (where the translator's weights are), got {x.device}: move the image or the translator")
+
     # -- inference -------------------------------------------------------------------------------
     def structure_map(self, x: torch.Tensor) -> torch.Tensor:
         """The structure map of ``x``, checked to be a floating ``(B, L, *S)`` map.
@@ -446,8 +457,14 @@ class TraceableTranslator:
         generator's draws, and the result, depend on ``n``. The networks run in the mode they are in:
         call :meth:`eval` after training (:meth:`load` returns a translator in evaluation mode).
 
+        Inputs and outputs are checked (a boundary of the library, see :doc:`/conventions`): ``x``
+        and ``target`` must be finite and have the dtype and device of the translator's weights
+        (nothing is converted silently), and a non-finite structure map, deformation, condition or
+        sample raises :class:`~plasticine.core.NonFiniteError` (a ``ValueError``) naming the part
+        that produced it instead of being returned (one host synchronisation per check).
+
         Args:
-            x: source images, finite.
+            x: source images, finite, in the dtype and on the device of the translator's weights.
             start_step: :math:`k_0` in ``[0, K]``; None uses :attr:`default_start_step`
                 (``round(start_fraction * K)``). ``0`` returns ``x`` unchanged.
             num_samples: draws per image, ``>= 1``.
@@ -459,17 +476,23 @@ class TraceableTranslator:
             A :class:`TranslationResult`.
 
         Raises:
-            ValueError: for a wrong shape, a non-floating or non-finite image, a bad ``start_step``
-                or ``num_samples``, or a backend that needs a target when none is given (the
-                backend's own error).
+            ValueError: for a wrong shape, a non-floating or non-finite image, an image whose dtype
+                or device differs from the weights', a bad ``start_step`` or ``num_samples``, or a
+                backend that needs a target when none is given (the backend's own error).
+            plasticine.core.NonFiniteError: (a ``ValueError``) when a part produced a NaN or an
+                infinity: the structure extractor, the registration, the conditioning or the
+                sampler (a diverged denoiser, or non-finite weights).
 
         Shape:
             x, target: ``(B, C, *S)``; see :class:`TranslationResult` for the outputs.
         """
         dims = _check_image(x, "x")
+        self._check_like_weights(x)
         if target is not None:
-            _check_image(target, "target")
             check_shape(target, "B C *S", "target", bindings=dict(dims))
+            _check_image(target, "target")
+            if target.dtype != x.dtype or target.device != x.device:
+                raise ValueError(f"target: expected the dtype and device of x, {x.dtype} on {x.device}, got {target.dtype} on {target.device}")
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples: expected an int >= 1, got {num_samples!r}")
         K = self.num_steps
@@ -477,21 +500,32 @@ class TraceableTranslator:
         if isinstance(k0, bool) or not isinstance(k0, int) or not 0 <= k0 <= K:
             raise ValueError(f"start_step: expected None or an int in [0, K={K}], got {start_step!r}")
         B = dims["B"]
-        with torch.no_grad():
-            deformation = self.registration.register(x) if target is None else self.registration.register(x, target)
+        reg = type(self.registration).__name__
+        try:
+            with torch.no_grad():
+                deformation = self.registration.register(x) if target is None else self.registration.register(x, target)
+        except NonFiniteError as err:
+            raise NonFiniteError(f"translate: the registration ({reg}) produced a non-finite deformation: {err}") from err
         if not isinstance(deformation, Deformation):
             raise ValueError(f"registration.register: expected a Deformation, got {type(deformation).__name__}")
         if deformation.shape != dims["S"] or deformation.forward.shape[0] != B:
             raise ValueError(f"registration.register: expected fields of shape ({B}, {dims['N']}, *{dims['S']}), got {tuple(deformation.forward.shape)}")
         with torch.no_grad():
             xs = self.structure_map(x)
+            check_finite(xs, f"translate: the structure map from {type(self.structure).__name__}")
             warped = deformation.to_target(xs)
             condition = self.conditioning(warped)
             if condition is not None:
                 condition = condition.to(x.dtype)
+                check_finite(condition, f"translate: the condition from {type(self.conditioning).__name__}")
             start = x.repeat(num_samples, *([1] * (x.dim() - 1)))
             cond = None if condition is None else condition.repeat(num_samples, *([1] * (condition.dim() - 1)))
             out = self.sampler.sample(self.denoiser, self.schedule, cond, start, start_step=k0, generator=generator)
+            check_finite(
+                out,
+                f"translate: the samples from {type(self.sampler).__name__}",
+                f"the denoiser {type(self.denoiser).__name__} diverged or holds non-finite weights",
+            )
             samples = out.reshape(num_samples, *x.shape)
             mean = samples.mean(0)
             std = samples.std(0, correction=0)

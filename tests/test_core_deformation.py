@@ -145,3 +145,32 @@ def test_device(device):
     torch.testing.assert_close(dd.to_target(img.to(device)).cpu(), d.to_target(img))
     labels = torch.randint(0, 3, (1, 1, 16, 18), generator=gen)
     assert torch.equal(dd.labels_to_target(labels.to(device)).cpu(), d.labels_to_target(labels))
+
+
+@pytest.mark.parametrize("name", ["forward", "inverse", "velocity"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_fields_are_refused(name, value):
+    # issue 10, #1: a Deformation held (and the CLI wrote) all-NaN fields
+    from plasticine.core import NonFiniteError
+
+    fields = {k: torch.zeros(2, 2, 8, 9) for k in ("forward", "inverse", "velocity")}
+    fields[name][1, 0, 3, 4] = value
+    with pytest.raises(NonFiniteError, match=rf"^{name}: expected finite values, found 1 NaN or infinite value\(s\) in a tensor of shape \(2, 2, 8, 9\)"):
+        Deformation(**fields)
+    assert issubclass(NonFiniteError, ValueError)
+
+
+def test_integer_fields_empty_batches_and_overflowing_casts_are_refused():
+    with pytest.raises(ValueError, match="^forward: expected a floating-point tensor, got dtype torch.int64"):
+        Deformation(torch.zeros(1, 2, 8, 9, dtype=torch.long), torch.zeros(1, 2, 8, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"^forward: .*an empty batch \(B = 0\)"):
+        Deformation(torch.zeros(0, 2, 8, 9), torch.zeros(0, 2, 8, 9))
+    u = torch.zeros(1, 2, 8, 9)
+    u[0, 0, 2, 2] = 1e6
+    with pytest.raises(ValueError, match="^forward: expected finite values"):
+        Deformation(u, -u).to(torch.float16)  # 1e6 overflows float16
+    d = Deformation(torch.zeros(1, 2, 8, 9), torch.zeros(1, 2, 8, 9))
+    with pytest.raises(ValueError, match="^points: expected a floating-point tensor"):
+        d.points_to_target(torch.zeros(1, 3, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="^image: expected a floating-point tensor"):
+        d.to_source(torch.zeros(1, 1, 8, 9, dtype=torch.long))

@@ -120,7 +120,7 @@ def test_converter_errors_name_expected_and_actual():
         world_to_voxel(torch.zeros(5, 2), torch.eye(3))
     with pytest.raises(ValueError, match=r"displacement: expected shape \(B, N, \*S\), got \(1, 2, 4, 4, 4\)"):
         displacement_to_world(torch.zeros(1, 2, 4, 4, 4), torch.eye(4))
-    with pytest.raises(ValueError, match=r"grid: expected shape \(B, \*S, N\) .* got \(1, 4, 4, 3\)"):
+    with pytest.raises(ValueError, match=r"grid: expected shape \(B, \*S, N\), got \(1, 4, 4, 3\): N=3 vector components but 2 spatial"):
         grid_to_displacement(torch.zeros(1, 4, 4, 3))
     with pytest.raises(ValueError, match=r"displacement: expected shape \(B, N, \*S\), got \(4, 4\)"):
         displacement_to_grid(torch.zeros(4, 4))
@@ -132,3 +132,21 @@ def test_converters_on_device(device):
     affine = random_affine(gen, 3)
     torch.testing.assert_close(displacement_to_grid(u.to(device)).cpu(), displacement_to_grid(u))
     torch.testing.assert_close(displacement_to_world(u.to(device), affine.to(device)).cpu(), displacement_to_world(u, affine))
+
+
+def test_integer_inputs_singular_and_non_finite_affines():
+    p = torch.rand(1, 4, 2, generator=make_generator(3))
+    with pytest.raises(ValueError, match="^points: expected a floating-point tensor, got dtype torch.int64"):
+        voxel_to_world(p.long(), torch.eye(3))
+    with pytest.raises(ValueError, match="^affine: expected a floating-point tensor, got dtype torch.int64"):
+        voxel_to_world(p, torch.eye(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="^dtype: expected a floating-point dtype, got torch.int64"):
+        identity_grid((3, 4), dtype=torch.int64)
+    singular = torch.eye(3)
+    singular[1, 1] = 0.0
+    with pytest.raises(ValueError, match="^affine: expected an invertible matrix, got a singular one"):
+        world_to_voxel(p, singular)
+    infinite = torch.eye(3)
+    infinite[0, 0] = float("inf")  # inv would give a finite 0 for 1 / inf
+    assert bool(world_to_voxel(p, infinite).isnan().all())
+    assert bool(displacement_from_world(torch.zeros(1, 2, 3, 4), infinite).isnan().all())

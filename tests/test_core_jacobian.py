@@ -142,3 +142,25 @@ def test_device_matches_cpu(device, ndim):
     u = 0.3 * torch.randn(2, ndim, *shape, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(jacobian_determinant(u.to(device)).cpu(), jacobian_determinant(u))
     torch.testing.assert_close(inverse_consistency_error(u.to(device), -u.to(device)).cpu(), inverse_consistency_error(u, -u))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_fields_give_non_finite_measures(value):
+    # a NaN determinant is not "not folded", and a NaN composition is not "consistent"
+    u = 0.1 * torch.randn(2, 2, 7, 8, generator=make_generator(9))
+    u[1, 0, 3, 3] = value
+    frac = folding_fraction(u)
+    assert bool(torch.isfinite(frac[0])) and not bool(torch.isfinite(frac[1]))
+    for reduction in ("mean", "max"):
+        err = inverse_consistency_error(u, -u, reduction=reduction)
+        assert bool(torch.isfinite(err[0])) and not bool(torch.isfinite(err[1]))
+        masked = inverse_consistency_error(-u[:1], u[:1], mask=torch.full((1, 1, 7, 8), value), reduction=reduction)
+        assert not bool(torch.isfinite(masked).any())
+    assert not bool(torch.isfinite(jacobian_determinant(u)[1, 0, 2:5, 2:5]).all())  # the neighbours read it
+
+
+def test_integer_fields_and_masks_are_refused():
+    with pytest.raises(ValueError, match="^displacement: expected a floating-point tensor, got dtype torch.int64"):
+        jacobian_determinant(torch.zeros(1, 2, 4, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="^mask: expected a bool or floating-point tensor, got dtype torch.int64"):
+        folding_fraction(torch.zeros(1, 2, 4, 5), torch.ones(1, 1, 4, 5, dtype=torch.long))

@@ -39,3 +39,32 @@ def test_errors_name_pattern_and_shape():
         check_shape([1, 2], "B C", "x")
     with pytest.raises(ValueError, match="more than one starred group"):
         check_shape(torch.zeros(1, 2, 3), "*A *B", "x")
+
+
+def test_empty_batches_and_empty_images_are_refused():
+    with pytest.raises(ValueError, match=r"^image: expected shape \(B, C, \*S\), got \(0, 1, 4, 5\): an empty batch \(B = 0\); pass at least one item$"):
+        check_shape(torch.zeros(0, 1, 4, 5), "B C *S", "image")
+    with pytest.raises(ValueError, match=r"^image: expected shape \(B, C, \*S\), got \(1, 1, 4, 0\): S=\(4, 0\) has no voxels$"):
+        check_shape(torch.zeros(1, 1, 4, 0), "B C *S", "image")
+    assert check_shape(torch.zeros(2, 0, 3), "B P N", "points", spatial=())["P"] == 0  # only B and S must be non-empty
+
+
+def test_floating_option_names_the_argument_and_dtype():
+    assert check_shape(torch.zeros(1, 1, 4, 5, dtype=torch.float16), "B C *S", "image", floating=True)["B"] == 1
+    for dtype in (torch.int64, torch.uint8, torch.bool, torch.complex64):
+        with pytest.raises(ValueError, match=rf"^image: expected a floating-point tensor, got dtype {dtype}$"):
+            check_shape(torch.zeros(1, 1, 4, 5, dtype=dtype), "B C *S", "image", floating=True)
+    check_shape(torch.zeros(1, 1, 4, 5, dtype=torch.int64), "B C *S", "labels")  # without the option: any dtype
+
+
+def test_check_finite_counts_and_names():
+    from plasticine.core import NonFiniteError, check_finite
+
+    check_finite(torch.zeros(3, 4), "x")
+    check_finite(torch.zeros(3, dtype=torch.long), "labels")
+    x = torch.zeros(3, 4)
+    x[0, 1], x[2, 2] = float("nan"), -float("inf")
+    with pytest.raises(NonFiniteError, match=r"^x: expected finite values, found 2 NaN or infinite value\(s\) in a tensor of shape \(3, 4\) \(a hint\)$"):
+        check_finite(x, "x", "a hint")
+    with pytest.raises(TypeError, match="^x: expected a torch.Tensor, got list"):
+        check_finite([1.0], "x")

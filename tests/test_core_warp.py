@@ -312,13 +312,13 @@ def test_shape_and_option_errors_name_expected_and_actual():
     image, u = torch.zeros(2, 1, 8, 9), torch.zeros(2, 2, 8, 9)
     with pytest.raises(ValueError, match=r"image: expected shape \(B, C, \*S\), got \(8, 9\)"):
         warp(torch.zeros(8, 9), u)
-    with pytest.raises(ValueError, match=r"displacement: expected shape \(Bu, N, \*S\), got \(2, 2, 8, 10\)"):
+    with pytest.raises(ValueError, match=r"displacement: expected shape \(B, N, \*S\), got \(2, 2, 8, 10\)"):
         warp(image, torch.zeros(2, 2, 8, 10))
-    with pytest.raises(ValueError, match=r"displacement: expected shape \(Bu, N, \*S\), got \(2, 3, 8, 9\)"):
+    with pytest.raises(ValueError, match=r"displacement: expected shape \(B, N, \*S\), got \(2, 3, 8, 9\)"):
         warp(image, torch.zeros(2, 3, 8, 9))
-    with pytest.raises(ValueError, match=r"expected batch size 2 or 1 .* got \(3, 2, 8, 9\)"):
+    with pytest.raises(ValueError, match=r"displacement: expected batch size 2 \(the image batch size\) or 1, got 3: image \(2, 1, 8, 9\), displacement \(3, 2, 8, 9\)"):
         warp(image, torch.zeros(3, 2, 8, 9))
-    with pytest.raises(ValueError, match="share one floating dtype"):
+    with pytest.raises(ValueError, match=r"displacement: expected the image's dtype torch.float32, got torch.float64"):
         warp(image, u.double())
     with pytest.raises(ValueError, match=r"mode: expected one of .*'bilinear'"):
         warp(image, u, mode="bilinear")
@@ -378,3 +378,57 @@ def test_no_host_synchronisation_on_cuda():
         integrate_rk4(u, 2)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("mode,padding", [("linear", "border"), ("linear", "zeros"), ("nearest", "reflection"), ("cubic", "border")])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_displacement_gives_non_finite_output_there(mode, padding, value):
+    # issue 10, #8: grid_sample reads a NaN position as an edge position, so warp returned a
+    # finite value where the displacement was NaN
+    image = torch.rand(2, 3, 9, 8, generator=make_generator(5))
+    u = torch.zeros(2, 2, 9, 8)
+    u[1, 0, 4, 2] = value
+    out = warp(image, u, mode, padding)
+    expected = torch.zeros_like(out, dtype=torch.bool)
+    expected[1, :, 4, 2] = True
+    assert torch.equal(~torch.isfinite(out), expected)
+    torch.testing.assert_close(out[0], image[0])  # finite values are unchanged
+    one = warp(image, u[1:])  # one field for the whole batch
+    assert bool((~torch.isfinite(one[:, :, 4, 2])).all()) and int((~torch.isfinite(one)).sum()) == 6
+
+
+def test_non_finite_points_and_fields_propagate():
+    field = torch.rand(1, 2, 6, 7, generator=make_generator(6))
+    points = torch.tensor([[[1.0, 2.0], [float("nan"), 3.0], [2.0, float("inf")]]])
+    out = sample_at_points(field, points)
+    assert bool(torch.isfinite(out[0, 0]).all()) and not bool(torch.isfinite(out[0, 1:]).any())
+    u_a = torch.zeros(1, 2, 6, 7)
+    u_a[0, 1, 3, 3] = float("nan")
+    assert bool(compose(u_a, torch.zeros(1, 2, 6, 7))[0, 1, 3, 3].isnan())
+    assert bool(compose(torch.zeros(1, 2, 6, 7), u_a)[0, :, 3, 3].isnan().all())
+
+
+def test_empty_batches_and_integer_inputs_are_refused():
+    # issue 10, #8: B = 0 raised IndexError in warp, compose and sample_at_points
+    e, u = torch.zeros(0, 1, 8, 9), torch.zeros(0, 2, 8, 9)
+    with pytest.raises(ValueError, match=r"image: expected shape \(B, C, \*S\), got \(0, 1, 8, 9\): an empty batch \(B = 0\)"):
+        warp(e, u)
+    with pytest.raises(ValueError, match=r"u_a: .*an empty batch \(B = 0\)"):
+        compose(u, u)
+    with pytest.raises(ValueError, match=r"field: .*an empty batch \(B = 0\)"):
+        sample_at_points(e, torch.zeros(0, 3, 2))
+    with pytest.raises(ValueError, match=r"image: expected shape \(B, C, \*S\), got \(1, 1, 0, 9\): S=\(0, 9\) has no voxels"):
+        warp(torch.zeros(1, 1, 0, 9), torch.zeros(1, 2, 0, 9))
+    with pytest.raises(ValueError, match="^image: expected a floating-point tensor, got dtype torch.int64"):
+        warp(torch.zeros(1, 1, 8, 9, dtype=torch.long), torch.zeros(1, 2, 8, 9))
+    with pytest.raises(ValueError, match="^u_b: expected a floating-point tensor, got dtype torch.int64"):
+        compose(torch.zeros(1, 2, 8, 9), torch.zeros(1, 2, 8, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="^points: expected a floating-point tensor, got dtype torch.int64"):
+        sample_at_points(torch.zeros(1, 1, 8, 9), torch.zeros(1, 3, 2, dtype=torch.long))
+    assert sample_at_points(torch.zeros(1, 1, 8, 9), torch.zeros(1, 0, 2)).shape == (1, 0, 1)  # no points: trivially empty
+
+
+def test_batch_size_error_names_both_batch_sizes():
+    # issue 10, #8: an image batch of 1 and a field batch of 2 said "expected batch size 1 or 1"
+    with pytest.raises(ValueError, match=r"^displacement: expected batch size 1 \(the image batch size\), got 2: image \(1, 1, 8, 9\), displacement \(2, 2, 8, 9\)$"):
+        warp(torch.zeros(1, 1, 8, 9), torch.zeros(2, 2, 8, 9))

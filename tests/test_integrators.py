@@ -312,3 +312,31 @@ if __name__ == "__main__":
         print("inverse consistency of scaling and squaring, 256 x 256, mean |phi o phi^-1 - Id| (voxels)")
         for field, padding, steps, whole, inner in inverse_consistency_table():
             print(f"{field}  padding={padding:7s} steps={steps:2d}  whole image {whole:.4f}  interior {inner:.4f}")
+
+
+@pytest.mark.parametrize("integrator", [ScalingAndSquaring(), ScalingAndSquaring("auto"), Euler(4), RK4(2)], ids=repr)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_integer_velocity_is_refused_not_integrated(integrator, dtype):
+    # issue 10, #8: an integer velocity gave an all-NaN field (scaling and squaring) or a
+    # NotImplementedError from grid_sample (Euler, RK4)
+    v = torch.ones(1, 2, 8, 8, dtype=dtype)
+    with pytest.raises(ValueError, match=rf"velocity: expected a floating-point tensor, got dtype {dtype}"):
+        integrator(v)
+
+
+@pytest.mark.parametrize("integrator", [ScalingAndSquaring(), Euler(4), RK4(2)], ids=repr)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_velocity_gives_a_non_finite_displacement_where_it_sits(integrator, value):
+    v = 0.3 * torch.randn(2, 2, 9, 8, generator=make_generator(3))
+    v[1, 0, 4, 5] = value
+    u = integrator(v)
+    assert not bool(torch.isfinite(u[1, :, 4, 5]).all())
+    assert bool(torch.isfinite(u[0]).all())  # the other batch item is untouched
+
+
+def test_empty_batch_is_refused_not_an_index_error():
+    # issue 10, #8: B = 0 raised IndexError (or a RuntimeError from amax for steps="auto")
+    v = torch.zeros(0, 2, 8, 8)
+    for f in (scaling_and_squaring, integrate_euler, integrate_rk4, auto_squaring_steps, ScalingAndSquaring("auto")):
+        with pytest.raises(ValueError, match=r"velocity: expected shape \(B, N, \*S\), got \(0, 2, 8, 8\): an empty batch \(B = 0\)"):
+            f(v)

@@ -547,3 +547,70 @@ def test_modules_call_functions_and_satisfy_protocol():
         assert isinstance(module, SimilarityLoss)
         assert module(x, y, mask).item() == function(x, y, mask).item()
         assert module(x, y).shape == ()
+
+
+# --------------------------------------------------------------------------------------------
+# Non-finite inputs and empty batches (docs/conventions.rst, "Errors and non-finite values")
+
+SIMILARITIES = [
+    ("mi", lambda a, b, m=None: mutual_information(a, b, m, bins=8)),
+    ("mi-gaussian", lambda a, b, m=None: mutual_information(a, b, m, bins=8, kernel="gaussian")),
+    ("mi-range", lambda a, b, m=None: mutual_information(a, b, m, bins=8, moving_range=(0.0, 1.0), fixed_range=(0.0, 1.0))),
+    ("mi-plain", lambda a, b, m=None: mutual_information(a, b, m, bins=8, normalized=False)),
+    ("ncc", ncc),
+    ("lncc", lambda a, b, m=None: local_ncc(a, b, m, window=3)),
+]
+
+
+@pytest.mark.parametrize("name,loss", SIMILARITIES, ids=[n for n, _ in SIMILARITIES])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["moving", "fixed", "mask", "masked-out"])
+def test_similarities_propagate_non_finite_inputs(name, loss, value, where):
+    # issue 10, #8: with a NaN, NCC returned a finite 0 and MutualInformation raised an index error
+    gen = make_generator(21)
+    x, y = torch.rand(2, 1, 9, 10, generator=gen), torch.rand(2, 1, 9, 10, generator=gen)
+    mask = torch.ones(2, 1, 9, 10)
+    if where == "mask":
+        mask[1, 0, 4, 4] = value
+    else:
+        (x if where in ("moving", "masked-out") else y)[1, 0, 4, 4] = value
+        if where == "masked-out":  # a zero mask weight does not hide it: the loss is a reduction over all inputs
+            mask[1, 0, 4, 4] = 0.0
+    assert not torch.isfinite(loss(x, y, mask))
+    if where in ("moving", "fixed"):
+        assert not torch.isfinite(loss(x, y))
+
+
+def test_joint_histogram_of_a_non_finite_image_is_nan_only_there():
+    x = torch.rand(2, 2, 8, 8, generator=make_generator(22))
+    x[1, 0, 3, 3] = float("nan")
+    p = joint_histogram(x, x.flip(-1), bins=6)
+    assert bool(p[1, 0].isnan().all()) and bool(torch.isfinite(p[0]).all()) and bool(torch.isfinite(p[1, 1]).all())
+    torch.testing.assert_close(p[0].sum((-2, -1)), torch.ones(2))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_regularizers_propagate_non_finite_fields(value):
+    u = torch.rand(1, 2, 6, 6, generator=make_generator(23))
+    u[0, 1, 2, 3] = value
+    assert not torch.isfinite(gradient_smoothness(u)) and not torch.isfinite(bending_energy(u))
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [mutual_information, ncc, local_ncc, NCC(), LocalNCC(3), MutualInformation(bins=8), lambda a, b: box_sum(a, 3)],
+)
+def test_empty_batch_is_refused_not_an_index_error(loss):
+    # issue 10, #8: B = 0 raised IndexError (local NCC) or a reshape RuntimeError (NCC, MI)
+    x = torch.zeros(0, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"(moving|x): expected shape \(B, C, \*S\), got \(0, 1, 8, 8\): an empty batch \(B = 0\)"):
+        loss(x, x)
+
+
+def test_integer_images_are_refused_naming_the_argument():
+    x = torch.rand(1, 1, 8, 8)
+    for loss in (mutual_information, ncc, local_ncc):
+        with pytest.raises(ValueError, match="^fixed: expected a floating-point tensor, got dtype torch.int64"):
+            loss(x, (10 * x).long())
+    with pytest.raises(ValueError, match="^displacement: expected a floating-point tensor, got dtype torch.int32"):
+        bending_energy(torch.zeros(1, 2, 5, 5, dtype=torch.int32))

@@ -229,3 +229,57 @@ def test_state_dict_and_replace():
         other.load_state_dict({k: v for k, v in sd.items() if not k.startswith("denoiser.")})
     r = t.replace(sampler=DPMSolverPP(steps=2))
     assert r.denoiser is t.denoiser and isinstance(r.sampler, DPMSolverPP) and isinstance(t.sampler, DDIMSampler)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64, torch.bfloat16])
+def test_input_dtype_other_than_the_weights_is_refused_clearly(dtype):
+    # issue 10, #8: float16/float64 input failed inside a convolution
+    x = phantom((8, 8)).to(dtype)
+    with pytest.raises(ValueError, match=rf"^x: expected dtype torch.float32 \(the dtype of the translator's weights\), got {dtype}"):
+        SHARED.translate(x)
+    with pytest.raises(ValueError, match=r"^target: expected the dtype and device of x"):
+        make_translator(registration=IterativeRegistration(levels=(1,), iterations=(1,))).translate(phantom((8, 8)), target=x)
+
+
+def test_translator_in_float64_takes_float64_images():
+    t = make_translator().to(torch.float64)
+    r = t.translate(phantom((8, 8)).double(), start_step=5, generator=make_generator(0))
+    assert r.image.dtype == torch.float64 and r.deformation.forward.dtype == torch.float64
+
+
+def _poisoned(part: str) -> TraceableTranslator:
+    t = make_translator()
+    if part == "denoiser":
+        with torch.no_grad():
+            next(t.denoiser.parameters()).fill_(float("nan"))
+    elif part == "registration":
+        with torch.no_grad():
+            t.registration.network.head.weight.fill_(float("inf"))
+    elif part == "structure":
+        t = t.replace(structure=lambda x: torch.full((x.shape[0], 2, *x.shape[2:]), float("nan")))
+    else:
+        t = t.replace(conditioning=lambda s: s * float("nan"))
+    return t
+
+
+@pytest.mark.parametrize(
+    "part,message",
+    [
+        ("denoiser", r"^translate: the samples from DDIMSampler: expected finite values, found \d+ NaN or infinite value\(s\) .*\(the denoiser ConditionalUNet diverged or holds non-finite weights\)$"),
+        ("registration", r"^translate: the registration \(LearnedRegistration\) produced a non-finite deformation: (forward|inverse|velocity): expected finite values"),
+        ("structure", r"^translate: the structure map from function: expected finite values"),
+        ("conditioning", r"^translate: the condition from function: expected finite values"),
+    ],
+    ids=["denoiser", "registration", "structure", "conditioning"],
+)
+def test_non_finite_outputs_raise_naming_the_part(part, message):
+    # issue 10, #1: a diverged part gave an all-NaN result that was returned (and written) as success
+    from plasticine.core import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match=message):
+        _poisoned(part).translate(phantom((8, 8)), start_step=5, generator=make_generator(0))
+
+
+def test_empty_batch_is_refused():
+    with pytest.raises(ValueError, match=r"^x: expected shape \(B, C, \*S\), got \(0, 1, 8, 8\): an empty batch \(B = 0\)"):
+        SHARED.translate(torch.zeros(0, 1, 8, 8))

@@ -26,7 +26,7 @@ from .protocols import (
     StructureExtractor,
     Warper,
 )
-from .shapes import check_shape
+from .shapes import NonFiniteError, check_finite, check_shape
 from .warp import GridSampleWarper, compose, sample_at_points, warp
 
 __all__ = [
@@ -36,11 +36,13 @@ __all__ = [
     "GridSampleWarper",
     "Integrator",
     "NoiseSchedule",
+    "NonFiniteError",
     "RegistrationBackend",
     "Sampler",
     "SimilarityLoss",
     "StructureExtractor",
     "Warper",
+    "check_finite",
     "check_shape",
     "compose",
     "displacement_from_world",

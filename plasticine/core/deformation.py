@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .jacobian import folding_fraction, inverse_consistency_error, jacobian_determinant
-from .shapes import check_shape
+from .shapes import check_finite, check_shape
 from .warp import Mode, Padding, sample_at_points, warp
 
 __all__ = ["Deformation"]
@@ -24,24 +24,35 @@ class Deformation:
     :math:`\phi^{-1}(p)` in the target (:meth:`points_to_target`), a target point ``q`` at
     :math:`\phi(q)` in the source (:meth:`points_to_source`).
 
+    Construction is a boundary of the library (see :doc:`/conventions`): the fields must be
+    floating and finite; a NaN or an infinity raises :class:`~plasticine.core.NonFiniteError` (a
+    ``ValueError``) naming the field. The check reads one flag per field from the device.
+
     Args:
         forward: displacement of phi in voxels, channel ``i`` along axis ``i``.
         inverse: displacement of phi^-1.
         velocity: optional stationary velocity with ``phi = exp(velocity)``.
+
+    Raises:
+        ValueError: for a wrong shape, a non-floating dtype, fields on different dtypes or devices,
+            or a non-finite value (:class:`~plasticine.core.NonFiniteError`).
 
     Shape:
         forward, inverse, velocity: ``(B, N, *S)``.
     """
 
     def __init__(self, forward: torch.Tensor, inverse: torch.Tensor, velocity: torch.Tensor | None = None):
-        dims = check_shape(forward, "B N *S", "forward")
-        check_shape(inverse, "B N *S", "inverse", bindings=dims)
+        dims = check_shape(forward, "B N *S", "forward", floating=True)
+        check_shape(inverse, "B N *S", "inverse", bindings=dims, floating=True)
         if velocity is not None:
-            check_shape(velocity, "B N *S", "velocity", bindings=dims)
+            check_shape(velocity, "B N *S", "velocity", bindings=dims, floating=True)
         if forward.dtype != inverse.dtype or forward.device != inverse.device:
             raise ValueError(
                 f"forward and inverse must share dtype and device, got {forward.dtype}/{forward.device} and {inverse.dtype}/{inverse.device}"
             )
+        for name, field in (("forward", forward), ("inverse", inverse), ("velocity", velocity)):
+            if field is not None:
+                check_finite(field, name, "a Deformation holds finite fields")
         self.forward = forward
         self.inverse = inverse
         self.velocity = velocity
@@ -72,8 +83,10 @@ class Deformation:
         Returns:
             A :class:`Deformation` sharing this one's tensors.
         """
-        v = None if self.velocity is None else -self.velocity
-        return Deformation(self.inverse, self.forward, v)
+        out = Deformation.__new__(Deformation)  # the fields are already checked
+        out.forward, out.inverse = self.inverse, self.forward
+        out.velocity = None if self.velocity is None else -self.velocity
+        return out
 
     def __repr__(self) -> str:
         return f"Deformation(shape={self.shape}, batch={self.forward.shape[0]}, dtype={self.forward.dtype}, velocity={self.velocity is not None})"
@@ -93,6 +106,7 @@ class Deformation:
         Shape:
             image: ``(B, C, *S)``; out: ``(B, C, *S)``.
         """
+        check_shape(image, "B C *S", "image", floating=True)
         return warp(image, self.forward.to(image.dtype), mode, padding)
 
     def to_source(self, image: torch.Tensor, mode: Mode = "linear", padding: Padding = "border") -> torch.Tensor:
@@ -109,6 +123,7 @@ class Deformation:
         Shape:
             image: ``(B, C, *S)``; out: ``(B, C, *S)``.
         """
+        check_shape(image, "B C *S", "image", floating=True)
         return warp(image, self.inverse.to(image.dtype), mode, padding)
 
     # -- labels -----------------------------------------------------------------------------
@@ -169,6 +184,7 @@ class Deformation:
         Shape:
             points: ``(B, P, N)`` voxel coordinates in axis order; out: ``(B, P, N)``.
         """
+        check_shape(points, "B P N", "points", bindings={"N": self.ndim}, spatial=(), floating=True)
         return points + sample_at_points(self.inverse.to(points.dtype), points)
 
     def points_to_source(self, points: torch.Tensor) -> torch.Tensor:
@@ -183,6 +199,7 @@ class Deformation:
         Shape:
             points: ``(B, P, N)`` voxel coordinates in axis order; out: ``(B, P, N)``.
         """
+        check_shape(points, "B P N", "points", bindings={"N": self.ndim}, spatial=(), floating=True)
         return points + sample_at_points(self.forward.to(points.dtype), points)
 
     # -- quality ----------------------------------------------------------------------------
@@ -237,7 +254,7 @@ def _trace_labels(labels: torch.Tensor, displacement: torch.Tensor, num_classes:
         )
     if labels.is_floating_point() or labels.is_complex():
         raise ValueError(f"labels: expected an integer tensor, got {labels.dtype}")
-    dtype = displacement.dtype if displacement.is_floating_point() else torch.float32
+    dtype = displacement.dtype
     if method == "nearest":
         out = warp(labels.to(dtype), displacement.expand(labels.shape[0], *displacement.shape[1:]), mode="nearest")
         return out.round().long()

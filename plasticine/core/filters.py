@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -18,8 +19,8 @@ def gaussian_kernel1d(sigma: float, truncate: float = 3.0, *, dtype: torch.dtype
     Shape:
         out: ``(2r + 1,)`` with ``r = max(1, int(truncate * sigma + 0.5))``.
     """
-    if sigma <= 0:
-        raise ValueError(f"sigma: expected a positive number, got {sigma}")
+    if not (sigma > 0 and math.isfinite(sigma)):
+        raise ValueError(f"sigma: expected a positive finite number, got {sigma}")
     r = max(1, int(truncate * sigma + 0.5))
     t = torch.arange(-r, r + 1, dtype=dtype, device=device)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
@@ -40,10 +41,10 @@ def gaussian_smooth(x: torch.Tensor, sigma: float | Sequence[float], truncate: f
     Shape:
         x: ``(B, C, *S)``; out: ``(B, C, *S)``.
     """
-    n = check_shape(x, "B C *S", "x")["N"]
+    n = check_shape(x, "B C *S", "x", floating=True)["N"]
     sig = (float(sigma),) * n if isinstance(sigma, (int, float)) else tuple(float(s) for s in sigma)
-    if len(sig) != n or min(sig) < 0:
-        raise ValueError(f"sigma: expected one or {n} non-negative numbers, got {sigma}")
+    if len(sig) != n or not all(0 <= s < math.inf for s in sig):
+        raise ValueError(f"sigma: expected one or {n} non-negative finite numbers, got {sigma}")
     # taps as Python numbers (computed on the CPU: no device round trip)
     kernels = tuple((axis, tuple(gaussian_kernel1d(s, truncate, dtype=torch.float64).tolist())) for axis, s in enumerate(sig) if s > 0)
     if not kernels:
@@ -126,10 +127,10 @@ def resize(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     Shape:
         x: ``(B, C, *S)``; out: ``(B, C, *shape)``.
     """
-    n = check_shape(x, "B C *S", "x")["N"]
+    n = check_shape(x, "B C *S", "x", floating=True)["N"]
     shape = tuple(int(s) for s in shape)
-    if len(shape) != n:
-        raise ValueError(f"shape: expected {n} sizes, got {shape}")
+    if len(shape) != n or min(shape) < 1:
+        raise ValueError(f"shape: expected {n} positive sizes, got {shape}")
     if shape == tuple(x.shape[2:]):
         return x
     return F.interpolate(x, size=shape, mode="bilinear" if n == 2 else "trilinear", align_corners=True)
@@ -144,7 +145,7 @@ def resize_field(field: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     Shape:
         field: ``(B, N, *S)``; out: ``(B, N, *shape)``.
     """
-    dims = check_shape(field, "B N *S", "field")
+    dims = check_shape(field, "B N *S", "field", floating=True)
     old, n = dims["S"], dims["N"]
     out = resize(field, shape)
     scale = torch.tensor([(s - 1) / max(o - 1, 1) for s, o in zip(shape, old)], dtype=field.dtype, device=field.device)

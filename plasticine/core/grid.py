@@ -57,6 +57,8 @@ def identity_grid(
     shape = tuple(int(s) for s in shape)
     if len(shape) not in (2, 3) or min(shape) < 1:
         raise ValueError(f"identity_grid: expected 2 or 3 positive spatial sizes, got {shape}")
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype: expected a floating-point dtype, got {dtype}")
     axes = [torch.arange(s, dtype=dtype, device=device) for s in shape]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)
 
@@ -98,7 +100,8 @@ def _vector_length(field: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
     """
     sq = field.square().sum(1, keepdim=keepdim)
     pos = sq > 0
-    return torch.where(pos, torch.where(pos, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))
+    # zero vectors take sq itself (0, gradient 0); a NaN takes sq too, so it propagates
+    return torch.where(pos, torch.where(pos, sq, torch.ones_like(sq)).sqrt(), sq)
 
 
 def _normalised_scale(shape: Sequence[int], like: torch.Tensor, size_one: float = 0.0) -> torch.Tensor:
@@ -128,7 +131,7 @@ def displacement_to_grid(displacement: torch.Tensor) -> torch.Tensor:
     Shape:
         displacement: ``(B, N, *S)``; out: ``(B, *S, N)``.
     """
-    check_shape(displacement, "B N *S", "displacement")
+    check_shape(displacement, "B N *S", "displacement", floating=True)
     return _ToGrid.apply(displacement)
 
 
@@ -187,9 +190,7 @@ def grid_to_displacement(grid: torch.Tensor) -> torch.Tensor:
     Shape:
         grid: ``(B, *S, N)``; out: ``(B, N, *S)``.
     """
-    if not isinstance(grid, torch.Tensor) or grid.dim() not in (4, 5) or grid.shape[-1] != grid.dim() - 2:
-        got = tuple(grid.shape) if isinstance(grid, torch.Tensor) else type(grid).__name__
-        raise ValueError(f"grid: expected shape (B, *S, N) with N = len(S) in {{2, 3}}, got {got}")
+    check_shape(grid, "B *S N", "grid", floating=True)
     g = grid.movedim(-1, 1)
     shape = tuple(g.shape[2:])
     base = _normalised_identity(shape, grid.dtype, grid.device)
@@ -198,15 +199,26 @@ def grid_to_displacement(grid: torch.Tensor) -> torch.Tensor:
 
 
 def _check_affine(affine: torch.Tensor, n: int) -> torch.Tensor:
-    if not isinstance(affine, torch.Tensor) or tuple(affine.shape[-2:]) != (n + 1, n + 1):
+    if not isinstance(affine, torch.Tensor) or affine.dim() not in (2, 3) or tuple(affine.shape[-2:]) != (n + 1, n + 1):
         got = tuple(affine.shape) if isinstance(affine, torch.Tensor) else type(affine).__name__
         raise ValueError(f"affine: expected shape ({n + 1}, {n + 1}) or (B, {n + 1}, {n + 1}), got {got}")
+    if not affine.is_floating_point():
+        raise ValueError(f"affine: expected a floating-point tensor, got dtype {affine.dtype}")
     return affine
 
 
 def _inverse_affine(affine: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Inverse of an affine, taken in float64 and cast to ``like``'s dtype and device."""
-    return torch.linalg.inv(affine.to(device=like.device, dtype=torch.float64)).to(like.dtype)
+    """Inverse of an affine, taken in float64 and cast to ``like``'s dtype and device.
+
+    NaN everywhere if the affine holds a NaN or an infinity (``inv`` would turn an infinity into a
+    finite 0); a singular affine raises a ``ValueError``.
+    """
+    a = affine.to(device=like.device, dtype=torch.float64)
+    try:
+        inv = torch.linalg.inv(a)
+    except torch.linalg.LinAlgError as err:
+        raise ValueError(f"affine: expected an invertible matrix, got a singular one ({err})") from None
+    return (inv + a.mul(0.0).sum((-2, -1), keepdim=True)).to(like.dtype)
 
 
 def voxel_to_world(points: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
@@ -222,7 +234,7 @@ def voxel_to_world(points: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
     Shape:
         points: ``(B, P, N)``; affine: ``(N+1, N+1)`` or ``(B, N+1, N+1)``; out: ``(B, P, N)``.
     """
-    n = check_shape(points, "B P N", "points", spatial=())["N"]
+    n = check_shape(points, "B P N", "points", spatial=(), floating=True)["N"]
     a = _check_affine(affine, n).to(points)
     return points @ a[..., :n, :n].transpose(-1, -2) + a[..., None, :n, n]
 
@@ -242,7 +254,7 @@ def world_to_voxel(points: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
     Shape:
         points: ``(B, P, N)``; affine: ``(N+1, N+1)`` or ``(B, N+1, N+1)``; out: ``(B, P, N)``.
     """
-    n = check_shape(points, "B P N", "points", spatial=())["N"]
+    n = check_shape(points, "B P N", "points", spatial=(), floating=True)["N"]
     return voxel_to_world(points, _inverse_affine(_check_affine(affine, n), points))
 
 
@@ -261,7 +273,7 @@ def displacement_to_world(displacement: torch.Tensor, affine: torch.Tensor) -> t
     Shape:
         displacement: ``(B, N, *S)``; affine: ``(N+1, N+1)`` or ``(B, N+1, N+1)``; out: ``(B, N, *S)``.
     """
-    n = check_shape(displacement, "B N *S", "displacement")["N"]
+    n = check_shape(displacement, "B N *S", "displacement", floating=True)["N"]
     a = _check_affine(affine, n).to(displacement)[..., :n, :n]
     return torch.einsum("ij,bj...->bi...", a, displacement) if a.dim() == 2 else torch.einsum("bij,bj...->bi...", a, displacement)
 
@@ -281,5 +293,5 @@ def displacement_from_world(displacement: torch.Tensor, affine: torch.Tensor) ->
     Shape:
         displacement: ``(B, N, *S)``; affine: ``(N+1, N+1)`` or ``(B, N+1, N+1)``; out: ``(B, N, *S)``.
     """
-    n = check_shape(displacement, "B N *S", "displacement")["N"]
+    n = check_shape(displacement, "B N *S", "displacement", floating=True)["N"]
     return displacement_to_world(displacement, _inverse_affine(_check_affine(affine, n), displacement))

@@ -86,7 +86,7 @@ def spatial_gradient(field: torch.Tensor, spacing: float | Sequence[float] = 1.0
         >>> spatial_gradient(f)[0, 0, 1, 0]
         tensor([1., 2., 4., 5.])
     """
-    n = check_shape(field, "B C *S", "field")["N"]
+    n = check_shape(field, "B C *S", "field", floating=True)["N"]
     h = spacing_tuple(spacing, n)
     g = _twice_gradient(field)
     scale = _constant_vector([0.5 / x for x in h], g, n).unsqueeze(0)
@@ -111,7 +111,7 @@ def jacobian_matrix(displacement: torch.Tensor, spacing: float | Sequence[float]
     Shape:
         displacement: ``(B, N, *S)``; out: ``(B, *S, N, N)``.
     """
-    n = check_shape(displacement, "B N *S", "displacement")["N"]
+    n = check_shape(displacement, "B N *S", "displacement", floating=True)["N"]
     h = spacing_tuple(spacing, n)
     g = spatial_gradient(displacement)  # (B, N_i, N_j, *S) in voxels
     if any(x != 1.0 for x in h):
@@ -146,7 +146,7 @@ def jacobian_determinant(displacement: torch.Tensor) -> torch.Tensor:
         >>> jacobian_determinant(u)[0, 0, 1, 1].item()  # stretch by 1.5 along axis 0
         1.5
     """
-    n = check_shape(displacement, "B N *S", "displacement")["N"]
+    n = check_shape(displacement, "B N *S", "displacement", floating=True)["N"]
     g = _twice_gradient(displacement)  # (B, N_i, N_j, *S) = 2 du_i/dx_j
     diag = g.diagonal(dim1=1, dim2=2)
     if torch.is_grad_enabled() and g.requires_grad:
@@ -164,20 +164,31 @@ def jacobian_determinant(displacement: torch.Tensor) -> torch.Tensor:
     return det.mul_(0.125).unsqueeze(1) if not det.requires_grad else (0.125 * det).unsqueeze(1)
 
 
+def _check_reduction(reduction: str, mask: torch.Tensor | None, like: torch.Tensor) -> None:
+    """Check ``reduction`` and a ``(B, 1, *S)`` bool or floating ``mask`` against ``like`` ``(B, N, *S)``."""
+    if reduction not in ("mean", "max", "none"):
+        raise ValueError(f"reduction: expected 'mean', 'max' or 'none', got {reduction!r}")
+    if mask is not None:
+        check_shape(mask, "B 1 *S", "mask", bindings={"B": like.shape[0], "S": tuple(like.shape[2:])})
+        if not (mask.is_floating_point() or mask.dtype == torch.bool):
+            raise ValueError(f"mask: expected a bool or floating-point tensor, got dtype {mask.dtype}")
+
+
 def _reduce(values: torch.Tensor, mask: torch.Tensor | None, reduction: str) -> torch.Tensor:
-    """Reduce ``(B, 1, *S)`` values over space, optionally inside a mask, to ``(B,)``."""
+    """Reduce ``(B, 1, *S)`` values over space, optionally inside a checked mask, to ``(B,)``.
+
+    A NaN in the values or the mask gives NaN (``amax`` propagates NaN; the masked maximum adds
+    ``sum(0 * mask)``, which is NaN for a non-finite mask).
+    """
     if reduction == "none":
         return values
-    if reduction not in ("mean", "max"):
-        raise ValueError(f"reduction: expected 'mean', 'max' or 'none', got {reduction!r}")
     flat = values.flatten(1)
     if mask is None:
         return flat.mean(1) if reduction == "mean" else flat.amax(1)
-    check_shape(mask, "B 1 *S", "mask", bindings={"B": values.shape[0], "S": tuple(values.shape[2:])})
     m = mask.flatten(1).to(flat.dtype)
     if reduction == "mean":
         return (flat * m).sum(1) / m.sum(1).clamp(min=1)
-    return torch.where(m > 0, flat, torch.full_like(flat, -torch.inf)).amax(1)
+    return torch.where(m > 0, flat, torch.full_like(flat, -torch.inf)).amax(1) + m.mul(0.0).sum(1)
 
 
 def folding_fraction(displacement: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -195,7 +206,10 @@ def folding_fraction(displacement: torch.Tensor, mask: torch.Tensor | None = Non
     Shape:
         displacement: ``(B, N, *S)``; mask: ``(B, 1, *S)`` or None; out: ``(B,)`` in [0, 1].
     """
-    folded = (jacobian_determinant(displacement) <= 0).to(displacement.dtype)
+    check_shape(displacement, "B N *S", "displacement", floating=True)
+    _check_reduction("mean", mask, displacement)
+    det = jacobian_determinant(displacement)
+    folded = (det <= 0).to(det.dtype).add_(det, alpha=0.0)  # NaN where det is not finite
     return _reduce(folded, mask, "mean")
 
 
@@ -223,8 +237,9 @@ def inverse_consistency_error(
     Shape:
         displacement, inverse: ``(B, N, *S)``; mask: ``(B, 1, *S)``; out: ``(B,)`` or ``(B, 1, *S)``.
     """
-    dims = check_shape(displacement, "B N *S", "displacement")
-    check_shape(inverse, "B N *S", "inverse", bindings=dims)
+    dims = check_shape(displacement, "B N *S", "displacement", floating=True)
+    check_shape(inverse, "B N *S", "inverse", bindings=dims, floating=True)
+    _check_reduction(reduction, mask, displacement)
     e1 = _vector_length(compose(displacement, inverse), keepdim=True)
     e2 = _vector_length(compose(inverse, displacement), keepdim=True)
     return _reduce(0.5 * (e1 + e2), mask, reduction)

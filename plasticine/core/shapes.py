@@ -18,7 +18,18 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["check_shape", "spatial_dims", "spacing_tuple"]
+__all__ = ["NonFiniteError", "check_shape", "check_finite", "spatial_dims", "spacing_tuple"]
+
+
+class NonFiniteError(ValueError):
+    """A tensor that must hold finite values holds a NaN or an infinity.
+
+    A :class:`ValueError`, so code that catches ``ValueError`` sees it; raised by
+    :func:`check_finite` at the library's boundaries (see :doc:`/conventions`).
+
+    Shape:
+        Not applicable.
+    """
 
 
 def _fail(name: str, pattern: str, shape: tuple[int, ...], why: str) -> ValueError:
@@ -32,8 +43,12 @@ def check_shape(
     *,
     bindings: dict[str, Any] | None = None,
     spatial: tuple[int, ...] = (2, 3),
+    floating: bool = False,
 ) -> dict[str, Any]:
-    """Check that ``tensor`` has the shape ``pattern`` and return the bound sizes.
+    """Check that ``tensor`` has the shape ``pattern`` (and a floating dtype) and return the bound sizes.
+
+    A batch dimension (named ``B``) and every spatial size of ``*S`` must be at least 1: an
+    empty batch or an image without voxels is refused, never computed on.
 
     Args:
         tensor: the tensor to check (anything with ``.shape``; a non-tensor is an error).
@@ -43,13 +58,16 @@ def check_shape(
         bindings: sizes already bound by an earlier check (updated in place), so that, for
             example, an image and a displacement must share ``B`` and ``S``.
         spatial: allowed numbers of spatial dimensions for ``*S``.
+        floating: also require a floating-point dtype (float16, bfloat16, float32, float64).
 
     Returns:
         The bindings: each name mapped to its size, ``S`` to the tuple of spatial sizes and
         ``N`` (if not named in the pattern) to the number of spatial dimensions.
 
     Raises:
-        ValueError: naming the expected pattern and the actual shape.
+        TypeError: if ``tensor`` is not a tensor.
+        ValueError: naming the expected pattern and the actual shape (or the expected and the
+            actual dtype).
 
     Shape:
         Any; described by ``pattern``.
@@ -92,7 +110,48 @@ def check_shape(
             bound[tok] = size
     if star and "N" in bound and bound["N"] != len(bound[tokens[star[0]][1:]]):
         raise _fail(name, pattern, shape, f"N={bound['N']} vector components but {len(bound[tokens[star[0]][1:]])} spatial dimensions")
+    if "B" in flat and dims[flat.index("B")] == 0:
+        raise _fail(name, pattern, shape, "an empty batch (B = 0); pass at least one item")
+    if star and 0 in sizes:
+        raise _fail(name, pattern, shape, f"{tokens[star[0]][1:]}={tuple(sizes)} has no voxels")
+    if floating and not tensor.is_floating_point():
+        raise ValueError(f"{name}: expected a floating-point tensor, got dtype {tensor.dtype}")
     return bound
+
+
+def check_finite(tensor: torch.Tensor, name: str, cause: str = "") -> None:
+    """Raise :class:`NonFiniteError` if ``tensor`` holds a NaN or an infinity.
+
+    For the library's boundaries only (constructing a :class:`~plasticine.core.Deformation`,
+    reading and writing files, loading checkpoints, the translator's outputs): it reads a flag
+    from the device, one host synchronisation. Computations propagate non-finite values instead
+    (see :doc:`/conventions`). Integer and bool tensors are always finite.
+
+    Args:
+        tensor: the tensor to check.
+        name: how the tensor is called in the error message.
+        cause: an optional likely cause, added to the message in parentheses.
+
+    Raises:
+        TypeError: if ``tensor`` is not a tensor.
+        NonFiniteError: naming ``name``, the number of non-finite values and the shape.
+
+    Shape:
+        tensor: any.
+
+    Example:
+        >>> check_finite(torch.tensor([1.0, float("nan")]), "forward")
+        Traceback (most recent call last):
+            ...
+        plasticine.core.shapes.NonFiniteError: forward: expected finite values, found 1 NaN or infinite value(s) in a tensor of shape (2,)
+    """
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
+    if not (tensor.is_floating_point() or tensor.is_complex()) or bool(torch.isfinite(tensor).all()):
+        return
+    bad = int((~torch.isfinite(tensor)).sum())
+    why = f" ({cause})" if cause else ""
+    raise NonFiniteError(f"{name}: expected finite values, found {bad} NaN or infinite value(s) in a tensor of shape {tuple(tensor.shape)}{why}")
 
 
 def spatial_dims(tensor: torch.Tensor) -> int:
@@ -114,7 +173,7 @@ def spatial_dims(tensor: torch.Tensor) -> int:
 
 
 def spacing_tuple(spacing: float | Sequence[float], n: int) -> tuple[float, ...]:
-    """One positive voxel size per spatial axis, from one number or ``n`` numbers.
+    """One positive, finite voxel size per spatial axis, from one number or ``n`` numbers.
 
     Raises:
         ValueError: naming the expected count and the value given.
@@ -125,6 +184,6 @@ def spacing_tuple(spacing: float | Sequence[float], n: int) -> tuple[float, ...]
     if isinstance(spacing, (int, float)):
         spacing = (float(spacing),) * n
     spacing = tuple(float(s) for s in spacing)
-    if len(spacing) != n or min(spacing) <= 0:
+    if len(spacing) != n or not all(0 < s < float("inf") for s in spacing):
         raise ValueError(f"spacing: expected one positive number or {n} positive numbers, got {spacing}")
     return spacing

@@ -112,6 +112,24 @@ class _NormalisedFrame:
         return _grid_sample(field, grid, self.mode, self.padding)
 
 
+def _mark_non_finite(out: torch.Tensor, positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """Make ``out`` NaN, in place, where a sample position along ``dim`` of ``positions`` is not finite.
+
+    ``grid_sample`` reads a NaN or infinite position as one on (or beyond) the edge and returns a
+    finite value; the conventions require a non-finite result there. Adds ``0 * component`` of
+    every component (0 for a finite one, NaN otherwise), broadcast over ``out``'s channels:
+    ``N`` in-place additions, no temporaries, no host synchronisation, no gradient.
+
+    Shape:
+        out: ``(B, C, *S)`` with positions ``(B or 1, N, *S)`` and ``dim=1``, or out ``(B, P, C)``
+        with positions ``(B, P, N)`` and ``dim=-1``.
+    """
+    p = positions.detach()
+    for i in range(p.shape[dim]):
+        out.add_(p.narrow(dim, i, 1), alpha=0.0)
+    return out
+
+
 def _torch_mode(mode: str, padding: str, n: int) -> str:
     if mode not in _MODES:
         raise ValueError(f"mode: expected one of {tuple(_MODES)}, got {mode!r}")
@@ -145,7 +163,9 @@ def warp(
             ``mode="mirror"``).
 
     Returns:
-        The warped image, same shape and dtype as ``image``.
+        The warped image, same shape and dtype as ``image``. Non-finite values propagate (see
+        :doc:`/conventions`): ``out(p)`` is NaN where ``u(p)`` holds a NaN or an infinity, and
+        non-finite where interpolation reads a non-finite image voxel.
 
     Shape:
         image: ``(B, C, *S)``; displacement: ``(B, N, *S)`` or ``(1, N, *S)``; out: ``(B, C, *S)``.
@@ -156,15 +176,16 @@ def warp(
         >>> warp(img, u)[0, 0, 0]
         tensor([1., 2., 3., 4., 4.])
     """
-    dims = check_shape(image, "B C *S", "image")
+    dims = check_shape(image, "B C *S", "image", floating=True)
     n = dims["N"]
-    ud = check_shape(displacement, "Bu N *S", "displacement", bindings={"S": dims["S"], "N": n})
-    if ud["Bu"] not in (1, dims["B"]):
+    bu = check_shape(displacement, "B N *S", "displacement", bindings={"S": dims["S"], "N": n}, floating=True)["B"]
+    if bu not in (1, dims["B"]):
+        expected = f"{dims['B']} (the image batch size)" + ("" if dims["B"] == 1 else " or 1")
         raise ValueError(
-            f"displacement: expected batch size {dims['B']} or 1 to match image {tuple(image.shape)}, got {tuple(displacement.shape)}"
+            f"displacement: expected batch size {expected}, got {bu}: image {tuple(image.shape)}, displacement {tuple(displacement.shape)}"
         )
-    if not image.is_floating_point() or image.dtype != displacement.dtype:
-        raise ValueError(f"image and displacement must share one floating dtype, got {image.dtype} and {displacement.dtype}")
+    if image.dtype != displacement.dtype:
+        raise ValueError(f"displacement: expected the image's dtype {image.dtype}, got {displacement.dtype}")
     tmode = _torch_mode(mode, padding, n)
     if mode == "nearest" and displacement.requires_grad and torch.is_grad_enabled():
         warnings.warn(
@@ -172,9 +193,9 @@ def warp(
             stacklevel=2,
         )
     grid = displacement_to_grid(displacement)
-    if ud["Bu"] != dims["B"]:
+    if bu != dims["B"]:
         grid = grid.expand(dims["B"], *grid.shape[1:])
-    return _grid_sample(image, grid, tmode, padding)
+    return _mark_non_finite(_grid_sample(image, grid, tmode, padding), displacement, 1)
 
 
 def compose(u_a: torch.Tensor, u_b: torch.Tensor, padding: Padding = "border") -> torch.Tensor:
@@ -195,8 +216,10 @@ def compose(u_a: torch.Tensor, u_b: torch.Tensor, padding: Padding = "border") -
     Shape:
         u_a: ``(B, N, *S)``; u_b: ``(B, N, *S)``; out: ``(B, N, *S)``.
     """
-    dims = check_shape(u_a, "B N *S", "u_a")
-    check_shape(u_b, "B N *S", "u_b", bindings=dims)
+    dims = check_shape(u_a, "B N *S", "u_a", floating=True)
+    check_shape(u_b, "B N *S", "u_b", bindings=dims, floating=True)
+    if u_a.dtype != u_b.dtype:
+        raise ValueError(f"u_b: expected the dtype of u_a, {u_a.dtype}, got {u_b.dtype}")
     return u_b + warp(u_a, u_b, padding=padding)
 
 
@@ -212,16 +235,16 @@ def sample_at_points(
         padding: extension outside the grid, as in :func:`warp`.
 
     Returns:
-        ``out[b, p, c] = field[b, c](points[b, p])``.
+        ``out[b, p, c] = field[b, c](points[b, p])``; NaN for a point with a non-finite coordinate.
 
     Shape:
         field: ``(B, C, *S)``; points: ``(B, P, N)``; out: ``(B, P, C)``.
     """
-    dims = check_shape(field, "B C *S", "field")
+    dims = check_shape(field, "B C *S", "field", floating=True)
     n = dims["N"]
-    check_shape(points, "B P N", "points", bindings={"B": dims["B"], "N": n}, spatial=())
+    check_shape(points, "B P N", "points", bindings={"B": dims["B"], "N": n}, spatial=(), floating=True)
     if points.dtype != field.dtype:
-        raise ValueError(f"points and field must share one dtype, got {points.dtype} and {field.dtype}")
+        raise ValueError(f"points: expected the field's dtype {field.dtype}, got {points.dtype}")
     tmode = _torch_mode(mode, padding, n)
     sizes = dims["S"]
     scale = _constant_vector([2.0 / (s - 1) if s > 1 else 0.0 for s in sizes], field).view(n)
@@ -229,7 +252,7 @@ def sample_at_points(
     g = points * scale - offset
     g = g.flip(-1).reshape(points.shape[0], points.shape[1], *([1] * (n - 1)), n)
     out = _grid_sample(field, g, tmode, padding)
-    return out.reshape(field.shape[0], field.shape[1], points.shape[1]).transpose(1, 2)
+    return _mark_non_finite(out.reshape(field.shape[0], field.shape[1], points.shape[1]).transpose(1, 2), points, -1)
 
 
 class GridSampleWarper(torch.nn.Module):

@@ -13,13 +13,11 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def promote(x: torch.Tensor) -> torch.Tensor:
-    """Return ``x`` in float32 if it is float16/bfloat16, else unchanged (differentiably).
+    """Return a checked floating ``x`` in float32 if it is float16/bfloat16, else unchanged (differentiably).
 
     Statistics such as histograms, entropies and sums of squares overflow or lose all precision in
     half precision, so every loss computes them in at least float32.
     """
-    if not torch.is_floating_point(x):
-        raise ValueError(f"expected a floating-point tensor, got dtype {x.dtype}")
     return x.float() if x.dtype in _LOW_PRECISION else x
 
 
@@ -29,12 +27,12 @@ def check_pair(
     mask: torch.Tensor | None,
     spatial: tuple[int, ...] = (1, 2, 3),
 ) -> dict:
-    """Check ``moving``/``fixed`` ``(B, C, *S)`` of equal shape and ``mask`` ``(B, 1, *S)``.
+    """Check floating ``moving``/``fixed`` ``(B, C, *S)`` of equal shape and a bool or floating ``mask`` ``(B, 1, *S)``.
 
     Returns the bindings of :func:`plasticine.core.check_shape`.
     """
-    dims = check_shape(moving, "B C *S", "moving", spatial=spatial)
-    check_shape(fixed, "B C *S", "fixed", bindings=dict(dims), spatial=spatial)
+    dims = check_shape(moving, "B C *S", "moving", spatial=spatial, floating=True)
+    check_shape(fixed, "B C *S", "fixed", bindings=dict(dims), spatial=spatial, floating=True)
     if mask is not None:
         check_shape(mask, "B 1 *S", "mask", bindings={"B": dims["B"], "S": dims["S"]}, spatial=spatial)
         if not (torch.is_floating_point(mask) or mask.dtype == torch.bool):

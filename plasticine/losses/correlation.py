@@ -4,7 +4,9 @@ Both losses are :math:`-\mathrm{NCC}`, so lower is better, with values in :math:
 -1 when the fixed image is an increasing affine function :math:`a x + b` (``a > 0``) of the moving
 one, +1 for a decreasing one. Flat regions (zero variance in either image) have NCC 0, by
 definition, instead of 0 / 0, and the variances are computed so that rounding cannot make them
-negative (no NaN or inf, also in float16 inputs, which are promoted to float32).
+negative (no NaN or inf for finite inputs, also in float16, which is promoted to float32). A NaN
+or an infinity anywhere in an input (also where the mask weight is 0) gives a NaN loss, as the
+conventions require (:doc:`/conventions`).
 
 References:
     B. B. Avants, C. L. Epstein, M. Grossman, J. C. Gee, "Symmetric diffeomorphic image registration
@@ -52,6 +54,7 @@ def ncc(moving: torch.Tensor, fixed: torch.Tensor, mask: torch.Tensor | None = N
     :math:`8 \epsilon` times its root mean square, :math:`\epsilon` the machine epsilon). The means
     are subtracted twice, so a constant image is exactly flat. The loss is :math:`-\mathrm{NCC}`,
     in ``[-1, 1]``; it is -1 exactly when ``fixed = a * moving + b`` with ``a > 0`` inside the mask.
+    A non-finite value in ``moving``, ``fixed`` or ``mask`` gives NaN.
 
     Args:
         moving: the image being deformed.
@@ -91,7 +94,8 @@ def ncc(moving: torch.Tensor, fixed: torch.Tensor, mask: torch.Tensor | None = N
         sy = (y * y if w is None else y * y * w).sum(-1)
         ok = (vx > tol * sx) & (vy > tol * sy)
         denom = torch.where(ok, vx * vy, torch.ones_like(vx))
-        value = torch.where(ok, cov * torch.rsqrt(denom), torch.zeros_like(cov))
+        # flat: 0 * (vx + vy), which is 0, or NaN when an input (or the mask) is not finite
+        value = torch.where(ok, cov * torch.rsqrt(denom), 0.0 * (vx + vy))
         return -value.clamp(-1.0, 1.0).mean()
 
 
@@ -189,7 +193,7 @@ def box_sum(x: torch.Tensor, window: int | Sequence[int]) -> torch.Tensor:
     Shape:
         x: ``(B, C, *S)`` with 1 to 3 spatial axes; out: ``(B, C, *S)``.
     """
-    dims = check_shape(x, "B C *S", "x", spatial=(1, 2, 3))
+    dims = check_shape(x, "B C *S", "x", spatial=(1, 2, 3), floating=True)
     return _BoxSum.apply(x, _windows(window, len(dims["S"])))
 
 
@@ -296,7 +300,8 @@ def local_ncc(
     in every window. For numerical stability each image is first shifted and scaled by its global
     (masked) mean and standard deviation, which NCC does not see; the window variances are clamped
     at 0, and a window where either variance is below :math:`64 \epsilon` times its sum of squares
-    (a flat window, including windows of a single voxel) has NCC 0. There is no inf or NaN.
+    (a flat window, including windows of a single voxel) has NCC 0. For finite inputs there is no
+    inf or NaN; a non-finite value in ``moving``, ``fixed`` or ``mask`` gives NaN.
 
     Args:
         moving: the image being deformed.

@@ -317,7 +317,9 @@ def _bin_positions(
     span = hi - lo
     # A constant image (span 0) puts all its mass at the lowest bin position instead of 0 / 0.
     unit = ((image - lo) / torch.where(span > 0, span, torch.ones_like(span))).clamp(0.0, 1.0)
-    return spec.low + unit * (spec.high - spec.low)
+    # A NaN position (from a non-finite input) would index outside the histogram; it is moved to
+    # the lowest bin here, and joint_histogram returns NaN for that image.
+    return spec.low + torch.nan_to_num(unit, nan=0.0) * (spec.high - spec.low)
 
 
 def joint_histogram(
@@ -365,7 +367,8 @@ def joint_histogram(
 
     Returns:
         The joint probability ``p[b, c, i, j]`` of ``moving`` in bin ``i`` and ``fixed`` in bin
-        ``j``, summing to 1 for every batch element and channel (0 everywhere for an empty mask).
+        ``j``, summing to 1 for every batch element and channel (0 everywhere for an empty mask;
+        NaN everywhere where ``moving``, ``fixed`` or ``mask`` hold a NaN or an infinity).
 
     Shape:
         moving, fixed: ``(B, C, *S)``; mask: ``(B, 1, *S)`` or None; out: ``(B, C, bins, bins)``.
@@ -392,8 +395,11 @@ def joint_histogram(
         wb = None if w is None else w.expand(b, ch, n).reshape(b * ch, n)
         hist = _JointHistogram.apply(tm.reshape(b * ch, n), tf.reshape(b * ch, n), wb, spec)
         total = hist.sum(dim=(1, 2), keepdim=True)
-        prob = hist / torch.where(total > 0, total, torch.ones_like(total))
-        return prob.view(b, ch, bins, bins)
+        prob = (hist / torch.where(total > 0, total, torch.ones_like(total))).view(b, ch, bins, bins)
+        finite = torch.isfinite(x).all(-1) & torch.isfinite(y).all(-1)  # (B, C), no host synchronisation
+        if w is not None:
+            finite = finite & torch.isfinite(w).all(-1)
+        return torch.where(finite[..., None, None], prob, torch.nan)
 
 
 def _entropy(p: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
@@ -428,7 +434,8 @@ def mutual_information(
       :math:`[-\log(\mathrm{bins}), 0]`.
 
     The value is computed for every batch element and channel and averaged. A constant image
-    gives MI 0 (NMI 1), never NaN; so does an empty mask. The histogram and the entropies are
+    gives MI 0 (NMI 1), never NaN; so does an empty mask. A NaN or an infinity in an input gives
+    NaN (see :doc:`/conventions`). The histogram and the entropies are
     computed in float32 (float64 for float64 inputs), also under autocast.
 
     Args:
@@ -467,8 +474,9 @@ def mutual_information(
     h_f = _entropy(p.sum(dim=2), (2,))
     h_joint = _entropy(p, (2, 3))
     if normalized:
+        # NMI 1 where the joint entropy is 0 (a constant image); a NaN entropy stays NaN
         safe = torch.where(h_joint > 0, h_joint, torch.ones_like(h_joint))
-        value = torch.where(h_joint > 0, (h_m + h_f) / safe, torch.ones_like(h_joint))
+        value = torch.where(h_joint == 0, torch.ones_like(h_joint), (h_m + h_f) / safe)
     else:
         value = h_m + h_f - h_joint
     return -value.mean()

@@ -28,7 +28,7 @@ __all__ = ["gradient_smoothness", "bending_energy", "GradientSmoothness", "Bendi
 
 def _prepare(displacement: torch.Tensor, spacing: float | Sequence[float], min_size: int, what: str):
     """Checked field in physical units ``h_i u_i`` (float32 at least), its ``N`` and the spacing."""
-    dims = check_shape(displacement, "B N *S", "displacement")
+    dims = check_shape(displacement, "B N *S", "displacement", floating=True)
     n = dims["N"]
     h = spacing_tuple(spacing, n)
     if min(dims["S"]) < min_size:
@@ -85,8 +85,8 @@ def gradient_smoothness(displacement: torch.Tensor, spacing: float | Sequence[fl
         >>> gradient_smoothness(u).item()  # (1/2)^2 / 2 components
         0.125
     """
-    with no_autocast(displacement.device):
-        u, n, h = _prepare(displacement, spacing, 2, "gradient_smoothness")
+    u, n, h = _prepare(displacement, spacing, 2, "gradient_smoothness")
+    with no_autocast(u.device):
         # components in physical units (h_i u_i), differentiated along x_j (/ h_j)
         terms = [_mean_square(torch.diff(u, dim=2 + j), 1.0 / h[j]) for j in range(n)]
         return torch.stack(terms).sum()
@@ -136,8 +136,8 @@ def bending_energy(displacement: torch.Tensor, spacing: float | Sequence[float] 
         >>> bending_energy(u).item()  # 1 / 2 components
         0.5
     """
-    with no_autocast(displacement.device):
-        u, n, h = _prepare(displacement, spacing, 3, "bending_energy")
+    u, n, h = _prepare(displacement, spacing, 3, "bending_energy")
+    with no_autocast(u.device):
         total = u.new_zeros(())
         for j in range(n):
             first = torch.diff(u, dim=2 + j)  # forward differences along x_j

@@ -16,6 +16,10 @@ inverse-consistent than zero padding, see :class:`ScalingAndSquaring`). The work
 once, and every step is one ``grid_sample`` and one addition. With a fixed number of steps
 nothing synchronises with the host; ``steps="auto"`` reads :math:`\max|v|` once.
 
+Errors follow :doc:`/conventions`: the velocity must be a floating ``(B, N, *S)`` tensor with
+``B >= 1`` (an integer velocity is refused, not integrated), and a NaN or an infinity in it gives a
+non-finite displacement wherever the flow reads it (at least at its own voxel), never a finite one.
+
 References:
     V. Arsigny, O. Commowick, X. Pennec, N. Ayache, "A Log-Euclidean framework for statistics on
     diffeomorphisms", MICCAI 2006 (scaling and squaring of stationary velocity fields).
@@ -29,7 +33,7 @@ from typing import Literal, get_args
 
 import torch
 
-from ..core.shapes import check_shape
+from ..core.shapes import NonFiniteError, check_shape
 from ..core.warp import Padding, _NormalisedFrame
 
 __all__ = ["scaling_and_squaring", "integrate_euler", "integrate_rk4", "auto_squaring_steps", "ScalingAndSquaring", "Euler", "RK4"]
@@ -52,7 +56,9 @@ def auto_squaring_steps(velocity: torch.Tensor, max_step: float = 0.5, min_steps
         The number of squarings ``T``.
 
     Raises:
-        ValueError: if the velocity holds a non-finite value.
+        ValueError: for a wrong shape or a non-floating velocity;
+            :class:`~plasticine.core.NonFiniteError` (a ``ValueError``) if it holds a non-finite
+            value (an ``int`` cannot carry a NaN).
 
     Shape:
         velocity: ``(B, N, *S)``.
@@ -62,10 +68,10 @@ def auto_squaring_steps(velocity: torch.Tensor, max_step: float = 0.5, min_steps
         >>> auto_squaring_steps(v)  # 100 / 2^8 <= 0.5
         8
     """
-    check_shape(velocity, "B N *S", "velocity")
+    check_shape(velocity, "B N *S", "velocity", floating=True)
     vmax = float(velocity.detach().square().sum(1).amax()) ** 0.5
     if not math.isfinite(vmax):
-        raise ValueError(f"velocity: expected finite values, found max norm {vmax}")
+        raise NonFiniteError(f"velocity: expected finite values to choose the number of squarings, found max norm {vmax}")
     need = math.ceil(math.log2(vmax / max_step)) if vmax > max_step else 0
     return int(min(max(min_steps, need), max_steps))
 
@@ -108,7 +114,7 @@ def scaling_and_squaring(velocity: torch.Tensor, steps: int | Literal["auto"] = 
         >>> scaling_and_squaring(v)[0, 1, 2, 2].item()
         1.5
     """
-    check_shape(velocity, "B N *S", "velocity")
+    check_shape(velocity, "B N *S", "velocity", floating=True)
     if steps == "auto":
         steps = auto_squaring_steps(velocity)
     steps = _check_steps(steps, 0)
@@ -136,7 +142,7 @@ def integrate_euler(velocity: torch.Tensor, steps: int = 32, padding: Padding = 
     Shape:
         velocity: ``(B, N, *S)``; out: ``(B, N, *S)``.
     """
-    check_shape(velocity, "B N *S", "velocity")
+    check_shape(velocity, "B N *S", "velocity", floating=True)
     h = 1.0 / _check_steps(steps, 1)
     frame = _NormalisedFrame(velocity, "linear", padding)
     vg = frame.to_grid(velocity)
@@ -164,7 +170,7 @@ def integrate_rk4(velocity: torch.Tensor, steps: int = 8, padding: Padding = "bo
     Shape:
         velocity: ``(B, N, *S)``; out: ``(B, N, *S)``.
     """
-    check_shape(velocity, "B N *S", "velocity")
+    check_shape(velocity, "B N *S", "velocity", floating=True)
     h = 1.0 / _check_steps(steps, 1)
     frame = _NormalisedFrame(velocity, "linear", padding)
     vg = frame.to_grid(velocity)

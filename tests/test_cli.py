@@ -214,3 +214,20 @@ def test_resume_refuses_a_changed_learning_rate(folders, model, tmp_path, capsys
     assert main(args + ["--diffusion-steps", "3", "--registration-steps", "2", "--batch-size", "2", "--quiet", "--lr", "0.5"]) == 1
     err = capsys.readouterr().err
     assert "lr" in err and "0.002" in err and "0.5" in err and err.count("\n") == 1, err
+
+
+def test_translate_refuses_a_non_finite_result(folders, model, tmp_path, capsys, monkeypatch):
+    from plasticine.registration.network import RegistrationNet
+
+    forward = RegistrationNet.forward
+
+    def diverged(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        return out._replace(velocity=out.velocity * float("nan"), inverse_velocity=out.inverse_velocity * float("nan"))
+
+    monkeypatch.setattr(RegistrationNet, "forward", diverged)
+    out = tmp_path / "out"
+    assert main(["translate", "--model", str(model), "--input", str(folders / "src" / "a0.png"), "--output", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "a0.png" in err and "non-finite" in err and err.count("\n") == 1, err
+    assert not list(out.glob("*_deformation.*")) and not list(out.glob("*_translated.*"))

@@ -11,11 +11,21 @@ order of the file (no reorientation):
   (or a volume with one slice, ``(X, Y, 1)``) gives ``(1, X, Y)``;
 * DICOM (``.dcm``, read with pydicom): the modality LUT is applied (``RescaleSlope`` and
   ``RescaleIntercept``, so CT values are in Hounsfield units); a single frame gives ``(1, H, W)``,
-  a multi-frame file ``(1, F, H, W)``, a colour image ``(3, H, W)``.
+  a multi-frame file ``(1, F, H, W)``, a colour image ``(3, H, W)`` (``(3, F, H, W)``). The
+  photometric interpretation is applied: ``MONOCHROME1`` (minimum shown white) is inverted over
+  the stored range, :math:`x \mapsto l + h - x` with :math:`[l, h]` the range of ``BitsStored``
+  bits, before the modality LUT, so that higher is brighter as for ``MONOCHROME2``; ``PALETTE
+  COLOR`` is mapped through its palette to RGB (never read as indices); ``RGB`` and ``YBR_*``
+  (converted to RGB by pydicom >= 3) give RGB; any other interpretation is refused. No VOI window
+  is applied (the normalisation below plays its part).
 
 The ``io`` extra (``pip install 'plasticine[io]'``) installs Pillow, nibabel and pydicom; each is
 imported only when a file of its format is read or written, and a missing one raises an
 :class:`ImportError` that says what to install.
+
+Memory: reading gives a float32 array in C order in one pass from the file's data (NIfTI stores
+Fortran order), and the percentiles partition one copy of it (:func:`numpy.percentile`, no size
+limit); the peak is about twice the float32 result plus the file's own array.
 
 **2D slices of 3D volumes.** With ``axis`` (0, 1 or 2, a spatial axis of the volume) every slice
 along that axis is an item of :class:`ImageFolder`; ``slices=(start, stop)`` keeps the slices
@@ -157,80 +167,120 @@ def normalize_intensity(image: torch.Tensor, method: Normalization = "percentile
     if not 0.0 <= low < high <= 100.0:
         raise ValueError(f"low, high: expected 0 <= low < high <= 100, got {low}, {high}")
     x = image if image.dtype == torch.float64 else image.to(torch.float32)
-    if not bool(torch.isfinite(x).all()):
+    if not _finite(x):
         raise ValueError(f"image: expected finite values, found {int((~torch.isfinite(x)).sum())} NaN or infinite value(s)")
     if method == "none":
         return x
     flat = x.reshape(x.shape[0], -1)
     if method == "zscore":
-        mean = flat.mean(1, keepdim=True)
-        std = flat.std(1, correction=0, keepdim=True)
-        out = torch.where(std > 0, (flat - mean) / std.clamp(min=torch.finfo(x.dtype).tiny), torch.zeros_like(flat))
-        return out.reshape(x.shape)
-    if method == "minmax":
-        lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
+        lo, hi = flat.mean(1), None
+        span = flat.std(1, correction=0)
     else:
-        q = torch.quantile(flat.to(torch.float64), torch.tensor([low / 100.0, high / 100.0], dtype=torch.float64), dim=1).to(x.dtype)
-        lo, hi = q[0][:, None], q[1][:, None]
-        flat = torch.minimum(torch.maximum(flat, lo), hi)
-    span = hi - lo
-    out = torch.where(span > 0, (flat - lo) / span.clamp(min=torch.finfo(x.dtype).tiny), torch.zeros_like(flat))
+        q = _percentiles(flat, (low, high)).to(x.dtype) if method == "percentile" else torch.stack([flat.amin(1), flat.amax(1)], 1)
+        lo, hi = q[:, 0], q[:, 1]
+        span = hi - lo
+    out = torch.empty_like(flat)  # filled channel by channel: one temporary of the image's size at most
+    for c in range(flat.shape[0]):
+        if not span[c] > 0:
+            out[c].zero_()
+            continue
+        if method == "percentile":
+            torch.clamp(flat[c], lo[c], hi[c], out=out[c])
+            out[c].sub_(lo[c])
+        else:
+            torch.sub(flat[c], lo[c], out=out[c])
+        out[c].div_(span[c])
     return out.reshape(x.shape)
 
 
-def _read_pillow(path: Path) -> np.ndarray:
-    Image = _import("PIL.Image", f"reading {path.name}")
+def _finite(x: torch.Tensor) -> bool:
+    """Whether every value is finite, with no temporary of the tensor's size (min and max propagate NaN)."""
+    return x.numel() == 0 or bool(torch.isfinite(torch.stack([x.amin(), x.amax()]).double()).all())
+
+
+def _percentiles(flat: torch.Tensor, percents: tuple[float, ...]) -> torch.Tensor:
+    """Percentiles of each row as :func:`numpy.percentile` (``"linear"``), float64; no size limit.
+
+    ``torch.quantile`` refuses more than 2^24 values; :func:`numpy.percentile` partitions one copy of a row.
+    """
+    rows = flat.detach().cpu().numpy()
+    return torch.tensor([np.percentile(row, percents).tolist() for row in rows], dtype=torch.float64, device=flat.device)
+
+
+def _read_pillow(Image: Any, path: Path) -> np.ndarray:
     with Image.open(path) as im:
         im.load()
         mode = im.mode
         if mode in ("L", "I", "F", "I;16", "I;16B", "I;16L", "1"):
-            arr = np.asarray(im.convert("F") if mode == "1" else im)
-            return arr.astype(np.float64)[None]
+            return np.asarray(im.convert("F") if mode == "1" else im).astype(np.float32)[None]
         if mode == "RGB":
-            return np.moveaxis(np.asarray(im).astype(np.float64), -1, 0)
+            return np.moveaxis(np.asarray(im).astype(np.float32), -1, 0)
         raise ImageReadError(f"{path}: Pillow mode {mode!r} is not supported (expected a grayscale or RGB image; convert images with alpha or a palette first)")
 
 
-def _read_nifti(path: Path) -> np.ndarray:
-    nib = _import("nibabel", f"reading {path.name}")
-    img = nib.load(str(path))
-    data = np.asarray(img.dataobj, dtype=np.float64)  # applies the header's scl_slope and scl_inter
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim == 2:
-        return data[None]
-    if data.ndim == 3:
-        return data[None, :, :, 0] if data.shape[2] == 1 else data[None]
-    if data.ndim == 4:
-        return np.moveaxis(data, -1, 0)
-    raise ImageReadError(f"{path}: expected a 2D, 3D or 4D NIfTI image, got array shape {data.shape}")
+def _read_nifti(nib: Any, path: Path) -> np.ndarray:
+    proxy = nib.load(str(path)).dataobj
+    raw = np.asanyarray(proxy.get_unscaled())
+    while raw.ndim > 3 and raw.shape[-1] == 1:
+        raw = raw[..., 0]
+    if raw.ndim == 2:
+        raw = raw[None]
+    elif raw.ndim == 3:
+        raw = raw[None, :, :, 0] if raw.shape[2] == 1 else raw[None]
+    elif raw.ndim == 4:
+        raw = np.moveaxis(raw, -1, 0)
+    else:
+        raise ImageReadError(f"{path}: expected a 2D, 3D or 4D NIfTI image, got array shape {raw.shape}")
+    data = raw.astype(np.float32, order="C")  # one pass from the file's (Fortran) order to float32 in C order
+    slope, inter = float(proxy.slope), float(proxy.inter)  # the header's scaling, in place
+    if slope != 1.0:
+        data *= np.float32(slope)
+    if inter != 0.0:
+        data += np.float32(inter)
+    return data
 
 
-def _read_dicom(path: Path) -> np.ndarray:
-    pydicom = _import("pydicom", f"reading {path.name}")
+#: Samples per pixel of each supported DICOM photometric interpretation.
+_PHOTOMETRIC = {"MONOCHROME1": 1, "MONOCHROME2": 1, "PALETTE COLOR": 1, "RGB": 3, "YBR_FULL": 3, "YBR_FULL_422": 3, "YBR_ICT": 3, "YBR_RCT": 3}
+
+
+def _read_dicom(pydicom: Any, path: Path) -> np.ndarray:
+    try:
+        from pydicom.pixels import apply_color_lut, apply_modality_lut
+    except ImportError:  # pydicom < 3
+        from pydicom.pixel_data_handlers.util import apply_color_lut, apply_modality_lut
     ds = pydicom.dcmread(str(path))
     if "PixelData" not in ds:
         raise ImageReadError(f"{path}: the DICOM file holds no pixel data")
-    arr = ds.pixel_array
-    try:
-        from pydicom.pixels import apply_modality_lut
-    except ImportError:  # pydicom < 3
-        from pydicom.pixel_data_handlers.util import apply_modality_lut
-    samples = int(getattr(ds, "SamplesPerPixel", 1))
-    if samples == 1:
-        arr = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
-        return arr[None]
+    pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    samples = int(ds.get("SamplesPerPixel", 1))
+    if pi not in _PHOTOMETRIC:
+        raise ImageReadError(f"{path}: photometric interpretation {pi!r} is not supported (expected one of {', '.join(_PHOTOMETRIC)})")
+    if samples != _PHOTOMETRIC[pi]:
+        raise ImageReadError(f"{path}: photometric interpretation {pi} needs {_PHOTOMETRIC[pi]} sample(s) per pixel, the file has {samples}")
+    if pi.startswith("YBR") and not hasattr(pydicom, "pixels"):
+        raise ImageReadError(f"{path}: reading {pi} colour needs pydicom >= 3 (which converts it to RGB): pip install 'pydicom>=3'")
+    arr = ds.pixel_array  # pydicom >= 3 converts YBR_* to RGB
+    if pi == "PALETTE COLOR":
+        return np.moveaxis(np.asarray(apply_color_lut(arr, ds), dtype=np.float32), -1, 0)
     if samples == 3:
-        arr = np.asarray(arr, dtype=np.float64)
-        return np.moveaxis(arr, -1, 0)
-    raise ImageReadError(f"{path}: expected 1 or 3 samples per pixel, got {samples}")
+        return np.moveaxis(np.asarray(arr, dtype=np.float32), -1, 0)
+    if pi == "MONOCHROME1":  # the minimum is white: invert over the stored range, so that higher is brighter
+        bits = int(ds.BitsStored)
+        lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if int(ds.get("PixelRepresentation", 0)) == 1 else (0, 2**bits - 1)
+        arr = (lo + hi) - arr.astype(np.int64)
+    return np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)[None]
 
 
-_READERS = {"pillow": _read_pillow, "nifti": _read_nifti, "dicom": _read_dicom}
+#: The package each format is read with, and its reader.
+_READERS = {"pillow": ("PIL.Image", _read_pillow), "nifti": ("nibabel", _read_nifti), "dicom": ("pydicom", _read_dicom)}
 
 
 def read_image(path: str | os.PathLike[str], *, normalization: Normalization = "percentile") -> torch.Tensor:
     """Read one PNG, NIfTI or DICOM file into a float tensor (see the module docstring).
+
+    Memory: the float32 result, one temporary of its size (the percentiles) and the file's own
+    array.
 
     Args:
         path: the file.
@@ -240,7 +290,8 @@ def read_image(path: str | os.PathLike[str], *, normalization: Normalization = "
         The image, float32.
 
     Raises:
-        ImageReadError: for a missing, unsupported, damaged or non-finite file (the message names it).
+        ImageReadError: for a missing, unsupported, damaged or non-finite file, or one that cannot
+            be normalised (the message names the file).
         ImportError: when the package of the format is not installed.
 
     Shape:
@@ -250,20 +301,27 @@ def read_image(path: str | os.PathLike[str], *, normalization: Normalization = "
     fmt = image_format(path)
     if not path.is_file():
         raise ImageReadError(f"{path}: no such file")
+    package, reader = _READERS[fmt]
+    module = _import(package, f"reading {path.name}")
     try:
-        arr = _READERS[fmt](path)
-    except (ImageReadError, ImportError):
+        arr = reader(module, path)
+    except ImageReadError:
         raise
     except Exception as err:  # every library raises its own types
-        raise ImageReadError(f"{path}: cannot read as {fmt} ({type(err).__name__}: {err})") from err
+        raise ImageReadError(f"{path}: cannot read as {fmt} ({type(err).__name__}: {_one_line(err)})") from err
     if arr.ndim not in (3, 4) or min(arr.shape[1:]) < 1:
         raise ImageReadError(f"{path}: expected a 2D or 3D image, got array shape {arr.shape}")
-    if not np.isfinite(arr).all():
-        raise ImageReadError(f"{path}: contains {int((~np.isfinite(arr)).sum())} NaN or infinite value(s)")
+    image = torch.from_numpy(np.ascontiguousarray(arr))
+    if not _finite(image):
+        raise ImageReadError(f"{path}: contains {int((~torch.isfinite(image)).sum())} NaN or infinite value(s) (as float32)")
     try:
-        return normalize_intensity(torch.from_numpy(np.ascontiguousarray(arr)), normalization).to(torch.float32)
-    except ValueError as err:
-        raise ImageReadError(f"{path}: {err}") from err
+        return normalize_intensity(image, normalization).to(torch.float32)
+    except Exception as err:
+        raise ImageReadError(f"{path}: cannot normalise ({normalization!r}): {type(err).__name__}: {_one_line(err)}") from err
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
 
 
 @dataclass(frozen=True)

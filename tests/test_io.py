@@ -44,6 +44,58 @@ def test_percentile_normalisation_matches_numpy():
         np.testing.assert_allclose(out[c].numpy(), (np.clip(a, lo, hi) - lo) / (hi - lo), atol=1e-12)
 
 
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    shape=st.sampled_from([(1, 3, 5), (2, 9, 7), (3, 4, 5, 6), (1, 1, 2)]),
+    low=st.floats(0.0, 49.0),
+    high=st.floats(51.0, 100.0),
+)
+def test_percentiles_equal_numpy_on_random_data(seed, shape, low, high):
+    x = torch.randn(*shape, generator=make_generator(seed), dtype=torch.float64) * 30
+    x[0].view(-1)[0] = x[0].view(-1)[-1]  # a repeated value
+    out = normalize_intensity(x, "percentile", low=low, high=high)
+    for c in range(shape[0]):
+        a = x[c].numpy()
+        lo, hi = np.percentile(a, low), np.percentile(a, high)
+        np.testing.assert_allclose(out[c].numpy(), (np.clip(a, lo, hi) - lo) / (hi - lo), rtol=0, atol=1e-14)
+
+
+def test_percentiles_beyond_2_to_the_24_values(tmp_path):
+    """torch.quantile refuses more than 2^24 values; a 257 x 256 x 256 uint8 NIfTI (> 2^24 voxels) reads."""
+    shape = (257, 256, 256)
+    n = int(np.prod(shape))
+    assert n > 2**24
+    # counts chosen so that both percentiles interpolate between two different values
+    a = np.full(n, 1, np.uint8)
+    a[: int(np.floor(0.01 * (n - 1))) + 1] = 0
+    a[int(np.floor(0.99 * (n - 1))) + 1 :] = 2
+    np.random.default_rng(0).shuffle(a.reshape(-1, 64))  # blocks of 64 values in random order
+    a = a.reshape(shape)
+    lo, hi = np.percentile(a, [1.0, 99.0])
+    assert 0 < lo < 1 < hi < 2
+    expected = torch.from_numpy(((np.clip(np.arange(3.0), lo, hi) - lo) / (hi - lo)).astype(np.float32))[torch.from_numpy(a).long()]
+    out = normalize_intensity(torch.from_numpy(a)[None])
+    assert out.dtype == torch.float32
+    assert torch.equal(out[0], expected)
+    nib.save(nib.Nifti1Image(a, np.eye(4)), tmp_path / "ct.nii")
+    x = read_image(tmp_path / "ct.nii")
+    assert x.shape == (1,) + shape and x.is_contiguous()
+    assert torch.equal(x[0], expected)
+
+
+def test_any_error_while_reading_names_the_file(tmp_path, monkeypatch):
+    import plasticine.io as io
+
+    write_image(tmp_path / "scan.nii", torch.rand(1, 3, 4, 5))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("quantile() input tensor is too large")
+
+    monkeypatch.setattr(io, "normalize_intensity", broken)
+    with pytest.raises(ImageReadError, match=r"scan\.nii.*too large"):
+        read_image(tmp_path / "scan.nii")
+
+
 def test_minmax_and_zscore_match_numpy_and_constant_is_zero():
     x = torch.rand(1, 5, 6, 4, generator=make_generator(1), dtype=torch.float64)
     a = x.numpy()
@@ -174,6 +226,97 @@ def test_real_pydicom_files(name):
         assert float(x.min()) < -500  # Hounsfield units: air is far below zero
 
 
+def _pydicom_file(name):
+    pydicom = pytest.importorskip("pydicom", reason="the io extra (pydicom) is not installed")
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name)
+    if path is None:
+        pytest.skip(f"pydicom's test file {name} is not available")
+    return pydicom, path
+
+
+def test_dicom_rescale_slope_and_intercept_are_applied(tmp_path):
+    pydicom, path = _pydicom_file("MR_small.dcm")
+    ds = pydicom.dcmread(path)
+    ds.RescaleSlope, ds.RescaleIntercept = 2.5, -7
+    ds.save_as(tmp_path / "scaled.dcm")
+    x = read_image(tmp_path / "scaled.dcm", normalization="none")
+    np.testing.assert_allclose(x[0].numpy(), ds.pixel_array * 2.5 - 7)
+
+
+def test_dicom_monochrome1_is_inverted(tmp_path):
+    """MONOCHROME1 shows the minimum white: read, it is the inverse of the same pixels as MONOCHROME2."""
+    pydicom, path = _pydicom_file("CT_small.dcm")
+    ds = pydicom.dcmread(path)
+    raw = ds.pixel_array.astype(np.float64)  # signed 16 bits: the stored range is [-32768, 32767]
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    ds.save_as(tmp_path / "mono1.dcm")
+    mono2 = read_image(path, normalization="none")
+    mono1 = read_image(tmp_path / "mono1.dcm", normalization="none")
+    slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+    np.testing.assert_allclose(mono2[0].numpy(), raw * slope + intercept)
+    np.testing.assert_allclose(mono1[0].numpy(), (-1 - raw) * slope + intercept)
+    for method in ("minmax", "percentile"):  # brighter is higher: the normalised images are complements
+        a, b = read_image(path, normalization=method), read_image(tmp_path / "mono1.dcm", normalization=method)
+        np.testing.assert_allclose(b.numpy(), 1 - a.numpy(), atol=1e-6)
+
+
+def test_dicom_monochrome1_unsigned_inverts_over_bits_stored(tmp_path):
+    pydicom = pytest.importorskip("pydicom", reason="the io extra (pydicom) is not installed")
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    if not hasattr(Dataset, "set_pixel_data"):
+        pytest.skip("needs pydicom >= 3 (Dataset.set_pixel_data)")
+    raw = np.array([[0, 1, 2], [100, 4000, 4095]], dtype=np.uint16)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.set_pixel_data(raw, "MONOCHROME1", 12)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # secondary capture
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    ds.save_as(tmp_path / "u12.dcm", enforce_file_format=True)
+    assert pydicom.dcmread(tmp_path / "u12.dcm").PhotometricInterpretation == "MONOCHROME1"
+    np.testing.assert_array_equal(read_image(tmp_path / "u12.dcm", normalization="none")[0].numpy(), 4095 - raw)
+
+
+def test_dicom_palette_colour_is_mapped_to_rgb_not_read_as_indices(tmp_path):
+    pydicom, path = _pydicom_file("examples_palette.dcm")
+    try:
+        from pydicom.pixels import apply_color_lut
+    except ImportError:
+        from pydicom.pixel_data_handlers.util import apply_color_lut
+    ds = pydicom.dcmread(path)
+    assert ds.PhotometricInterpretation == "PALETTE COLOR"
+    x = read_image(path, normalization="none")
+    rgb = apply_color_lut(ds.pixel_array, ds)
+    assert x.shape == (3,) + ds.pixel_array.shape
+    np.testing.assert_array_equal(np.moveaxis(x.numpy(), 0, -1), rgb)
+    del ds.RedPaletteColorLookupTableData  # a palette without its table is refused, naming the file
+    ds.save_as(tmp_path / "nolut.dcm")
+    with pytest.raises(ImageReadError, match=r"nolut\.dcm"):
+        read_image(tmp_path / "nolut.dcm")
+
+
+@pytest.mark.parametrize("photometric, samples", [("HSV", 3), ("ARGB", 4), ("MONOCHROME2", 3), ("RGB", 1)])
+def test_dicom_unsupported_photometric_interpretations_are_refused(tmp_path, photometric, samples):
+    pydicom, path = _pydicom_file("MR_small.dcm")
+    ds = pydicom.dcmread(path)
+    ds.PhotometricInterpretation, ds.SamplesPerPixel = photometric, samples
+    ds.save_as(tmp_path / "odd.dcm")
+    with pytest.raises(ImageReadError, match=rf"odd\.dcm: photometric interpretation .*{photometric}"):
+        read_image(tmp_path / "odd.dcm")
+
+
+def test_dicom_ybr_colour_reads_as_rgb():
+    pydicom, path = _pydicom_file("SC_ybr_full_422_uncompressed.dcm")
+    if not hasattr(pydicom, "pixels"):
+        pytest.skip("YBR colour needs pydicom >= 3")
+    from pydicom.pixels import pixel_array
+
+    x = read_image(path, normalization="none")
+    np.testing.assert_array_equal(np.moveaxis(x.numpy(), 0, -1), pixel_array(path, as_rgb=True))
+
+
 # -- errors ---------------------------------------------------------------------------------------
 
 
@@ -260,3 +403,4 @@ def test_unpaired_images_use_every_image():
     pairs = [ds[i] for i in range(5)]
     assert {float(y[0, 0, 0]) for _, y in pairs} == {10.0, 11.0, 12.0, 13.0, 14.0}
     assert {float(x[0, 0, 0]) for x, _ in pairs} == {0.0, 1.0, 2.0}
+

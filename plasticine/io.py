@@ -50,7 +50,9 @@ displacement in the named file, the inverse next to it with the suffix ``_invers
 ``(X, Y, Z, 1, N)`` with ``Z = 1`` in 2D, intent ``vector``); :func:`write_trace` writes a JSON trace file atomically
 (temporary file in the same folder, then :func:`os.replace`).
 
-Every reading error names the file: :class:`ImageReadError` (a :class:`ValueError`).
+Every reading error, whatever the library raised, is one line naming the file and what was
+expected: :class:`ImageReadError` (a :class:`ValueError`); only a missing package is an
+:class:`ImportError`. Non-finite values are refused when reading and when writing.
 """
 
 from __future__ import annotations
@@ -588,7 +590,8 @@ def write_deformation(path: str | os.PathLike[str], deformation: Deformation, *,
         The path (of the forward field for NIfTI).
 
     Raises:
-        ValueError: for an unknown ending or index.
+        ValueError: for an unknown ending or index, or a field with non-finite values (naming the
+            file and the field; nothing is written).
 
     Shape:
         deformation fields: ``(B, N, *S)``; each written array ``(N, *S)`` (npz) or
@@ -601,7 +604,11 @@ def write_deformation(path: str | os.PathLike[str], deformation: Deformation, *,
     fields = {"forward": deformation.forward[index], "inverse": deformation.inverse[index]}
     if deformation.velocity is not None:
         fields["velocity"] = deformation.velocity[index]
-    arrays = {k: v.detach().to("cpu", torch.float32).numpy() for k, v in fields.items()}
+    with np.errstate(over="ignore"):
+        arrays = {k: v.detach().to("cpu", torch.float32).numpy() for k, v in fields.items()}
+    for key, a in arrays.items():
+        if not np.isfinite(a).all():
+            raise ValueError(f"{path}: the {key} field has {int((~np.isfinite(a)).sum())} NaN, infinite or beyond-float32 value(s); refusing to write it")
     if path.name.lower().endswith(".npz"):
         import io as _io
 
@@ -628,49 +635,57 @@ def read_deformation(path: str | os.PathLike[str]) -> Deformation:
         The :class:`~plasticine.core.Deformation`, float32.
 
     Raises:
-        ImageReadError: for a missing or malformed file, naming it.
+        ImageReadError: for a missing, malformed or non-finite file, naming it.
+        ImportError: when nibabel is needed and not installed.
 
     Shape:
         fields: ``(1, N, *S)``.
     """
     path = Path(path)
-    try:
-        if path.name.lower().endswith(".npz"):
-            if not path.is_file():
-                raise ImageReadError(f"{path}: no such file")
-            with np.load(path, allow_pickle=False) as z:
-                missing = {"forward", "inverse"} - set(z.files)
-                if missing:
-                    raise ImageReadError(f"{path}: expected arrays 'forward' and 'inverse', missing {sorted(missing)}")
-                fields = {k: torch.from_numpy(z[k].astype(np.float32)) for k in ("forward", "inverse", "velocity") if k in z.files}
-        elif _is_nifti(path):
-            nib = _import("nibabel", f"reading {path.name}")
-            fields = {}
-            for key, p in (("forward", path), ("inverse", _inverse_path(path))):
-                if not p.is_file():
-                    raise ImageReadError(f"{p}: no such file (a NIfTI deformation is a forward file and its _inverse file)")
-                a = np.asarray(nib.load(str(p)).dataobj, dtype=np.float32)
-                if a.ndim != 5 or a.shape[3] != 1:
-                    raise ImageReadError(f"{p}: expected a vector image of shape (X, Y, Z, 1, N), got {a.shape}")
-                a = a[..., 0, :]
-                n = a.shape[-1]
-                if n == 2:
-                    a = a[:, :, 0, :]
-                fields[key] = torch.from_numpy(np.ascontiguousarray(np.moveaxis(a, -1, 0)))
-        else:
-            raise ImageReadError(f"{path}: expected a deformation file ending in .npz, .nii or .nii.gz")
-        f = fields["forward"]
-        n = f.shape[0]
-        if f.dim() != n + 1 or n not in (2, 3) or fields["inverse"].shape != f.shape:
-            raise ImageReadError(f"{path}: expected forward and inverse fields of shape (N, *S) with N = 2 or 3 spatial axes, got {tuple(f.shape)} and {tuple(fields['inverse'].shape)}")
-        v = fields.get("velocity")
-        return Deformation(f[None], fields["inverse"][None], None if v is None else v[None])
-    except ImageReadError:
-        raise
-    except ImportError:
-        raise
-    except Exception as err:
-        raise ImageReadError(f"{path}: cannot read the deformation ({type(err).__name__}: {err})") from err
+    if path.name.lower().endswith(".npz"):
+        files = {"forward": path, "inverse": path, "velocity": path}
+    elif _is_nifti(path):
+        files = {"forward": path, "inverse": _inverse_path(path)}
+    else:
+        raise ImageReadError(f"{path}: expected a deformation file ending in .npz, .nii or .nii.gz")
+    for p in dict.fromkeys(files.values()):
+        if not p.is_file():
+            raise ImageReadError(f"{p}: no such file" + ("" if p == path else " (a NIfTI deformation is a forward file and its _inverse file)"))
+    nib = _import("nibabel", f"reading {path.name}") if _is_nifti(path) else None
+    fields: dict[str, np.ndarray] = {}
+    for key, p in files.items():
+        try:
+            if nib is None:
+                with np.load(p, allow_pickle=False) as z:
+                    if key not in z.files:
+                        if key == "velocity":
+                            continue
+                        raise ImageReadError(f"{p}: expected arrays 'forward' and 'inverse', found {sorted(z.files)}")
+                    a = z[key]
+            else:
+                a = np.asanyarray(nib.load(str(p)).dataobj)
+        except ImageReadError:
+            raise
+        except Exception as err:  # zip, zlib, pickle refusal, NIfTI header...
+            raise ImageReadError(f"{p}: cannot read the deformation ({type(err).__name__}: {_one_line(err)})") from err
+        if a.dtype.kind not in "iuf":
+            raise ImageReadError(f"{p}: expected real numbers in the {key} field, got dtype {a.dtype}")
+        if nib is not None:  # (X, Y, Z, 1, N) -> (N, X, Y, Z), or (N, X, Y) for N = 2 (Z = 1)
+            if a.ndim != 5 or a.shape[3] != 1 or a.shape[4] not in (2, 3) or (a.shape[4] == 2 and a.shape[2] != 1):
+                raise ImageReadError(f"{p}: expected a vector image of shape (X, Y, Z, 1, N) with N = 3, or N = 2 and Z = 1, got {a.shape}")
+            a = np.moveaxis(a[:, :, 0, 0, :] if a.shape[4] == 2 else a[..., 0, :], -1, 0)
+        with np.errstate(over="ignore"):
+            fields[key] = np.ascontiguousarray(a, dtype=np.float32)
+    f = fields["forward"]
+    n = f.shape[0] if f.ndim else 0
+    if n not in (2, 3) or f.ndim != n + 1 or min(f.shape) < 1 or any(a.shape != f.shape for a in fields.values()):
+        shapes = ", ".join(f"{k} {a.shape}" for k, a in fields.items())
+        raise ImageReadError(f"{path}: expected fields of one shape (N, *S) with N = 2 or 3 spatial axes, got {shapes}")
+    for key, a in fields.items():
+        if not np.isfinite(a).all():
+            raise ImageReadError(f"{files[key]}: the {key} field has {int((~np.isfinite(a)).sum())} NaN, infinite or beyond-float32 value(s); expected finite displacements")
+    v = fields.get("velocity")
+    return Deformation(torch.from_numpy(f)[None], torch.from_numpy(fields["inverse"])[None], None if v is None else torch.from_numpy(v)[None])
 
 
 def write_trace(
@@ -728,39 +743,53 @@ def write_trace(
 def read_points(path: str | os.PathLike[str], *, which: Literal["source", "target"] = "source") -> torch.Tensor:
     """Read points: a trace file, a JSON list of coordinate lists, or a CSV/text table.
 
-    Accepted: a trace file of :func:`write_trace` (its ``which`` side); JSON ``[[...], ...]`` or
-    ``{"points": [[...], ...]}``; ``.csv``/``.txt`` with one point per line, coordinates separated
-    by commas or white space (lines starting with ``#`` and a header line without numbers are
-    skipped). Coordinates are voxels in tensor axis order.
+    Accepted: a trace file of :func:`write_trace` (version 1; its ``which`` side); JSON
+    ``[[...], ...]`` or ``{"points": [[...], ...]}``; ``.csv``/``.txt`` with one point per line,
+    coordinates separated by commas or white space (lines starting with ``#`` and header lines
+    before the first point are skipped). The file is UTF-8 text; coordinates are numbers (not
+    booleans), voxels in tensor axis order.
 
     Args:
         path: the file.
-        which: the side of a trace file to read.
+        which: the side of a trace file to read, ``"source"`` or ``"target"``.
 
     Returns:
         float32 points.
 
     Raises:
+        ValueError: for a bad ``which``.
         ImageReadError: for a missing or malformed file, naming it.
 
     Shape:
-        out: ``(P, N)``.
+        out: ``(P, N)`` with ``P >= 1`` and ``N`` = 2 or 3.
     """
+    if which not in ("source", "target"):
+        raise ValueError(f"which: expected 'source' or 'target', got {which!r}")
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"{path}: no such file")
-    text = path.read_text()
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ImageReadError(f"{path}: expected UTF-8 text (a JSON or CSV points file), found byte 0x{err.object[err.start]:02x} at offset {err.start}") from None
+    except OSError as err:
+        raise ImageReadError(f"{path}: cannot read ({type(err).__name__}: {_one_line(err)})") from err
     rows: Any
     if path.suffix.lower() == ".json":
         try:
             doc = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ImageReadError(f"{path}: not valid JSON: {err}") from err
+        except (ValueError, RecursionError) as err:
+            raise ImageReadError(f"{path}: not valid JSON ({type(err).__name__}: {_one_line(err)})") from None
         if isinstance(doc, dict) and doc.get("format") == TRACE_FORMAT:
-            if which not in ("source", "target"):
-                raise ValueError(f"which: expected 'source' or 'target', got {which!r}")
-            rows = [p[which] for p in doc.get("points", [])]
-        elif isinstance(doc, dict) and "points" in doc:
+            if doc.get("version") != 1:
+                raise ImageReadError(f"{path}: expected trace file version 1, got {_brief(doc.get('version'))}")
+            pairs = doc.get("points")
+            if not isinstance(pairs, list) or not all(isinstance(p, dict) and which in p for p in pairs):
+                raise ImageReadError(f"{path}: expected the trace file's 'points' to be a list of {{'source': [...], 'target': [...]}} objects, got {_brief(pairs)}")
+            rows = [p[which] for p in pairs]
+        elif isinstance(doc, dict):
+            if "points" not in doc:
+                raise ImageReadError(f"{path}: expected a list of points or an object with 'points', got an object with keys {_brief(sorted(doc))}")
             rows = doc["points"]
         else:
             rows = doc
@@ -775,13 +804,33 @@ def read_points(path: str | os.PathLike[str], *, which: Literal["source", "targe
                 rows.append([float(p) for p in parts])
             except ValueError:
                 if rows:
-                    raise ImageReadError(f"{path}: a line is not a list of numbers: {line!r}") from None
+                    raise ImageReadError(f"{path}: a line is not a list of numbers: {_brief(line)}") from None
+    return _points(path, rows)
+
+
+def _brief(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _points(path: Path, rows: Any) -> torch.Tensor:
+    """Rows of 2 or 3 numbers (the same count each) as a finite float32 ``(P, N)`` tensor."""
+    if not isinstance(rows, list) or not rows:
+        raise ImageReadError(f"{path}: expected a non-empty list of points of 2 or 3 coordinates, got {_brief(rows)}")
+    for i, row in enumerate(rows):
+        if (
+            not isinstance(row, list)
+            or len(row) not in (2, 3)
+            or len(row) != len(rows[0])
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row)
+        ):
+            raise ImageReadError(f"{path}: point {i}: expected a list of 2 or 3 numbers like the first point, got {_brief(row)}")
     try:
-        pts = torch.tensor(rows, dtype=torch.float32)
-    except (TypeError, ValueError) as err:
-        raise ImageReadError(f"{path}: expected a list of points with the same number of coordinates each ({err})") from err
-    if pts.dim() != 2 or pts.shape[0] == 0 or pts.shape[1] not in (2, 3):
-        raise ImageReadError(f"{path}: expected P >= 1 points of 2 or 3 coordinates, got an array of shape {tuple(pts.shape)}")
-    if not bool(torch.isfinite(pts).all()):
-        raise ImageReadError(f"{path}: coordinates must be finite")
-    return pts
+        values = [[float(v) for v in row] for row in rows]
+    except OverflowError:
+        raise ImageReadError(f"{path}: coordinates must be finite (an integer is too large for a float)") from None
+    pts = torch.tensor(values, dtype=torch.float64)
+    if not bool(torch.isfinite(pts).all()) or bool((pts.abs() > torch.finfo(torch.float32).max).any()):
+        raise ImageReadError(f"{path}: coordinates must be finite float32 numbers")
+    return pts.to(torch.float32)
+

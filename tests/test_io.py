@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -403,4 +404,111 @@ def test_unpaired_images_use_every_image():
     pairs = [ds[i] for i in range(5)]
     assert {float(y[0, 0, 0]) for _, y in pairs} == {10.0, 11.0, 12.0, 13.0, 14.0}
     assert {float(x[0, 0, 0]) for x, _ in pairs} == {0.0, 1.0, 2.0}
+
+
+# -- non-finite and malformed deformations, points, traces ----------------------------------------
+
+
+def test_non_finite_deformations_are_refused_on_read_and_write(tmp_path):
+    f = torch.zeros(3, 4, 5, 6)
+    bad = f.clone()
+    bad[1, 2, 3, 4] = float("nan")
+    np.savez(tmp_path / "nan.npz", forward=bad.numpy(), inverse=f.numpy())
+    with pytest.raises(ImageReadError, match=r"nan\.npz: the forward field has 1 NaN"):
+        read_deformation(tmp_path / "nan.npz")
+    np.savez(tmp_path / "big.npz", forward=f.numpy(), inverse=np.full(f.shape, 1e300))  # beyond float32
+    with pytest.raises(ImageReadError, match=r"big\.npz: the inverse field"):
+        read_deformation(tmp_path / "big.npz")
+    vec = np.zeros((4, 5, 6, 1, 3), np.float32)
+    nib.save(nib.Nifti1Image(vec, np.eye(4)), tmp_path / "d.nii.gz")
+    vec[0, 0, 0, 0, 0] = np.inf
+    nib.save(nib.Nifti1Image(vec, np.eye(4)), tmp_path / "d_inverse.nii.gz")
+    with pytest.raises(ImageReadError, match=r"d_inverse\.nii\.gz: the inverse field has 1 NaN, infinite"):
+        read_deformation(tmp_path / "d.nii.gz")
+    # writing: a deformation whose fields turned non-finite after construction is refused, nothing written
+    d = Deformation(f[None].clone(), f[None].clone(), f[None].clone())
+    d.velocity[0, 0, 0, 0, 0] = float("inf")
+    for name in ("w.npz", "w.nii.gz"):
+        with pytest.raises(ValueError, match=rf"{re.escape(name)}: the velocity field has 1 NaN"):
+            write_deformation(tmp_path / name, d)
+        assert not (tmp_path / name).exists()
+    d.velocity[0, 0, 0, 0, 0] = 0.0
+    d.inverse[0, 1, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"w\.npz: the inverse field has 1 NaN"):
+        write_deformation(tmp_path / "w.npz", d)
+
+
+@pytest.mark.parametrize(
+    "arrays, match",
+    [
+        ({"forward": np.zeros((2, 3, 4))}, "expected arrays 'forward' and 'inverse'"),
+        ({"forward": np.zeros((2, 3, 4)), "inverse": np.zeros((2, 3, 5))}, r"one shape \(N, \*S\)"),
+        ({"forward": np.zeros(()), "inverse": np.zeros(())}, r"one shape \(N, \*S\)"),
+        ({"forward": np.zeros((4, 3, 4)), "inverse": np.zeros((4, 3, 4))}, r"N = 2 or 3"),
+        ({"forward": np.zeros((2, 3, 4)), "inverse": np.zeros((2, 3, 4)), "velocity": np.zeros((2, 3))}, r"velocity \(2, 3\)"),
+        ({"forward": np.array(["a", "b"]), "inverse": np.zeros(2)}, "real numbers"),
+        ({"forward": np.zeros((2, 3, 4), complex), "inverse": np.zeros((2, 3, 4))}, "real numbers"),
+    ],
+)
+def test_malformed_deformation_files_name_the_file(tmp_path, arrays, match):
+    np.savez(tmp_path / "m.npz", **arrays)
+    with pytest.raises(ImageReadError, match=rf"m\.npz: .*{match}"):
+        read_deformation(tmp_path / "m.npz")
+
+
+def test_two_dimensional_nifti_deformation_with_several_slices_is_refused(tmp_path):
+    vec = np.zeros((4, 5, 2, 1, 2), np.float32)  # N = 2 but Z = 2: the second slice would be dropped
+    for name in ("d.nii", "d_inverse.nii"):
+        nib.save(nib.Nifti1Image(vec, np.eye(4)), tmp_path / name)
+    with pytest.raises(ImageReadError, match=r"d\.nii: expected a vector image"):
+        read_deformation(tmp_path / "d.nii")
+
+
+@pytest.mark.parametrize(
+    "doc, match",
+    [
+        ({"format": "plasticine-trace", "version": 1}, "'points' to be a list"),
+        ({"format": "plasticine-trace", "version": 1, "points": [{"target": [1, 2]}]}, "'points' to be a list"),
+        ({"format": "plasticine-trace", "version": 1, "points": [[1, 2]]}, "'points' to be a list"),
+        ({"format": "plasticine-trace", "version": 1, "points": {"source": [1, 2]}}, "'points' to be a list"),
+        ({"format": "plasticine-trace", "version": 1, "points": [{"source": 3}]}, "point 0: expected a list of 2 or 3 numbers"),
+        ({"format": "plasticine-trace", "version": 1, "points": [{"source": [1, 2]}, {"source": [1, 2, 3]}]}, "point 1"),
+        ({"format": "plasticine-trace", "version": 2, "points": []}, "version 1"),
+        ({"format": "plasticine-trace", "version": 1, "points": []}, "non-empty list"),
+        ({"points": [[True, False]]}, "point 0"),
+        ({"points": [["1", "2"]]}, "point 0"),
+        ({"points": [[1, None]]}, "point 0"),
+        ({"points": [[10**400, 1]]}, "finite"),
+        ({"points": [[1e39, 1]]}, "finite float32"),
+        ({"points": "1 2"}, "non-empty list"),
+        ({"coordinates": [[1, 2]]}, "an object with 'points'"),
+        ([[1, 2], [3, 4, 5]], "point 1"),
+        ([1, 2], "point 0"),
+        ([[[1, 2]]], "point 0"),
+        (3, "non-empty list"),
+        (None, "non-empty list"),
+    ],
+)
+def test_malformed_points_files_name_the_file(tmp_path, doc, match):
+    (tmp_path / "p.json").write_text(json.dumps(doc))
+    with pytest.raises(ImageReadError, match=rf"p\.json: .*{match}") as info:
+        read_points(tmp_path / "p.json")
+    assert "\n" not in str(info.value)
+
+
+def test_points_files_that_are_not_text_or_json(tmp_path):
+    (tmp_path / "p.csv").write_bytes(b"1,2\n\xff\xfe3,4\n")
+    with pytest.raises(ImageReadError, match=r"p\.csv: expected UTF-8 text.*0xff"):
+        read_points(tmp_path / "p.csv")
+    (tmp_path / "deep.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(ImageReadError, match=r"deep\.json: not valid JSON"):
+        read_points(tmp_path / "deep.json")
+    (tmp_path / "empty.csv").write_text("# nothing\nx,y\n")
+    with pytest.raises(ImageReadError, match=r"empty\.csv: expected a non-empty list"):
+        read_points(tmp_path / "empty.csv")
+    (tmp_path / "nan.csv").write_text("1,nan\n")
+    with pytest.raises(ImageReadError, match=r"nan\.csv: coordinates must be finite"):
+        read_points(tmp_path / "nan.csv")
+    with pytest.raises(ValueError, match="which: expected 'source' or 'target'"):
+        read_points(tmp_path / "nan.csv", which="both")  # type: ignore[arg-type]
 

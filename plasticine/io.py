@@ -20,8 +20,8 @@ order of the file (no reorientation):
   is applied (the normalisation below plays its part).
 
 The ``io`` extra (``pip install 'plasticine[io]'``) installs Pillow, nibabel and pydicom; each is
-imported only when a file of its format is read or written, and a missing one raises an
-:class:`ImportError` that says what to install.
+imported only when a file of its format is read, and a missing one raises an
+:class:`ImportError` that says what to install. Writing PNG needs none of them.
 
 Memory: reading gives a float32 array in C order in one pass from the file's data (NIfTI stores
 Fortran order), and the percentiles partition one copy of it (:func:`numpy.percentile`, no size
@@ -42,13 +42,15 @@ along that axis is an item of :class:`ImageFolder`; ``slices=(start, stop)`` kee
 
 A constant image (zero range or zero deviation) maps to zeros.
 
-**Writing.** :func:`write_image` writes PNG (2D; values clipped to :math:`[0, 1]` and stored as 8
-bits) or NIfTI (2D or 3D, float32, identity affine unless one is given); :func:`write_deformation`
-writes a :class:`~plasticine.core.Deformation` as ``.npz`` (``forward``, ``inverse`` and, if
-present, ``velocity``, each ``(N, *S)`` float32 in voxels) or as NIfTI vector images (the forward
+**Writing.** :func:`write_image` writes PNG (2D, 8-bit grey or RGB, by a built-in encoder; values
+must lie in :math:`[0, 1]`, others are refused rather than clipped) or NIfTI (2D or 3D, float32,
+identity affine unless one is given); :func:`write_deformation` writes a
+:class:`~plasticine.core.Deformation` as ``.npz`` (``forward``, ``inverse`` and, if present,
+``velocity``, each ``(N, *S)`` float32 in voxels) or as NIfTI vector images (the forward
 displacement in the named file, the inverse next to it with the suffix ``_inverse``; array shape
-``(X, Y, Z, 1, N)`` with ``Z = 1`` in 2D, intent ``vector``); :func:`write_trace` writes a JSON trace file atomically
-(temporary file in the same folder, then :func:`os.replace`).
+``(X, Y, Z, 1, N)`` with ``Z = 1`` in 2D, intent ``vector``); :func:`write_trace` writes a JSON
+trace file. Every file is replaced atomically (temporary file in the same folder, then
+:func:`os.replace`).
 
 Every reading error, whatever the library raised, is one line naming the file and what was
 expected: :class:`ImageReadError` (a :class:`ValueError`); only a missing package is an
@@ -59,6 +61,8 @@ from __future__ import annotations
 
 import json
 import os
+import struct
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -502,7 +506,15 @@ def _is_nifti(path: Path) -> bool:
 
 def _write_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None, intent: str | None = None) -> None:
     nib = _import("nibabel", f"writing {path.name}")
-    img = nib.Nifti1Image(np.asarray(array, dtype=np.float32), np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64))
+    with np.errstate(over="ignore"):
+        data32 = np.asarray(array, dtype=np.float32)
+    if not np.isfinite(data32).all():
+        raise ValueError(f"{path}: expected values within the float32 range of a NIfTI file, found {int((~np.isfinite(data32)).sum())} beyond it")
+    if affine is not None:
+        affine = np.asarray(affine, dtype=np.float64)
+        if affine.shape != (4, 4) or not np.isfinite(affine).all():
+            raise ValueError(f"affine: expected a finite 4 x 4 matrix for {path.name}, got shape {affine.shape}")
+    img = nib.Nifti1Image(data32, np.eye(4) if affine is None else affine)
     if intent is not None:
         img.header.set_intent(intent)
     data = img.to_bytes()
@@ -520,13 +532,26 @@ def _atomic_bytes(path: Path, data: bytes) -> None:
     atomic_write(path, data)
 
 
+def _png_bytes(u8: np.ndarray) -> bytes:
+    """An 8-bit PNG of an ``(H, W)`` grey or ``(H, W, 3)`` RGB ``uint8`` array (zlib, no filter, no Pillow)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    h, w = u8.shape[:2]
+    rows = np.concatenate([np.zeros((h, 1), np.uint8), np.ascontiguousarray(u8, dtype=np.uint8).reshape(h, -1)], axis=1)
+    header = struct.pack(">IIBBBBB", w, h, 8, 0 if u8.ndim == 2 else 2, 0, 0, 0)  # 8 bits, grey or RGB, no interlace
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) + chunk(b"IEND", b"")
+
+
 def write_image(path: str | os.PathLike[str], image: torch.Tensor, *, affine: np.ndarray | None = None) -> Path:
     """Write one image: PNG for 2D (``.png``), NIfTI for 2D or 3D (``.nii``, ``.nii.gz``).
 
-    PNG: 1 or 3 channels, values clipped to :math:`[0, 1]` and stored as 8 bits
-    (:math:`\\mathrm{round}(255 x)`). NIfTI: float32, channels as the last axis when ``C > 1``,
-    ``affine`` (4 x 4, identity by default) as the header's affine. Folders are created; the file is
-    replaced atomically.
+    PNG: 1 or 3 channels, values in :math:`[0, 1]` (others are refused, not clipped: clamp or
+    normalise first) stored as 8 bits (:math:`\\mathrm{round}(255 x)`) by a built-in encoder, so
+    writing a PNG needs no optional package. NIfTI: float32, channels as the last axis when
+    ``C > 1``, ``affine`` (4 x 4, identity by default) as the header's affine. Folders are created;
+    the file is replaced atomically.
 
     Args:
         path: the file.
@@ -537,16 +562,17 @@ def write_image(path: str | os.PathLike[str], image: torch.Tensor, *, affine: np
         The path.
 
     Raises:
-        ValueError: for a bad shape, non-finite values, or a format that cannot hold the image.
+        ValueError: naming the file, for a bad shape, non-finite values, PNG values outside
+            :math:`[0, 1]`, values beyond float32 in NIfTI, or a format that cannot hold the image.
 
     Shape:
-        image: ``(C, *S)``.
+        image: ``(C, *S)``; a PNG of ``(C, H, W)`` has ``H`` rows and ``W`` columns.
     """
     path = Path(path)
     dims = check_shape(image, "C *S", "image", spatial=(2, 3))
     arr = image.detach().to("cpu", torch.float64).numpy()
     if not np.isfinite(arr).all():
-        raise ValueError(f"image: expected finite values, found {int((~np.isfinite(arr)).sum())} NaN or infinite value(s)")
+        raise ValueError(f"{path}: image: expected finite values, found {int((~np.isfinite(arr)).sum())} NaN or infinite value(s)")
     if _is_nifti(path):
         data = arr[0] if dims["C"] == 1 else np.moveaxis(arr, 0, -1)
         if dims["C"] > 1 and dims["N"] == 2:
@@ -559,14 +585,11 @@ def write_image(path: str | os.PathLike[str], image: torch.Tensor, *, affine: np
         raise ValueError(f"{path}: a PNG holds a 2D image, got spatial size {dims['S']} (write .nii.gz for 3D)")
     if dims["C"] not in (1, 3):
         raise ValueError(f"{path}: a PNG holds 1 or 3 channels, got {dims['C']}")
-    Image = _import("PIL.Image", f"writing {path.name}")
-    u8 = np.round(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
-    im = Image.fromarray(u8[0]) if dims["C"] == 1 else Image.fromarray(np.moveaxis(u8, 0, -1))
-    import io as _io
-
-    buf = _io.BytesIO()
-    im.save(buf, format="PNG")
-    _atomic_bytes(path, buf.getvalue())
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(f"{path}: a PNG holds values in [0, 1], the image has [{lo:.6g}, {hi:.6g}] (clamp or normalise it first)")
+    u8 = np.round(arr * 255.0).astype(np.uint8)
+    _atomic_bytes(path, _png_bytes(u8[0] if dims["C"] == 1 else np.moveaxis(u8, 0, -1)))
     return path
 
 
@@ -833,4 +856,3 @@ def _points(path: Path, rows: Any) -> torch.Tensor:
     if not bool(torch.isfinite(pts).all()) or bool((pts.abs() > torch.finfo(torch.float32).max).any()):
         raise ImageReadError(f"{path}: coordinates must be finite float32 numbers")
     return pts.to(torch.float32)
-

@@ -512,3 +512,11 @@ def test_points_files_that_are_not_text_or_json(tmp_path):
     with pytest.raises(ValueError, match="which: expected 'source' or 'target'"):
         read_points(tmp_path / "nan.csv", which="both")  # type: ignore[arg-type]
 
+
+def test_png_values_outside_the_unit_range_are_refused_not_clipped(tmp_path):
+    for image, found in ((torch.full((1, 3, 4), 1.5), r"\[1\.5, 1\.5\]"), (torch.linspace(-0.25, 1, 12).reshape(1, 3, 4), r"\[-0\.25, 1\]")):
+        with pytest.raises(ValueError, match=rf"x\.png: a PNG holds values in \[0, 1\], the image has {found}"):
+            write_image(tmp_path / "x.png", image)
+        assert not (tmp_path / "x.png").exists()
+    with pytest.raises(ValueError, match=r"x\.nii: .*float32 range"):
+        write_image(tmp_path / "x.nii", torch.full((1, 3, 4), 1e300, dtype=torch.float64))

@@ -14,10 +14,10 @@ order of the file (no reorientation):
   a multi-frame file ``(1, F, H, W)``, a colour image ``(3, H, W)`` (``(3, F, H, W)``). The
   photometric interpretation is applied: ``MONOCHROME1`` (minimum shown white) is inverted over
   the stored range, :math:`x \mapsto l + h - x` with :math:`[l, h]` the range of ``BitsStored``
-  bits, before the modality LUT, so that higher is brighter as for ``MONOCHROME2``; ``PALETTE
-  COLOR`` is mapped through its palette to RGB (never read as indices); ``RGB`` and ``YBR_*``
-  (converted to RGB by pydicom >= 3) give RGB; any other interpretation is refused. No VOI window
-  is applied (the normalisation below plays its part).
+  bits, before the modality LUT, so that higher is brighter as for ``MONOCHROME2``;
+  ``PALETTE COLOR`` is mapped through its palette to RGB (never read as indices); ``RGB`` and
+  ``YBR_*`` (converted to RGB by pydicom >= 3) give RGB; any other interpretation is refused. No
+  VOI window is applied (the normalisation below plays its part).
 
 The ``io`` extra (``pip install 'plasticine[io]'``) installs Pillow, nibabel and pydicom; each is
 imported only when a file of its format is read, and a missing one raises an
@@ -627,8 +627,7 @@ def write_deformation(path: str | os.PathLike[str], deformation: Deformation, *,
     fields = {"forward": deformation.forward[index], "inverse": deformation.inverse[index]}
     if deformation.velocity is not None:
         fields["velocity"] = deformation.velocity[index]
-    with np.errstate(over="ignore"):
-        arrays = {k: v.detach().to("cpu", torch.float32).numpy() for k, v in fields.items()}
+    arrays = {k: v.detach().to("cpu", torch.float32).numpy() for k, v in fields.items()}
     for key, a in arrays.items():
         if not np.isfinite(a).all():
             raise ValueError(f"{path}: the {key} field has {int((~np.isfinite(a)).sum())} NaN, infinite or beyond-float32 value(s); refusing to write it")
@@ -675,29 +674,30 @@ def read_deformation(path: str | os.PathLike[str]) -> Deformation:
         if not p.is_file():
             raise ImageReadError(f"{p}: no such file" + ("" if p == path else " (a NIfTI deformation is a forward file and its _inverse file)"))
     nib = _import("nibabel", f"reading {path.name}") if _is_nifti(path) else None
+    current = path
+    try:
+        if nib is None:
+            with np.load(path, allow_pickle=False) as z:
+                if not {"forward", "inverse"} <= set(z.files):
+                    raise ImageReadError(f"{path}: expected arrays 'forward' and 'inverse', found {sorted(z.files)}")
+                raw = {k: z[k] for k in files if k in z.files}
+        else:
+            raw = {}
+            for key, current in files.items():
+                raw[key] = np.asanyarray(nib.load(str(current)).dataobj)
+    except ImageReadError:
+        raise
+    except Exception as err:  # zip, zlib, pickle refusal, NIfTI header...
+        raise ImageReadError(f"{current}: cannot read the deformation ({type(err).__name__}: {_one_line(err)})") from err
     fields: dict[str, np.ndarray] = {}
-    for key, p in files.items():
-        try:
-            if nib is None:
-                with np.load(p, allow_pickle=False) as z:
-                    if key not in z.files:
-                        if key == "velocity":
-                            continue
-                        raise ImageReadError(f"{p}: expected arrays 'forward' and 'inverse', found {sorted(z.files)}")
-                    a = z[key]
-            else:
-                a = np.asanyarray(nib.load(str(p)).dataobj)
-        except ImageReadError:
-            raise
-        except Exception as err:  # zip, zlib, pickle refusal, NIfTI header...
-            raise ImageReadError(f"{p}: cannot read the deformation ({type(err).__name__}: {_one_line(err)})") from err
+    for key, a in raw.items():
         if a.dtype.kind not in "iuf":
-            raise ImageReadError(f"{p}: expected real numbers in the {key} field, got dtype {a.dtype}")
+            raise ImageReadError(f"{files[key]}: expected real numbers in the {key} field, got dtype {a.dtype}")
         if nib is not None:  # (X, Y, Z, 1, N) -> (N, X, Y, Z), or (N, X, Y) for N = 2 (Z = 1)
             if a.ndim != 5 or a.shape[3] != 1 or a.shape[4] not in (2, 3) or (a.shape[4] == 2 and a.shape[2] != 1):
-                raise ImageReadError(f"{p}: expected a vector image of shape (X, Y, Z, 1, N) with N = 3, or N = 2 and Z = 1, got {a.shape}")
+                raise ImageReadError(f"{files[key]}: expected a vector image of shape (X, Y, Z, 1, N) with N = 3, or N = 2 and Z = 1, got {a.shape}")
             a = np.moveaxis(a[:, :, 0, 0, :] if a.shape[4] == 2 else a[..., 0, :], -1, 0)
-        with np.errstate(over="ignore"):
+        with np.errstate(over="ignore"):  # beyond float32 becomes inf, refused below
             fields[key] = np.ascontiguousarray(a, dtype=np.float32)
     f = fields["forward"]
     n = f.shape[0] if f.ndim else 0

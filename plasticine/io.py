@@ -11,11 +11,21 @@ order of the file (no reorientation):
   (or a volume with one slice, ``(X, Y, 1)``) gives ``(1, X, Y)``;
 * DICOM (``.dcm``, read with pydicom): the modality LUT is applied (``RescaleSlope`` and
   ``RescaleIntercept``, so CT values are in Hounsfield units); a single frame gives ``(1, H, W)``,
-  a multi-frame file ``(1, F, H, W)``, a colour image ``(3, H, W)``.
+  a multi-frame file ``(1, F, H, W)``, a colour image ``(3, H, W)`` (``(3, F, H, W)``). The
+  photometric interpretation is applied: ``MONOCHROME1`` (minimum shown white) is inverted over
+  the stored range, :math:`x \mapsto l + h - x` with :math:`[l, h]` the range of ``BitsStored``
+  bits, before the modality LUT, so that higher is brighter as for ``MONOCHROME2``;
+  ``PALETTE COLOR`` is mapped through its palette to RGB (never read as indices); ``RGB`` and
+  ``YBR_*`` (converted to RGB by pydicom >= 3) give RGB; any other interpretation is refused. No
+  VOI window is applied (the normalisation below plays its part).
 
 The ``io`` extra (``pip install 'plasticine[io]'``) installs Pillow, nibabel and pydicom; each is
-imported only when a file of its format is read or written, and a missing one raises an
-:class:`ImportError` that says what to install.
+imported only when a file of its format is read, and a missing one raises an
+:class:`ImportError` that says what to install. Writing PNG needs none of them.
+
+Memory: reading gives a float32 array in C order in one pass from the file's data (NIfTI stores
+Fortran order), and the percentiles partition one copy of it (:func:`numpy.percentile`, no size
+limit); the peak is about twice the float32 result plus the file's own array.
 
 **2D slices of 3D volumes.** With ``axis`` (0, 1 or 2, a spatial axis of the volume) every slice
 along that axis is an item of :class:`ImageFolder`; ``slices=(start, stop)`` keeps the slices
@@ -32,21 +42,27 @@ along that axis is an item of :class:`ImageFolder`; ``slices=(start, stop)`` kee
 
 A constant image (zero range or zero deviation) maps to zeros.
 
-**Writing.** :func:`write_image` writes PNG (2D; values clipped to :math:`[0, 1]` and stored as 8
-bits) or NIfTI (2D or 3D, float32, identity affine unless one is given); :func:`write_deformation`
-writes a :class:`~plasticine.core.Deformation` as ``.npz`` (``forward``, ``inverse`` and, if
-present, ``velocity``, each ``(N, *S)`` float32 in voxels) or as NIfTI vector images (the forward
+**Writing.** :func:`write_image` writes PNG (2D, 8-bit grey or RGB, by a built-in encoder; values
+must lie in :math:`[0, 1]`, others are refused rather than clipped) or NIfTI (2D or 3D, float32,
+identity affine unless one is given); :func:`write_deformation` writes a
+:class:`~plasticine.core.Deformation` as ``.npz`` (``forward``, ``inverse`` and, if present,
+``velocity``, each ``(N, *S)`` float32 in voxels) or as NIfTI vector images (the forward
 displacement in the named file, the inverse next to it with the suffix ``_inverse``; array shape
-``(X, Y, Z, 1, N)`` with ``Z = 1`` in 2D, intent ``vector``); :func:`write_trace` writes a JSON trace file atomically
-(temporary file in the same folder, then :func:`os.replace`).
+``(X, Y, Z, 1, N)`` with ``Z = 1`` in 2D, intent ``vector``); :func:`write_trace` writes a JSON
+trace file. Every file is replaced atomically (temporary file in the same folder, then
+:func:`os.replace`).
 
-Every reading error names the file: :class:`ImageReadError` (a :class:`ValueError`).
+Every reading error, whatever the library raised, is one line naming the file and what was
+expected: :class:`ImageReadError` (a :class:`ValueError`); only a missing package is an
+:class:`ImportError`. Non-finite values are refused when reading and when writing.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import struct
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,80 +173,120 @@ def normalize_intensity(image: torch.Tensor, method: Normalization = "percentile
     if not 0.0 <= low < high <= 100.0:
         raise ValueError(f"low, high: expected 0 <= low < high <= 100, got {low}, {high}")
     x = image if image.dtype == torch.float64 else image.to(torch.float32)
-    if not bool(torch.isfinite(x).all()):
+    if not _finite(x):
         raise ValueError(f"image: expected finite values, found {int((~torch.isfinite(x)).sum())} NaN or infinite value(s)")
     if method == "none":
         return x
     flat = x.reshape(x.shape[0], -1)
     if method == "zscore":
-        mean = flat.mean(1, keepdim=True)
-        std = flat.std(1, correction=0, keepdim=True)
-        out = torch.where(std > 0, (flat - mean) / std.clamp(min=torch.finfo(x.dtype).tiny), torch.zeros_like(flat))
-        return out.reshape(x.shape)
-    if method == "minmax":
-        lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
+        lo, hi = flat.mean(1), None
+        span = flat.std(1, correction=0)
     else:
-        q = torch.quantile(flat.to(torch.float64), torch.tensor([low / 100.0, high / 100.0], dtype=torch.float64), dim=1).to(x.dtype)
-        lo, hi = q[0][:, None], q[1][:, None]
-        flat = torch.minimum(torch.maximum(flat, lo), hi)
-    span = hi - lo
-    out = torch.where(span > 0, (flat - lo) / span.clamp(min=torch.finfo(x.dtype).tiny), torch.zeros_like(flat))
+        q = _percentiles(flat, (low, high)).to(x.dtype) if method == "percentile" else torch.stack([flat.amin(1), flat.amax(1)], 1)
+        lo, hi = q[:, 0], q[:, 1]
+        span = hi - lo
+    out = torch.empty_like(flat)  # filled channel by channel: one temporary of the image's size at most
+    for c in range(flat.shape[0]):
+        if not span[c] > 0:
+            out[c].zero_()
+            continue
+        if method == "percentile":
+            torch.clamp(flat[c], lo[c], hi[c], out=out[c])
+            out[c].sub_(lo[c])
+        else:
+            torch.sub(flat[c], lo[c], out=out[c])
+        out[c].div_(span[c])
     return out.reshape(x.shape)
 
 
-def _read_pillow(path: Path) -> np.ndarray:
-    Image = _import("PIL.Image", f"reading {path.name}")
+def _finite(x: torch.Tensor) -> bool:
+    """Whether every value is finite, with no temporary of the tensor's size (min and max propagate NaN)."""
+    return x.numel() == 0 or bool(torch.isfinite(torch.stack([x.amin(), x.amax()]).double()).all())
+
+
+def _percentiles(flat: torch.Tensor, percents: tuple[float, ...]) -> torch.Tensor:
+    """Percentiles of each row as :func:`numpy.percentile` (``"linear"``), float64; no size limit.
+
+    ``torch.quantile`` refuses more than 2^24 values; :func:`numpy.percentile` partitions one copy of a row.
+    """
+    rows = flat.detach().cpu().numpy()
+    return torch.tensor([np.percentile(row, percents).tolist() for row in rows], dtype=torch.float64, device=flat.device)
+
+
+def _read_pillow(Image: Any, path: Path) -> np.ndarray:
     with Image.open(path) as im:
         im.load()
         mode = im.mode
         if mode in ("L", "I", "F", "I;16", "I;16B", "I;16L", "1"):
-            arr = np.asarray(im.convert("F") if mode == "1" else im)
-            return arr.astype(np.float64)[None]
+            return np.asarray(im.convert("F") if mode == "1" else im).astype(np.float32)[None]
         if mode == "RGB":
-            return np.moveaxis(np.asarray(im).astype(np.float64), -1, 0)
+            return np.moveaxis(np.asarray(im).astype(np.float32), -1, 0)
         raise ImageReadError(f"{path}: Pillow mode {mode!r} is not supported (expected a grayscale or RGB image; convert images with alpha or a palette first)")
 
 
-def _read_nifti(path: Path) -> np.ndarray:
-    nib = _import("nibabel", f"reading {path.name}")
-    img = nib.load(str(path))
-    data = np.asarray(img.dataobj, dtype=np.float64)  # applies the header's scl_slope and scl_inter
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim == 2:
-        return data[None]
-    if data.ndim == 3:
-        return data[None, :, :, 0] if data.shape[2] == 1 else data[None]
-    if data.ndim == 4:
-        return np.moveaxis(data, -1, 0)
-    raise ImageReadError(f"{path}: expected a 2D, 3D or 4D NIfTI image, got array shape {data.shape}")
+def _read_nifti(nib: Any, path: Path) -> np.ndarray:
+    proxy = nib.load(str(path)).dataobj
+    raw = np.asanyarray(proxy.get_unscaled())
+    while raw.ndim > 3 and raw.shape[-1] == 1:
+        raw = raw[..., 0]
+    if raw.ndim == 2:
+        raw = raw[None]
+    elif raw.ndim == 3:
+        raw = raw[None, :, :, 0] if raw.shape[2] == 1 else raw[None]
+    elif raw.ndim == 4:
+        raw = np.moveaxis(raw, -1, 0)
+    else:
+        raise ImageReadError(f"{path}: expected a 2D, 3D or 4D NIfTI image, got array shape {raw.shape}")
+    data = raw.astype(np.float32, order="C")  # one pass from the file's (Fortran) order to float32 in C order
+    slope, inter = float(proxy.slope), float(proxy.inter)  # the header's scaling, in place
+    if slope != 1.0:
+        data *= np.float32(slope)
+    if inter != 0.0:
+        data += np.float32(inter)
+    return data
 
 
-def _read_dicom(path: Path) -> np.ndarray:
-    pydicom = _import("pydicom", f"reading {path.name}")
+#: Samples per pixel of each supported DICOM photometric interpretation.
+_PHOTOMETRIC = {"MONOCHROME1": 1, "MONOCHROME2": 1, "PALETTE COLOR": 1, "RGB": 3, "YBR_FULL": 3, "YBR_FULL_422": 3, "YBR_ICT": 3, "YBR_RCT": 3}
+
+
+def _read_dicom(pydicom: Any, path: Path) -> np.ndarray:
+    try:
+        from pydicom.pixels import apply_color_lut, apply_modality_lut
+    except ImportError:  # pydicom < 3
+        from pydicom.pixel_data_handlers.util import apply_color_lut, apply_modality_lut
     ds = pydicom.dcmread(str(path))
     if "PixelData" not in ds:
         raise ImageReadError(f"{path}: the DICOM file holds no pixel data")
-    arr = ds.pixel_array
-    try:
-        from pydicom.pixels import apply_modality_lut
-    except ImportError:  # pydicom < 3
-        from pydicom.pixel_data_handlers.util import apply_modality_lut
-    samples = int(getattr(ds, "SamplesPerPixel", 1))
-    if samples == 1:
-        arr = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
-        return arr[None]
+    pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    samples = int(ds.get("SamplesPerPixel", 1))
+    if pi not in _PHOTOMETRIC:
+        raise ImageReadError(f"{path}: photometric interpretation {pi!r} is not supported (expected one of {', '.join(_PHOTOMETRIC)})")
+    if samples != _PHOTOMETRIC[pi]:
+        raise ImageReadError(f"{path}: photometric interpretation {pi} needs {_PHOTOMETRIC[pi]} sample(s) per pixel, the file has {samples}")
+    if pi.startswith("YBR") and not hasattr(pydicom, "pixels"):
+        raise ImageReadError(f"{path}: reading {pi} colour needs pydicom >= 3 (which converts it to RGB): pip install 'pydicom>=3'")
+    arr = ds.pixel_array  # pydicom >= 3 converts YBR_* to RGB
+    if pi == "PALETTE COLOR":
+        return np.moveaxis(np.asarray(apply_color_lut(arr, ds), dtype=np.float32), -1, 0)
     if samples == 3:
-        arr = np.asarray(arr, dtype=np.float64)
-        return np.moveaxis(arr, -1, 0)
-    raise ImageReadError(f"{path}: expected 1 or 3 samples per pixel, got {samples}")
+        return np.moveaxis(np.asarray(arr, dtype=np.float32), -1, 0)
+    if pi == "MONOCHROME1":  # the minimum is white: invert over the stored range, so that higher is brighter
+        bits = int(ds.BitsStored)
+        lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if int(ds.get("PixelRepresentation", 0)) == 1 else (0, 2**bits - 1)
+        arr = (lo + hi) - arr.astype(np.int64)
+    return np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)[None]
 
 
-_READERS = {"pillow": _read_pillow, "nifti": _read_nifti, "dicom": _read_dicom}
+#: The package each format is read with, and its reader.
+_READERS = {"pillow": ("PIL.Image", _read_pillow), "nifti": ("nibabel", _read_nifti), "dicom": ("pydicom", _read_dicom)}
 
 
 def read_image(path: str | os.PathLike[str], *, normalization: Normalization = "percentile") -> torch.Tensor:
     """Read one PNG, NIfTI or DICOM file into a float tensor (see the module docstring).
+
+    Memory: the float32 result, one temporary of its size (the percentiles) and the file's own
+    array.
 
     Args:
         path: the file.
@@ -240,7 +296,8 @@ def read_image(path: str | os.PathLike[str], *, normalization: Normalization = "
         The image, float32.
 
     Raises:
-        ImageReadError: for a missing, unsupported, damaged or non-finite file (the message names it).
+        ImageReadError: for a missing, unsupported, damaged or non-finite file, or one that cannot
+            be normalised (the message names the file).
         ImportError: when the package of the format is not installed.
 
     Shape:
@@ -250,20 +307,27 @@ def read_image(path: str | os.PathLike[str], *, normalization: Normalization = "
     fmt = image_format(path)
     if not path.is_file():
         raise ImageReadError(f"{path}: no such file")
+    package, reader = _READERS[fmt]
+    module = _import(package, f"reading {path.name}")
     try:
-        arr = _READERS[fmt](path)
-    except (ImageReadError, ImportError):
+        arr = reader(module, path)
+    except ImageReadError:
         raise
     except Exception as err:  # every library raises its own types
-        raise ImageReadError(f"{path}: cannot read as {fmt} ({type(err).__name__}: {err})") from err
+        raise ImageReadError(f"{path}: cannot read as {fmt} ({type(err).__name__}: {_one_line(err)})") from err
     if arr.ndim not in (3, 4) or min(arr.shape[1:]) < 1:
         raise ImageReadError(f"{path}: expected a 2D or 3D image, got array shape {arr.shape}")
-    if not np.isfinite(arr).all():
-        raise ImageReadError(f"{path}: contains {int((~np.isfinite(arr)).sum())} NaN or infinite value(s)")
+    image = torch.from_numpy(np.ascontiguousarray(arr))
+    if not _finite(image):
+        raise ImageReadError(f"{path}: contains {int((~torch.isfinite(image)).sum())} NaN or infinite value(s) (as float32)")
     try:
-        return normalize_intensity(torch.from_numpy(np.ascontiguousarray(arr)), normalization).to(torch.float32)
-    except ValueError as err:
-        raise ImageReadError(f"{path}: {err}") from err
+        return normalize_intensity(image, normalization).to(torch.float32)
+    except Exception as err:
+        raise ImageReadError(f"{path}: cannot normalise ({normalization!r}): {type(err).__name__}: {_one_line(err)}") from err
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
 
 
 @dataclass(frozen=True)
@@ -442,7 +506,15 @@ def _is_nifti(path: Path) -> bool:
 
 def _write_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None, intent: str | None = None) -> None:
     nib = _import("nibabel", f"writing {path.name}")
-    img = nib.Nifti1Image(np.asarray(array, dtype=np.float32), np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64))
+    with np.errstate(over="ignore"):
+        data32 = np.asarray(array, dtype=np.float32)
+    if not np.isfinite(data32).all():
+        raise ValueError(f"{path}: expected values within the float32 range of a NIfTI file, found {int((~np.isfinite(data32)).sum())} beyond it")
+    if affine is not None:
+        affine = np.asarray(affine, dtype=np.float64)
+        if affine.shape != (4, 4) or not np.isfinite(affine).all():
+            raise ValueError(f"affine: expected a finite 4 x 4 matrix for {path.name}, got shape {affine.shape}")
+    img = nib.Nifti1Image(data32, np.eye(4) if affine is None else affine)
     if intent is not None:
         img.header.set_intent(intent)
     data = img.to_bytes()
@@ -460,13 +532,26 @@ def _atomic_bytes(path: Path, data: bytes) -> None:
     atomic_write(path, data)
 
 
+def _png_bytes(u8: np.ndarray) -> bytes:
+    """An 8-bit PNG of an ``(H, W)`` grey or ``(H, W, 3)`` RGB ``uint8`` array (zlib, no filter, no Pillow)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    h, w = u8.shape[:2]
+    rows = np.concatenate([np.zeros((h, 1), np.uint8), np.ascontiguousarray(u8, dtype=np.uint8).reshape(h, -1)], axis=1)
+    header = struct.pack(">IIBBBBB", w, h, 8, 0 if u8.ndim == 2 else 2, 0, 0, 0)  # 8 bits, grey or RGB, no interlace
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) + chunk(b"IEND", b"")
+
+
 def write_image(path: str | os.PathLike[str], image: torch.Tensor, *, affine: np.ndarray | None = None) -> Path:
     """Write one image: PNG for 2D (``.png``), NIfTI for 2D or 3D (``.nii``, ``.nii.gz``).
 
-    PNG: 1 or 3 channels, values clipped to :math:`[0, 1]` and stored as 8 bits
-    (:math:`\\mathrm{round}(255 x)`). NIfTI: float32, channels as the last axis when ``C > 1``,
-    ``affine`` (4 x 4, identity by default) as the header's affine. Folders are created; the file is
-    replaced atomically.
+    PNG: 1 or 3 channels, values in :math:`[0, 1]` (others are refused, not clipped: clamp or
+    normalise first) stored as 8 bits (:math:`\\mathrm{round}(255 x)`) by a built-in encoder, so
+    writing a PNG needs no optional package. NIfTI: float32, channels as the last axis when
+    ``C > 1``, ``affine`` (4 x 4, identity by default) as the header's affine. Folders are created;
+    the file is replaced atomically.
 
     Args:
         path: the file.
@@ -477,16 +562,17 @@ def write_image(path: str | os.PathLike[str], image: torch.Tensor, *, affine: np
         The path.
 
     Raises:
-        ValueError: for a bad shape, non-finite values, or a format that cannot hold the image.
+        ValueError: naming the file, for a bad shape, non-finite values, PNG values outside
+            :math:`[0, 1]`, values beyond float32 in NIfTI, or a format that cannot hold the image.
 
     Shape:
-        image: ``(C, *S)``.
+        image: ``(C, *S)``; a PNG of ``(C, H, W)`` has ``H`` rows and ``W`` columns.
     """
     path = Path(path)
     dims = check_shape(image, "C *S", "image", spatial=(2, 3))
     arr = image.detach().to("cpu", torch.float64).numpy()
     if not np.isfinite(arr).all():
-        raise ValueError(f"image: expected finite values, found {int((~np.isfinite(arr)).sum())} NaN or infinite value(s)")
+        raise ValueError(f"{path}: image: expected finite values, found {int((~np.isfinite(arr)).sum())} NaN or infinite value(s)")
     if _is_nifti(path):
         data = arr[0] if dims["C"] == 1 else np.moveaxis(arr, 0, -1)
         if dims["C"] > 1 and dims["N"] == 2:
@@ -499,14 +585,11 @@ def write_image(path: str | os.PathLike[str], image: torch.Tensor, *, affine: np
         raise ValueError(f"{path}: a PNG holds a 2D image, got spatial size {dims['S']} (write .nii.gz for 3D)")
     if dims["C"] not in (1, 3):
         raise ValueError(f"{path}: a PNG holds 1 or 3 channels, got {dims['C']}")
-    Image = _import("PIL.Image", f"writing {path.name}")
-    u8 = np.round(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
-    im = Image.fromarray(u8[0]) if dims["C"] == 1 else Image.fromarray(np.moveaxis(u8, 0, -1))
-    import io as _io
-
-    buf = _io.BytesIO()
-    im.save(buf, format="PNG")
-    _atomic_bytes(path, buf.getvalue())
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(f"{path}: a PNG holds values in [0, 1], the image has [{lo:.6g}, {hi:.6g}] (clamp or normalise it first)")
+    u8 = np.round(arr * 255.0).astype(np.uint8)
+    _atomic_bytes(path, _png_bytes(u8[0] if dims["C"] == 1 else np.moveaxis(u8, 0, -1)))
     return path
 
 
@@ -530,7 +613,8 @@ def write_deformation(path: str | os.PathLike[str], deformation: Deformation, *,
         The path (of the forward field for NIfTI).
 
     Raises:
-        ValueError: for an unknown ending or index.
+        ValueError: for an unknown ending or index, or a field with non-finite values (naming the
+            file and the field; nothing is written).
 
     Shape:
         deformation fields: ``(B, N, *S)``; each written array ``(N, *S)`` (npz) or
@@ -544,6 +628,9 @@ def write_deformation(path: str | os.PathLike[str], deformation: Deformation, *,
     if deformation.velocity is not None:
         fields["velocity"] = deformation.velocity[index]
     arrays = {k: v.detach().to("cpu", torch.float32).numpy() for k, v in fields.items()}
+    for key, a in arrays.items():
+        if not np.isfinite(a).all():
+            raise ValueError(f"{path}: the {key} field has {int((~np.isfinite(a)).sum())} NaN, infinite or beyond-float32 value(s); refusing to write it")
     if path.name.lower().endswith(".npz"):
         import io as _io
 
@@ -570,49 +657,58 @@ def read_deformation(path: str | os.PathLike[str]) -> Deformation:
         The :class:`~plasticine.core.Deformation`, float32.
 
     Raises:
-        ImageReadError: for a missing or malformed file, naming it.
+        ImageReadError: for a missing, malformed or non-finite file, naming it.
+        ImportError: when nibabel is needed and not installed.
 
     Shape:
         fields: ``(1, N, *S)``.
     """
     path = Path(path)
+    if path.name.lower().endswith(".npz"):
+        files = {"forward": path, "inverse": path, "velocity": path}
+    elif _is_nifti(path):
+        files = {"forward": path, "inverse": _inverse_path(path)}
+    else:
+        raise ImageReadError(f"{path}: expected a deformation file ending in .npz, .nii or .nii.gz")
+    for p in dict.fromkeys(files.values()):
+        if not p.is_file():
+            raise ImageReadError(f"{p}: no such file" + ("" if p == path else " (a NIfTI deformation is a forward file and its _inverse file)"))
+    nib = _import("nibabel", f"reading {path.name}") if _is_nifti(path) else None
+    current = path
     try:
-        if path.name.lower().endswith(".npz"):
-            if not path.is_file():
-                raise ImageReadError(f"{path}: no such file")
+        if nib is None:
             with np.load(path, allow_pickle=False) as z:
-                missing = {"forward", "inverse"} - set(z.files)
-                if missing:
-                    raise ImageReadError(f"{path}: expected arrays 'forward' and 'inverse', missing {sorted(missing)}")
-                fields = {k: torch.from_numpy(z[k].astype(np.float32)) for k in ("forward", "inverse", "velocity") if k in z.files}
-        elif _is_nifti(path):
-            nib = _import("nibabel", f"reading {path.name}")
-            fields = {}
-            for key, p in (("forward", path), ("inverse", _inverse_path(path))):
-                if not p.is_file():
-                    raise ImageReadError(f"{p}: no such file (a NIfTI deformation is a forward file and its _inverse file)")
-                a = np.asarray(nib.load(str(p)).dataobj, dtype=np.float32)
-                if a.ndim != 5 or a.shape[3] != 1:
-                    raise ImageReadError(f"{p}: expected a vector image of shape (X, Y, Z, 1, N), got {a.shape}")
-                a = a[..., 0, :]
-                n = a.shape[-1]
-                if n == 2:
-                    a = a[:, :, 0, :]
-                fields[key] = torch.from_numpy(np.ascontiguousarray(np.moveaxis(a, -1, 0)))
+                if not {"forward", "inverse"} <= set(z.files):
+                    raise ImageReadError(f"{path}: expected arrays 'forward' and 'inverse', found {sorted(z.files)}")
+                raw = {k: z[k] for k in files if k in z.files}
         else:
-            raise ImageReadError(f"{path}: expected a deformation file ending in .npz, .nii or .nii.gz")
-        f = fields["forward"]
-        n = f.shape[0]
-        if f.dim() != n + 1 or n not in (2, 3) or fields["inverse"].shape != f.shape:
-            raise ImageReadError(f"{path}: expected forward and inverse fields of shape (N, *S) with N = 2 or 3 spatial axes, got {tuple(f.shape)} and {tuple(fields['inverse'].shape)}")
-        v = fields.get("velocity")
-        return Deformation(f[None], fields["inverse"][None], None if v is None else v[None])
+            raw = {}
+            for key, current in files.items():
+                raw[key] = np.asanyarray(nib.load(str(current)).dataobj)
     except ImageReadError:
         raise
-    except ImportError:
-        raise
-    except Exception as err:
-        raise ImageReadError(f"{path}: cannot read the deformation ({type(err).__name__}: {err})") from err
+    except Exception as err:  # zip, zlib, pickle refusal, NIfTI header...
+        raise ImageReadError(f"{current}: cannot read the deformation ({type(err).__name__}: {_one_line(err)})") from err
+    fields: dict[str, np.ndarray] = {}
+    for key, a in raw.items():
+        if a.dtype.kind not in "iuf":
+            raise ImageReadError(f"{files[key]}: expected real numbers in the {key} field, got dtype {a.dtype}")
+        if nib is not None:  # (X, Y, Z, 1, N) -> (N, X, Y, Z), or (N, X, Y) for N = 2 (Z = 1)
+            if a.ndim != 5 or a.shape[3] != 1 or a.shape[4] not in (2, 3) or (a.shape[4] == 2 and a.shape[2] != 1):
+                raise ImageReadError(f"{files[key]}: expected a vector image of shape (X, Y, Z, 1, N) with N = 3, or N = 2 and Z = 1, got {a.shape}")
+            a = np.moveaxis(a[:, :, 0, 0, :] if a.shape[4] == 2 else a[..., 0, :], -1, 0)
+        with np.errstate(over="ignore"):  # beyond float32 becomes inf, refused below
+            fields[key] = np.ascontiguousarray(a, dtype=np.float32)
+    f = fields["forward"]
+    n = f.shape[0] if f.ndim else 0
+    if n not in (2, 3) or f.ndim != n + 1 or min(f.shape) < 1 or any(a.shape != f.shape for a in fields.values()):
+        shapes = ", ".join(f"{k} {a.shape}" for k, a in fields.items())
+        raise ImageReadError(f"{path}: expected fields of one shape (N, *S) with N = 2 or 3 spatial axes, got {shapes}")
+    for key, a in fields.items():
+        if not np.isfinite(a).all():
+            raise ImageReadError(f"{files[key]}: the {key} field has {int((~np.isfinite(a)).sum())} NaN, infinite or beyond-float32 value(s); expected finite displacements")
+    v = fields.get("velocity")
+    return Deformation(torch.from_numpy(f)[None], torch.from_numpy(fields["inverse"])[None], None if v is None else torch.from_numpy(v)[None])
 
 
 def write_trace(
@@ -670,39 +766,53 @@ def write_trace(
 def read_points(path: str | os.PathLike[str], *, which: Literal["source", "target"] = "source") -> torch.Tensor:
     """Read points: a trace file, a JSON list of coordinate lists, or a CSV/text table.
 
-    Accepted: a trace file of :func:`write_trace` (its ``which`` side); JSON ``[[...], ...]`` or
-    ``{"points": [[...], ...]}``; ``.csv``/``.txt`` with one point per line, coordinates separated
-    by commas or white space (lines starting with ``#`` and a header line without numbers are
-    skipped). Coordinates are voxels in tensor axis order.
+    Accepted: a trace file of :func:`write_trace` (version 1; its ``which`` side); JSON
+    ``[[...], ...]`` or ``{"points": [[...], ...]}``; ``.csv``/``.txt`` with one point per line,
+    coordinates separated by commas or white space (lines starting with ``#`` and header lines
+    before the first point are skipped). The file is UTF-8 text; coordinates are numbers (not
+    booleans), voxels in tensor axis order.
 
     Args:
         path: the file.
-        which: the side of a trace file to read.
+        which: the side of a trace file to read, ``"source"`` or ``"target"``.
 
     Returns:
         float32 points.
 
     Raises:
+        ValueError: for a bad ``which``.
         ImageReadError: for a missing or malformed file, naming it.
 
     Shape:
-        out: ``(P, N)``.
+        out: ``(P, N)`` with ``P >= 1`` and ``N`` = 2 or 3.
     """
+    if which not in ("source", "target"):
+        raise ValueError(f"which: expected 'source' or 'target', got {which!r}")
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"{path}: no such file")
-    text = path.read_text()
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ImageReadError(f"{path}: expected UTF-8 text (a JSON or CSV points file), found byte 0x{err.object[err.start]:02x} at offset {err.start}") from None
+    except OSError as err:
+        raise ImageReadError(f"{path}: cannot read ({type(err).__name__}: {_one_line(err)})") from err
     rows: Any
     if path.suffix.lower() == ".json":
         try:
             doc = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ImageReadError(f"{path}: not valid JSON: {err}") from err
+        except (ValueError, RecursionError) as err:
+            raise ImageReadError(f"{path}: not valid JSON ({type(err).__name__}: {_one_line(err)})") from None
         if isinstance(doc, dict) and doc.get("format") == TRACE_FORMAT:
-            if which not in ("source", "target"):
-                raise ValueError(f"which: expected 'source' or 'target', got {which!r}")
-            rows = [p[which] for p in doc.get("points", [])]
-        elif isinstance(doc, dict) and "points" in doc:
+            if doc.get("version") != 1:
+                raise ImageReadError(f"{path}: expected trace file version 1, got {_brief(doc.get('version'))}")
+            pairs = doc.get("points")
+            if not isinstance(pairs, list) or not all(isinstance(p, dict) and which in p for p in pairs):
+                raise ImageReadError(f"{path}: expected the trace file's 'points' to be a list of {{'source': [...], 'target': [...]}} objects, got {_brief(pairs)}")
+            rows = [p[which] for p in pairs]
+        elif isinstance(doc, dict):
+            if "points" not in doc:
+                raise ImageReadError(f"{path}: expected a list of points or an object with 'points', got an object with keys {_brief(sorted(doc))}")
             rows = doc["points"]
         else:
             rows = doc
@@ -717,13 +827,32 @@ def read_points(path: str | os.PathLike[str], *, which: Literal["source", "targe
                 rows.append([float(p) for p in parts])
             except ValueError:
                 if rows:
-                    raise ImageReadError(f"{path}: a line is not a list of numbers: {line!r}") from None
+                    raise ImageReadError(f"{path}: a line is not a list of numbers: {_brief(line)}") from None
+    return _points(path, rows)
+
+
+def _brief(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _points(path: Path, rows: Any) -> torch.Tensor:
+    """Rows of 2 or 3 numbers (the same count each) as a finite float32 ``(P, N)`` tensor."""
+    if not isinstance(rows, list) or not rows:
+        raise ImageReadError(f"{path}: expected a non-empty list of points of 2 or 3 coordinates, got {_brief(rows)}")
+    for i, row in enumerate(rows):
+        if (
+            not isinstance(row, list)
+            or len(row) not in (2, 3)
+            or len(row) != len(rows[0])
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row)
+        ):
+            raise ImageReadError(f"{path}: point {i}: expected a list of 2 or 3 numbers like the first point, got {_brief(row)}")
     try:
-        pts = torch.tensor(rows, dtype=torch.float32)
-    except (TypeError, ValueError) as err:
-        raise ImageReadError(f"{path}: expected a list of points with the same number of coordinates each ({err})") from err
-    if pts.dim() != 2 or pts.shape[0] == 0 or pts.shape[1] not in (2, 3):
-        raise ImageReadError(f"{path}: expected P >= 1 points of 2 or 3 coordinates, got an array of shape {tuple(pts.shape)}")
-    if not bool(torch.isfinite(pts).all()):
-        raise ImageReadError(f"{path}: coordinates must be finite")
-    return pts
+        values = [[float(v) for v in row] for row in rows]
+    except OverflowError:
+        raise ImageReadError(f"{path}: coordinates must be finite (an integer is too large for a float)") from None
+    pts = torch.tensor(values, dtype=torch.float64)
+    if not bool(torch.isfinite(pts).all()) or bool((pts.abs() > torch.finfo(torch.float32).max).any()):
+        raise ImageReadError(f"{path}: coordinates must be finite float32 numbers")
+    return pts.to(torch.float32)

@@ -522,7 +522,6 @@ def test_png_values_outside_the_unit_range_are_refused_not_clipped(tmp_path):
         write_image(tmp_path / "x.nii", torch.full((1, 3, 4), 1e300, dtype=torch.float64))
 
 
-@pytest.mark.xfail(strict=False, reason="atomic_write (plasticine/checkpoint.py) creates 0600 files through mkstemp; fixed there")
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
 def test_written_files_get_the_permissions_of_the_umask(tmp_path):
     old = os.umask(0o027)

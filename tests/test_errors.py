@@ -37,6 +37,8 @@ NOT_CALLABLE = {
         "ConditionEncoder", "Denoiser", "Integrator", "NoiseSchedule", "RegistrationBackend", "Sampler",
         "SimilarityLoss", "StructureExtractor", "Warper")},
     "core.NonFiniteError": "the exception class the boundaries raise",
+    **{f"core.{n}": "configuration of components, no tensors (tests in test_core_config.py)" for n in (
+        "Config", "ConfigError", "Configurable", "from_json", "register_settings", "registered_classes", "to_json")},
     "translator.COMPONENTS": "a tuple of names",
 }
 
@@ -138,6 +140,17 @@ CASES: dict[str, Case] = {
             "integer": "accepts any dtype; integers are always finite",
         },
     ),
+    "core.check_image": Case(lambda image: core.check_image(image, "image"), lambda b: {"image": image(b)}, boundary=True),
+    **{f"core.{n}": Case(
+        lambda f=f: f(),
+        lambda b: {},
+        na={"shape": "checks a Python number", "empty": "takes no batch", "nan": "takes no tensor"},
+        custom={"integer": (lambda f=f: f(True), r"^n: expected .*, got True$")},
+    ) for n, f in (
+        ("check_int", lambda v=3: core.check_int(v, "n", 1)),
+        ("check_number", lambda v=0.5: core.check_number(v, "n", 0, 1)),
+        ("check_option", lambda v=2: core.check_option(v, "n", (1, 2))),
+    )},
     "core.check_shape": Case(
         lambda tensor: core.check_shape(tensor, "B C *S", "tensor", floating=True),
         lambda b: {"tensor": image(b)},

@@ -1,8 +1,10 @@
-"""Conventions, grids, warping, deformations, Jacobians, protocols and shape checks.
+"""Conventions, grids, warping, deformations, Jacobians, protocols, configuration and argument checks.
 
-See :doc:`/conventions` for the coordinate model every function here follows.
+See :doc:`/conventions` for the coordinate model every function here follows, and
+:doc:`/configuration` for the configuration that every component declares (:class:`Configurable`).
 """
 
+from .config import Config, ConfigError, Configurable, from_json, register_settings, registered_classes, to_json
 from .deformation import Deformation
 from .filters import gaussian_smooth, resize, resize_field
 from .grid import (
@@ -27,10 +29,14 @@ from .protocols import (
     Warper,
 )
 from .shapes import NonFiniteError, check_finite, check_shape
+from .validate import check_image, check_int, check_number, check_option
 from .warp import GridSampleWarper, compose, sample_at_points, warp
 
 __all__ = [
     "ConditionEncoder",
+    "Config",
+    "ConfigError",
+    "Configurable",
     "Deformation",
     "Denoiser",
     "GridSampleWarper",
@@ -43,22 +49,30 @@ __all__ = [
     "StructureExtractor",
     "Warper",
     "check_finite",
+    "check_image",
+    "check_int",
+    "check_number",
+    "check_option",
     "check_shape",
     "compose",
     "displacement_from_world",
     "displacement_to_grid",
     "displacement_to_world",
     "folding_fraction",
+    "from_json",
     "gaussian_smooth",
     "grid_to_displacement",
     "identity_grid",
     "inverse_consistency_error",
     "jacobian_determinant",
     "jacobian_matrix",
+    "register_settings",
+    "registered_classes",
     "resize",
     "resize_field",
     "sample_at_points",
     "spatial_gradient",
+    "to_json",
     "voxel_to_world",
     "warp",
     "world_to_voxel",

@@ -18,7 +18,7 @@ of those, so a file with a pickled object raises :class:`CheckpointError` instea
 **Integrity and finiteness.** Every file records the sha256 of what it holds (format version 2):
 for :func:`save_tensors` the config text and, in name order, every tensor's name, dtype, shape and
 raw bytes; for :func:`save_state` the whole nested state the same way (a canonical description of
-its structure and plain values, then the tensors' raw bytes in that order). The loaders recompute
+its structure and plain values, then the tensors' raw bytes in that order; see :func:`fingerprint`). The loaders recompute
 it and raise :class:`CheckpointError` ``"... integrity check failed ..."`` naming the file when it
 differs, so a corrupted file never loads. Files of :func:`save_tensors` written by format version 1
 (before the hash; they record ``version`` 1 and no hash) still load, unverified; a training state
@@ -69,6 +69,7 @@ __all__ = [
     "load_tensors",
     "save_state",
     "load_state",
+    "fingerprint",
 ]
 
 FORMAT_VERSION = 2
@@ -390,8 +391,24 @@ def _raw_bytes(t: torch.Tensor) -> Any:
     return flat.view(torch.uint8).numpy() if flat.numel() else b""
 
 
-def _fingerprint(obj: Any, text: str = "") -> tuple[str, list[tuple[str, torch.Tensor]]]:
-    """The sha256 of ``text`` and ``obj`` (structure, plain values, tensors' dtypes, shapes and raw bytes), and its tensors."""
+def fingerprint(obj: Any, text: str = "") -> tuple[str, list[tuple[str, torch.Tensor]]]:
+    """The sha256 of ``text`` and ``obj``, and the tensors ``obj`` holds: what the files record.
+
+    ``obj`` is described canonically (its structure, plain values, and every tensor's dtype and
+    shape, dict keys sorted), the description hashed after ``text``, then every tensor's raw bytes
+    in that order. Equal content gives an equal hash whatever the device or memory layout; used
+    for the files of this module and for the data fingerprint of a training run.
+
+    Args:
+        obj: nested dicts, lists, tuples and sets of tensors and plain values.
+        text: text hashed first (a file's config).
+
+    Returns:
+        ``(hex digest, [(name, tensor), ...])``, the tensors named by their path in ``obj``.
+
+    Shape:
+        Not applicable.
+    """
     tensors: list[tuple[str, torch.Tensor]] = []
     description = json.dumps(_describe(obj, "", tensors), sort_keys=True)
     h = hashlib.sha256(text.encode("utf-8", "surrogatepass") + b"\0" + description.encode("utf-8", "surrogatepass"))
@@ -410,7 +427,7 @@ def _check_finite(tensors: list[tuple[str, torch.Tensor]], where: str) -> None:
 def _verify(path: Path, obj: Any, text: str, recorded: Any, legacy: bool) -> list[tuple[str, torch.Tensor]]:
     """Check the recorded hash (absent only in a legacy file) and finiteness; return the tensors."""
     try:
-        actual, tensors = _fingerprint(obj, text)
+        actual, tensors = fingerprint(obj, text)
     except (RecursionError, ValueError, TypeError, RuntimeError) as err:
         raise CheckpointError(f"{path}: integrity check failed: the content cannot be described ({type(err).__name__}: {err})") from err
     if recorded is None and not legacy:
@@ -453,7 +470,7 @@ def save_tensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tenso
         if not isinstance(t, torch.Tensor):
             raise CheckpointError(f"tensor {k!r}: expected a torch.Tensor, got {type(t).__name__}")
         flat[k] = t.detach().to("cpu").contiguous()
-    digest, described = _fingerprint(flat, text)
+    digest, described = fingerprint(flat, text)
     _check_finite(described, f"{path}: refused to write")
     if fmt == "safetensors":
         try:
@@ -563,7 +580,7 @@ def save_state(path: str | os.PathLike[str], state: Mapping[str, Any]) -> Path:
     state = dict(state)
     if _HASH_KEY in state:
         raise CheckpointError(f"{path}: the state key {_HASH_KEY!r} is reserved for the checkpoint's hash")
-    digest, tensors = _fingerprint(state)
+    digest, tensors = fingerprint(state)
     _check_finite(tensors, f"{path}: refused to write")
     buf = io.BytesIO()
     torch.save({**state, _HASH_KEY: digest}, buf)

@@ -90,11 +90,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import CheckpointError, _fingerprint, load_state, save_state
+from .checkpoint import CheckpointError, fingerprint, load_state, save_state
 from .core.shapes import check_shape
+from .core.validate import check_image
 from .diffusion.schedules import diffuse, sample_noise_level
 from .diffusion.training import EMA, LossKind, noise_prediction_loss
-from .translator import TraceableTranslator, _check_image
+from .translator import TraceableTranslator
 
 __all__ = [
     "diffusion_objective",
@@ -143,7 +144,7 @@ def diffusion_objective(
     Shape:
         y: ``(B, C, *S)``; out: ``()``.
     """
-    _check_image(y, "y")
+    check_image(y, "y")
     with torch.no_grad():
         ys = translator.structure_map(y)
     condition = translator.conditioning(ys)
@@ -231,8 +232,8 @@ def deformation_objective(
     """
     from .registration.network import registration_objective
 
-    dims = _check_image(x, "x")
-    _check_image(y, "y")
+    dims = check_image(x, "x")
+    check_image(y, "y")
     check_shape(y, "B C *S", "y", bindings=dict(dims))
     reg = translator.registration
     inner = getattr(reg, "network", None)
@@ -358,11 +359,11 @@ class ShuffledBatches:
         """
         if self._data_sha256 is None:
             if isinstance(self.data, torch.Tensor):
-                self._data_sha256 = _fingerprint(self.data)[0]
+                self._data_sha256 = fingerprint(self.data)[0]
             else:
                 h = hashlib.sha256()
                 for i in range(len(self.data)):
-                    h.update(_fingerprint(self.data[i])[0].encode())
+                    h.update(fingerprint(self.data[i])[0].encode())
                 self._data_sha256 = h.hexdigest()
         return {"items": len(self.data), "data_sha256": self._data_sha256}
 

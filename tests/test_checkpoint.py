@@ -280,7 +280,7 @@ def test_non_finite_weights_are_refused(tmp_path, suffix):
     # a file that holds one (with a valid hash) does not load
     tensors = {k: v.detach().contiguous().clone() for k, v in t.state_dict().items()}
     text = json.dumps({"translator": t.config(), "format_version": 2}, sort_keys=True)
-    digest, _ = ck._fingerprint(tensors, text)
+    digest, _ = ck.fingerprint(tensors, text)
     if suffix == ".pt":
         torch.save({"format": "plasticine", "version": 2, "config": text, "tensors": tensors, "sha256": digest}, path)
     else:
@@ -297,7 +297,7 @@ def test_non_finite_training_states_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"state\.pt: refused to write: tensor 'optimizer\.state\.0\.exp_avg' holds 1 non-finite"):
         save_state(path, state)
     assert not path.exists()
-    digest, _ = ck._fingerprint(state)
+    digest, _ = ck.fingerprint(state)
     torch.save({**state, "plasticine_sha256": digest}, path)
     with pytest.raises(CheckpointError, match=r"state\.pt: refused to load: tensor 'optimizer\.state\.0\.exp_avg'"):
         load_state(path)

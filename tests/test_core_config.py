@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
 import json
 import math
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -237,3 +239,21 @@ def test_check_image():
         check_image(torch.tensor([[[[0.0, float("nan")]]]]), "x")
     with pytest.raises(ValueError, match=r"^x: expected shape \(B, C, \*S\)"):
         check_image(torch.zeros(4, 5), "x")
+
+
+def test_no_private_name_crosses_a_package():
+    """What one package of plasticine shares with another is public (documented), never a ``_name``."""
+    root = Path(__file__).resolve().parents[1] / "plasticine"
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).parts
+        home = parts[0] if len(parts) > 1 else path.stem  # the package, or the top-level module
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.ImportFrom) and node.level):
+                continue
+            private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+            base = list(parts[:-1])[: len(parts) - node.level]
+            target = (base + (node.module or "").split("."))[0] if base or node.module else home
+            if private and target != home:
+                found.append(f"{'/'.join(parts)}: from {'.' * node.level}{node.module or ''} import {', '.join(private)}")
+    assert found == []

@@ -30,6 +30,7 @@ __all__ = [
     "world_to_voxel",
     "displacement_to_world",
     "displacement_from_world",
+    "constant_vector",
 ]
 
 
@@ -77,11 +78,23 @@ def _normalised_identity(shape: Sequence[int], dtype: torch.dtype, device: torch
     return torch.stack(torch.meshgrid(*axes, indexing="ij")[::-1], dim=0).unsqueeze(0).view(1, n, *shape)
 
 
-def _constant_vector(values: Sequence[float], like: torch.Tensor, ndim: int = 0) -> torch.Tensor:
+def constant_vector(values: Sequence[float], like: torch.Tensor, ndim: int = 0) -> torch.Tensor:
     """Python numbers as a tensor on ``like``'s device, shaped ``(1, len, 1 x ndim)``, without a host copy.
 
     ``torch.tensor(values, device="cuda")`` copies from pageable host memory and waits for the
-    stream; filling entries with scalars only queues kernels.
+    stream; filling entries with scalars only queues kernels. For per-axis factors (voxel
+    spacings, grid scales) that multiply a ``(B, N, *S)`` field.
+
+    Args:
+        values: the numbers (one per channel).
+        like: a tensor whose dtype and device the result takes.
+        ndim: number of trailing singleton dimensions (the spatial ones).
+
+    Returns:
+        The vector, broadcastable against ``(B, len(values), *S)``.
+
+    Shape:
+        out: ``(1, len(values), *[1] * ndim)``.
     """
     out = torch.empty(len(values), dtype=like.dtype, device=like.device)
     for i, x in enumerate(values):
@@ -112,7 +125,7 @@ def _normalised_scale(shape: Sequence[int], like: torch.Tensor, size_one: float 
     """
     n = len(shape)
     s = [2.0 / (k - 1) if k > 1 else size_one for k in reversed(tuple(shape))]
-    return _constant_vector(s, like, n)
+    return constant_vector(s, like, n)
 
 
 def displacement_to_grid(displacement: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from .grid import _constant_vector, _vector_length
+from .grid import constant_vector, _vector_length
 from .shapes import check_shape, spacing_tuple
 from .warp import compose
 
@@ -89,7 +89,7 @@ def spatial_gradient(field: torch.Tensor, spacing: float | Sequence[float] = 1.0
     n = check_shape(field, "B C *S", "field", floating=True)["N"]
     h = spacing_tuple(spacing, n)
     g = _twice_gradient(field)
-    scale = _constant_vector([0.5 / x for x in h], g, n).unsqueeze(0)
+    scale = constant_vector([0.5 / x for x in h], g, n).unsqueeze(0)
     return g.mul_(scale) if not (torch.is_grad_enabled() and g.requires_grad) else g * scale
 
 
@@ -116,7 +116,7 @@ def jacobian_matrix(displacement: torch.Tensor, spacing: float | Sequence[float]
     g = spatial_gradient(displacement)  # (B, N_i, N_j, *S) in voxels
     if any(x != 1.0 for x in h):
         ratio = [[h[i] / h[j] for j in range(n)] for i in range(n)]
-        g = g * _constant_vector([r for row in ratio for r in row], g, n).view(1, n, n, *([1] * n))
+        g = g * constant_vector([r for row in ratio for r in row], g, n).view(1, n, n, *([1] * n))
     eye = torch.eye(n, dtype=g.dtype, device=g.device).view(1, n, n, *([1] * n))
     return (g + eye).movedim(1, -1).movedim(1, -1)
 

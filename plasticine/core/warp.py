@@ -19,7 +19,7 @@ Speed: the voxel -> grid conversion is one autograd node (no identity grid or ch
 call). torch's CPU grid sampler parallelises over the batch only. For a batch of one image on the
 CPU the sampling is split into ``torch.get_num_threads()`` pieces along the first spatial axis
 that run as one batched call (same values; see ``_grid_sample``). Iterative integrators warp in
-normalised units throughout (``_NormalisedFrame``) instead of converting at every step.
+normalised units throughout (``NormalisedFrame``) instead of converting at every step.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .grid import _constant_vector, _normalised_identity, _normalised_scale, displacement_to_grid
+from .grid import constant_vector, _normalised_identity, _normalised_scale, displacement_to_grid
 from .shapes import check_shape
 
-__all__ = ["warp", "compose", "sample_at_points", "GridSampleWarper", "Mode", "Padding"]
+__all__ = ["warp", "compose", "sample_at_points", "GridSampleWarper", "NormalisedFrame", "Mode", "Padding"]
 
 Mode = Literal["linear", "nearest", "cubic"]
 Padding = Literal["border", "zeros", "reflection"]
@@ -77,7 +77,7 @@ def _grid_sample(image: torch.Tensor, grid: torch.Tensor, mode: str, padding: st
     return out[:, :, :s0] if pad else out
 
 
-class _NormalisedFrame:
+class NormalisedFrame:
     """Repeated warps of one spatial size in ``grid_sample``'s normalised units.
 
     Iterative schemes (scaling and squaring, Euler, RK4) warp fields by fields many times. Here
@@ -86,6 +86,12 @@ class _NormalisedFrame:
     warp is one ``grid_sample`` at ``identity + w``. A field sampled this way stays in the units
     it has, so a field ``w`` warped by itself is again in normalised units. On an axis of size 1
     the scale is 1 (the component is carried along; ``grid_sample`` reads the only voxel there).
+    Shared by the integrators of :mod:`plasticine.registration.integrators`.
+
+    Args:
+        like: a tensor of the spatial size, dtype and device of the fields to warp.
+        mode: interpolation.
+        padding: how samples outside the grid are read.
 
     Shape:
         ``to_grid``/``from_grid``: ``(B, N, *S)`` to ``(B, N, *S)``; ``sample``: field
@@ -100,12 +106,27 @@ class _NormalisedFrame:
         self.scale = _normalised_scale(shape, like, size_one=1.0)
 
     def to_grid(self, u: torch.Tensor) -> torch.Tensor:
+        """A displacement in voxels (axis order) in normalised units (reversed channel order).
+
+        Shape:
+            u: ``(B, N, *S)``; out: ``(B, N, *S)``.
+        """
         return u.flip(1) * self.scale
 
     def from_grid(self, w: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`to_grid`.
+
+        Shape:
+            w: ``(B, N, *S)``; out: ``(B, N, *S)``.
+        """
         return (w / self.scale).flip(1)
 
     def sample(self, field: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``field`` read at ``identity + w`` (one ``grid_sample``).
+
+        Shape:
+            field: ``(B or 1, C, *S)``; w: ``(B, N, *S)``; out: ``(B, C, *S)``.
+        """
         grid = (self.identity + w).movedim(1, -1)
         if field.shape[0] != grid.shape[0]:
             field = field.expand(grid.shape[0], *field.shape[1:])
@@ -247,8 +268,8 @@ def sample_at_points(
         raise ValueError(f"points: expected the field's dtype {field.dtype}, got {points.dtype}")
     tmode = _torch_mode(mode, padding, n)
     sizes = dims["S"]
-    scale = _constant_vector([2.0 / (s - 1) if s > 1 else 0.0 for s in sizes], field).view(n)
-    offset = _constant_vector([1.0 if s > 1 else 0.0 for s in sizes], field).view(n)
+    scale = constant_vector([2.0 / (s - 1) if s > 1 else 0.0 for s in sizes], field).view(n)
+    offset = constant_vector([1.0 if s > 1 else 0.0 for s in sizes], field).view(n)
     g = points * scale - offset
     g = g.flip(-1).reshape(points.shape[0], points.shape[1], *([1] * (n - 1)), n)
     out = _grid_sample(field, g, tmode, padding)

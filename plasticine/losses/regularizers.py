@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..core import check_shape
-from ..core.grid import _constant_vector
+from ..core.grid import constant_vector
 from ..core.shapes import spacing_tuple
 from ._common import no_autocast, promote
 
@@ -38,7 +38,7 @@ def _prepare(displacement: torch.Tensor, spacing: float | Sequence[float], min_s
         )
     u = promote(displacement)
     if any(x != h[0] for x in h):
-        u = u * _constant_vector(h, u, n)
+        u = u * constant_vector(h, u, n)
     elif h[0] != 1.0:
         u = u * h[0]
     return u, n, h

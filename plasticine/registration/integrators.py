@@ -34,7 +34,7 @@ from typing import Literal, get_args
 import torch
 
 from ..core.shapes import NonFiniteError, check_shape
-from ..core.warp import Padding, _NormalisedFrame
+from ..core.warp import NormalisedFrame, Padding
 
 __all__ = ["scaling_and_squaring", "integrate_euler", "integrate_rk4", "auto_squaring_steps", "ScalingAndSquaring", "Euler", "RK4"]
 
@@ -118,7 +118,7 @@ def scaling_and_squaring(velocity: torch.Tensor, steps: int | Literal["auto"] = 
     if steps == "auto":
         steps = auto_squaring_steps(velocity)
     steps = _check_steps(steps, 0)
-    frame = _NormalisedFrame(velocity, "linear", padding)
+    frame = NormalisedFrame(velocity, "linear", padding)
     w = frame.to_grid(velocity) * (0.5**steps)
     for _ in range(steps):
         w = w + frame.sample(w, w)
@@ -144,7 +144,7 @@ def integrate_euler(velocity: torch.Tensor, steps: int = 32, padding: Padding = 
     """
     check_shape(velocity, "B N *S", "velocity", floating=True)
     h = 1.0 / _check_steps(steps, 1)
-    frame = _NormalisedFrame(velocity, "linear", padding)
+    frame = NormalisedFrame(velocity, "linear", padding)
     vg = frame.to_grid(velocity)
     w = vg * h
     for _ in range(steps - 1):
@@ -172,7 +172,7 @@ def integrate_rk4(velocity: torch.Tensor, steps: int = 8, padding: Padding = "bo
     """
     check_shape(velocity, "B N *S", "velocity", floating=True)
     h = 1.0 / _check_steps(steps, 1)
-    frame = _NormalisedFrame(velocity, "linear", padding)
+    frame = NormalisedFrame(velocity, "linear", padding)
     vg = frame.to_grid(velocity)
     w = torch.zeros_like(vg)
     for i in range(steps):

@@ -1,12 +1,16 @@
-r"""Saving and loading: a component registry, atomic writes and files that never unpickle code.
+r"""Saving and loading: component files, atomic writes, and files that never unpickle code.
 
-A saved translator is one file holding
+A component file (:func:`save_component`, :func:`load_component`; a whole translator with
+:meth:`~plasticine.translator.TraceableTranslator.save` and
+:meth:`~plasticine.translator.TraceableTranslator.load`, which call them) holds
 
-* a JSON **config** that rebuilds every component: each component is written as
-  ``{"class": <registered name>, "config": {...}}`` by the adapter registered for its class
-  (:func:`register_component`), nested where a component holds others (a learned registration holds
-  its network config and its integrator);
-* the **weights** of every ``nn.Module`` inside the components, as a flat ``name -> tensor`` map.
+* a JSON **config** ``{"format_version": 3, "component": {"class": <name>, "config": {...}}}``
+  written by :func:`plasticine.core.to_json`: every component declares its configuration on its
+  class (:class:`plasticine.core.Configurable`), so the file rebuilds it, nested components
+  included (a translator's six parts, a learned registration's network and integrator), with
+  no list of classes kept here (see :doc:`/configuration`);
+* the **weights**, the ``state_dict`` of the component when it is an ``nn.Module`` (a
+  translator's ``"denoiser.*"``, ``"registration.network.*"``, ...), as a flat ``name -> tensor`` map.
 
 Two formats, chosen by the file name: ``.safetensors`` (the config in the header's metadata; needs the
 ``safetensors`` package) and ``.pt`` / ``.pth`` (a plain dict of strings and tensors written by
@@ -14,33 +18,34 @@ Two formats, chosen by the file name: ``.safetensors`` (the config in the header
 on load: safetensors holds only raw tensors and strings, and the restricted unpickler of
 ``weights_only=True`` refuses every object that is not a tensor, a number, a string or a container
 of those, so a file with a pickled object raises :class:`CheckpointError` instead of running it.
+Rebuilding from the config only calls the constructors of registered classes with plain values.
 
-**Integrity and finiteness.** Every file records the sha256 of what it holds (format version 2):
-for :func:`save_tensors` the config text and, in name order, every tensor's name, dtype, shape and
-raw bytes; for :func:`save_state` the whole nested state the same way (a canonical description of
-its structure and plain values, then the tensors' raw bytes in that order; see :func:`fingerprint`). The loaders recompute
-it and raise :class:`CheckpointError` ``"... integrity check failed ..."`` naming the file when it
-differs, so a corrupted file never loads. Files of :func:`save_tensors` written by format version 1
-(before the hash; they record ``version`` 1 and no hash) still load, unverified; a training state
-without a hash is refused (such states are scratch files of a run: delete it to start over).
-Floating (and complex) tensors must be finite: saving one with a NaN or inf value, or loading
-one, raises :class:`CheckpointError` naming the file and the tensor.
+**Versions.** :data:`FORMAT_VERSION` is 3. A component file of an earlier version (the
+translator files of versions 1 and 2 kept their config in a layout of their own) is refused
+with a :class:`CheckpointError` that names the file and its version; its weights still read
+with :func:`load_tensors`. Files of :func:`save_tensors` of any version load.
+
+**Integrity and finiteness.** Every file records the sha256 of what it holds (since format
+version 2): for :func:`save_tensors` the config text and, in name order, every tensor's name,
+dtype, shape and raw bytes; for :func:`save_state` the whole nested state the same way (a
+canonical description of its structure and plain values, then the tensors' raw bytes in that
+order, see :func:`fingerprint`). The loaders recompute it and raise :class:`CheckpointError`
+``"... integrity check failed ..."`` naming the file when it differs, so a corrupted file never
+loads. Files of :func:`save_tensors` written by format version 1 (before the hash; they record
+``version`` 1 and no hash) still load, unverified; a training state without a hash is refused
+(such states are scratch files of a run: delete it to start over). Floating (and complex)
+tensors must be finite: saving one with a NaN or inf value, or loading one, raises
+:class:`CheckpointError` naming the file and the tensor.
 
 Writes are atomic (:func:`atomic_write`): the bytes go to a temporary file in the same folder, are
 flushed and ``fsync``-ed, and the file is moved over the destination with :func:`os.replace`, so an
 interrupted save leaves the old file intact and never a truncated one. The temporaries a killed
 write left for the same destination are removed by the next successful write, and files get the
 permissions that :func:`open` would give them (``0o666`` less the umask).
-
-The registry knows the components shipped with plasticine (schedules, samplers, the conditional
-U-Net, condition encoders, structure extractors, registration backends, integrators, losses). A
-component of another class must be registered before saving, otherwise :func:`component_config`
-raises a :class:`CheckpointError` that says how.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
@@ -48,22 +53,20 @@ import os
 import pickle
 import re
 import secrets
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .core.config import ConfigError, from_json, to_json
+
 __all__ = [
+    "FORMAT_VERSION",
     "CheckpointError",
-    "ComponentAdapter",
-    "register_component",
-    "registered_components",
-    "component_config",
-    "build_component",
-    "component_modules",
+    "save_component",
+    "load_component",
     "atomic_write",
     "save_tensors",
     "load_tensors",
@@ -72,122 +75,22 @@ __all__ = [
     "fingerprint",
 ]
 
-FORMAT_VERSION = 2
+#: The version written into every file; component files of another version are refused.
+FORMAT_VERSION = 3
 _CONFIG_KEY = "plasticine_config"
 _HASH_KEY = "plasticine_sha256"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint could not be written or read (unknown component, bad file, refused content)."""
-
-
-@dataclass(frozen=True)
-class ComponentAdapter:
-    """How the registry writes and rebuilds one component class.
-
-    Attributes:
-        cls: the component class.
-        to_config: ``obj -> dict`` of JSON values that ``from_config`` turns back into an equal object.
-        from_config: ``dict -> obj``.
-        modules: ``obj -> {name: nn.Module}``, the modules whose weights are saved (default: the
-            object itself when it is an ``nn.Module``, else none).
-    """
-
-    cls: type
-    to_config: Callable[[Any], dict[str, Any]]
-    from_config: Callable[[dict[str, Any]], Any]
-    modules: Callable[[Any], dict[str, nn.Module]] | None = None
-
-
-_REGISTRY: dict[str, ComponentAdapter] = {}
-_BUILTINS_LOADED = False
-
-
-def register_component(
-    cls: type,
-    to_config: Callable[[Any], dict[str, Any]] | None = None,
-    from_config: Callable[[dict[str, Any]], Any] | None = None,
-    *,
-    modules: Callable[[Any], dict[str, nn.Module]] | None = None,
-    name: str | None = None,
-) -> type:
-    """Make a component class savable: register how it becomes JSON and how it is rebuilt.
-
-    Without ``to_config`` the class must have a ``config()`` (or ``to_dict()``) method returning
-    its constructor arguments as JSON values (a ``"name"`` key is dropped), and ``from_config``
-    defaults to ``cls(**config)``. Usable as a decorator: ``@register_component``.
-
-    Args:
-        cls: the component class.
-        to_config: ``obj -> dict`` of JSON values.
-        from_config: ``dict -> obj``.
-        modules: ``obj -> {name: nn.Module}`` whose weights are saved (default: the object itself
-            if it is an ``nn.Module``).
-        name: the registered name written into files (default: ``cls.__qualname__``); it must be
-            unique.
-
-    Returns:
-        ``cls`` (so that it works as a decorator).
-
-    Raises:
-        CheckpointError: if ``name`` is already taken by another class, or no ``to_config`` is
-            given and the class has neither ``config`` nor ``to_dict``.
+    """A checkpoint could not be written or read (a bad or refused file, a config that does not rebuild).
 
     Shape:
         Not applicable.
     """
-    _load_builtins()
-    key = name if name is not None else cls.__qualname__
-    old = _REGISTRY.get(key)
-    if old is not None and old.cls is not cls:
-        raise CheckpointError(f"register_component: the name {key!r} is already registered for {old.cls.__module__}.{old.cls.__qualname__}")
-    if to_config is None:
-        method = "config" if hasattr(cls, "config") and callable(getattr(cls, "config")) else "to_dict" if hasattr(cls, "to_dict") else None
-        if method is None:
-            raise CheckpointError(f"register_component({cls.__qualname__}): give to_config=, or give the class a config() method returning its constructor arguments")
-
-        def to_config(obj: Any, _m: str = method) -> dict[str, Any]:
-            return {k: v for k, v in getattr(obj, _m)().items() if k != "name"}
-
-    if from_config is None:
-
-        def from_config(cfg: dict[str, Any], _cls: type = cls) -> Any:
-            return _cls(**cfg)
-
-    _REGISTRY[key] = ComponentAdapter(cls, to_config, from_config, modules)
-    return cls
-
-
-def registered_components() -> dict[str, type]:
-    """The registered names and their classes.
-
-    Returns:
-        ``{name: class}``.
-
-    Shape:
-        Not applicable.
-    """
-    _load_builtins()
-    return {k: a.cls for k, a in _REGISTRY.items()}
-
-
-def _adapter_of(obj: Any) -> tuple[str, ComponentAdapter]:
-    _load_builtins()
-    for key, adapter in _REGISTRY.items():
-        if type(obj) is adapter.cls:
-            return key, adapter
-    cls = type(obj)
-    raise CheckpointError(
-        f"cannot save a component of class {cls.__module__}.{cls.__qualname__}: it is not registered. "
-        "Call plasticine.checkpoint.register_component(YourClass, to_config=..., from_config=...) "
-        "(or give the class a config() method and call register_component(YourClass)) before saving"
-    )
 
 
 def _jsonable(value: Any, where: str) -> Any:
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
+    if value is None or isinstance(value, (bool, int, str, float)):
         return value
     if isinstance(value, (list, tuple)):
         return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
@@ -201,84 +104,108 @@ def _jsonable(value: Any, where: str) -> Any:
     raise CheckpointError(f"{where}: config values must be JSON data (None, bool, int, float, str, list, dict), got {type(value).__name__}")
 
 
-def _tuples(value: Any) -> Any:
-    """JSON lists back to tuples (the constructors here take tuples or any sequence)."""
-    if isinstance(value, list):
-        return tuple(_tuples(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _tuples(v) for k, v in value.items()}
-    return value
+def save_component(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """Write a component (a translator, a network, a sampler, ...) to one file: its config and weights.
 
-
-def component_config(obj: Any) -> dict[str, Any]:
-    """The JSON spec ``{"class": name, "config": {...}}`` that :func:`build_component` rebuilds.
+    The config is :func:`plasticine.core.to_json` of ``obj``, the weights ``obj.state_dict()``
+    when it is an ``nn.Module`` (none otherwise); written atomically by :func:`save_tensors`.
 
     Args:
-        obj: a component of a registered class.
+        obj: a :class:`~plasticine.core.Configurable` component.
+        path: the file, ``.safetensors``, ``.pt`` or ``.pth``.
 
     Returns:
-        The spec (JSON values only).
+        The path.
 
     Raises:
-        CheckpointError: for an unregistered class or a config that is not JSON data.
+        CheckpointError: naming the file, for a part that cannot be written into a config (not
+            :class:`~plasticine.core.Configurable`), an unknown suffix or a non-finite weight;
+            nothing is written then.
 
     Shape:
         Not applicable.
     """
-    key, adapter = _adapter_of(obj)
-    return {"class": key, "config": _jsonable(adapter.to_config(obj), key)}
+    try:
+        spec = to_json(obj)
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: cannot save: {err}") from err
+    tensors = obj.state_dict() if isinstance(obj, nn.Module) else {}
+    return save_tensors(path, tensors, {"format_version": FORMAT_VERSION, "component": spec})
 
 
-def build_component(spec: Mapping[str, Any]) -> Any:
-    """Rebuild a component from :func:`component_config` output (weights are loaded separately).
+def _import_shipped() -> None:
+    """Import plasticine's component packages, so that their classes are registered by name."""
+    from . import diffusion, losses, registration, segmentation  # noqa: F401
+
+
+def _load_weights(obj: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Load ``tensors`` into ``obj`` strictly, after a check that names the first mismatch in one line."""
+    dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    if len(dtypes) == 1:  # weights saved in another floating dtype (translator.to(torch.float64)) load as saved
+        obj.to(dtype=next(iter(dtypes)))
+    want = obj.state_dict()
+    missing, unexpected = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: the weights do not match the config: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
+    for key, value in tensors.items():
+        if value.shape != want[key].shape or value.dtype != want[key].dtype:
+            raise CheckpointError(
+                f"{path}: the weights do not match the config: {key}: expected {want[key].dtype} of shape {tuple(want[key].shape)}, "
+                f"got {value.dtype} of shape {tuple(value.shape)}"
+            )
+    obj.load_state_dict(tensors, strict=True)
+
+
+def load_component(path: str | os.PathLike[str], map_location: str | torch.device = "cpu", expected: type | None = None) -> Any:
+    """Rebuild what :func:`save_component` wrote, weights included; never unpickles code.
+
+    The file is read and verified by :func:`load_tensors`; the component is rebuilt by
+    :func:`plasticine.core.from_json` (plasticine's own classes are registered first; a class of
+    yours must be imported before), moved to ``map_location``, given the saved weights (a module
+    also takes their floating dtype) and put in evaluation mode.
 
     Args:
-        spec: ``{"class": name, "config": {...}}``.
+        path: the file.
+        map_location: where the weights go.
+        expected: the class the component must be an instance of (e.g.
+            :class:`~plasticine.translator.TraceableTranslator`), or None for any.
 
     Returns:
         The component.
 
     Raises:
-        CheckpointError: for a malformed spec or an unregistered class name.
+        CheckpointError: naming the file, for a missing, malformed, unsafe or corrupted file, one
+            of another format version, a config that does not rebuild (a class not registered,
+            an argument refused), a component of another class than ``expected``, or weights that
+            do not fit the rebuilt component (the first mismatching key).
 
     Shape:
         Not applicable.
     """
-    _load_builtins()
-    if not isinstance(spec, Mapping) or set(spec) != {"class", "config"} or not isinstance(spec["config"], Mapping):
-        raise CheckpointError(f"component spec: expected {{'class': str, 'config': dict}}, got {spec!r}")
-    adapter = _REGISTRY.get(spec["class"])
-    if adapter is None:
+    path = Path(path)
+    tensors, config = load_tensors(path, map_location)
+    version = config.get("format_version") if isinstance(config, dict) else None
+    if version != FORMAT_VERSION or "component" not in config:
+        shown = "unknown" if version is None else version
         raise CheckpointError(
-            f"component class {spec['class']!r} is not registered (known: {sorted(_REGISTRY)}); "
-            "import the module that calls register_component for it before loading"
+            f"{path}: a checkpoint of format version {shown}; this plasticine reads component checkpoints of format "
+            f"version {FORMAT_VERSION} (configs declared on the classes) only. Its weights still read with "
+            "plasticine.checkpoint.load_tensors: load them into the rebuilt component with load_state_dict, then save it again"
         )
+    _import_shipped()
     try:
-        return adapter.from_config(dict(spec["config"]))
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"cannot rebuild {spec['class']} from config {dict(spec['config'])}: {err}") from err
-
-
-def component_modules(obj: Any) -> dict[str, nn.Module]:
-    """The modules of a component whose weights a checkpoint holds.
-
-    Uses the registered ``modules`` hook; otherwise the object itself when it is an ``nn.Module``
-    (under the name ``""``), else none. Unregistered objects are treated the same way.
-
-    Args:
-        obj: a component.
-
-    Returns:
-        ``{name: module}``.
-
-    Shape:
-        Not applicable.
-    """
-    _load_builtins()
-    for adapter in _REGISTRY.values():
-        if type(obj) is adapter.cls and adapter.modules is not None:
-            return adapter.modules(obj)
-    return {"": obj} if isinstance(obj, nn.Module) else {}
+        obj = from_json(config["component"])
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: {err}") from err
+    if expected is not None and not isinstance(obj, expected):
+        raise CheckpointError(f"{path}: expected a {expected.__name__} checkpoint, the file holds a {type(obj).__name__}")
+    if isinstance(obj, nn.Module):
+        obj.to(map_location)
+        _load_weights(obj, tensors, path)
+        obj.eval()
+    elif tensors:
+        raise CheckpointError(f"{path}: the file holds {len(tensors)} weight tensor(s), but a {type(obj).__name__} has no weights")
+    return obj
 
 
 # -- files ----------------------------------------------------------------------------------------
@@ -614,106 +541,3 @@ def load_state(path: str | os.PathLike[str], map_location: str | torch.device = 
     recorded = obj.pop(_HASH_KEY, None)
     _verify(path, obj, "", recorded, legacy=False)
     return obj
-
-
-# -- the shipped components ------------------------------------------------------------------------
-
-
-def _by_attributes(cls: type, names: tuple[str, ...], **kwargs: Any) -> None:
-    """Register ``cls`` whose constructor arguments are stored as attributes of the same names."""
-
-    def to_config(obj: Any) -> dict[str, Any]:
-        return {n: getattr(obj, n) for n in names}
-
-    def from_config(cfg: dict[str, Any]) -> Any:
-        return cls(**_tuples(cfg))
-
-    register_component(cls, to_config, from_config, **kwargs)
-
-
-def _dataclass_dict(cfg: Any) -> dict[str, Any]:
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-
-
-def _load_builtins() -> None:
-    global _BUILTINS_LOADED
-    if _BUILTINS_LOADED:
-        return
-    _BUILTINS_LOADED = True
-    from .diffusion import AncestralSampler, CosineSchedule, DDIMSampler, DPMSolverPP, LinearSchedule, ScheduleFromBetas
-    from .diffusion.conditioning import ConcatConditioning, LearnedConditioning
-    from .diffusion.unet import ConditionalUNet, UNetConfig
-    from .losses import NCC, BendingEnergy, GradientSmoothness, LocalNCC, MutualInformation
-    from .registration import RK4, Euler, ScalingAndSquaring
-
-    for cls in (LinearSchedule, CosineSchedule, ScheduleFromBetas, AncestralSampler, DDIMSampler, DPMSolverPP):
-        register_component(cls, from_config=lambda cfg, _c=cls: _c(**_tuples(cfg)))
-
-    def unet_to(obj: ConditionalUNet) -> dict[str, Any]:
-        enc = obj.encoder
-        return {
-            "config": obj.config.to_dict(),
-            "encoder": None if enc is None else {"in_channels": enc.in_channels, "channels": list(enc.channels), "ndim": enc.ndim},
-        }
-
-    def unet_from(cfg: dict[str, Any]) -> ConditionalUNet:
-        enc = cfg.get("encoder")
-        encoder = None if enc is None else LearnedConditioning(enc["in_channels"], tuple(enc["channels"]), enc["ndim"])
-        return ConditionalUNet(UNetConfig.from_dict(cfg["config"]), encoder=encoder)
-
-    register_component(ConditionalUNet, unet_to, unet_from)
-
-    _dtypes = {str(d): d for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
-    register_component(
-        ConcatConditioning,
-        lambda o: {"num_labels": o.num_labels, "one_hot": o.one_hot, "dtype": None if o.dtype is None else str(o.dtype)},
-        lambda c: ConcatConditioning(c["num_labels"], c["one_hot"], None if c["dtype"] is None else _dtypes[c["dtype"]]),
-    )
-    _by_attributes(LearnedConditioning, ("in_channels", "channels", "ndim"))
-    for cls in (ScalingAndSquaring, Euler, RK4):
-        _by_attributes(cls, ("steps", "padding"))
-    _by_attributes(MutualInformation, ("bins", "normalized", "kernel", "sigma", "moving_range", "fixed_range"))
-    _by_attributes(NCC, ())
-    _by_attributes(LocalNCC, ("window",))
-    _by_attributes(GradientSmoothness, ("spacing",))
-    _by_attributes(BendingEnergy, ("spacing",))
-
-    try:  # structure extractors and registration backends (import lazily; they may be optional)
-        from .segmentation import KMeansExtractor, MultiOtsuExtractor, PottsExtractor
-
-        _by_attributes(PottsExtractor, ("num_classes", "gamma", "neighborhood", "normalize", "max_iter"))
-        _by_attributes(KMeansExtractor, ("num_classes", "smoothing_sigma", "max_iter"))
-        _by_attributes(MultiOtsuExtractor, ("num_classes", "smoothing_sigma", "bins"))
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from .registration.network import LearnedRegistration, RegistrationNet, RegistrationNetConfig
-
-        def learned_to(obj: LearnedRegistration) -> dict[str, Any]:
-            return {"network": _dataclass_dict(obj.network.config), "integrator": component_config(obj.integrator)}
-
-        def learned_from(cfg: dict[str, Any]) -> LearnedRegistration:
-            net = RegistrationNet(RegistrationNetConfig(**_tuples(cfg["network"])))
-            return LearnedRegistration(net, build_component(cfg["integrator"]))
-
-        register_component(LearnedRegistration, learned_to, learned_from, modules=lambda o: {"network": o.network})
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from .registration.iterative import IterativeConfig, IterativeRegistration
-
-        def iterative_to(obj: IterativeRegistration) -> dict[str, Any]:
-            return {
-                "config": _dataclass_dict(obj.config),
-                "similarity": component_config(obj.similarity),
-                "regularizer": component_config(obj.regularizer),
-            }
-
-        def iterative_from(cfg: dict[str, Any]) -> IterativeRegistration:
-            return IterativeRegistration(
-                build_component(cfg["similarity"]), build_component(cfg["regularizer"]), IterativeConfig(**_tuples(cfg["config"]))
-            )
-
-        register_component(IterativeRegistration, iterative_to, iterative_from, modules=lambda o: {})
-    except ImportError:  # pragma: no cover
-        pass

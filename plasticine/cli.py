@@ -316,7 +316,7 @@ def _translate(args: argparse.Namespace) -> int:
         def_file = out / f"{name}_deformation.{args.deformation_format}"
         write_deformation(def_file, r.deformation.to("cpu"))
         src = torch.empty(0, x.dim() - 2) if points is None else points
-        tgt = src if points is None else r.points_to_target(points[None].to(device))[0].cpu()
+        tgt = src if points is None else r.deformation.points_to_target(points[None].to(device))[0].cpu()
         item = images.items[i]
         write_trace(
             out / f"{name}_trace.json",

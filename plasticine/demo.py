@@ -452,7 +452,7 @@ def evaluate(translator: TraceableTranslator, cohort: DemoCohort, *, seed: int =
     err = (d.forward - truth).norm(dim=1)
     true_norm = truth.norm(dim=1).expand_as(err)
     changed = brain & (true_norm > 0.5)
-    est_pts = result.points_to_target(cohort.landmarks)
+    est_pts = result.deformation.points_to_target(cohort.landmarks)
     per: dict[str, list[float]] = {k: [] for k in (
         "ventricle_dice", "ventricle_dice_identity", "endpoint_error", "endpoint_error_identity", "endpoint_error_changed",
         "endpoint_error_changed_identity", "landmark_error", "landmark_error_identity", "folding_fraction", "translation_mae",
@@ -494,7 +494,7 @@ def _write_outputs(out: Path, cohort: DemoCohort, result: Any, metrics: dict[str
     notes: list[str] = []
     d = result.deformation
     traced = d.labels_to_target(cohort.source_masks, 2)
-    est_pts = result.points_to_target(cohort.landmarks)
+    est_pts = result.deformation.points_to_target(cohort.landmarks)
     for i in range(len(cohort)):
         s = f"subject{i}"
         write_image(out / f"{s}_source.png", cohort.sources[i])

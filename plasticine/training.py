@@ -92,7 +92,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, fingerprint, load_state, save_state
 from .core.shapes import check_shape
-from .core.validate import check_image
+from .core.validate import check_image, check_int, check_number, check_option
 from .diffusion.schedules import diffuse, sample_noise_level
 from .diffusion.training import EMA, LossKind, noise_prediction_loss
 from .translator import TraceableTranslator
@@ -244,7 +244,7 @@ def deformation_objective(
             "expected a learned backend with .network and .integrator (LearnedRegistration)"
         )
     net: Any = inner if network is None else network
-    cue = noise_cue(translator, y, generator) if inner.config.cue_channels else None
+    cue = noise_cue(translator, y, generator) if inner.settings.cue_channels else None
     return registration_objective(
         net,
         integrator,
@@ -333,8 +333,7 @@ class ShuffledBatches:
         r0, w0 = distributed_info()
         rank = r0 if rank is None else rank
         world_size = w0 if world_size is None else world_size
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+        check_int(batch_size, "batch_size", 1)
         if not isinstance(world_size, int) or world_size < 1 or not isinstance(rank, int) or not 0 <= rank < world_size:
             raise ValueError(f"rank, world_size: expected 0 <= rank < world_size, got {rank!r}, {world_size!r}")
         n = len(data)
@@ -480,18 +479,13 @@ class TrainConfig:
         if not isinstance(self.name, str) or not self.name.strip() or not self.name.isprintable():
             raise ValueError(f"TrainConfig.name: expected a non-empty one-line string, got {self.name!r}")
         for name in ("steps", "checkpoint_every", "log_every", "seed"):
-            v = getattr(self, name)
-            low = 1 if name in ("steps", "log_every") else 0
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"TrainConfig.{name}: expected an int >= {low}, got {v!r}")
-        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
-            raise ValueError(f"TrainConfig.precision: expected 'auto', 'fp32', 'fp16' or 'bf16', got {self.precision!r}")
-        if self.progress not in ("auto", "tqdm", "print", "none"):
-            raise ValueError(f"TrainConfig.progress: expected 'auto', 'tqdm', 'print' or 'none', got {self.progress!r}")
-        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"TrainConfig.ema_decay: expected None or a number in [0, 1), got {self.ema_decay!r}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"TrainConfig.grad_clip: expected None or a number > 0, got {self.grad_clip!r}")
+            check_int(getattr(self, name), f"TrainConfig.{name}", 1 if name in ("steps", "log_every") else 0)
+        check_option(self.precision, "TrainConfig.precision", ("auto", "fp32", "fp16", "bf16"))
+        check_option(self.progress, "TrainConfig.progress", ("auto", "tqdm", "print", "none"))
+        if self.ema_decay is not None:
+            check_number(self.ema_decay, "TrainConfig.ema_decay", 0, 1, max_open=True)
+        if self.grad_clip is not None:
+            check_number(self.grad_clip, "TrainConfig.grad_clip", 0, min_open=True)
 
 
 def _plain(value: Any) -> Any:
@@ -539,7 +533,7 @@ class Trainer:
         optimizer: the optimizer.
         data: a :class:`BatchSource` (e.g. :class:`ShuffledBatches`); it must be resumable when
             checkpoints are written.
-        config: the settings.
+        config: the settings, kept as ``trainer.settings``.
         generator: the objective's generator (default: one on the model's device seeded
             ``config.seed + rank``).
 
@@ -583,7 +577,7 @@ class Trainer:
         params = list(model.parameters())
         if not params:
             raise ValueError("model: has no parameters to train")
-        self.objective, self.model, self.optimizer, self.data, self.config = objective, model, optimizer, data, config
+        self.objective, self.model, self.optimizer, self.data, self.settings = objective, model, optimizer, data, config
         self.device = params[0].device
         self.rank, self.world_size = distributed_info()
         precision = config.precision
@@ -623,7 +617,7 @@ class Trainer:
         dist.all_gather_object(out, local)
         return out
 
-    def settings(self) -> dict[str, Any]:
+    def resume_settings(self) -> dict[str, Any]:
         """The settings a resumed run must share with its checkpoint (a change would change the result).
 
         Returns:
@@ -631,13 +625,14 @@ class Trainer:
             ``"TrainConfig.grad_clip"``, ``"precision"``, ``"optimizer"`` (its class) and its
             hyper-parameters (``"optimizer lr"``, ... or ``"optimizer group 1 lr"``, ... with several
             groups, and the number of parameters of each group), ``"model"`` (its class), the fields
-            of its ``config`` dataclass when it has one (``"model config.<field>"``) and the dtype
+            of its ``settings`` dataclass when it has one (``"model config.<field>"``, the key
+            written by earlier versions) and the dtype
             and shape of every entry of its state dict (``"model tensor <name>"``).
 
         Shape:
             Not applicable.
         """
-        cfg, opt, model = self.config, self.optimizer, self.model
+        cfg, opt, model = self.settings, self.optimizer, self.model
         out: dict[str, Any] = {
             "TrainConfig.seed": cfg.seed,
             "TrainConfig.ema_decay": cfg.ema_decay,
@@ -650,9 +645,9 @@ class Trainer:
             out[f"{prefix}parameters"] = len(group["params"])
             out.update({f"{prefix}{k}": _plain(v) for k, v in group.items() if k != "params"})
         out["model"] = f"{type(model).__module__}.{type(model).__qualname__}"
-        model_config = getattr(model, "config", None)
-        if dataclasses.is_dataclass(model_config) and not isinstance(model_config, type):
-            out.update({f"model config.{f.name}": _plain(getattr(model_config, f.name)) for f in dataclasses.fields(model_config)})
+        model_settings = getattr(model, "settings", None)
+        if dataclasses.is_dataclass(model_settings) and not isinstance(model_settings, type):
+            out.update({f"model config.{f.name}": _plain(getattr(model_settings, f.name)) for f in dataclasses.fields(model_settings)})
         out.update({f"model tensor {k}": f"{v.dtype} {tuple(v.shape)}" for k, v in model.state_dict().items()})
         return out
 
@@ -660,7 +655,7 @@ class Trainer:
         """Refuse a checkpoint whose settings differ from this run's, naming the first difference."""
         if not isinstance(saved, dict):
             raise ValueError("cannot resume: the checkpoint records no settings (written by an older plasticine); delete it to start over")
-        new = self.settings()
+        new = self.resume_settings()
         for key in list(new) + [k for k in saved if k not in new]:
             old, now = saved.get(key, _ABSENT), new.get(key, _ABSENT)
             # an optimizer option that only one torch version knows is not a changed setting
@@ -678,7 +673,7 @@ class Trainer:
 
         Returns:
             ``{"format", "step", "world_size", "model", "optimizer", "ema", "scaler", "data", "rng",
-            "config", "settings"}`` (``settings`` from :meth:`settings`).
+            "config", "settings"}`` (``settings`` from :meth:`resume_settings`).
 
         Shape:
             Not applicable.
@@ -694,15 +689,15 @@ class Trainer:
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
             "data": data_state,
             "rng": rng if rng is not None else [self._local_rng()],
-            "config": dataclasses.asdict(self.config),
-            "settings": self.settings(),
+            "config": dataclasses.asdict(self.settings),
+            "settings": self.resume_settings(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned; every setting that changes the result must match.
 
         Nothing is restored unless all checks pass: the world size, ``steps`` at least the saved
-        step, the :meth:`settings` and the batch source's settings and data fingerprint.
+        step, the :meth:`resume_settings` and the batch source's settings and data fingerprint.
 
         Args:
             state: the state.
@@ -726,11 +721,11 @@ class Trainer:
                 "an exact resume needs the same number (load the model weights with plasticine.checkpoint.load_state(path)['model'] instead)"
             )
         if (state["ema"] is None) != (self.ema is None):
-            raise ValueError(f"checkpoint ema is {'absent' if state['ema'] is None else 'present'}, but TrainConfig.ema_decay is {self.config.ema_decay!r}")
+            raise ValueError(f"checkpoint ema is {'absent' if state['ema'] is None else 'present'}, but TrainConfig.ema_decay is {self.settings.ema_decay!r}")
         if (state["scaler"] is None) != (self.scaler is None):
             raise ValueError(f"checkpoint was trained with a different precision (gradient scaler {'absent' if state['scaler'] is None else 'present'}), this run uses {self.precision!r}")
-        if int(state["step"]) > self.config.steps:
-            raise ValueError(f"cannot resume: the checkpoint is at step {int(state['step'])}, beyond TrainConfig.steps {self.config.steps}; give steps >= {int(state['step'])}")
+        if int(state["step"]) > self.settings.steps:
+            raise ValueError(f"cannot resume: the checkpoint is at step {int(state['step'])}, beyond TrainConfig.steps {self.settings.steps}; give steps >= {int(state['step'])}")
         self._check_settings(state.get("settings"))
         if state["data"] is not None:  # checks its settings and data before it changes anything
             if not isinstance(self.data, BatchSource):
@@ -823,15 +818,15 @@ class Trainer:
             raise FloatingPointError(f"step {self.step + 1}: the loss is {float(loss.detach())}; lower the learning rate or check the data")
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
-            if self.config.grad_clip is not None:
+            if self.settings.grad_clip is not None:
                 self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             loss.backward()
-            if self.config.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            if self.settings.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
             self.optimizer.step()
         if self.ema is not None:
             self.ema.update()
@@ -840,7 +835,7 @@ class Trainer:
         return self.last
 
     def _progress(self) -> tuple[Any, str]:
-        mode = self.config.progress
+        mode = self.settings.progress
         if self.rank != 0 or mode == "none":
             return None, "none"
         if mode in ("auto", "tqdm"):
@@ -850,7 +845,7 @@ class Trainer:
                 if mode == "tqdm":
                     raise ValueError("TrainConfig.progress='tqdm' needs the tqdm package (pip install tqdm), or use 'auto'/'print'") from None
             else:
-                return tqdm(total=self.config.steps, initial=self.step, desc=self.config.name, dynamic_ncols=True), "tqdm"
+                return tqdm(total=self.settings.steps, initial=self.step, desc=self.settings.name, dynamic_ncols=True), "tqdm"
         return None, "print"
 
     def fit(self) -> dict[str, float]:
@@ -864,7 +859,7 @@ class Trainer:
         Shape:
             Not applicable.
         """
-        cfg = self.config
+        cfg = self.settings
         path = None if cfg.checkpoint_path is None else Path(cfg.checkpoint_path)
         if path is not None and cfg.resume and path.is_file():
             self.load_checkpoint(path)

@@ -23,8 +23,11 @@ paper's linear schedule, :math:`10^{-6} .. 10^{-2}` over :math:`K = 2000`, :math
 :math:`\sqrt{\gamma_{1000}} \approx 0.29` of the source signal).
 
 Training uses the two objectives of :mod:`plasticine.training` (:func:`~plasticine.training.diffusion_objective`,
-:func:`~plasticine.training.deformation_objective`); :meth:`TraceableTranslator.save` and
-:meth:`TraceableTranslator.load` write and read one file (see :mod:`plasticine.checkpoint`).
+:func:`~plasticine.training.deformation_objective`). The translator is an :class:`torch.nn.Module`
+whose learned parts are its submodules, so ``state_dict``, ``to``, ``train``, ``eval`` and
+``parameters`` are torch's; ``translator.config`` holds its six parts and ``start_fraction``
+(:class:`~plasticine.core.Configurable`), and :meth:`TraceableTranslator.save` and
+:meth:`TraceableTranslator.load` write and read one file through :mod:`plasticine.checkpoint`.
 
 Reference:
     Zhang, Cheng et al., "Plasticine: A Traceable Diffusion Model for Medical Image Translation",
@@ -35,19 +38,32 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
+from .checkpoint import load_component, save_component
+from .core.config import Configurable
 from .core.deformation import Deformation
 from .core.protocols import ConditionEncoder, Denoiser, NoiseSchedule, RegistrationBackend, Sampler, StructureExtractor
 from .core.shapes import NonFiniteError, check_finite, check_shape
+from .core.validate import check_image, check_int, check_number
 
 __all__ = ["TranslationResult", "TraceableTranslator", "COMPONENTS"]
 
 #: The component names of a translator, in constructor order.
 COMPONENTS: tuple[str, ...] = ("structure", "registration", "denoiser", "schedule", "sampler", "conditioning")
+
+#: The protocol of plasticine.core that each component must satisfy.
+_PROTOCOLS: dict[str, type] = {
+    "structure": StructureExtractor,
+    "registration": RegistrationBackend,
+    "denoiser": Denoiser,
+    "schedule": NoiseSchedule,
+    "sampler": Sampler,
+    "conditioning": ConditionEncoder,
+}
 
 
 @dataclass
@@ -59,6 +75,12 @@ class TranslationResult:
     (:math:`\sqrt{\tfrac1n \sum_i (s_i - \bar s)^2}`, zero for one draw). The mean is the
     estimate of the translation with the least variance; pick ``samples[i]`` for a single,
     sharper draw. All samples share one deformation and one condition.
+
+    Tracing goes through the :class:`~plasticine.core.Deformation` itself, one place for it:
+    ``result.deformation.to_source(mask)`` carries a mask drawn on the translation back to the
+    source (:math:`m \circ \phi^{-1}`), ``labels_to_source`` does it for label maps,
+    ``points_to_target(p)`` finds where source points sit in the translation
+    (:math:`\phi^{-1}(p)`), ``points_to_source`` and ``to_target`` go the other way.
 
     Attributes:
         image: the translated image :math:`\hat y` (mean of the samples), target geometry.
@@ -87,112 +109,19 @@ class TranslationResult:
         """The number of draws ``n``."""
         return self.samples.shape[0]
 
-    def to_source(self, image: torch.Tensor, mode: Literal["linear", "nearest", "cubic"] = "linear") -> torch.Tensor:
-        """Carry an image or soft mask drawn on the translation back to the source: ``m o phi^-1``.
 
-        Args:
-            image: floating image or soft mask in the target geometry.
-            mode: interpolation.
-
-        Returns:
-            The image in the source geometry.
-
-        Shape:
-            image: ``(B, C, *S)``; out: ``(B, C, *S)``.
-        """
-        return self.deformation.to_source(image, mode)
-
-    def to_target(self, image: torch.Tensor, mode: Literal["linear", "nearest", "cubic"] = "linear") -> torch.Tensor:
-        """Carry a source image or soft mask into the translation's geometry: ``m o phi``.
-
-        Args:
-            image: floating image or soft mask in the source geometry.
-            mode: interpolation.
-
-        Returns:
-            The image in the target geometry.
-
-        Shape:
-            image: ``(B, C, *S)``; out: ``(B, C, *S)``.
-        """
-        return self.deformation.to_target(image, mode)
-
-    def labels_to_source(self, labels: torch.Tensor, num_classes: int | None = None, method: Literal["linear", "nearest"] = "linear") -> torch.Tensor:
-        """Trace a label map (e.g. a segmentation of the translation) back to the source.
-
-        See :meth:`plasticine.core.Deformation.labels_to_source`.
-
-        Args:
-            labels: integer labels in the target geometry.
-            num_classes: number of classes (default: ``max + 1``).
-            method: one-hot linear warp with argmax, or nearest neighbour.
-
-        Returns:
-            The labels in the source geometry.
-
-        Shape:
-            labels: ``(B, 1, *S)`` integer; out: ``(B, 1, *S)`` int64.
-        """
-        return self.deformation.labels_to_source(labels, num_classes, method)
-
-    def labels_to_target(self, labels: torch.Tensor, num_classes: int | None = None, method: Literal["linear", "nearest"] = "linear") -> torch.Tensor:
-        """Trace a source label map into the translation's geometry.
-
-        See :meth:`plasticine.core.Deformation.labels_to_target`.
-
-        Args:
-            labels: integer labels in the source geometry.
-            num_classes: number of classes (default: ``max + 1``).
-            method: one-hot linear warp with argmax, or nearest neighbour.
-
-        Returns:
-            The labels in the target geometry.
-
-        Shape:
-            labels: ``(B, 1, *S)`` integer; out: ``(B, 1, *S)`` int64.
-        """
-        return self.deformation.labels_to_target(labels, num_classes, method)
-
-    def points_to_target(self, points: torch.Tensor) -> torch.Tensor:
-        r"""Where source points sit in the translation: :math:`\phi^{-1}(p)`.
-
-        Args:
-            points: voxel coordinates in the source, in axis order.
-
-        Returns:
-            Voxel coordinates in the translated image.
-
-        Shape:
-            points: ``(B, P, N)``; out: ``(B, P, N)``.
-        """
-        return self.deformation.points_to_target(points)
-
-    def points_to_source(self, points: torch.Tensor) -> torch.Tensor:
-        r"""Where points of the translation sit in the source: :math:`\phi(q)`.
-
-        Args:
-            points: voxel coordinates in the translated image, in axis order.
-
-        Returns:
-            Voxel coordinates in the source.
-
-        Shape:
-            points: ``(B, P, N)``; out: ``(B, P, N)``.
-        """
-        return self.deformation.points_to_source(points)
-
-
-def _check_image(x: torch.Tensor, name: str) -> dict[str, Any]:
-    dims = check_shape(x, "B C *S", name, floating=True)
-    check_finite(x, name)
-    return dims
-
-
-class TraceableTranslator:
+class TraceableTranslator(Configurable, nn.Module):
     r"""Traceable image translation: conditional diffusion for intensity, registration for shape.
 
-    Every part is a plug-in object satisfying the matching protocol of :mod:`plasticine.core`; the
-    translator only wires them together (see the module docstring for the algorithm).
+    Every part is a plug-in object satisfying the matching protocol of :mod:`plasticine.core`
+    (checked with ``isinstance``, the protocols being ``runtime_checkable``); the translator only
+    wires them together (see the module docstring for the algorithm). It is an
+    :class:`torch.nn.Module`: the parts that are modules (the denoiser, a learned registration and
+    its network, a learned encoder) are its submodules, so ``state_dict`` (keys such as
+    ``"denoiser.stem.weight"``, ``"registration.network.head.bias"``), ``to``, ``train``, ``eval``
+    and ``parameters`` come from torch. It has no ``forward``: call :meth:`translate`. The parts
+    are read-only once built (``translator.config`` records them): :meth:`replace` makes a
+    translator with other ones.
 
     Args:
         structure: :class:`~plasticine.core.StructureExtractor`, ``image -> (B, L, *S)`` map.
@@ -240,21 +169,14 @@ class TraceableTranslator:
         *,
         start_fraction: float = 0.5,
     ) -> None:
-        checks = (
-            ("structure", structure, callable(structure)),
-            ("registration", registration, callable(getattr(registration, "register", None))),
-            ("denoiser", denoiser, callable(denoiser)),
-            ("schedule", schedule, isinstance(getattr(schedule, "gammas", None), torch.Tensor) and callable(getattr(schedule, "q_sample", None))),
-            ("sampler", sampler, callable(getattr(sampler, "sample", None))),
-            ("conditioning", conditioning, callable(conditioning)),
-        )
-        for name, obj, ok in checks:
+        parts = {"structure": structure, "registration": registration, "denoiser": denoiser, "schedule": schedule, "sampler": sampler, "conditioning": conditioning}
+        for name, obj in parts.items():
             if isinstance(obj, str):
                 raise ValueError(f"{name}: expected a component object, got the string {obj!r} (build the component and pass it)")
-            if not ok:
-                raise ValueError(f"{name}: expected an object satisfying the {name} protocol of plasticine.core, got {type(obj).__name__}")
-        if isinstance(start_fraction, bool) or not isinstance(start_fraction, (int, float)) or not 0.0 <= start_fraction <= 1.0:
-            raise ValueError(f"start_fraction: expected a number in [0, 1], got {start_fraction!r}")
+            if not isinstance(obj, _PROTOCOLS[name]):
+                raise ValueError(f"{name}: expected an object satisfying the {_PROTOCOLS[name].__name__} protocol of plasticine.core, got {type(obj).__name__}")
+        check_number(start_fraction, "start_fraction", 0, 1)
+        super().__init__()
         self.structure = structure
         self.registration = registration
         self.denoiser = denoiser
@@ -300,112 +222,11 @@ class TraceableTranslator:
         unknown = set(components) - set(COMPONENTS)
         if unknown:
             raise ValueError(f"replace: unknown component names {sorted(unknown)}, expected some of {COMPONENTS}")
-        return TraceableTranslator(**{**self.components(), **components}, start_fraction=self.start_fraction)
-
-    def modules(self) -> dict[str, nn.Module]:
-        """The ``nn.Module`` s inside the parts, by dotted name (whose weights save/load carry).
-
-        A learned registration contributes ``"registration.network"``; a part that is itself a
-        module contributes its name. Parts without modules (schedules, samplers) contribute nothing.
-
-        Returns:
-            ``{name: module}``.
-
-        Shape:
-            Not applicable.
-        """
-        from .checkpoint import component_modules
-
-        out: dict[str, nn.Module] = {}
-        for name, obj in self.components().items():
-            for sub, module in component_modules(obj).items():
-                out[name if not sub else f"{name}.{sub}"] = module
-        return out
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Every parameter and buffer of :meth:`modules`, as ``"<module name>.<tensor name>"``.
-
-        Returns:
-            A flat ``name -> tensor`` map.
-
-        Shape:
-            Not applicable.
-        """
-        out: dict[str, torch.Tensor] = {}
-        for name, module in self.modules().items():
-            for key, value in module.state_dict().items():
-                out[f"{name}.{key}"] = value
-        return out
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load what :meth:`state_dict` returned; every key must match (no missing, no extra).
-
-        Args:
-            state: the flat map.
-
-        Returns:
-            None.
-
-        Raises:
-            ValueError: naming missing or unexpected keys, or a shape mismatch.
-
-        Shape:
-            Not applicable.
-        """
-        expected = self.state_dict()
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(f"load_state_dict: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
-        for key, value in state.items():
-            if tuple(value.shape) != tuple(expected[key].shape):
-                raise ValueError(f"load_state_dict: {key}: expected shape {tuple(expected[key].shape)}, got {tuple(value.shape)}")
-        for name, module in self.modules().items():
-            prefix = f"{name}."
-            module.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
-
-    def to(self, *args: Any, **kwargs: Any) -> "TraceableTranslator":
-        """Move or cast every module in place (arguments as :meth:`torch.nn.Module.to`).
-
-        Returns:
-            ``self``.
-
-        Shape:
-            Not applicable.
-        """
-        for module in self.modules().values():
-            module.to(*args, **kwargs)
-        return self
-
-    def train(self, mode: bool = True) -> "TraceableTranslator":
-        """Set every module to training (``mode=True``) or evaluation mode.
-
-        Args:
-            mode: training mode.
-
-        Returns:
-            ``self``.
-
-        Shape:
-            Not applicable.
-        """
-        for module in self.modules().values():
-            module.train(mode)
-        return self
-
-    def eval(self) -> "TraceableTranslator":
-        """Set every module to evaluation mode (``train(False)``).
-
-        Returns:
-            ``self``.
-
-        Shape:
-            Not applicable.
-        """
-        return self.train(False)
+        return type(self)(**{**self.components(), **components}, start_fraction=self.start_fraction)
 
     def _check_like_weights(self, x: torch.Tensor) -> None:
         """Refuse an image whose dtype or device differs from the weights' (it would fail inside a layer)."""
-        params = [p for m in self.modules().values() for p in m.parameters() if p.is_floating_point()]
+        params = [p for p in self.parameters() if p.is_floating_point()]
         dtypes = sorted({str(p.dtype) for p in params})
         devices = sorted({str(p.device) for p in params})
         if params and str(x.dtype) not in dtypes:
@@ -486,19 +307,16 @@ class TraceableTranslator:
         Shape:
             x, target: ``(B, C, *S)``; see :class:`TranslationResult` for the outputs.
         """
-        dims = _check_image(x, "x")
+        dims = check_image(x, "x")
         self._check_like_weights(x)
         if target is not None:
             check_shape(target, "B C *S", "target", bindings=dict(dims))
-            _check_image(target, "target")
+            check_image(target, "target")
             if target.dtype != x.dtype or target.device != x.device:
                 raise ValueError(f"target: expected the dtype and device of x, {x.dtype} on {x.device}, got {target.dtype} on {target.device}")
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples: expected an int >= 1, got {num_samples!r}")
+        check_int(num_samples, "num_samples", 1)
         K = self.num_steps
-        k0 = self.default_start_step if start_step is None else start_step
-        if isinstance(k0, bool) or not isinstance(k0, int) or not 0 <= k0 <= K:
-            raise ValueError(f"start_step: expected None or an int in [0, K={K}], got {start_step!r}")
+        k0 = self.default_start_step if start_step is None else check_int(start_step, "start_step", 0, K)
         B = dims["B"]
         reg = type(self.registration).__name__
         try:
@@ -532,47 +350,11 @@ class TraceableTranslator:
         return TranslationResult(mean, deformation, xs, warped, samples, std, k0)
 
     # -- persistence -----------------------------------------------------------------------------
-    def config(self) -> dict[str, Any]:
-        """The JSON config that rebuilds every part (see :func:`plasticine.checkpoint.component_config`).
-
-        Returns:
-            ``{"components": {name: spec}, "start_fraction": float}``.
-
-        Raises:
-            plasticine.checkpoint.CheckpointError: for a part whose class is not registered.
-
-        Shape:
-            Not applicable.
-        """
-        from .checkpoint import component_config
-
-        return {"components": {n: component_config(o) for n, o in self.components().items()}, "start_fraction": self.start_fraction}
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "TraceableTranslator":
-        """Build a translator (freshly initialised weights) from :meth:`config` output.
-
-        Args:
-            config: the config.
-
-        Returns:
-            The translator.
-
-        Shape:
-            Not applicable.
-        """
-        from .checkpoint import CheckpointError, build_component
-
-        comps = config.get("components") if isinstance(config, dict) else None
-        if not isinstance(comps, dict) or set(comps) != set(COMPONENTS):
-            raise CheckpointError(f"translator config: expected components {COMPONENTS}, got {sorted(comps) if isinstance(comps, dict) else comps!r}")
-        return cls(**{n: build_component(comps[n]) for n in COMPONENTS}, start_fraction=config.get("start_fraction", 0.5))
-
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the config and the weights to one file, atomically.
+        """Write the config and the weights to one file, atomically (:func:`plasticine.checkpoint.save_component`).
 
         ``.safetensors`` (needs the ``safetensors`` package) or ``.pt``/``.pth`` (read back with
-        ``torch.load(weights_only=True)``); see :mod:`plasticine.checkpoint`.
+        ``torch.load(weights_only=True)``).
 
         Args:
             path: the file.
@@ -581,20 +363,19 @@ class TraceableTranslator:
             None.
 
         Raises:
-            plasticine.checkpoint.CheckpointError: for an unregistered part or an unknown suffix.
+            plasticine.checkpoint.CheckpointError: for a part that is not a
+                :class:`~plasticine.core.Configurable` component, an unknown suffix or non-finite weights.
 
         Shape:
             Not applicable.
         """
-        from .checkpoint import FORMAT_VERSION, save_tensors
-
-        save_tensors(path, self.state_dict(), {"translator": self.config(), "format_version": FORMAT_VERSION})
+        save_component(self, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> "TraceableTranslator":
-        """Rebuild a translator saved by :meth:`save`, weights included; never unpickles code.
+        """Rebuild a translator saved by :meth:`save`, weights included, in evaluation mode; never unpickles code.
 
-        The modules are put in evaluation mode.
+        See :func:`plasticine.checkpoint.load_component`.
 
         Args:
             path: the file.
@@ -604,23 +385,13 @@ class TraceableTranslator:
             The translator.
 
         Raises:
-            plasticine.checkpoint.CheckpointError: for a missing, malformed or unsafe file.
+            plasticine.checkpoint.CheckpointError: for a missing, malformed, unsafe or older file,
+                or one that holds another kind of component.
 
         Shape:
             Not applicable.
         """
-        from .checkpoint import CheckpointError, load_tensors
-
-        tensors, config = load_tensors(path, map_location)
-        if not isinstance(config, dict) or "translator" not in config:
-            raise CheckpointError(f"{path}: expected a translator checkpoint (config key 'translator'), got keys {sorted(config) if isinstance(config, dict) else config!r}")
-        translator = cls.from_config(config["translator"])
-        translator.to(map_location)
-        try:
-            translator.load_state_dict(tensors)
-        except ValueError as err:
-            raise CheckpointError(f"{path}: weights do not match the config: {err}") from err
-        return translator.eval()
+        return load_component(path, map_location, expected=cls)
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{n}={type(o).__name__}" for n, o in self.components().items())

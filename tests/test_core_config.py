@@ -29,6 +29,9 @@ from plasticine.core import (
     registered_classes,
     to_json,
 )
+from plasticine.diffusion.conditioning import ConcatConditioning, LearnedConditioning
+from plasticine.registration import AntsRegistration, LearnedRegistration
+from plasticine.segmentation import KMeansExtractor, PottsExtractor
 
 
 @register_settings(name="test_core_config.Knobs")
@@ -239,6 +242,25 @@ def test_check_image():
         check_image(torch.tensor([[[[0.0, float("nan")]]]]), "x")
     with pytest.raises(ValueError, match=r"^x: expected shape \(B, C, \*S\)"):
         check_image(torch.zeros(4, 5), "x")
+
+
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (lambda: KMeansExtractor(2, max_iter=2.5), "max_iter"),  # was truncated to 2
+        (lambda: KMeansExtractor(2, smoothing_sigma="1"), "smoothing_sigma"),  # was kept as a string
+        (lambda: PottsExtractor(2, max_iter=7.9), "max_iter"),
+        (lambda: ConcatConditioning(True), "num_labels"),  # a bool taken for 1
+        (lambda: LearnedConditioning(True), "in_channels"),
+        (lambda: LearnedConditioning(2, channels=(True, 4)), r"channels\[\.\.\.\]"),
+        (lambda: LearnedRegistration(None, downsample=True), "downsample"),
+        (lambda: AntsRegistration(pad=3.7), "pad"),  # was truncated to 3
+    ],
+    ids=["kmeans-max_iter", "kmeans-sigma", "potts-max_iter", "concat-bool", "learned-bool", "learned-channels", "downsample-bool", "ants-pad"],
+)
+def test_constructors_refuse_what_they_used_to_truncate_or_misread(make, name):
+    with pytest.raises(ValueError, match=rf"^{name}: expected"):
+        make()
 
 
 def test_no_private_name_crosses_a_package():

@@ -36,8 +36,7 @@ def _linear_run(out: str, batch: int, steps: int = 4, rank: int | None = None, w
 def _translator():
     from test_translator import make_translator, phantom
 
-    t = make_translator()
-    t.structure = _ThresholdStructure()
+    t = make_translator(structure=_ThresholdStructure())
     return t, torch.cat([phantom((8, 8), batch=2, seed=s) for s in range(2)])
 
 

@@ -100,7 +100,7 @@ def test_retrain_with_a_tiny_step_count(tmp_path):
     doc = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert doc["retrained"] and doc["config"]["diffusion_iterations"] == 1 and doc["shape"] == list(QUICK.shape)
     t = TraceableTranslator.load(ckpt)
-    assert t.denoiser.config.cond_channels == QUICK.num_classes
+    assert t.denoiser.settings.cond_channels == QUICK.num_classes
 
 
 def test_retraining_is_deterministic_given_the_seed():

@@ -205,7 +205,7 @@ CASES: dict[str, Case] = {
     "integrators.scaling_and_squaring": Case(integrators.scaling_and_squaring, vel),
     # -- translator --------------------------------------------------------------------------------
     "translator.TraceableTranslator": Case(lambda x: translate(x), lambda b: {"x": rand(b, 1, 8, 8)}, boundary=True),
-    "translator.TranslationResult": Case(lambda image: a_result().to_source(image), lambda b: {"image": rand(b, 1, 8, 8)}),
+    "translator.TranslationResult": Case(lambda image: a_result().deformation.to_source(image), lambda b: {"image": rand(b, 1, 8, 8)}),
 }
 
 

@@ -61,7 +61,7 @@ def test_deformation_objective_uses_the_noise_cue():
     ref = registration_objective(t.registration.network, t.registration.integrator, x, y, cue, smoothness_weight=0.5)
     for k in terms:
         assert torch.allclose(terms[k], ref[k], atol=1e-6), k
-    wrapped = _Wrapper(t.registration.network)  # e.g. a DistributedDataParallel wrapper: no .config
+    wrapped = _Wrapper(t.registration.network)  # e.g. a DistributedDataParallel wrapper: no .settings
     again = deformation_objective(t, x, y, make_generator(5), network=wrapped, smoothness_weight=0.5)
     assert torch.equal(again["total"], terms["total"]) and wrapped.calls == 1
     terms["total"].backward()
@@ -119,7 +119,7 @@ def _diffusion_run(
     """A tiny denoiser trained with the diffusion objective; optionally interrupted before step ``stop_at``."""
     torch.manual_seed(init_seed)  # another seed gives another initialisation: the resumed run must not care
     t = make_translator() if unet is None else make_translator(denoiser=unet)
-    t.structure = lambda img: torch.cat([(img < 0.4).to(img.dtype), (img >= 0.4).to(img.dtype)], 1)
+    t = t.replace(structure=lambda img: torch.cat([(img < 0.4).to(img.dtype), (img >= 0.4).to(img.dtype)], 1))
     data = ShuffledBatches(torch.cat([phantom((8, 8), batch=3, seed=s) for s in images]), 2, seed=1, rank=0, world_size=1)
     opt = torch.optim.Adam(t.denoiser.parameters(), lr=lr)
     calls = {"n": 0}
@@ -185,7 +185,7 @@ def test_trainer_precision_progress_and_errors(tmp_path, capsys):
     state["world_size"] = 2
     with pytest.raises(ValueError, match="2 process"):
         tr.load_state_dict(state)
-    assert dataclasses.asdict(tr.config) == load_state(tmp_path / "c.pt")["config"]
+    assert dataclasses.asdict(tr.settings) == load_state(tmp_path / "c.pt")["config"]
 
 
 def test_two_stages_then_save_and_translate(tmp_path):

@@ -124,15 +124,15 @@ def test_condition_is_the_warped_structure_and_conventions():
     assert cond.shape == (2, 2, 8, 12)  # both draws in one batch
     assert torch.equal(cond[0], r.warped_structure[0]) and torch.equal(cond[1], r.warped_structure[0])
     p = torch.tensor([[[3.0, 5.0], [1.5, 7.25]]])
-    assert torch.allclose(r.points_to_target(p), p - torch.tensor([0.0, 2.0]))
-    assert torch.allclose(r.points_to_source(r.points_to_target(p)), p)
+    assert torch.allclose(r.deformation.points_to_target(p), p - torch.tensor([0.0, 2.0]))
+    assert torch.allclose(r.deformation.points_to_source(r.deformation.points_to_target(p)), p)
     mask = torch.zeros(1, 1, 8, 12, dtype=torch.long)
     mask[..., 2:6, 4:8] = 1
-    back = r.labels_to_source(mask, num_classes=2)
+    back = r.deformation.labels_to_source(mask, num_classes=2)
     assert torch.equal(back[..., 2:6, 6:10], torch.ones(1, 1, 4, 4, dtype=torch.long)) and int(back.sum()) == 16
-    soft = r.to_source(mask.double())
+    soft = r.deformation.to_source(mask.double())
     assert torch.allclose(soft[..., :, 2:], mask.double()[..., :, :-2])
-    assert torch.allclose(r.to_target(soft)[..., :, 4:8], mask.double()[..., :, 4:8])
+    assert torch.allclose(r.deformation.to_target(soft)[..., :, 4:8], mask.double()[..., :, 4:8])
 
 
 SHARED = make_translator()
@@ -214,21 +214,44 @@ def test_bad_inputs():
 
 
 def test_state_dict_and_replace():
+    """The translator is an nn.Module: its learned parts are submodules, state_dict/eval/to are torch's."""
     t = make_translator()
-    names = set(t.modules())
-    assert names == {"structure", "registration.network", "denoiser", "conditioning"}
+    assert isinstance(t, torch.nn.Module)
+    for name in ("modules", "state_dict", "load_state_dict", "to", "train", "eval"):  # not re-implemented
+        assert getattr(TraceableTranslator, name) is getattr(torch.nn.Module, name), name
+    assert {name for name, _ in t.named_children()} == {"structure", "registration", "denoiser", "conditioning"}
+    assert dict(t.named_modules())["registration.network"] is t.registration.network
     sd = t.state_dict()
     assert any(k.startswith("registration.network.") for k in sd) and any(k.startswith("denoiser.") for k in sd)
+    assert set(sd) == {f"registration.{k}" for k in t.registration.state_dict()} | {f"denoiser.{k}" for k in t.denoiser.state_dict()}
+    assert t.eval() is t and not t.denoiser.training and not t.registration.network.training
     other = make_translator()
     with torch.no_grad():
         for p in other.denoiser.parameters():
             p.add_(1.0)
     other.load_state_dict(sd)
     assert all(torch.equal(other.state_dict()[k], v) for k, v in sd.items())
-    with pytest.raises(ValueError, match="missing keys"):
+    with pytest.raises(RuntimeError, match="Missing key"):
         other.load_state_dict({k: v for k, v in sd.items() if not k.startswith("denoiser.")})
     r = t.replace(sampler=DPMSolverPP(steps=2))
     assert r.denoiser is t.denoiser and isinstance(r.sampler, DPMSolverPP) and isinstance(t.sampler, DDIMSampler)
+    assert r.config["sampler"] is r.sampler and r.config["denoiser"] is t.denoiser and r.config["start_fraction"] == t.start_fraction
+
+
+def test_parts_are_read_only_once_built():
+    """A part assigned after construction would leave the recorded config (what save writes) stale."""
+    t = make_translator()
+    with pytest.raises(AttributeError, match=r"^TraceableTranslator\.sampler: a constructor argument, read-only once built"):
+        t.sampler = DPMSolverPP(steps=2)
+    with pytest.raises(AttributeError, match="read-only"):
+        t.start_fraction = 0.1
+    assert isinstance(t.sampler, DDIMSampler) and t.config["sampler"] is t.sampler
+
+
+def test_parts_are_checked_against_the_protocols():
+    for name, bad in (("registration", object()), ("schedule", DDIMSampler(steps=2)), ("sampler", LinearSchedule(num_steps=5))):
+        with pytest.raises(ValueError, match=rf"^{name}: expected an object satisfying the \w+ protocol of plasticine.core"):
+            make_translator(**{name: bad})
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64, torch.bfloat16])

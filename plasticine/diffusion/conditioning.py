@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.config import Configurable
 from ..core.shapes import check_shape
+from ..core.validate import check_int, check_option
 
 __all__ = ["structure_condition", "ConcatConditioning", "LearnedConditioning"]
 
@@ -91,7 +93,7 @@ def structure_condition(
     return structure if dtype is None else structure.to(dtype)
 
 
-class ConcatConditioning(nn.Module):
+class ConcatConditioning(Configurable, nn.Module):
     """The paper's conditioning: the structure map is the condition, concatenated at the U-Net input.
 
     Calls :func:`structure_condition`; pair it with a U-Net built with ``cond_channels = num_labels``.
@@ -112,8 +114,7 @@ class ConcatConditioning(nn.Module):
 
     def __init__(self, num_labels: int, one_hot: bool = False, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        if not isinstance(num_labels, int) or num_labels < 1:
-            raise ValueError(f"num_labels: expected a positive int, got {num_labels!r}")
+        check_int(num_labels, "num_labels", 1)
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"dtype: expected a floating dtype, got {dtype}")
         self.num_labels = num_labels
@@ -143,7 +144,7 @@ class ConcatConditioning(nn.Module):
         return f"num_labels={self.num_labels}, one_hot={self.one_hot}, dtype={self.dtype}"
 
 
-class LearnedConditioning(nn.Module):
+class LearnedConditioning(Configurable, nn.Module, config_ignore=("generator",)):
     r"""Convolutional feature pyramid of a structure map, for FiLM inside :class:`~plasticine.diffusion.unet.ConditionalUNet`.
 
     Level 0 is two 3x3 convolutions with SiLU at full resolution; level :math:`i > 0` is a stride-2
@@ -188,13 +189,13 @@ class LearnedConditioning(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(in_channels, int) or in_channels < 1:
-            raise ValueError(f"in_channels: expected a positive int, got {in_channels!r}")
+        check_int(in_channels, "in_channels", 1)
         channels = tuple(channels)
-        if not channels or any(not isinstance(c, int) or c < 1 for c in channels):
-            raise ValueError(f"channels: expected a non-empty sequence of positive ints, got {channels!r}")
-        if ndim not in (2, 3):
-            raise ValueError(f"ndim: expected 2 or 3, got {ndim!r}")
+        if not channels:
+            raise ValueError("channels: expected a non-empty sequence of positive ints, got ()")
+        for c in channels:
+            check_int(c, "channels[...]", 1)
+        check_option(ndim, "ndim", (2, 3))
         self.in_channels = in_channels
         self.channels = channels
         self.ndim = ndim

@@ -52,8 +52,10 @@ from typing import Any, Callable, Literal
 import numpy as np
 import torch
 
+from ..core.config import Configurable
 from ..core.protocols import Denoiser, NoiseSchedule
 from ..core.shapes import check_shape
+from ..core.validate import check_int, check_number, check_option
 
 __all__ = [
     "Spacing",
@@ -260,13 +262,14 @@ def _run_groups(x: torch.Tensor, condition: torch.Tensor | None, k0: torch.Tenso
     return SampleResult(out, trajectory, steps)
 
 
-class PlanSampler:
+class PlanSampler(Configurable, config_abstract=True):
     """Base class of the samplers: the plan, the start (pure noise or mid-schedule), per-sample groups.
 
     A subclass sets ``steps`` (None: every step) and ``spacing`` and implements one reverse step
     rule; :meth:`plan`, :meth:`sample` and :meth:`sample_trajectory` are shared, so every sampler
     treats ``start``, ``start_step`` and ``generator`` the same way (see the module docstring of
-    :mod:`plasticine.diffusion.samplers`).
+    :mod:`plasticine.diffusion.samplers`). ``sampler.config`` holds a subclass's constructor
+    arguments (:class:`~plasticine.core.Configurable`).
 
     Shape:
         See :meth:`PlanSampler.sample`.
@@ -363,20 +366,6 @@ class PlanSampler:
         return self._sample(denoiser, schedule, condition, start, start_step, generator, True)
 
 
-def _check_steps_arg(steps: int | None, allow_none: bool) -> int | None:
-    if steps is None and allow_none:
-        return None
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps: expected a positive int{' or None' if allow_none else ''}, got {steps!r}")
-    return steps
-
-
-def _check_spacing(spacing: str) -> Spacing:
-    if spacing not in _SPACINGS:
-        raise ValueError(f"spacing: expected one of {_SPACINGS}, got {spacing!r}")
-    return spacing  # type: ignore[return-value]
-
-
 class AncestralSampler(PlanSampler):
     r"""Ancestral (DDPM) sampling, the paper's Algorithm 1.
 
@@ -406,11 +395,9 @@ class AncestralSampler(PlanSampler):
     """
 
     def __init__(self, variance: Literal["beta", "posterior"] = "beta", steps: int | None = None, spacing: Spacing = "trailing") -> None:
-        if variance not in ("beta", "posterior"):
-            raise ValueError(f"variance: expected 'beta' or 'posterior', got {variance!r}")
-        self.variance = variance
-        self.steps = _check_steps_arg(steps, allow_none=True)
-        self.spacing = _check_spacing(spacing)
+        self.variance = check_option(variance, "variance", ("beta", "posterior"))
+        self.steps = None if steps is None else check_int(steps, "steps", minimum=1)
+        self.spacing = check_option(spacing, "spacing", _SPACINGS)
 
     def _run(self, denoiser: Denoiser, gammas: list[float], x: torch.Tensor, condition: torch.Tensor | None, plan: Plan, generator: torch.Generator | None, record: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         states: list[torch.Tensor] = []
@@ -425,17 +412,6 @@ class AncestralSampler(PlanSampler):
             if record:
                 states.append(x)
         return x, states
-
-    def config(self) -> dict[str, Any]:
-        """Constructor arguments that rebuild this sampler.
-
-        Returns:
-            ``{"name": "AncestralSampler", "variance", "steps", "spacing"}``.
-
-        Shape:
-            Not applicable.
-        """
-        return {"name": "AncestralSampler", "variance": self.variance, "steps": self.steps, "spacing": self.spacing}
 
     def __repr__(self) -> str:
         return f"AncestralSampler(variance={self.variance!r}, steps={self.steps!r}, spacing={self.spacing!r})"
@@ -469,11 +445,9 @@ class DDIMSampler(PlanSampler):
     """
 
     def __init__(self, steps: int = 50, eta: float = 0.0, spacing: Spacing = "trailing") -> None:
-        self.steps = _check_steps_arg(steps, allow_none=False)
-        if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not 0.0 <= eta <= 1.0:
-            raise ValueError(f"eta: expected a float in [0, 1], got {eta!r}")
-        self.eta = float(eta)
-        self.spacing = _check_spacing(spacing)
+        self.steps = check_int(steps, "steps", minimum=1)
+        self.eta = check_number(eta, "eta", 0, 1)
+        self.spacing = check_option(spacing, "spacing", _SPACINGS)
 
     def _step(self, x: torch.Tensor, eps: torch.Tensor, g: float, gp: float, generator: torch.Generator | None, eta: float) -> torch.Tensor:
         s2 = eta**2 * (1 - gp) / (1 - g) * (1 - g / gp)
@@ -597,17 +571,6 @@ class DDIMSampler(PlanSampler):
         run = lambda xs, cs, plan, rec: self._run(denoiser, gammas, xs, cs, plan, None, rec, eta=0.0)  # noqa: E731
         return _run_groups(latent, condition, k0, lambda k: step_plan(k, self.steps, self.spacing), run, False).image
 
-    def config(self) -> dict[str, Any]:
-        """Constructor arguments that rebuild this sampler.
-
-        Returns:
-            ``{"name": "DDIMSampler", "steps", "eta", "spacing"}``.
-
-        Shape:
-            Not applicable.
-        """
-        return {"name": "DDIMSampler", "steps": self.steps, "eta": self.eta, "spacing": self.spacing}
-
     def __repr__(self) -> str:
         return f"DDIMSampler(steps={self.steps}, eta={self.eta!r}, spacing={self.spacing!r})"
 
@@ -643,11 +606,9 @@ class DPMSolverPP(PlanSampler):
     """
 
     def __init__(self, steps: int = 20, order: Literal[1, 2] = 2, spacing: Spacing = "trailing") -> None:
-        self.steps = _check_steps_arg(steps, allow_none=False)
-        if order not in (1, 2) or isinstance(order, bool):
-            raise ValueError(f"order: expected 1 or 2, got {order!r}")
-        self.order = int(order)
-        self.spacing = _check_spacing(spacing)
+        self.steps = check_int(steps, "steps", minimum=1)
+        self.order = int(check_option(order, "order", (1, 2)))
+        self.spacing = check_option(spacing, "spacing", _SPACINGS)
 
     def _run(self, denoiser: Denoiser, gammas: list[float], x: torch.Tensor, condition: torch.Tensor | None, plan: Plan, generator: torch.Generator | None, record: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         states: list[torch.Tensor] = []
@@ -673,17 +634,6 @@ class DPMSolverPP(PlanSampler):
             if record:
                 states.append(x)
         return x, states
-
-    def config(self) -> dict[str, Any]:
-        """Constructor arguments that rebuild this sampler.
-
-        Returns:
-            ``{"name": "DPMSolverPP", "steps", "order", "spacing"}``.
-
-        Shape:
-            Not applicable.
-        """
-        return {"name": "DPMSolverPP", "steps": self.steps, "order": self.order, "spacing": self.spacing}
 
     def __repr__(self) -> str:
         return f"DPMSolverPP(steps={self.steps}, order={self.order}, spacing={self.spacing!r})"

@@ -39,7 +39,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.config import Configurable
 from ..core.shapes import check_shape
+from ..core.validate import check_int, check_number
 
 __all__ = [
     "DiscreteSchedule",
@@ -163,10 +165,11 @@ def sample_noise_level(
     return k.to(out), gamma.to(out)
 
 
-class DiscreteSchedule:
+class DiscreteSchedule(Configurable):
     r"""A noise schedule given by its ``K`` variances :math:`\beta_1 .. \beta_K`, held in float64.
 
     The base class of every schedule here; it satisfies :class:`~plasticine.core.NoiseSchedule`.
+    ``schedule.config`` holds its constructor arguments (:class:`~plasticine.core.Configurable`).
     Arrays are indexed by the step ``k = 0 .. K`` (see the module docstring): ``betas[0] = 0``,
     ``alphas[0] = gammas[0] = 1``.
 
@@ -326,17 +329,6 @@ class DiscreteSchedule:
 
     # -- description -------------------------------------------------------------------------------------
 
-    def config(self) -> dict[str, Any]:
-        """Constructor arguments that rebuild this schedule (plain Python values).
-
-        Returns:
-            ``{"name": <class name>, **arguments}``.
-
-        Shape:
-            Not applicable.
-        """
-        return {"name": type(self).__name__, "betas": self._betas[1:].tolist()}
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}(num_steps={self.num_steps}, gamma_K={float(self._gammas[-1]):.3g})"
 
@@ -362,11 +354,6 @@ MAX_STEPS = 1_000_000
 refused rather than allocated."""
 
 
-def _check_num_steps(num_steps: object) -> None:
-    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or not 1 <= num_steps <= MAX_STEPS:
-        raise ValueError(f"num_steps: expected an int in [1, {MAX_STEPS}], got {num_steps!r}")
-
-
 class LinearSchedule(DiscreteSchedule):
     r"""Linear variances :math:`\beta_k` from ``beta_start`` to ``beta_end`` (Ho et al. 2020).
 
@@ -384,27 +371,15 @@ class LinearSchedule(DiscreteSchedule):
     """
 
     def __init__(self, beta_start: float = 1e-6, beta_end: float = 1e-2, num_steps: int = 2000) -> None:
-        _check_num_steps(num_steps)
+        check_int(num_steps, "num_steps", 1, MAX_STEPS)
         for name, v in (("beta_start", beta_start), ("beta_end", beta_end)):
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 < v < 1:
-                raise ValueError(f"{name}: expected a float in the open interval (0, 1), got {v!r}")
+            check_number(v, name, 0, 1, min_open=True, max_open=True)
         if beta_end < beta_start:
             raise ValueError(f"beta_end: expected >= beta_start = {beta_start!r} (a non-decreasing schedule), got {beta_end!r}")
         if num_steps == 1 and beta_end != beta_start:
             raise ValueError(f"num_steps=1 has one beta: expected beta_start == beta_end, got {beta_start!r} and {beta_end!r}")
         self.beta_start, self.beta_end = float(beta_start), float(beta_end)
         super().__init__(torch.from_numpy(np.linspace(self.beta_start, self.beta_end, num_steps, dtype=np.float64)))
-
-    def config(self) -> dict[str, Any]:
-        """Constructor arguments that rebuild this schedule.
-
-        Returns:
-            ``{"name": "LinearSchedule", "beta_start", "beta_end", "num_steps"}``.
-
-        Shape:
-            Not applicable.
-        """
-        return {"name": "LinearSchedule", "beta_start": self.beta_start, "beta_end": self.beta_end, "num_steps": self.num_steps}
 
     def __repr__(self) -> str:
         return f"LinearSchedule(beta_start={self.beta_start!r}, beta_end={self.beta_end!r}, num_steps={self.num_steps})"
@@ -431,27 +406,13 @@ class CosineSchedule(DiscreteSchedule):
     """
 
     def __init__(self, num_steps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> None:
-        _check_num_steps(num_steps)
-        if not isinstance(s, (int, float)) or not math.isfinite(s) or s < 0:
-            raise ValueError(f"s: expected a finite float >= 0, got {s!r}")
-        if not isinstance(max_beta, (int, float)) or not 0 < max_beta < 1:
-            raise ValueError(f"max_beta: expected a float in the open interval (0, 1), got {max_beta!r}")
-        self.s, self.max_beta = float(s), float(max_beta)
+        check_int(num_steps, "num_steps", 1, MAX_STEPS)
+        self.s = check_number(s, "s", 0)
+        self.max_beta = check_number(max_beta, "max_beta", 0, 1, min_open=True, max_open=True)
         t = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
         f = torch.cos((t + self.s) / (1 + self.s) * (math.pi / 2)) ** 2
         betas = (1 - f[1:] / f[:-1]).clamp(max=self.max_beta)
         super().__init__(betas)
-
-    def config(self) -> dict[str, Any]:
-        """Constructor arguments that rebuild this schedule.
-
-        Returns:
-            ``{"name": "CosineSchedule", "num_steps", "s", "max_beta"}``.
-
-        Shape:
-            Not applicable.
-        """
-        return {"name": "CosineSchedule", "num_steps": self.num_steps, "s": self.s, "max_beta": self.max_beta}
 
     def __repr__(self) -> str:
         return f"CosineSchedule(num_steps={self.num_steps}, s={self.s!r}, max_beta={self.max_beta!r})"

@@ -25,6 +25,7 @@ import torch
 
 from ..core.protocols import Denoiser, NoiseSchedule
 from ..core.shapes import check_shape
+from ..core.validate import check_number
 from .schedules import diffuse, sample_noise_level
 
 __all__ = ["noise_prediction_loss", "NoisePredictionLoss", "EMA"]
@@ -167,10 +168,8 @@ class EMA:
     def __init__(self, model: torch.nn.Module, decay: float = 0.9999) -> None:
         if not isinstance(model, torch.nn.Module):
             raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(decay, (int, float)) or isinstance(decay, bool) or not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay: expected a float in [0, 1), got {decay!r}")
+        self.decay = check_number(decay, "decay", 0, 1, max_open=True)
         self.model = model
-        self.decay = float(decay)
         self.num_updates = 0
         self.shadow: dict[str, torch.Tensor] = {
             name: p.detach().clone().to(torch.promote_types(p.dtype, torch.float32)) for name, p in self._params()

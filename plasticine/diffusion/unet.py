@@ -25,14 +25,16 @@ References:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.config import Configurable, register_settings
 from ..core.shapes import check_shape
+from ..core.validate import check_int, check_number, check_option
 
 if TYPE_CHECKING:  # pragma: no cover
     from .conditioning import LearnedConditioning
@@ -178,9 +180,10 @@ def _dropout(x: torch.Tensor, p: float, training: bool, generator: torch.Generat
     return x * keep / (1.0 - p)
 
 
+@register_settings
 @dataclass(frozen=True)
 class UNetConfig:
-    """Hyper-parameters of :class:`ConditionalUNet` (frozen, serialisable with :meth:`to_dict`).
+    """Hyper-parameters of :class:`ConditionalUNet` (frozen; written into configs by :func:`~plasticine.core.to_json`).
 
     Level ``i`` (``0 <= i < len(channel_mults)``) works at ``ceil(S / 2**i)`` with
     ``base_channels * channel_mults[i]`` channels. The default (about 1.2 M parameters in 2D) is
@@ -212,69 +215,27 @@ class UNetConfig:
     norm_groups: int = 8
 
     def __post_init__(self) -> None:
-        def pos_int(name: str, value: Any, minimum: int = 1) -> None:
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise ValueError(f"UNetConfig.{name}: expected an int >= {minimum}, got {value!r}")
-
-        if self.ndim not in (2, 3):
-            raise ValueError(f"UNetConfig.ndim: expected 2 or 3, got {self.ndim!r}")
-        pos_int("in_channels", self.in_channels)
-        pos_int("cond_channels", self.cond_channels, 0)
-        pos_int("base_channels", self.base_channels)
-        pos_int("num_res_blocks", self.num_res_blocks)
-        pos_int("num_heads", self.num_heads)
-        pos_int("norm_groups", self.norm_groups)
+        check_option(self.ndim, "UNetConfig.ndim", (2, 3))
+        for name in ("in_channels", "cond_channels", "base_channels", "num_res_blocks", "num_heads", "norm_groups"):
+            check_int(getattr(self, name), f"UNetConfig.{name}", 0 if name == "cond_channels" else 1)
         # lists (e.g. from JSON) become tuples so that the config stays hashable
         object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
         object.__setattr__(self, "attention_levels", tuple(self.attention_levels))
         if not self.channel_mults:
             raise ValueError("UNetConfig.channel_mults: expected at least one level, got ()")
         for m in self.channel_mults:
-            pos_int("channel_mults[...]", m)
+            check_int(m, "UNetConfig.channel_mults[...]", 1)
         levels = len(self.channel_mults)
         for a in self.attention_levels:
             if not isinstance(a, int) or not 0 <= a < levels:
                 raise ValueError(f"UNetConfig.attention_levels: expected level indices in [0, {levels}), got {self.attention_levels}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"UNetConfig.dropout: expected a probability in [0, 1), got {self.dropout}")
+        check_number(self.dropout, "UNetConfig.dropout", 0, 1, max_open=True)
         for i, m in enumerate(self.channel_mults):
             ch = self.base_channels * m
             if ch % self.norm_groups:
                 raise ValueError(f"UNetConfig.norm_groups: {self.norm_groups} does not divide the {ch} channels of level {i}")
             if i in self.attention_levels and ch % self.num_heads:
                 raise ValueError(f"UNetConfig.num_heads: {self.num_heads} does not divide the {ch} channels of attention level {i}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-data form (ints, floats, lists) that :meth:`from_dict` turns back into the config.
-
-        Returns:
-            The fields as a JSON-serialisable dict.
-
-        Shape:
-            Not applicable.
-        """
-        d = asdict(self)
-        d["channel_mults"] = list(self.channel_mults)
-        d["attention_levels"] = list(self.attention_levels)
-        return d
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "UNetConfig":
-        """Rebuild a config from :meth:`to_dict` output (unknown keys are an error).
-
-        Args:
-            data: the fields.
-
-        Returns:
-            The config.
-
-        Shape:
-            Not applicable.
-        """
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"UNetConfig.from_dict: unknown keys {sorted(unknown)}")
-        return cls(**data)
 
 
 def _conv(ndim: int, cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Module:
@@ -327,7 +288,7 @@ class _Attention(nn.Module):
         return x + out.transpose(1, 2).reshape(x.shape)
 
 
-class ConditionalUNet(nn.Module):
+class ConditionalUNet(Configurable, nn.Module, config_ignore=("generator",)):
     r"""Palette-style conditional U-Net, :math:`\epsilon_\theta(y_k, \gamma_k, c)`, for 2D and 3D images.
 
     Forward pass: :math:`e = \mathrm{MLP}(\text{noise\_level\_embedding}(\gamma))`; the input
@@ -346,6 +307,9 @@ class ConditionalUNet(nn.Module):
     with :math:`(s, t) = W e` (the same for every voxel), plus, when an ``encoder`` is given,
     :math:`(s', t') = \mathrm{conv}_{1\times1}(f_\ell(c))` from the encoder's features at the block's
     level :math:`\ell` (spatially varying FiLM). The output is a GroupNorm-SiLU-conv head.
+
+    ``net.config`` holds the constructor arguments (``generator`` aside, see
+    :class:`~plasticine.core.Configurable`); ``net.settings`` is the :class:`UNetConfig` in use.
 
     Args:
         config: the hyper-parameters (default: :class:`UNetConfig` ``()``, 2D, one image and one
@@ -391,7 +355,7 @@ class ConditionalUNet(nn.Module):
         config = UNetConfig() if config is None else config
         if not isinstance(config, UNetConfig):
             raise ValueError(f"config: expected a UNetConfig, got {type(config).__name__}")
-        self.config = config
+        self.settings = config
         levels = len(config.channel_mults)
         film_ch: list[int] = [0] * levels
         if encoder is not None:
@@ -482,7 +446,7 @@ class ConditionalUNet(nn.Module):
         Shape:
             noisy: ``(B, C, *S)``; gamma: ``(B,)``; condition: ``(B, Cc, *S)`` or None; out: ``(B, C, *S)``.
         """
-        cfg = self.config
+        cfg = self.settings
         dims = check_shape(noisy, "B C *S", "noisy", spatial=(cfg.ndim,))
         if dims["C"] != cfg.in_channels:
             raise ValueError(f"noisy: expected {cfg.in_channels} channels (UNetConfig.in_channels), got shape {tuple(noisy.shape)}")

@@ -22,6 +22,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..core import check_shape
+from ..core.config import Configurable
 from ._common import check_pair, no_autocast, promote
 
 __all__ = ["ncc", "local_ncc", "box_sum", "NCC", "LocalNCC"]
@@ -370,7 +371,7 @@ def local_ncc(
         return -per_image.mean()
 
 
-class NCC(nn.Module):
+class NCC(Configurable, nn.Module):
     r"""Minus the global normalised cross-correlation; see :func:`ncc`. Values in ``[-1, 1]``.
 
     Shape:
@@ -387,7 +388,7 @@ class NCC(nn.Module):
         return ncc(moving, fixed, mask)
 
 
-class LocalNCC(nn.Module):
+class LocalNCC(Configurable, nn.Module):
     r"""Minus the mean local normalised cross-correlation; see :func:`local_ncc`. Values in ``[-1, 1]``.
 
     Args:

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from ..core.config import Configurable
 from ._common import check_pair, no_autocast, promote
 
 __all__ = ["joint_histogram", "mutual_information", "MutualInformation"]
@@ -482,7 +483,7 @@ def mutual_information(
     return -value.mean()
 
 
-class MutualInformation(nn.Module):
+class MutualInformation(Configurable, nn.Module):
     r"""Negative (normalised) mutual information loss; see :func:`mutual_information`.
 
     Args:

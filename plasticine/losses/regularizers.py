@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..core import check_shape
+from ..core.config import Configurable
 from ..core.grid import constant_vector
 from ..core.shapes import spacing_tuple
 from ._common import no_autocast, promote
@@ -149,7 +150,7 @@ def bending_energy(displacement: torch.Tensor, spacing: float | Sequence[float] 
         return total
 
 
-class GradientSmoothness(nn.Module):
+class GradientSmoothness(Configurable, nn.Module):
     r"""Mean squared forward differences of a displacement; see :func:`gradient_smoothness`.
 
     Args:
@@ -175,7 +176,7 @@ class GradientSmoothness(nn.Module):
         return f"spacing={self.spacing}"
 
 
-class BendingEnergy(nn.Module):
+class BendingEnergy(Configurable, nn.Module):
     r"""Bending energy of a displacement with compact stencils; see :func:`bending_energy`.
 
     Args:

@@ -17,8 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.config import Configurable
 from ..core.deformation import Deformation
 from ..core.shapes import check_shape
+from ..core.validate import check_int
 
 __all__ = ["AntsRegistration"]
 
@@ -30,7 +32,7 @@ def _import_ants() -> Any:
         raise ImportError("AntsRegistration needs antspyx: pip install 'plasticine[ants]'") from exc
 
 
-class AntsRegistration:
+class AntsRegistration(Configurable):
     """Registration backend that runs ``ants.registration`` (SyN by default) pair by pair on the CPU.
 
     Args:
@@ -46,7 +48,7 @@ class AntsRegistration:
     """
 
     def __init__(self, transform: str = "SyN", metric: str = "mattes", pad: int = 32, **kwargs: Any):
-        self.transform, self.metric, self.pad, self.kwargs = transform, metric, int(pad), kwargs
+        self.transform, self.metric, self.pad, self.kwargs = transform, metric, check_int(pad, "pad", 0), kwargs
 
     def register(self, source: torch.Tensor, target: torch.Tensor | None = None, *, cue: torch.Tensor | None = None) -> Deformation:
         """Register each source to its target with ANTs.

@@ -33,7 +33,9 @@ from typing import Literal, get_args
 
 import torch
 
+from ..core.config import Configurable
 from ..core.shapes import NonFiniteError, check_shape
+from ..core.validate import check_int, check_option
 from ..core.warp import NormalisedFrame, Padding
 
 __all__ = ["scaling_and_squaring", "integrate_euler", "integrate_rk4", "auto_squaring_steps", "ScalingAndSquaring", "Euler", "RK4"]
@@ -76,19 +78,6 @@ def auto_squaring_steps(velocity: torch.Tensor, max_step: float = 0.5, min_steps
     return int(min(max(min_steps, need), max_steps))
 
 
-def _check_steps(steps: object, minimum: int) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < minimum:
-        expected = "a non-negative int or 'auto'" if minimum == 0 else "a positive int"
-        raise ValueError(f"steps: expected {expected}, got {steps!r}")
-    return steps
-
-
-def _check_padding(padding: object) -> Padding:
-    if padding not in get_args(Padding):
-        raise ValueError(f"padding: expected one of {get_args(Padding)}, got {padding!r}")
-    return padding  # type: ignore[return-value]
-
-
 def scaling_and_squaring(velocity: torch.Tensor, steps: int | Literal["auto"] = 7, padding: Padding = "border") -> torch.Tensor:
     r"""Displacement of :math:`\exp(v)` by scaling and squaring.
 
@@ -117,7 +106,7 @@ def scaling_and_squaring(velocity: torch.Tensor, steps: int | Literal["auto"] = 
     check_shape(velocity, "B N *S", "velocity", floating=True)
     if steps == "auto":
         steps = auto_squaring_steps(velocity)
-    steps = _check_steps(steps, 0)
+    steps = check_int(steps, "steps", 0)
     frame = NormalisedFrame(velocity, "linear", padding)
     w = frame.to_grid(velocity) * (0.5**steps)
     for _ in range(steps):
@@ -143,7 +132,7 @@ def integrate_euler(velocity: torch.Tensor, steps: int = 32, padding: Padding = 
         velocity: ``(B, N, *S)``; out: ``(B, N, *S)``.
     """
     check_shape(velocity, "B N *S", "velocity", floating=True)
-    h = 1.0 / _check_steps(steps, 1)
+    h = 1.0 / check_int(steps, "steps", 1)
     frame = NormalisedFrame(velocity, "linear", padding)
     vg = frame.to_grid(velocity)
     w = vg * h
@@ -171,7 +160,7 @@ def integrate_rk4(velocity: torch.Tensor, steps: int = 8, padding: Padding = "bo
         velocity: ``(B, N, *S)``; out: ``(B, N, *S)``.
     """
     check_shape(velocity, "B N *S", "velocity", floating=True)
-    h = 1.0 / _check_steps(steps, 1)
+    h = 1.0 / check_int(steps, "steps", 1)
     frame = NormalisedFrame(velocity, "linear", padding)
     vg = frame.to_grid(velocity)
     w = torch.zeros_like(vg)
@@ -184,7 +173,7 @@ def integrate_rk4(velocity: torch.Tensor, steps: int = 8, padding: Padding = "bo
     return frame.from_grid(w)
 
 
-class ScalingAndSquaring(torch.nn.Module):
+class ScalingAndSquaring(Configurable, torch.nn.Module):
     r"""Module form of :func:`scaling_and_squaring` (the paper's integrator, ``steps=7``).
 
     **Inverse consistency (stated bound, tested).** Let :math:`A = \max_p |v(p)|` (Euclidean,
@@ -248,8 +237,8 @@ class ScalingAndSquaring(torch.nn.Module):
 
     def __init__(self, steps: int | Literal["auto"] = 7, padding: Padding = "border"):
         super().__init__()
-        self.steps = steps if steps == "auto" else _check_steps(steps, 0)
-        self.padding = _check_padding(padding)
+        self.steps = steps if steps == "auto" else check_int(steps, "steps", 0)
+        self.padding = check_option(padding, "padding", get_args(Padding))
 
     def forward(self, velocity: torch.Tensor) -> torch.Tensor:
         return scaling_and_squaring(velocity, self.steps, self.padding)
@@ -258,7 +247,7 @@ class ScalingAndSquaring(torch.nn.Module):
         return f"steps={self.steps!r}, padding={self.padding!r}"
 
 
-class Euler(torch.nn.Module):
+class Euler(Configurable, torch.nn.Module):
     """Module form of :func:`integrate_euler`.
 
     Args:
@@ -271,7 +260,7 @@ class Euler(torch.nn.Module):
 
     def __init__(self, steps: int = 32, padding: Padding = "border"):
         super().__init__()
-        self.steps, self.padding = _check_steps(steps, 1), _check_padding(padding)
+        self.steps, self.padding = check_int(steps, "steps", 1), check_option(padding, "padding", get_args(Padding))
 
     def forward(self, velocity: torch.Tensor) -> torch.Tensor:
         return integrate_euler(velocity, self.steps, self.padding)
@@ -280,7 +269,7 @@ class Euler(torch.nn.Module):
         return f"steps={self.steps}, padding={self.padding!r}"
 
 
-class RK4(torch.nn.Module):
+class RK4(Configurable, torch.nn.Module):
     """Module form of :func:`integrate_rk4`.
 
     Args:
@@ -293,7 +282,7 @@ class RK4(torch.nn.Module):
 
     def __init__(self, steps: int = 8, padding: Padding = "border"):
         super().__init__()
-        self.steps, self.padding = _check_steps(steps, 1), _check_padding(padding)
+        self.steps, self.padding = check_int(steps, "steps", 1), check_option(padding, "padding", get_args(Padding))
 
     def forward(self, velocity: torch.Tensor) -> torch.Tensor:
         return integrate_rk4(velocity, self.steps, self.padding)

@@ -20,6 +20,7 @@ from typing import Callable, Literal
 
 import torch
 
+from ..core.config import Configurable, register_settings
 from ..core.deformation import Deformation
 from ..core.filters import gaussian_smooth, resize, resize_field
 from ..core.shapes import check_shape
@@ -29,6 +30,7 @@ from .integrators import scaling_and_squaring
 __all__ = ["IterativeRegistration", "IterativeConfig"]
 
 
+@register_settings
 @dataclass(frozen=True)
 class IterativeConfig:
     """Settings of :class:`IterativeRegistration`.
@@ -60,8 +62,12 @@ class IterativeConfig:
     update_smoothing: float = 6.0
 
 
-class IterativeRegistration:
+class IterativeRegistration(Configurable):
     """Registration backend that optimises an SVF per pair; runs on the device of its inputs.
+
+    ``backend.config`` holds the constructor arguments, components included (see
+    :class:`~plasticine.core.Configurable`); ``backend.settings`` is the :class:`IterativeConfig`
+    in use.
 
     Args:
         similarity: loss ``(moving, fixed, mask) -> scalar``, lower is better; defaults to
@@ -97,7 +103,7 @@ class IterativeRegistration:
             raise ValueError(f"levels and iterations must have the same non-zero length, got {cfg.levels} and {cfg.iterations}")
         if cfg.optimizer not in ("gradient", "adam", "lbfgs"):
             raise ValueError(f"optimizer: expected 'gradient', 'adam' or 'lbfgs', got {cfg.optimizer!r}")
-        self.config = cfg
+        self.settings = cfg
 
     def register(self, source: torch.Tensor, target: torch.Tensor | None = None, *, cue: torch.Tensor | None = None) -> Deformation:
         """Find phi with ``source o phi ~ target``.
@@ -118,7 +124,7 @@ class IterativeRegistration:
         check_shape(target, "B C *S", "target", bindings=dims)
         if not source.is_floating_point() or source.dtype != target.dtype:
             raise ValueError(f"source and target must share one floating dtype, got {source.dtype} and {target.dtype}")
-        cfg = self.config
+        cfg = self.settings
         shape, n = dims["S"], dims["N"]
         v = None
         for factor, iters in zip(cfg.levels, cfg.iterations):
@@ -135,7 +141,7 @@ class IterativeRegistration:
         return gaussian_smooth(v, sigma) if sigma > 0 else v
 
     def _energy(self, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.config
+        cfg = self.settings
         vs = self._smooth(v, cfg.smoothing)
         fwd = scaling_and_squaring(vs, cfg.steps)
         e = self.similarity(warp(x, fwd), y)
@@ -147,7 +153,7 @@ class IterativeRegistration:
 
     @torch.enable_grad()
     def _optimise(self, x: torch.Tensor, y: torch.Tensor, v0: torch.Tensor, iters: int) -> torch.Tensor:
-        cfg = self.config
+        cfg = self.settings
         param = v0.clone().requires_grad_(True)
         if cfg.optimizer == "gradient":
             n = v0.dim() - 2

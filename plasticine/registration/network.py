@@ -33,9 +33,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..core.config import Configurable, register_settings
 from ..core.deformation import Deformation
 from ..core.filters import gaussian_smooth
 from ..core.shapes import check_shape
+from ..core.validate import check_int
 from ..core.warp import warp
 
 __all__ = ["RegistrationNetConfig", "RegistrationNet", "RegistrationOutput", "registration_objective", "LearnedRegistration"]
@@ -43,6 +45,7 @@ __all__ = ["RegistrationNetConfig", "RegistrationNet", "RegistrationOutput", "re
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 
 
+@register_settings
 @dataclass(frozen=True)
 class RegistrationNetConfig:
     """Settings of :class:`RegistrationNet`.
@@ -111,11 +114,13 @@ def _block(conv: type, cin: int, cout: int, stride: int = 1, groups: int = 0) ->
     return nn.Sequential(conv(cin, cout, 3, stride=stride, padding=1), *norm, nn.LeakyReLU(0.2))
 
 
-class RegistrationNet(nn.Module):
+class RegistrationNet(Configurable, nn.Module):
     """VoxelMorph-style velocity U-Net with the noise cue and feature alignment (2D or 3D).
 
     Any spatial size works: inputs are padded (replicate) to a multiple of ``2**len(encoder)`` and the
-    output is cropped back.
+    output is cropped back. ``net.config`` holds the constructor arguments (the ``config`` given and
+    the keyword overrides, see :class:`~plasticine.core.Configurable`); ``net.settings`` is the
+    :class:`RegistrationNetConfig` in use.
 
     Args:
         config: a :class:`RegistrationNetConfig`; keyword overrides may be given instead.
@@ -130,7 +135,7 @@ class RegistrationNet(nn.Module):
         cfg = config or RegistrationNetConfig()
         if overrides:
             cfg = RegistrationNetConfig(**{**cfg.__dict__, **overrides})
-        self.config = cfg
+        self.settings = cfg
         conv, n = _CONV[cfg.spatial_dims], cfg.spatial_dims
         self.input_source = conv(cfg.image_channels, cfg.features, 3, padding=1)
         self.input_reference = conv(cfg.image_channels + cfg.cue_channels, cfg.features, 3, padding=1, bias=False)
@@ -162,7 +167,7 @@ class RegistrationNet(nn.Module):
         Shape:
             y: ``(B, image_channels, *S)``; cue: ``(B, cue_channels, *S)``; out: ``(B, features, *S)``.
         """
-        cfg = self.config
+        cfg = self.settings
         if cfg.cue_channels and cue is None:
             raise ValueError(f"this network reads a noise cue of {cfg.cue_channels} channels; pass cue= (or build it with cue_channels=0)")
         if not cfg.cue_channels and cue is not None:
@@ -176,7 +181,7 @@ class RegistrationNet(nn.Module):
         Shape:
             x, y: ``(B, image_channels, *S)``; cue: ``(B, cue_channels, *S)``; see :class:`RegistrationOutput`.
         """
-        cfg = self.config
+        cfg = self.settings
         dims = check_shape(x, f"B {cfg.image_channels} *S", "x", spatial=(cfg.spatial_dims,))
         if y is not None:
             check_shape(y, f"B {cfg.image_channels} *S", "y", bindings=dims, spatial=(cfg.spatial_dims,))
@@ -269,7 +274,7 @@ def registration_objective(
         "forward": similarity(warp(x, fwd), y, mask),
         "inverse": similarity(x, warp(y, inv), mask),
         "smoothness": regularizer(out.velocity)
-        + (regularizer(out.inverse_velocity) if getattr(network, "module", network).config.inverse == "learned" else 0.0),
+        + (regularizer(out.inverse_velocity) if getattr(network, "module", network).settings.inverse == "learned" else 0.0),
         "align": (out.aligned_features - out.reference_features.detach()).pow(2).mean(),
         "velocity": out.velocity,
     }
@@ -277,11 +282,13 @@ def registration_objective(
     return terms
 
 
-class LearnedRegistration:
+class LearnedRegistration(Configurable, nn.Module):
     """Registration backend of a trained :class:`RegistrationNet` plus an integrator.
 
     ``register(x)`` predicts from the source alone (through the alignment block);
-    ``register(x, y, cue=eps_hat)`` uses the target (and the cue, if the network reads one).
+    ``register(x, y, cue=eps_hat)`` uses the target (and the cue, if the network reads one). An
+    ``nn.Module`` holding the network (and the integrator), so that ``state_dict``, ``to``,
+    ``train`` and ``eval`` reach the network; it has no ``forward``, call :meth:`register`.
 
     Args:
         network: the registration network (put in eval mode by the caller for inference).
@@ -297,11 +304,10 @@ class LearnedRegistration:
     def __init__(self, network: RegistrationNet, integrator: Callable[[torch.Tensor], torch.Tensor] | None = None, downsample: int = 1):
         from .integrators import ScalingAndSquaring
 
-        if not isinstance(downsample, int) or downsample < 1:
-            raise ValueError(f"downsample: expected a positive int, got {downsample!r}")
+        super().__init__()
+        self.downsample = check_int(downsample, "downsample", 1)
         self.network = network
         self.integrator = integrator if integrator is not None else ScalingAndSquaring()
-        self.downsample = downsample
 
     def network_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """Spatial size at which the network runs for inputs of size ``shape``."""

@@ -30,8 +30,10 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ..core.config import Configurable
 from ..core.filters import gaussian_smooth
 from ..core.shapes import check_shape
+from ..core.validate import check_int, check_number
 
 __all__ = [
     "KMeansResult",
@@ -43,19 +45,6 @@ __all__ = [
     "KMeansExtractor",
     "MultiOtsuExtractor",
 ]
-
-
-def _check_classes(num_classes: int) -> int:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes: expected a positive integer, got {num_classes!r}")
-    return num_classes
-
-
-def _check_image(image: torch.Tensor, name: str = "image") -> dict:
-    dims = check_shape(image, "B C *S", name)
-    if not image.is_floating_point():
-        raise ValueError(f"{name}: expected a floating dtype, got {image.dtype}")
-    return dims
 
 
 def one_hot(labels: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -80,7 +69,7 @@ def one_hot(labels: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.f
         tensor([1., 0., 0.])
     """
     check_shape(labels, "B 1 *S", "labels")
-    _check_classes(num_classes)
+    check_int(num_classes, "num_classes", 1)
     if labels.is_floating_point() or labels.dtype == torch.bool:
         raise ValueError(f"labels: expected an integer dtype, got {labels.dtype}")
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
@@ -135,10 +124,9 @@ def kmeans(image: torch.Tensor, num_classes: int, *, max_iter: int = 100) -> KMe
         >>> kmeans(x, 2).labels.view(-1).tolist()
         [0, 0, 1, 1]
     """
-    _check_image(image)
-    _check_classes(num_classes)
-    if max_iter < 1:
-        raise ValueError(f"max_iter: expected a positive integer, got {max_iter}")
+    check_shape(image, "B C *S", "image", floating=True)
+    check_int(num_classes, "num_classes", 1)
+    check_int(max_iter, "max_iter", 1)
     b, c = image.shape[:2]
     x = image.flatten(2).transpose(1, 2)  # (B, N, C)
     n = x.shape[1]
@@ -256,12 +244,9 @@ def multi_otsu_thresholds(image: torch.Tensor, num_classes: int, *, bins: int = 
 
 
 def _multi_otsu(image: torch.Tensor, num_classes: int, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
-    check_shape(image, "B 1 *S", "image")
-    if not image.is_floating_point():
-        raise ValueError(f"image: expected a floating dtype, got {image.dtype}")
-    _check_classes(num_classes)
-    if not isinstance(bins, int) or bins < num_classes:
-        raise ValueError(f"bins: expected an integer >= num_classes = {num_classes}, got {bins!r}")
+    check_shape(image, "B 1 *S", "image", floating=True)
+    check_int(num_classes, "num_classes", 1)
+    check_int(bins, "bins", num_classes)  # at least one bin per class
     idx, counts, lo, width = _histogram(image, bins)
     starts = _otsu_bins(counts, num_classes)  # (B, L-1) first bin of classes 1..L-1
     labels = (idx[:, :, None] >= starts[:, None, :]).sum(2).view(image.shape[0], 1, *image.shape[2:])
@@ -294,7 +279,7 @@ def kmeans_structure_map(
     Shape:
         image: ``(B, C, *S)``; out: ``(B, L, *S)``.
     """
-    _check_image(image)
+    check_shape(image, "B C *S", "image", floating=True)
     labels = kmeans(_smoothed(image, smoothing_sigma), num_classes, max_iter=max_iter).labels
     return one_hot(labels, num_classes, image.dtype)
 
@@ -316,12 +301,12 @@ def multi_otsu_structure_map(
     Shape:
         image: ``(B, 1, *S)``; out: ``(B, L, *S)``.
     """
-    _check_image(image)
+    check_shape(image, "B C *S", "image", floating=True)
     labels, _ = _multi_otsu(_smoothed(image, smoothing_sigma), num_classes, bins)
     return one_hot(labels, num_classes, image.dtype)
 
 
-class KMeansExtractor(nn.Module):
+class KMeansExtractor(Configurable, nn.Module):
     """Structure extractor: k-means on the pixels (see :func:`kmeans_structure_map`).
 
     Args:
@@ -340,11 +325,9 @@ class KMeansExtractor(nn.Module):
 
     def __init__(self, num_classes: int, smoothing_sigma: float | None = None, max_iter: int = 100):
         super().__init__()
-        self.num_classes = _check_classes(num_classes)
-        if smoothing_sigma is not None and not float(smoothing_sigma) > 0:
-            raise ValueError(f"smoothing_sigma: expected None or a number > 0, got {smoothing_sigma}")
-        self.smoothing_sigma = smoothing_sigma
-        self.max_iter = int(max_iter)
+        self.num_classes = check_int(num_classes, "num_classes", 1)
+        self.smoothing_sigma = None if smoothing_sigma is None else check_number(smoothing_sigma, "smoothing_sigma", 0, min_open=True)
+        self.max_iter = check_int(max_iter, "max_iter", 1)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """Structure map of ``image`` ``(B, C, *S)`` -> ``(B, L, *S)``."""
@@ -354,7 +337,7 @@ class KMeansExtractor(nn.Module):
         return f"num_classes={self.num_classes}, smoothing_sigma={self.smoothing_sigma}"
 
 
-class MultiOtsuExtractor(nn.Module):
+class MultiOtsuExtractor(Configurable, nn.Module):
     """Structure extractor: multi-level Otsu thresholds (see :func:`multi_otsu_structure_map`).
 
     Args:
@@ -368,13 +351,9 @@ class MultiOtsuExtractor(nn.Module):
 
     def __init__(self, num_classes: int, smoothing_sigma: float | None = None, bins: int = 256):
         super().__init__()
-        self.num_classes = _check_classes(num_classes)
-        if smoothing_sigma is not None and not float(smoothing_sigma) > 0:
-            raise ValueError(f"smoothing_sigma: expected None or a number > 0, got {smoothing_sigma}")
-        if not isinstance(bins, int) or bins < num_classes:
-            raise ValueError(f"bins: expected an integer >= num_classes = {num_classes}, got {bins!r}")
-        self.smoothing_sigma = smoothing_sigma
-        self.bins = bins
+        self.num_classes = check_int(num_classes, "num_classes", 1)
+        self.smoothing_sigma = None if smoothing_sigma is None else check_number(smoothing_sigma, "smoothing_sigma", 0, min_open=True)
+        self.bins = check_int(bins, "bins", num_classes)  # at least one bin per class
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """Structure map of ``image`` ``(B, 1, *S)`` -> ``(B, L, *S)``."""

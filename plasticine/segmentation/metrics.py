@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from ..core.shapes import check_shape
+from ..core.validate import check_int, check_number, check_option
 
 __all__ = ["confusion_matrix", "dice", "iou", "accuracy", "pixel_accuracy", "hausdorff95", "Reduction", "Empty"]
 
@@ -67,8 +68,8 @@ def _as_labels(x: torch.Tensor, num_classes: int | None, name: str, bindings: di
     """Validate one input and return it as an int64 label map ``(B, *S)`` with the class count."""
     check_shape(x, "B C *S", name, bindings=bindings)
     bindings.pop("C")  # the channel count may differ: integer (1) against one-hot (L)
-    if num_classes is not None and (not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1):
-        raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}")
+    if num_classes is not None:
+        check_int(num_classes, "num_classes", 1)
     if x.dtype == torch.bool or x.dtype.is_floating_point:
         channels = x.shape[1]
         if num_classes is not None and channels != num_classes:
@@ -113,10 +114,8 @@ def _pair(prediction: torch.Tensor, target: torch.Tensor, num_classes: int | Non
 
 
 def _check_options(reduction: str, empty: str) -> None:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
-    if empty not in _EMPTY:
-        raise ValueError(f"empty: expected one of {_EMPTY}, got {empty!r}")
+    check_option(reduction, "reduction", _REDUCTIONS)
+    check_option(empty, "empty", _EMPTY)
 
 
 def _finish(scores: torch.Tensor, include_background: bool, reduction: str) -> torch.Tensor:
@@ -483,10 +482,8 @@ def hausdorff95(
         [[5.0]]
     """
     _check_options(reduction, empty)
-    if aggregate not in ("pooled", "max"):
-        raise ValueError(f"aggregate: expected 'pooled' or 'max', got {aggregate!r}")
-    if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 < percentile <= 100:
-        raise ValueError(f"percentile: expected a number in (0, 100], got {percentile!r}")
+    check_option(aggregate, "aggregate", ("pooled", "max"))
+    check_number(percentile, "percentile", 0, 100, min_open=True)
     pred, true, n = _pair(prediction, target, num_classes)
     ndim = pred.dim() - 1
     if isinstance(spacing, (int, float)) and not isinstance(spacing, bool):

@@ -94,7 +94,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..core.config import Configurable
 from ..core.shapes import check_shape
+from ..core.validate import check_int, check_number, check_option
 from .extractors import kmeans, one_hot
 
 __all__ = [
@@ -858,7 +860,7 @@ def potts_structure_map(
     return one_hot(kmeans(u, num_classes).labels, num_classes, image.dtype)
 
 
-class PottsExtractor(nn.Module):
+class PottsExtractor(Configurable, nn.Module):
     """Structure extractor of the paper: Potts partition clustered into ``L`` classes.
 
     Stores the settings of :func:`potts_structure_map` and calls it; deterministic, 2D and 3D.
@@ -890,17 +892,11 @@ class PottsExtractor(nn.Module):
         max_iter: int = 100,
     ):
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes: expected a positive integer, got {num_classes!r}")
-        if not float(gamma) > 0:
-            raise ValueError(f"gamma: expected a number > 0, got {gamma}")
-        if neighborhood not in ("axes", "diagonals"):
-            raise ValueError(f"neighborhood: expected 'axes' or 'diagonals', got {neighborhood!r}")
-        self.num_classes = num_classes
-        self.gamma = float(gamma)
-        self.neighborhood = neighborhood
+        self.num_classes = check_int(num_classes, "num_classes", 1)
+        self.gamma = check_number(gamma, "gamma", 0, min_open=True)
+        self.neighborhood = check_option(neighborhood, "neighborhood", ("axes", "diagonals"))
         self.normalize = bool(normalize)
-        self.max_iter = int(max_iter)
+        self.max_iter = check_int(max_iter, "max_iter", 1)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """Structure map of ``image`` ``(B, C, *S)`` -> ``(B, L, *S)``."""

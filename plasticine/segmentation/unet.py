@@ -31,7 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.config import Configurable, register_settings
 from ..core.shapes import check_shape
+from ..core.validate import check_int, check_number, check_option
 
 __all__ = ["SegmentationUNetConfig", "SegmentationUNet", "segmentation_loss", "SegmentationLoss", "train_segmentation"]
 
@@ -42,6 +44,7 @@ _NORMS = ("instance", "group", "batch", "none")
 _ACTIVATIONS = ("leaky_relu", "relu", "gelu")
 
 
+@register_settings
 @dataclass(frozen=True)
 class SegmentationUNetConfig:
     """Architecture of a :class:`SegmentationUNet`.
@@ -76,29 +79,21 @@ class SegmentationUNetConfig:
     kernel_size: int = 3
 
     def __post_init__(self) -> None:
-        def positive_int(name: str, value: object, minimum: int = 1) -> None:
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"SegmentationUNetConfig.{name}: expected an int >= {minimum}, got {value!r}")
-
-        positive_int("depth", self.depth, 0)
-        positive_int("base_width", self.base_width)
-        positive_int("groups", self.groups)
-        positive_int("blocks", self.blocks)
-        positive_int("kernel_size", self.kernel_size)
+        for name in ("depth", "base_width", "groups", "blocks", "kernel_size"):
+            check_int(getattr(self, name), f"SegmentationUNetConfig.{name}", 0 if name == "depth" else 1)
         if self.kernel_size % 2 == 0:
             raise ValueError(f"SegmentationUNetConfig.kernel_size: expected an odd size, got {self.kernel_size}")
-        if self.norm not in _NORMS:
-            raise ValueError(f"SegmentationUNetConfig.norm: expected one of {_NORMS}, got {self.norm!r}")
-        if self.activation not in _ACTIVATIONS:
-            raise ValueError(f"SegmentationUNetConfig.activation: expected one of {_ACTIVATIONS}, got {self.activation!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ValueError(f"SegmentationUNetConfig.dropout: expected a probability in [0, 1), got {self.dropout!r}")
+        check_option(self.norm, "SegmentationUNetConfig.norm", _NORMS)
+        check_option(self.activation, "SegmentationUNetConfig.activation", _ACTIVATIONS)
+        check_number(self.dropout, "SegmentationUNetConfig.dropout", 0, 1, max_open=True)
         if self.channel_multipliers is not None:
             m = tuple(self.channel_multipliers)
-            if len(m) != self.depth + 1 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in m):
+            if len(m) != self.depth + 1:
                 raise ValueError(
                     f"SegmentationUNetConfig.channel_multipliers: expected depth + 1 = {self.depth + 1} positive ints, got {self.channel_multipliers!r}"
                 )
+            for v in m:
+                check_int(v, "SegmentationUNetConfig.channel_multipliers[...]", 1)
             object.__setattr__(self, "channel_multipliers", m)
         if self.norm == "group":
             bad = [w for w in self.widths if w % self.groups]
@@ -153,7 +148,7 @@ class _Level(nn.Module):
         return x
 
 
-class SegmentationUNet(nn.Module):
+class SegmentationUNet(Configurable, nn.Module, config_ignore=("generator",)):
     r"""Plain U-Net returning per-class logits, for 2D or 3D images of any size.
 
     Level ``i`` has ``config.widths[i]`` channels. The encoder applies ``blocks`` conv-norm-act
@@ -161,7 +156,9 @@ class SegmentationUNet(nn.Module):
     convolutions, concatenates the encoder features of the same level and applies ``blocks``
     blocks; a 1x1 convolution maps to ``num_classes`` logits. The input is padded by edge
     replication to a multiple of :math:`2^{depth}` along every spatial axis (split evenly before
-    and after) and the logits are cropped back to the input's size.
+    and after) and the logits are cropped back to the input's size. ``net.config`` holds the
+    constructor arguments (``generator`` aside, see :class:`~plasticine.core.Configurable`);
+    ``net.settings`` is the :class:`SegmentationUNetConfig` in use.
 
     Args:
         in_channels: image channels ``C``.
@@ -198,15 +195,13 @@ class SegmentationUNet(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("num_classes", num_classes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
-        if spatial_dims not in (2, 3) or isinstance(spatial_dims, bool):
-            raise ValueError(f"spatial_dims: expected 2 or 3, got {spatial_dims!r}")
+        check_int(in_channels, "in_channels", 1)
+        check_int(num_classes, "num_classes", 1)
+        check_option(spatial_dims, "spatial_dims", (2, 3))
         config = config if config is not None else SegmentationUNetConfig()
         if not isinstance(config, SegmentationUNetConfig):
             raise ValueError(f"config: expected a SegmentationUNetConfig, got {type(config).__name__}")
-        self.in_channels, self.num_classes, self.spatial_dims, self.config = in_channels, num_classes, spatial_dims, config
+        self.in_channels, self.num_classes, self.spatial_dims, self.settings = in_channels, num_classes, spatial_dims, config
         n, widths = spatial_dims, config.widths
         self.encoder = nn.ModuleList(_Level(in_channels if i == 0 else widths[i - 1], w, n, config) for i, w in enumerate(widths))
         up = getattr(nn, f"ConvTranspose{n}d")
@@ -259,11 +254,11 @@ class SegmentationUNet(nn.Module):
         if not image.dtype.is_floating_point:
             raise ValueError(f"image: expected a floating dtype, got {image.dtype}")
         size = dims["S"]
-        m = 2**self.config.depth
+        m = 2**self.settings.depth
         padded = [math.ceil(s / m) * m for s in size]
-        if self.config.norm == "instance" and math.prod(p // m for p in padded) < 2:
+        if self.settings.norm == "instance" and math.prod(p // m for p in padded) < 2:
             raise ValueError(
-                f"image: spatial size {tuple(size)} leaves one voxel at the coarsest level of a depth-{self.config.depth} "
+                f"image: spatial size {tuple(size)} leaves one voxel at the coarsest level of a depth-{self.settings.depth} "
                 "U-Net, where instance normalisation is undefined; use a larger image or a smaller depth"
             )
         pad: list[int] = []
@@ -277,7 +272,7 @@ class SegmentationUNet(nn.Module):
                 x = pool(x, 2)
             x = level(x, generator)
             skips.append(x)
-        for i in reversed(range(self.config.depth)):
+        for i in reversed(range(self.settings.depth)):
             x = self.decoder[i](torch.cat([skips[i], self.up[i](x)], dim=1), generator)
         logits = self.head(x)
         crop = (slice(None), slice(None)) + tuple(slice((p - s) // 2, (p - s) // 2 + s) for s, p in zip(size, padded))
@@ -362,8 +357,7 @@ def segmentation_loss(
     if num_classes < 2:
         raise ValueError(f"logits: expected at least 2 classes (softmax over L), got L={num_classes}")
     for name, value in (("ce_weight", ce_weight), ("dice_weight", dice_weight)):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0 or not math.isfinite(value):
-            raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+        check_number(value, name, 0)
     if not isinstance(smooth, (int, float)) or not smooth > 0:
         raise ValueError(f"smooth: expected a number > 0, got {smooth!r}")
     target = _target_probabilities(labels, num_classes, {"B": bindings["B"], "S": bindings["S"]}).to(logits.dtype)
@@ -473,9 +467,8 @@ def train_segmentation(
     check_shape(labels, "M K *S", "labels", bindings=bindings)
     if not images.dtype.is_floating_point:
         raise ValueError(f"images: expected a floating dtype, got {images.dtype}")
-    for name, value in (("steps", steps), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    check_int(steps, "steps", 1)
+    check_int(batch_size, "batch_size", 1)
     if not isinstance(generator, torch.Generator):
         raise ValueError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
     loss_fn = loss if loss is not None else SegmentationLoss()

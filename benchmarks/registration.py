@@ -68,19 +68,14 @@ def load_3d():
     return x
 
 
-def load_learned(folder: Path | None, downsample: int):
-    """A network saved by examples/registration_backends.py (config.json + weights.pt, weights only)."""
+def load_learned(folder: Path | None):
+    """The backend saved by examples/registration_backends.py (``registration.pt``: network, integrator, downsampling)."""
     if folder is None:
         return None
-    import json
+    from plasticine.checkpoint import load_component
+    from plasticine.registration import LearnedRegistration
 
-    from plasticine.registration import LearnedRegistration, RegistrationNet, RegistrationNetConfig
-
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg["encoder"] = tuple(cfg["encoder"])
-    net = RegistrationNet(RegistrationNetConfig(**cfg))
-    net.load_state_dict(torch.load(folder / "weights.pt", weights_only=True))
-    return LearnedRegistration(net.eval(), downsample=downsample)
+    return load_component(folder / "registration.pt", expected=LearnedRegistration)
 
 
 def backends(names: list[str], quick: bool, learned=None):
@@ -143,7 +138,7 @@ def run(args) -> None:
             print(f"3D case skipped: {exc}")
     rows = []
     summary: dict[tuple[str, str], list[dict[str, float]]] = {}
-    learned = load_learned(args.learned, args.learned_downsample)
+    learned = load_learned(args.learned)
     for name, backend in backends(args.backends, args.quick, learned).items():
         for dim, seed, src, tgt, truth, brain, labs in cases:
             t = time.perf_counter()
@@ -175,7 +170,6 @@ def main() -> None:
     p.add_argument("--max-norm", type=float, default=10.0, help="largest velocity of the true field, voxels")
     p.add_argument("--backends", nargs="+", default=["identity", "learned", "iterative", "ants"])
     p.add_argument("--learned", type=Path, default=None, help="folder of a network saved by examples/registration_backends.py")
-    p.add_argument("--learned-downsample", type=int, default=4, help="the downsampling it was trained for")
     p.add_argument("--no-3d", action="store_true", help="skip the 3D case")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()

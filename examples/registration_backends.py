@@ -12,7 +12,8 @@ the paper's objective (symmetric mutual information, smoothness) can be added fo
 (``--objective-from``). A few minutes of training on 2 cores bring the held-out endpoint error below
 that of ANTs SyN at a few milliseconds per pair.
 
-It is then saved (weights as a plain state dict, loaded with ``weights_only=True``; config as JSON),
+It is then saved as one component file (:func:`plasticine.checkpoint.save_component`: the backend's
+config, the downsampling included, as JSON and the weights, loaded without unpickling code),
 reloaded, and one registration call is made with three backends, each swapped in one line, on
 held-out cases, printing endpoint error, folding, inverse consistency and time per pair.
 
@@ -24,17 +25,14 @@ Run:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
-import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from plasticine.checkpoint import load_component, save_component
 from plasticine.core import compose, warp
 from plasticine.core.filters import resize, resize_field
 from plasticine.data import brainweb_slices
@@ -128,22 +126,15 @@ def train(args, t1, pd) -> RegistrationNet:
     return net.eval()
 
 
-def save(net: RegistrationNet, folder: Path) -> None:
-    """Weights and config, each written to a temporary file and renamed (never half-written)."""
+def save(backend: LearnedRegistration, folder: Path) -> None:
+    """The backend (network, integrator, downsampling) and its weights in one file, written atomically."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name, write in (("weights.pt", lambda f: torch.save(net.state_dict(), f)), ("config.json", lambda f: f.write(json.dumps(dataclasses.asdict(net.config)).encode()))):
-        fd, tmp = tempfile.mkstemp(dir=folder)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, folder / name)
+    save_component(backend, folder / "registration.pt")
 
 
-def load(folder: Path) -> RegistrationNet:
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg["encoder"] = tuple(cfg["encoder"])
-    net = RegistrationNet(RegistrationNetConfig(**cfg))
-    net.load_state_dict(torch.load(folder / "weights.pt", weights_only=True))
-    return net.eval()
+def load(folder: Path) -> LearnedRegistration:
+    """What :func:`save` wrote, in evaluation mode (loading never unpickles code)."""
+    return load_component(folder / "registration.pt", expected=LearnedRegistration)
 
 
 def evaluate(name, backend, cases) -> None:
@@ -181,9 +172,9 @@ def main() -> None:
         args.steps, args.batch, args.width, args.cases, args.downsample = 3, 2, 4, 1, 4
         t1, pd = resize(t1, (72, 60)), resize(pd, (72, 60))
     net = train(args, t1, pd)
-    save(net, args.outdir)
-    net = load(args.outdir)
-    print(f"saved and reloaded from {args.outdir}/")
+    save(LearnedRegistration(net, downsample=args.downsample), args.outdir)
+    backend = load(args.outdir)
+    print(f"saved and reloaded from {args.outdir}/registration.pt")
 
     g = torch.Generator().manual_seed(10_000 + args.seed)  # held-out cases
     cases = []
@@ -191,7 +182,6 @@ def main() -> None:
         source, target, v, fwd = make_pair(t1, pd, g, args.max_norm, vary=False)
         cases.append((source, target, v, fwd, warp((t1 > 0.05).float(), fwd) > 0.5))
 
-    backend = LearnedRegistration(net, downsample=args.downsample)
     evaluate("learned", backend, cases)
     backend = IterativeRegistration()
     evaluate("iterative", backend, cases)

@@ -1,6 +1,6 @@
 """Seconds per translated image of a :class:`~plasticine.translator.TraceableTranslator`.
 
-The translator is the demo's (:func:`plasticine.cli.build_translator`, the architecture of
+The translator is the demo's (:func:`plasticine.recipes.build_translator`, the architecture of
 ``plasticine demo``: k-means structure map with 4 classes, the learned registration network with
 the noise cue and scaling and squaring, a conditional U-Net with 16, 32, 32 channels, the paper's
 linear schedule with K = 2000, DDIM with 10 steps, concatenation conditioning, start step
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _timing as T  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 
-from plasticine.cli import build_translator  # noqa: E402
+from plasticine.recipes import build_translator  # noqa: E402
 from plasticine.data import brainweb_slices  # noqa: E402
 from plasticine.demo import DemoConfig  # noqa: E402
 from plasticine.diffusion import DDIMSampler, DPMSolverPP  # noqa: E402

@@ -16,8 +16,6 @@ from plasticine.data import brainweb_slices
 from plasticine.demo import QUICK, DemoConfig, enlargement_field, make_cohort, pd_lookup, run_demo, shipped_checkpoint
 from plasticine.translator import TraceableTranslator
 
-
-
 FIELDS = (
     "ventricle_dice",
     "ventricle_dice_identity",

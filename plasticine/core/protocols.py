@@ -29,19 +29,44 @@ __all__ = [
 
 @runtime_checkable
 class NoiseSchedule(Protocol):
-    r"""Discrete diffusion noise schedule.
+    r"""Discrete diffusion noise schedule of ``K`` steps: every operation the diffusion model needs.
 
-    ``gammas[k]`` is :math:`\gamma_k = \prod_{i \le k} \alpha_i` (float64, ``gammas[0] = 1``);
-    ``q_sample`` draws :math:`y_k = \sqrt{\gamma_k} y_0 + \sqrt{1 - \gamma_k} \epsilon`.
+    ``gammas[k]`` is :math:`\gamma_k = \prod_{i \le k} \alpha_i` (float64, ``gammas[0] = 1``).
+    A step argument ``k`` is a Python int (the same step for every sample) or an integer tensor
+    (``()`` or ``(B,)``, per sample).
+
+    * ``q_sample(y0, k, noise)``: :math:`y_k = \sqrt{\gamma_k} y_0 + \sqrt{1 - \gamma_k} \epsilon`;
+    * ``diffuse(y0, gamma, noise)``: the same at continuous levels :math:`\gamma` (training);
+    * ``sample_gamma(batch, generator, device)``: the training draw ``(k, gamma)`` of a level per sample;
+    * ``posterior_coefficients(k, k_prev)`` and ``posterior(y0, yk, k, k_prev)``: the Gaussian
+      :math:`q(y_{k'} \mid y_0, y_k)` of any pair ``k_prev < k``.
 
     Shape:
-        gammas: ``(K + 1,)``; y0, noise: ``(B, C, *S)``; k: ``(B,)`` integer; out: ``(B, C, *S)``.
+        gammas: ``(K + 1,)``; y0, yk, noise: ``(B, C, *S)``; k, k_prev: an int, ``()`` or ``(B,)``;
+        gamma: ``(B,)``; images out: ``(B, C, *S)``.
     """
+
+    @property
+    def num_steps(self) -> int: ...
 
     @property
     def gammas(self) -> torch.Tensor: ...
 
-    def q_sample(self, y0: torch.Tensor, k: torch.Tensor, noise: torch.Tensor) -> torch.Tensor: ...
+    def q_sample(self, y0: torch.Tensor, k: int | torch.Tensor, noise: torch.Tensor) -> torch.Tensor: ...
+
+    def diffuse(self, y0: torch.Tensor, gamma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor: ...
+
+    def sample_gamma(
+        self, batch: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def posterior_coefficients(
+        self, k: int | torch.Tensor, k_prev: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+    def posterior(
+        self, y0: torch.Tensor, yk: torch.Tensor, k: int | torch.Tensor, k_prev: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @runtime_checkable

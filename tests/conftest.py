@@ -62,3 +62,13 @@ class SpySchedule:
 
         return method
 
+
+class Recorder:
+    """Wraps a denoiser and records the input and the level of every call."""
+
+    def __init__(self, fn) -> None:
+        self.fn, self.calls = fn, []
+
+    def __call__(self, x, gamma, condition):
+        self.calls.append((x.clone(), gamma.clone()))
+        return self.fn(x, gamma, condition)

@@ -7,7 +7,7 @@ and each protocol has a contract test suite in ``tests/`` that every implementat
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 
@@ -82,13 +82,17 @@ class Denoiser(Protocol):
 
 @runtime_checkable
 class Sampler(Protocol):
-    """Reverse-diffusion sampler that runs an explicit plan of ``(k, k_prev)`` steps.
+    r"""Reverse-diffusion sampler that runs an explicit plan of ``(k, k_prev)`` steps from ``(start, start_step)``.
 
-    ``start`` is either pure noise (``start_step=None``: from step K) or a clean image that is
-    noised to ``start_step`` first (mid-schedule start, the paper's inference and SDEdit).
+    ``start`` *is* the state :math:`y_{k_0}` at ``start_step`` :math:`= k_0`, and the sampler
+    denoises it to step 0; it is never noised by the sampler. The caller makes the start: pure noise
+    for ``start_step = K``, or ``schedule.q_sample(x, k0, noise)`` for a mid-schedule start (the
+    paper's inference, SDEdit). ``start_step`` is an int, or a ``(B,)`` integer tensor of per-sample
+    steps; ``generator`` is the only source of randomness of stochastic steps.
 
     Shape:
-        condition: ``(B, Cc, *S)`` or None; start: ``(B, C, *S)``; out: ``(B, C, *S)``.
+        condition: ``(B, Cc, *S)`` or None; start: ``(B, C, *S)``; start_step: an int or ``(B,)``;
+        out: ``(B, C, *S)``.
     """
 
     def sample(
@@ -97,7 +101,7 @@ class Sampler(Protocol):
         schedule: NoiseSchedule,
         condition: torch.Tensor | None,
         start: torch.Tensor,
-        start_step: Any = None,
+        start_step: int | torch.Tensor,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor: ...
 

@@ -684,17 +684,28 @@ def _load_builtins() -> None:
         pass
     try:
         from .registration.iterative import IterativeConfig, IterativeRegistration
+        from .registration.optimizers import LBFGS, Adam, GradientDescent
+
+        _by_attributes(GradientDescent, ("lr", "update_smoothing"))
+        _by_attributes(Adam, ("lr",))
+        _by_attributes(LBFGS, ("lr",))
 
         def iterative_to(obj: IterativeRegistration) -> dict[str, Any]:
             return {
                 "config": _dataclass_dict(obj.config),
                 "similarity": component_config(obj.similarity),
                 "regularizer": component_config(obj.regularizer),
+                "integrator": component_config(obj.integrator),
+                "optimizer": component_config(obj.optimizer),
             }
 
         def iterative_from(cfg: dict[str, Any]) -> IterativeRegistration:
             return IterativeRegistration(
-                build_component(cfg["similarity"]), build_component(cfg["regularizer"]), IterativeConfig(**_tuples(cfg["config"]))
+                build_component(cfg["similarity"]),
+                build_component(cfg["regularizer"]),
+                IterativeConfig(**_tuples(cfg["config"])),
+                integrator=build_component(cfg["integrator"]),
+                optimizer=build_component(cfg["optimizer"]),
             )
 
         register_component(IterativeRegistration, iterative_to, iterative_from, modules=lambda o: {})

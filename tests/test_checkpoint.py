@@ -17,7 +17,7 @@ from plasticine.diffusion import AncestralSampler, CosineSchedule, DDIMSampler, 
 from plasticine.diffusion.conditioning import ConcatConditioning, LearnedConditioning
 from plasticine.diffusion.unet import ConditionalUNet, UNetConfig
 from plasticine.losses import NCC, BendingEnergy, GradientSmoothness, LocalNCC, MutualInformation
-from plasticine.registration import RK4, Euler, ScalingAndSquaring
+from plasticine.registration import LBFGS, RK4, Adam, Euler, GradientDescent, ScalingAndSquaring
 from plasticine.registration.iterative import IterativeRegistration
 from plasticine.registration.network import LearnedRegistration, RegistrationNet, RegistrationNetConfig
 from plasticine.segmentation import KMeansExtractor, MultiOtsuExtractor, PottsExtractor
@@ -87,9 +87,11 @@ COMPONENTS = [
     Euler(4),
     RK4(3, "reflection"),
     LearnedRegistration(RegistrationNet(RegistrationNetConfig(spatial_dims=3, cue_channels=0, features=4, encoder=(4, 8), inverse="learned")), RK4(2)),
-    IterativeRegistration(LocalNCC((3, 5)), BendingEnergy((1.0, 2.0)), levels=(2, 1), iterations=(4, 2), optimizer="lbfgs"),
+    IterativeRegistration(LocalNCC((3, 5)), BendingEnergy((1.0, 2.0)), levels=(2, 1), iterations=(4, 2), optimizer=LBFGS(0.5), integrator=RK4(3)),
     IterativeRegistration(MutualInformation(bins=16, kernel="gaussian", moving_range=(0.0, 1.0)), GradientSmoothness(0.5)),
     IterativeRegistration(NCC(), GradientSmoothness()),
+    IterativeRegistration(NCC(), GradientSmoothness(), optimizer=Adam(0.1)),
+    IterativeRegistration(optimizer=GradientDescent(0.3, update_smoothing=2.0), integrator=ScalingAndSquaring(5), smoothing=1.0),
 ]
 
 

@@ -154,11 +154,11 @@ def step_speed(device: torch.device, sizes: tuple[int, ...], block_counts: tuple
 
 def _samplers() -> dict[str, Any] | None:
     try:
-        from plasticine.diffusion import AncestralSampler, DDIMSampler, DPMSolverPP, LinearSchedule
+        from plasticine.diffusion import AncestralSampler, DDIMSampler, DPMSolverPP, LinearSchedule, noise_like
     except ImportError as exc:
         print(f"samplers: missing ({exc})")
         return None
-    return {"Ancestral": AncestralSampler, "DDIM": DDIMSampler, "DPMSolverPP": DPMSolverPP, "LinearSchedule": LinearSchedule}
+    return {"Ancestral": AncestralSampler, "DDIM": DDIMSampler, "DPMSolverPP": DPMSolverPP, "LinearSchedule": LinearSchedule, "noise_like": noise_like}
 
 
 def _brainweb(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,7 +187,9 @@ def translation_time(device: torch.device, size: int, repeats: int) -> list[dict
     for name, sampler in (("DDIM 50", S["DDIM"](steps=50)), ("DPM-Solver++ 10", S["DPMSolverPP"](steps=10)),
                           ("DPM-Solver++ 15", S["DPMSolverPP"](steps=15)), ("DPM-Solver++ 20", S["DPMSolverPP"](steps=20))):
         def run() -> torch.Tensor:
-            return sampler.sample(net, schedule, cond, src, start_step=START_STEP, generator=torch.Generator().manual_seed(0))
+            g = torch.Generator().manual_seed(0)
+            start = schedule.q_sample(src, START_STEP, S["noise_like"](src, g))
+            return sampler.sample(net, schedule, cond, start, START_STEP, g)
 
         with torch.inference_mode():
             tm = T.time_callable(run, device, warmup=1 if repeats > 1 else 0, repeats=repeats, min_repeats=1)
@@ -222,7 +224,7 @@ def sampler_accuracy(device: torch.device) -> list[dict[str, Any]]:
     gk = float(schedule.gammas[START_STEP])
 
     def noised(seed: int) -> torch.Tensor:
-        # the samplers draw the noising noise first from the generator: reproduce it for the exact end point
+        # the start of run(seed): the noise is the first draw from the generator
         noise = torch.randn(t1.shape, generator=torch.Generator().manual_seed(seed), dtype=t1.dtype).to(device)
         return math.sqrt(gk) * t1 + math.sqrt(1 - gk) * noise
 
@@ -230,7 +232,9 @@ def sampler_accuracy(device: torch.device) -> list[dict[str, Any]]:
 
     def run(sampler: Any, seed: int) -> tuple[torch.Tensor, float]:
         t0 = time.perf_counter()
-        out = sampler.sample(oracle, schedule, None, t1, start_step=START_STEP, generator=torch.Generator().manual_seed(seed))
+        g = torch.Generator().manual_seed(seed)
+        start = schedule.q_sample(t1, START_STEP, S["noise_like"](t1, g))
+        out = sampler.sample(oracle, schedule, None, start, START_STEP, g)
         return out, time.perf_counter() - t0
 
     ref, _ = run(S["Ancestral"](), 0)

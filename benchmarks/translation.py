@@ -1,6 +1,6 @@
 """Seconds per translated image of a :class:`~plasticine.translator.TraceableTranslator`.
 
-The translator is the demo's (:func:`plasticine.cli.build_translator`, the architecture of
+The translator is the demo's (:func:`plasticine.recipes.build_translator`, the architecture of
 ``plasticine demo``: k-means structure map with 4 classes, the learned registration network with
 the noise cue and scaling and squaring, a conditional U-Net with 16, 32, 32 channels, the paper's
 linear schedule with K = 2000, DDIM with 10 steps, concatenation conditioning, start step
@@ -42,10 +42,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _timing as T  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 
-from plasticine.cli import build_translator  # noqa: E402
+from plasticine.recipes import build_translator  # noqa: E402
 from plasticine.data import brainweb_slices  # noqa: E402
 from plasticine.demo import DemoConfig  # noqa: E402
-from plasticine.diffusion import DDIMSampler, DPMSolverPP  # noqa: E402
+from plasticine.diffusion import DDIMSampler, DPMSolverPP, noise_like  # noqa: E402
 
 GOAL_SECONDS = 10.0
 """Goal for one 256x256 translation on 2 CPU cores, seconds."""
@@ -108,7 +108,8 @@ def bench_case(shape: tuple[int, ...], device: torch.device, repeats: int, seed:
             g = torch.Generator(device).manual_seed(seed)
             with torch.no_grad():
                 cond = t.conditioning(warped)
-                return t.sampler.sample(t.denoiser, t.schedule, cond, x, start_step=k0, generator=g)
+                start = t.schedule.q_sample(x, k0, noise_like(x, g))
+                return t.sampler.sample(t.denoiser, t.schedule, cond, start, k0, g)
 
         def whole() -> Any:
             return t.translate(x, generator=torch.Generator(device).manual_seed(seed))

@@ -37,54 +37,7 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["main", "build_parser", "build_translator"]
-
-
-def build_translator(ndim: int, channels: int, *, classes: int = 4, sampler_steps: int = 20, start_fraction: float = 0.5, seed: int = 0) -> Any:
-    """The translator that ``plasticine train`` builds: small networks that train on a CPU.
-
-    K-means structure map with ``classes`` classes, the learned registration network with the noise
-    cue (16 to 32 channels) and scaling and squaring, a conditional U-Net (16, 32, 32 channels), the
-    paper's linear schedule, DDIM with ``sampler_steps`` steps, concatenation conditioning.
-
-    Args:
-        ndim: 2 or 3 spatial dimensions.
-        channels: image channels.
-        classes: structure classes.
-        sampler_steps: DDIM steps.
-        start_fraction: default start step as a fraction of ``K``.
-        seed: seed of the initial weights.
-
-    Returns:
-        A :class:`~plasticine.translator.TraceableTranslator`.
-
-    Shape:
-        Not applicable.
-    """
-    from .diffusion import DDIMSampler, LinearSchedule
-    from .diffusion.conditioning import ConcatConditioning
-    from .diffusion.unet import ConditionalUNet, UNetConfig
-    from .registration import ScalingAndSquaring
-    from .registration.network import LearnedRegistration, RegistrationNet, RegistrationNetConfig
-    from .segmentation import KMeansExtractor
-    from .translator import TraceableTranslator
-
-    if ndim not in (2, 3):
-        raise ValueError(f"ndim: expected 2 or 3, got {ndim}")
-    torch.manual_seed(seed)
-    net = RegistrationNet(
-        RegistrationNetConfig(spatial_dims=ndim, image_channels=channels, cue_channels=channels, features=16, encoder=(16, 32, 32, 32), align_channels=16, align_layers=3)
-    )
-    unet = ConditionalUNet(UNetConfig(ndim=ndim, in_channels=channels, cond_channels=classes, base_channels=16, channel_mults=(1, 2, 2), attention_levels=()))
-    return TraceableTranslator(
-        KMeansExtractor(classes, max_iter=50),
-        LearnedRegistration(net, ScalingAndSquaring(7)),
-        unet,
-        LinearSchedule(),
-        DDIMSampler(sampler_steps),
-        ConcatConditioning(classes),
-        start_fraction=start_fraction,
-    )
+__all__ = ["main", "build_parser"]
 
 
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth")
@@ -220,8 +173,7 @@ def _check_checkpoint_name(option: str, name: str) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .io import UnpairedImages
-    from .training import ShuffledBatches, TrainConfig, Trainer, deformation_objective, diffusion_objective
+    from .recipes import TrainingRecipe, build_translator, train_translator
 
     for name in ("diffusion_steps", "registration_steps", "batch_size", "checkpoint_every", "classes", "sampler_steps"):
         if getattr(args, name) < (0 if name == "checkpoint_every" else 1):
@@ -241,29 +193,20 @@ def _train(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name}: {n} image(s), fewer than --batch-size {args.batch_size}")
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    t = build_translator(xs.dim() - 2, xs.shape[1], classes=args.classes, sampler_steps=args.sampler_steps, start_fraction=args.start_fraction, seed=args.seed).to(device)
-    progress = "none" if args.quiet else "auto"
-    common = dict(checkpoint_every=args.checkpoint_every, seed=args.seed, progress=progress, log_every=max(1, min(args.diffusion_steps, args.registration_steps) // 10))
+    translator = build_translator(xs.dim() - 2, xs.shape[1], classes=args.classes, sampler_steps=args.sampler_steps, start_fraction=args.start_fraction, seed=args.seed).to(device)
+    recipe = TrainingRecipe(
+        diffusion_steps=args.diffusion_steps,
+        registration_steps=args.registration_steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        progress="none" if args.quiet else "auto",
+    )
     if not args.quiet:
         print(f"plasticine train: {len(source)} source and {len(target)} target image(s) of shape {tuple(xs.shape[1:])}", file=sys.stderr)
-    unet = t.denoiser
-    Trainer(
-        lambda m, y, g: diffusion_objective(t, y, g, denoiser=m),
-        unet,
-        torch.optim.Adam(unet.parameters(), args.lr),
-        ShuffledBatches(ys, args.batch_size, seed=args.seed),
-        TrainConfig(steps=args.diffusion_steps, checkpoint_path=f"{out}.diffusion-state.pt", name="denoiser", **common),
-    ).fit()
-    unet.eval()
-    net = t.registration.network
-    Trainer(
-        lambda m, b, g: deformation_objective(t, b[0], b[1], g, network=m),
-        net,
-        torch.optim.Adam(net.parameters(), args.lr),
-        ShuffledBatches(UnpairedImages(source, target, seed=args.seed), args.batch_size, seed=args.seed + 1),
-        TrainConfig(steps=args.registration_steps, checkpoint_path=f"{out}.registration-state.pt", name="registration", **{**common, "seed": args.seed + 1}),
-    ).fit()
-    t.eval().save(out)
+    train_translator(translator, source, target, recipe, checkpoint_prefix=out)
+    translator.save(out)
     if not args.quiet:
         print(f"plasticine train: wrote {out}", file=sys.stderr)
     return 0

@@ -317,7 +317,7 @@ def make_cohort(config: DemoConfig, num_subjects: int, seed: int, *, include_rea
 def build_demo_translator(config: DemoConfig = DemoConfig()) -> TraceableTranslator:
     """The demo's translator with freshly initialised weights (about 0.4 M parameters).
 
-    The translator of ``plasticine train`` (:func:`plasticine.cli.build_translator`) for 2D
+    The translator of ``plasticine train`` (:func:`plasticine.recipes.build_translator`) for 2D
     single-channel images: k-means structure map (``num_classes``), the learned registration
     network with the noise cue and scaling and squaring, a conditional U-Net (16, 32, 32 channels,
     no attention), the paper's linear schedule (:math:`10^{-6}..10^{-2}`, K = 2000), DDIM with
@@ -332,7 +332,7 @@ def build_demo_translator(config: DemoConfig = DemoConfig()) -> TraceableTransla
     Shape:
         Not applicable.
     """
-    from .cli import build_translator
+    from .recipes import build_translator
 
     return build_translator(2, 1, classes=config.num_classes, sampler_steps=config.sampler_steps, start_fraction=config.start_fraction, seed=config.seed)
 
@@ -350,8 +350,8 @@ def train_demo_translator(config: DemoConfig = DemoConfig(), *, verbose: bool = 
     :math:`\\mathrm{conditioning}(x_s \\circ \\phi_E)` (see the module docstring); stage 2 trains
     the registration network with :func:`~plasticine.training.deformation_objective` (symmetric
     normalised mutual information, gradient smoothness, feature alignment, the frozen denoiser's
-    noise cue). Each stage is a :class:`~plasticine.training.Trainer` over
-    :class:`~plasticine.training.ShuffledBatches` seeded from ``config.seed``.
+    noise cue) on the generated (source, target) pairs. Both stages are
+    :func:`plasticine.recipes.train_translator`, seeded from ``config.seed``.
 
     Args:
         config: the settings.
@@ -363,46 +363,26 @@ def train_demo_translator(config: DemoConfig = DemoConfig(), *, verbose: bool = 
     Shape:
         Not applicable.
     """
-    from .diffusion import noise_prediction_loss
-    from .training import ShuffledBatches, TrainConfig, Trainer, deformation_objective
+    from .recipes import TrainingRecipe, train_translator
 
     cohort = make_cohort(config, config.train_subjects, config.seed + 1, include_real=False)
     translator = build_demo_translator(config)
-    progress = "print" if verbose else "none"
     with torch.no_grad():
         xs = translator.structure_map(cohort.sources)
         n = len(cohort)
         field = Deformation(*(f.expand(n, -1, -1, -1).to(torch.float32) for f in (cohort.field.forward, cohort.field.inverse)))
         condition = translator.conditioning(field.to_target(xs))
-    unet = translator.denoiser
-    _say(f"stage 1: denoiser, {config.diffusion_iterations} steps on {n} generated pairs of size {config.shape}", verbose)
-
-    def diffusion_loss(model: Any, batch: Any, g: torch.Generator) -> torch.Tensor:
-        y, c = batch
-        return noise_prediction_loss(model, translator.schedule, y, c, g, "l1")
-
-    every = max(1, config.diffusion_iterations // 10)
-    stage1 = Trainer(
-        diffusion_loss,
-        unet,
-        torch.optim.Adam(unet.parameters(), config.learning_rate),
-        ShuffledBatches(list(zip(cohort.targets, condition)), config.batch_size, seed=config.seed, rank=0, world_size=1),
-        TrainConfig(steps=config.diffusion_iterations, seed=config.seed, progress=progress, log_every=every, name="denoiser", ema_decay=config.ema_decay),
+    _say(f"training on {n} generated pairs of size {config.shape}: denoiser {config.diffusion_iterations} steps, registration {config.registration_iterations} steps", verbose)
+    recipe = TrainingRecipe(
+        diffusion_steps=config.diffusion_iterations,
+        registration_steps=config.registration_iterations,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        seed=config.seed,
+        ema_decay=config.ema_decay,
+        progress="print" if verbose else "none",
     )
-    stage1.fit()
-    if stage1.ema is not None:
-        stage1.ema.copy_to(unet)
-    unet.eval()
-    net = translator.registration.network
-    _say(f"stage 2: registration network, {config.registration_iterations} steps", verbose)
-    every = max(1, config.registration_iterations // 10)
-    Trainer(
-        lambda m, b, g: deformation_objective(translator, b[0], b[1], g, network=m),
-        net,
-        torch.optim.Adam(net.parameters(), config.learning_rate),
-        ShuffledBatches(list(zip(cohort.sources, cohort.targets)), config.batch_size, seed=config.seed + 1, rank=0, world_size=1),
-        TrainConfig(steps=config.registration_iterations, seed=config.seed + 1, progress=progress, log_every=every, name="registration"),
-    ).fit()
+    train_translator(translator, cohort.sources, cohort.targets, recipe, conditions=condition, paired=True)
     return translator.eval()
 
 

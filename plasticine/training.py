@@ -93,7 +93,7 @@ from torch import nn
 from .checkpoint import CheckpointError, fingerprint, load_state, save_state
 from .core.shapes import check_shape
 from .core.validate import check_image, check_int, check_number, check_option
-from .diffusion.schedules import diffuse, sample_noise_level
+from .diffusion.schedules import noise_like
 from .diffusion.training import EMA, LossKind, noise_prediction_loss
 from .translator import TraceableTranslator
 
@@ -157,8 +157,8 @@ def diffusion_objective(
 def noise_cue(translator: TraceableTranslator, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     r"""The diffusion model's noise estimate :math:`\hat\epsilon` of a target, the registration cue.
 
-    Draws a level :math:`\gamma` (as in training, from ``generator``) and noise :math:`\epsilon`,
-    and returns :math:`\epsilon_{\theta_1}(\sqrt{\gamma} y + \sqrt{1-\gamma}\epsilon, \gamma,
+    Draws a level :math:`\gamma` (as in training, ``schedule.sample_gamma`` from ``generator``) and
+    noise :math:`\epsilon`, and returns :math:`\epsilon_{\theta_1}(\sqrt{\gamma} y + \sqrt{1-\gamma}\epsilon, \gamma,
     \mathrm{conditioning}(y_s))` without gradient.
 
     Args:
@@ -178,10 +178,8 @@ def noise_cue(translator: TraceableTranslator, y: torch.Tensor, generator: torch
         condition = translator.conditioning(ys)
         if condition is not None:
             condition = condition.to(y.dtype)
-        _, gamma = sample_noise_level(translator.schedule.gammas, dims["B"], generator, device=y.device)
-        draw_device = generator.device if generator is not None else y.device
-        noise = torch.randn(y.shape, generator=generator, dtype=y.dtype, device=draw_device).to(y.device)
-        noisy = diffuse(y, gamma, noise)
+        _, gamma = translator.schedule.sample_gamma(dims["B"], generator, device=y.device)
+        noisy = translator.schedule.diffuse(y, gamma, noise_like(y, generator))
         eps = translator.denoiser(noisy, gamma.to(torch.promote_types(y.dtype, torch.float32)), condition)
     return eps.detach()
 

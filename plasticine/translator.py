@@ -49,6 +49,7 @@ from .core.deformation import Deformation
 from .core.protocols import ConditionEncoder, Denoiser, NoiseSchedule, RegistrationBackend, Sampler, StructureExtractor
 from .core.shapes import NonFiniteError, check_finite, check_shape
 from .core.validate import check_image, check_int, check_number
+from .diffusion.schedules import noise_like
 
 __all__ = ["TranslationResult", "TraceableTranslator", "COMPONENTS"]
 
@@ -336,9 +337,10 @@ class TraceableTranslator(Configurable, nn.Module):
             if condition is not None:
                 condition = condition.to(x.dtype)
                 check_finite(condition, f"translate: the condition from {type(self.conditioning).__name__}")
-            start = x.repeat(num_samples, *([1] * (x.dim() - 1)))
+            clean = x.repeat(num_samples, *([1] * (x.dim() - 1)))
             cond = None if condition is None else condition.repeat(num_samples, *([1] * (condition.dim() - 1)))
-            out = self.sampler.sample(self.denoiser, self.schedule, cond, start, start_step=k0, generator=generator)
+            start = self.schedule.q_sample(clean, k0, noise_like(clean, generator))
+            out = self.sampler.sample(self.denoiser, self.schedule, cond, start, k0, generator)
             check_finite(
                 out,
                 f"translate: the samples from {type(self.sampler).__name__}",

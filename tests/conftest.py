@@ -43,3 +43,32 @@ def ndim(request):
 def make_generator(seed: int) -> torch.Generator:
     """A CPU generator seeded for a property test (hypothesis does not seed torch)."""
     return torch.Generator().manual_seed(int(seed))
+
+
+class SpySchedule:
+    """A noise schedule that delegates every member to another and records the methods called, in order."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.calls = inner, []
+
+    def __getattr__(self, name: str):
+        attr = getattr(self.inner, name)
+        if not callable(attr):
+            return attr
+
+        def method(*args, **kwargs):
+            self.calls.append(name)
+            return attr(*args, **kwargs)
+
+        return method
+
+
+class Recorder:
+    """Wraps a denoiser and records the input and the level of every call."""
+
+    def __init__(self, fn) -> None:
+        self.fn, self.calls = fn, []
+
+    def __call__(self, x, gamma, condition):
+        self.calls.append((x.clone(), gamma.clone()))
+        return self.fn(x, gamma, condition)

@@ -23,7 +23,7 @@ from plasticine.diffusion.conditioning import ConcatConditioning, LearnedConditi
 from plasticine.diffusion.schedules import DiscreteSchedule
 from plasticine.diffusion.unet import ConditionalUNet, UNetConfig
 from plasticine.losses import NCC, BendingEnergy, GradientSmoothness, LocalNCC, MutualInformation
-from plasticine.registration import RK4, AntsRegistration, Euler, ScalingAndSquaring
+from plasticine.registration import LBFGS, RK4, Adam, AntsRegistration, Euler, GradientDescent, ScalingAndSquaring
 from plasticine.registration.iterative import IterativeRegistration
 from plasticine.registration.network import LearnedRegistration, RegistrationNet, RegistrationNetConfig
 from plasticine.segmentation import KMeansExtractor, MultiOtsuExtractor, PottsExtractor
@@ -138,6 +138,12 @@ def _translate(t):
     return r.image, r.deformation.forward, r.deformation.inverse
 
 
+def _minimise(optimizer):
+    target = _field(1, 2, 6, 6, seed=4)
+    with torch.enable_grad():
+        return optimizer.minimise(lambda v: (v - target).square().sum() + v.diff(dim=-1).square().sum(), torch.zeros(1, 2, 6, 6), 4)
+
+
 def _reg_net():
     return RegistrationNet(RegistrationNetConfig(spatial_dims=3, cue_channels=1, features=4, encoder=(4, 8), inverse="learned", norm_groups=2), velocity_level=1)
 
@@ -177,9 +183,14 @@ CASES = {
     RegistrationNet: (_reg_net, lambda n: n(_image(1, 1, 6, 7, 5), _image(1, 1, 6, 7, 5, seed=1), _image(1, 1, 6, 7, 5, seed=2))),
     LearnedRegistration: (lambda: _translator_downsampled().registration, lambda r: tuple(r.register(phantom((12, 10))).__dict__.values())),
     IterativeRegistration: (
-        lambda: IterativeRegistration(LocalNCC(3), BendingEnergy(2.0), levels=(2, 1), iterations=(3, 2), lr=0.3, weight=0.1),
+        lambda: IterativeRegistration(
+            LocalNCC(3), BendingEnergy(2.0), levels=(2, 1), iterations=(3, 2), weight=0.1, optimizer=GradientDescent(0.3, update_smoothing=2.0), integrator=RK4(3)
+        ),
         lambda r: r.register(phantom((12, 12), seed=0), phantom((12, 12), seed=1)).forward,
     ),
+    GradientDescent: (lambda: GradientDescent(0.3, update_smoothing=1.0), _minimise),
+    Adam: (lambda: Adam(0.05), _minimise),
+    LBFGS: (lambda: LBFGS(0.5), _minimise),
     AntsRegistration: (lambda: AntsRegistration("SyNOnly", "CC", pad=4, reg_iterations=(4, 2, 0)), None),  # the call it makes, see below
     SegmentationUNet: (
         lambda: SegmentationUNet(1, 3, 2, SegmentationUNetConfig(depth=2, base_width=4, norm="group", groups=2, dropout=0.1), generator=make_generator(5)),

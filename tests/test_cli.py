@@ -75,6 +75,7 @@ def test_translate_writes_images_deformations_and_traces(folders, model, tmp_pat
 
 
 def test_trace_points_and_masks_through_a_known_shift(tmp_path):
+    pytest.importorskip("nibabel", reason="the io extra (nibabel) is not installed")
     # phi(p) = p + (0, 2): the target column c shows source column c + 2
     u = torch.zeros(1, 2, 10, 9)
     u[:, 1] = 2.0
@@ -161,6 +162,7 @@ def test_train_refuses_bad_options_before_any_work(folders, tmp_path, capsys):
 
 
 def test_translate_refuses_inputs_whose_outputs_share_a_name(model, tmp_path, capsys):
+    pytest.importorskip("nibabel", reason="the io extra (nibabel) is not installed")
     inputs = tmp_path / "in"
     x = torch.rand(1, 16, 12, generator=make_generator(3))
     write_image(inputs / "scan.png", x)

@@ -16,8 +16,6 @@ from plasticine.data import brainweb_slices
 from plasticine.demo import QUICK, DemoConfig, enlargement_field, make_cohort, pd_lookup, run_demo, shipped_checkpoint
 from plasticine.translator import TraceableTranslator
 
-pytest.importorskip("PIL.Image", reason="the io extra (pillow) is not installed")
-
 FIELDS = (
     "ventricle_dice",
     "ventricle_dice_identity",
@@ -131,3 +129,21 @@ def test_summary_figure_shows_every_subject(tmp_path):
     assert _write_outputs(tmp_path, c, result, metrics, figures=True) == []
     rows_px = plt.imread(tmp_path / "summary.png").shape[0]
     assert rows_px == round(2.9 * n * 100), f"summary.png is {rows_px} px high: not one row per subject"
+
+
+def test_the_demo_needs_no_optional_package(tmp_path):
+    import subprocess
+    import sys
+
+    blocked = ("PIL", "nibabel", "pydicom", "matplotlib", "safetensors", "tqdm")
+    code = (
+        "import sys\n"
+        f"for m in {blocked!r}: sys.modules[m] = None  # importing any of them now fails\n"
+        "from plasticine.cli import main\n"
+        f"sys.exit(main(['--threads', '1', 'demo', '--quick', '--output', {str(tmp_path / 'demo')!r}]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert any("matplotlib" in note for note in doc["notes"]), doc["notes"]
+    assert (tmp_path / "demo" / "subject0_translated.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -9,7 +9,7 @@ from fractions import Fraction
 
 import pytest
 import torch
-from conftest import make_generator
+from conftest import Recorder, make_generator
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -22,6 +22,7 @@ from plasticine.diffusion import (
     LinearSchedule,
     SampleResult,
     ScheduleFromBetas,
+    noise_like,
     step_plan,
 )
 
@@ -52,15 +53,11 @@ def smooth_denoiser(x, gamma, condition):
     return (1 - g).sqrt() * (torch.tanh(1.5 * x + 0.3 * torch.roll(x, 1, -1)) + 0.2 * torch.sin(x))
 
 
-class Recorder:
-    """Wraps a denoiser and records every call."""
-
-    def __init__(self, fn):
-        self.fn, self.calls = fn, []
-
-    def __call__(self, x, gamma, condition):
-        self.calls.append((x.clone(), gamma.clone()))
-        return self.fn(x, gamma, condition)
+def noised_sample(sampler, denoiser, schedule, condition, x, k0, generator, trajectory=False):
+    """The sampler run from x noised to k0 with the schedule (the translator's start): the noise is the first draw."""
+    start = schedule.q_sample(x, k0, noise_like(x, generator))
+    run = sampler.sample_trajectory if trajectory else sampler.sample
+    return run(denoiser, schedule, condition, start, k0, generator)
 
 
 SAMPLERS = {
@@ -100,7 +97,7 @@ def _images(shape, seed, dtype=torch.float64):
 def test_plan_properties(K, steps, frac, spacing, none_start):
     k0 = K if none_start else int(round(frac * K))
     sampler = AncestralSampler(steps=steps, spacing=spacing)
-    plan = sampler.plan(ScheduleFromBetas(torch.full((K,), 1e-3, dtype=torch.float64)), None if none_start else k0)
+    plan = sampler.plan(ScheduleFromBetas(torch.full((K,), 1e-3, dtype=torch.float64)), k0)
     n = k0 if steps is None else min(steps, k0)
     assert len(plan) == n
     assert plan == step_plan(k0, steps, spacing)
@@ -155,7 +152,7 @@ def test_plan_mid_schedule_start_bookkeeping(sched):
     d = DDIMSampler(10, spacing="trailing")
     plan = d.plan(sched, 37)
     assert plan[0][0] == 37 and plan[-1][1] == 0 and len(plan) == 10
-    full = d.plan(sched)
+    full = d.plan(sched, 60)
     assert full[0][0] == 60 and len(full) == 10
     assert len(d.plan(sched, 4)) == 4 and d.plan(sched, 0) == []
     with pytest.raises(ValueError, match=r"start_step: expected steps in \[0, 60\]"):
@@ -169,7 +166,7 @@ def test_sampler_calls_follow_the_plan_from_a_mid_start(make, sched):
     k0 = 41
     x0 = torch.zeros(2000, 1, 2, 2, dtype=torch.float64)
     rec = Recorder(oracle)
-    sampler.sample(rec, sched, x0, x0, start_step=k0, generator=make_generator(0))
+    noised_sample(sampler, rec, sched, x0, x0, k0, make_generator(0))
     plan = sampler.plan(sched, k0)
     assert len(rec.calls) == len(plan)
     got = [float(g[0]) for _, g in rec.calls]
@@ -208,7 +205,7 @@ def test_contract_oracle_from_pure_noise(sampler, sched, dtype, ndim):
     shape = (3, 2) + (6, 5, 4)[:ndim]
     y0 = _images(shape, 1, dtype)
     noise = torch.randn(shape, generator=make_generator(2), dtype=dtype)
-    out = sampler.sample(oracle, sched, y0, noise, generator=make_generator(3))
+    out = sampler.sample(oracle, sched, y0, noise, 60, make_generator(3))
     assert out.dtype == dtype and out.shape == shape
     torch.testing.assert_close(out, y0, rtol=0, atol=ORACLE_TOL[dtype])
 
@@ -217,7 +214,7 @@ def test_contract_oracle_from_mid_schedule(sampler, sched, dtype, device):
     y0 = _images((3, 1, 7, 6), 4, dtype).to(device)
     x_in = _images((3, 1, 7, 6), 5, dtype).to(device)  # the clean input that is noised to k0
     # the oracle denoises towards y0, whatever image was noised: the last step must land on y0
-    out = sampler.sample(oracle, sched, y0, x_in, start_step=torch.tensor([23, 23, 5], device=device), generator=make_generator(6))
+    out = noised_sample(sampler, oracle, sched, y0, x_in, torch.tensor([23, 23, 5], device=device), make_generator(6))
     assert out.device == y0.device
     torch.testing.assert_close(out, y0, rtol=0, atol=ORACLE_TOL[dtype])
 
@@ -225,7 +222,7 @@ def test_contract_oracle_from_mid_schedule(sampler, sched, dtype, device):
 def test_contract_half_precision_gets_float32_levels(sampler, sched):
     y0 = _images((2, 1, 4, 4), 30, torch.float16)
     rec = Recorder(oracle)
-    out = sampler.sample(rec, sched, y0, y0, start_step=20, generator=make_generator(31))
+    out = noised_sample(sampler, rec, sched, y0, y0, 20, make_generator(31))
     assert out.dtype == torch.float16 and all(g.dtype == torch.float32 for _, g in rec.calls)
     assert (out.float() - y0.float()).abs().max() < 0.05
 
@@ -234,7 +231,7 @@ def test_contract_oracle_per_sample_start(sampler, sched):
     y0 = _images((5, 1, 6, 6), 7)
     starts = torch.tensor([60, 0, 17, 60, 3])
     rec = Recorder(oracle)
-    out = sampler.sample(rec, sched, y0, y0 + 1.0, start_step=starts, generator=make_generator(8))
+    out = noised_sample(sampler, rec, sched, y0, y0 + 1.0, starts, make_generator(8))
     torch.testing.assert_close(out[starts > 0], y0[starts > 0], rtol=0, atol=1e-10)
     torch.testing.assert_close(out[1], y0[1] + 1.0, rtol=0, atol=0)  # start 0: nothing to denoise
     # every group ran its own plan: the calls are the plans of 3, 17 and 60 (ascending), with group sizes
@@ -250,7 +247,7 @@ def test_contract_per_sample_start_equals_separate_runs_for_deterministic_sample
     cond = _images((3, 1, 5, 5), 10)
     starts = torch.tensor([30, 12, 30])
     noise = torch.randn(x.shape, generator=make_generator(11), dtype=x.dtype)
-    out = d.sample(smooth_denoiser, sched, cond, x, start_step=starts, generator=make_generator(11))
+    out = noised_sample(d, smooth_denoiser, sched, cond, x, starts, make_generator(11))
     for i in range(3):
         xi = sched.q_sample(x[i : i + 1], starts[i : i + 1], noise[i : i + 1])
         ref = d.decode(smooth_denoiser, sched, cond[i : i + 1], xi, int(starts[i]))
@@ -259,17 +256,17 @@ def test_contract_per_sample_start_equals_separate_runs_for_deterministic_sample
 
 def test_contract_same_seed_same_sample(sampler, sched):
     x = _images((2, 1, 6, 6), 12)
-    a = sampler.sample(smooth_denoiser, sched, None, x, start_step=40, generator=make_generator(13))
-    b = sampler.sample(smooth_denoiser, sched, None, x, start_step=40, generator=make_generator(13))
+    a = noised_sample(sampler, smooth_denoiser, sched, None, x, 40, make_generator(13))
+    b = noised_sample(sampler, smooth_denoiser, sched, None, x, 40, make_generator(13))
     assert torch.equal(a, b)
-    c = sampler.sample(smooth_denoiser, sched, None, x, start_step=40, generator=make_generator(14))
+    c = noised_sample(sampler, smooth_denoiser, sched, None, x, 40, make_generator(14))
     assert not torch.equal(a, c)  # the noising at k0 differs
 
 
 def test_contract_trajectory(sampler, sched):
     x = _images((2, 1, 5, 4), 15)
-    res = sampler.sample_trajectory(smooth_denoiser, sched, None, x, start_step=33, generator=make_generator(16))
-    img = sampler.sample(smooth_denoiser, sched, None, x, start_step=33, generator=make_generator(16))
+    res = noised_sample(sampler, smooth_denoiser, sched, None, x, 33, make_generator(16), trajectory=True)
+    img = noised_sample(sampler, smooth_denoiser, sched, None, x, 33, make_generator(16))
     assert isinstance(res, SampleResult)
     assert torch.equal(res.image, img) and torch.equal(res.trajectory[-1], img)
     plan = sampler.plan(sched, 33)
@@ -282,7 +279,7 @@ def test_contract_trajectory(sampler, sched):
 def test_contract_trajectory_per_sample_padding(sampler, sched):
     x = _images((3, 1, 4, 4), 17)
     starts = torch.tensor([5, 20, 0])
-    res = sampler.sample_trajectory(smooth_denoiser, sched, None, x, start_step=starts, generator=make_generator(18))
+    res = noised_sample(sampler, smooth_denoiser, sched, None, x, starts, make_generator(18), trajectory=True)
     n = max(len(sampler.plan(sched, 5)), len(sampler.plan(sched, 20)))
     assert len(res.trajectory) == n + 1
     for b, k0 in enumerate(starts.tolist()):
@@ -296,11 +293,11 @@ def test_contract_trajectory_per_sample_padding(sampler, sched):
 def test_contract_input_errors(sampler, sched):
     x = torch.zeros(2, 1, 4, 4)
     with pytest.raises(ValueError, match="start"):
-        sampler.sample(oracle, sched, None, torch.zeros(2, 4, 4))
+        sampler.sample(oracle, sched, None, torch.zeros(2, 4, 4), 60)
     with pytest.raises(ValueError, match="condition"):
-        sampler.sample(oracle, sched, torch.zeros(2, 1, 4, 5), x)
+        sampler.sample(oracle, sched, torch.zeros(2, 1, 4, 5), x, 60)
     with pytest.raises(ValueError, match="condition"):
-        sampler.sample(oracle, sched, torch.zeros(3, 1, 4, 4), x)
+        sampler.sample(oracle, sched, torch.zeros(3, 1, 4, 4), x, 60)
     with pytest.raises(ValueError, match=r"start_step: expected steps in \[0, 60\]"):
         sampler.sample(oracle, sched, x, x, start_step=61)
     with pytest.raises(ValueError, match="integer"):
@@ -308,11 +305,11 @@ def test_contract_input_errors(sampler, sched):
     with pytest.raises(ValueError, match="B=3"):
         sampler.sample(oracle, sched, x, x, start_step=torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="denoiser output"):
-        sampler.sample(lambda y, g, c: y[:, :0], sched, None, x)
+        sampler.sample(lambda y, g, c: y[:, :0], sched, None, x, 60)
     with pytest.raises(ValueError, match="floating"):
-        sampler.sample(oracle, sched, None, torch.zeros(2, 1, 4, 4, dtype=torch.int64))
+        sampler.sample(oracle, sched, None, torch.zeros(2, 1, 4, 4, dtype=torch.int64), 60)
     with pytest.raises(ValueError, match="gammas"):
-        sampler.sample(oracle, object(), None, x)
+        sampler.sample(oracle, object(), None, x, 60)
 
 
 # -- the maths of each sampler -----------------------------------------------------------------------
@@ -320,16 +317,16 @@ def test_contract_input_errors(sampler, sched):
 
 def test_ancestral_same_seed_and_different_seeds(sched):
     noise = torch.randn(2, 1, 6, 6, generator=make_generator(0))
-    a = AncestralSampler().sample(smooth_denoiser, sched, None, noise, generator=make_generator(1))
-    b = AncestralSampler().sample(smooth_denoiser, sched, None, noise, generator=make_generator(1))
-    c = AncestralSampler().sample(smooth_denoiser, sched, None, noise, generator=make_generator(2))
+    a = AncestralSampler().sample(smooth_denoiser, sched, None, noise, 60, make_generator(1))
+    b = AncestralSampler().sample(smooth_denoiser, sched, None, noise, 60, make_generator(1))
+    c = AncestralSampler().sample(smooth_denoiser, sched, None, noise, 60, make_generator(2))
     assert torch.equal(a, b) and (a - c).abs().max() > 1e-2
 
 
 def test_ancestral_posterior_variance_keeps_the_marginals_exact(sched):
     """With the oracle and the posterior variance, every state y_k is distributed as q(y_k | y0)."""
     y0 = torch.full((4000, 1, 2, 2), 0.8, dtype=torch.float64)
-    res = AncestralSampler("posterior").sample_trajectory(oracle, sched, y0, y0, start_step=60, generator=make_generator(4))
+    res = noised_sample(AncestralSampler("posterior"), oracle, sched, y0, y0, 60, make_generator(4), trajectory=True)
     for state, step in zip(res.trajectory[:-1], res.steps[:-1]):
         g = sched.gammas[int(step[0])].item()
         resid = (state - math.sqrt(g) * 0.8) / math.sqrt(1 - g)
@@ -341,7 +338,7 @@ def test_ancestral_beta_variance_is_exact_for_standard_gaussian_data():
     s = LinearSchedule(1e-4, 2e-2, 100)
     mu = 0.6
     x0 = mu + torch.randn(20000, 1, 1, 1, generator=make_generator(5), dtype=torch.float64)
-    out = AncestralSampler("beta").sample(gaussian_denoiser(mu, 1.0), s, None, x0, start_step=100, generator=make_generator(6))
+    out = noised_sample(AncestralSampler("beta"), gaussian_denoiser(mu, 1.0), s, None, x0, 100, make_generator(6))
     assert out.mean().item() == pytest.approx(mu, abs=0.03)
     assert out.std().item() == pytest.approx(1.0, abs=0.02)
     # and the two outputs are not just the input (the chain went through noise)
@@ -352,7 +349,7 @@ def test_ddim_eta0_keeps_the_noise_direction(sched):
     """DDIM with eta = 0 and the oracle moves along sqrt(g) y0 + sqrt(1 - g) eps with a fixed eps."""
     y0 = _images((2, 1, 5, 5), 7)
     eps = torch.randn(y0.shape, generator=make_generator(8), dtype=torch.float64)
-    res = DDIMSampler(9).sample_trajectory(oracle, sched, y0, eps * math.sqrt(1 - sched.gammas[-1].item()) + math.sqrt(sched.gammas[-1].item()) * y0)
+    res = DDIMSampler(9).sample_trajectory(oracle, sched, y0, eps * math.sqrt(1 - sched.gammas[-1].item()) + math.sqrt(sched.gammas[-1].item()) * y0, 60)
     for state, step in zip(res.trajectory[:-1], res.steps[:-1]):
         g = sched.gammas[int(step[0])].item()
         torch.testing.assert_close((state - math.sqrt(g) * y0) / math.sqrt(1 - g), eps, rtol=0, atol=1e-10)
@@ -360,7 +357,7 @@ def test_ddim_eta0_keeps_the_noise_direction(sched):
 
 def test_ddim_eta1_has_the_posterior_marginals(sched):
     y0 = torch.full((4000, 1, 2, 2), -0.5, dtype=torch.float64)
-    res = DDIMSampler(6, eta=1.0).sample_trajectory(oracle, sched, y0, y0, start_step=60, generator=make_generator(10))
+    res = noised_sample(DDIMSampler(6, eta=1.0), oracle, sched, y0, y0, 60, make_generator(10), trajectory=True)
     for state, step in zip(res.trajectory[:-1], res.steps[:-1]):
         g = sched.gammas[int(step[0])].item()
         resid = (state - math.sqrt(g) * -0.5) / math.sqrt(1 - g)
@@ -370,8 +367,8 @@ def test_ddim_eta1_has_the_posterior_marginals(sched):
 def test_dpm_order1_is_ddim(sched):
     x = _images((2, 1, 6, 6), 11)
     for spacing in ("leading", "trailing", "linspace"):
-        a = DPMSolverPP(9, order=1, spacing=spacing).sample(smooth_denoiser, sched, None, x)
-        b = DDIMSampler(9, spacing=spacing).sample(smooth_denoiser, sched, None, x)
+        a = DPMSolverPP(9, order=1, spacing=spacing).sample(smooth_denoiser, sched, None, x, 60)
+        b = DDIMSampler(9, spacing=spacing).sample(smooth_denoiser, sched, None, x, 60)
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
@@ -385,7 +382,7 @@ def test_ode_solvers_converge_at_their_order(schedule):
     den = gaussian_denoiser(mu, s)
 
     def err(sampler):
-        return (sampler.sample(den, schedule, None, z) - exact).abs().max().item()
+        return (sampler.sample(den, schedule, None, z, schedule.num_steps) - exact).abs().max().item()
 
     ddim = [err(DDIMSampler(n)) for n in (10, 40)]
     dpm = [err(DPMSolverPP(n)) for n in (10, 40)]
@@ -398,7 +395,7 @@ def test_ode_solvers_converge_at_their_order(schedule):
 # -- DDIM encode / decode -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("end_step", [None, 25, torch.tensor([60, 7, 0])])
+@pytest.mark.parametrize("end_step", [60, 25, torch.tensor([60, 7, 0])])
 def test_encode_decode_oracle(sched, end_step):
     x0 = _images((3, 1, 6, 5), 12)
     d = DDIMSampler(10)
@@ -413,9 +410,9 @@ def test_encode_decode_smooth_denoiser(steps, iterations, tol):
     s = LinearSchedule(1e-4, 2e-2, 200)
     x0 = _images((2, 1, 8, 8), 13)
     d = DDIMSampler(steps)
-    latent = d.encode(smooth_denoiser, s, None, x0, iterations=iterations)
+    latent = d.encode(smooth_denoiser, s, None, x0, 200, iterations=iterations)
     assert latent.std().item() > 0.3  # a real latent, not the image scaled down
-    err = (d.decode(smooth_denoiser, s, None, latent) - x0).abs().max().item()
+    err = (d.decode(smooth_denoiser, s, None, latent, 200) - x0).abs().max().item()
     assert err < tol
 
 
@@ -438,11 +435,11 @@ def test_encode_decode_need_eta_zero(sched):
     d = DDIMSampler(10, eta=0.5)
     x = torch.zeros(1, 1, 4, 4)
     with pytest.raises(ValueError, match="eta = 0"):
-        d.encode(oracle, sched, x, x)
+        d.encode(oracle, sched, x, x, 60)
     with pytest.raises(ValueError, match="eta = 0"):
-        d.decode(oracle, sched, x, x)
+        d.decode(oracle, sched, x, x, 60)
     with pytest.raises(ValueError, match="iterations"):
-        DDIMSampler(10).encode(oracle, sched, x, x, iterations=-1)
+        DDIMSampler(10).encode(oracle, sched, x, x, 60, iterations=-1)
 
 
 # -- the paper's setting and an independent reference ----------------------------------------------------
@@ -452,7 +449,7 @@ def test_papers_schedule_ancestral_oracle_2000_steps():
     s = LinearSchedule()
     y0 = _images((1, 1, 8, 8), 16, torch.float32)
     x = torch.rand(1, 1, 8, 8, generator=make_generator(17))
-    out = AncestralSampler().sample(oracle, s, y0, x, start_step=2000, generator=make_generator(18))
+    out = noised_sample(AncestralSampler(), oracle, s, y0, x, 2000, make_generator(18))
     torch.testing.assert_close(out, y0, rtol=0, atol=ORACLE_TOL[torch.float32])
 
 
@@ -470,20 +467,20 @@ def test_against_diffusers_ddim_and_dpm_solver():
     x_start = torch.randn(2, 1, 6, 6, generator=make_generator(19), dtype=torch.float64)
     ref_ddim = diffusers.DDIMScheduler(num_train_timesteps=100, trained_betas=s.betas[1:].numpy(), timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False)
     ref_ddim.set_timesteps(10)
-    assert [int(t) + 1 for t in ref_ddim.timesteps] == [k for k, _ in DDIMSampler(10).plan(s)]
+    assert [int(t) + 1 for t in ref_ddim.timesteps] == [k for k, _ in DDIMSampler(10).plan(s, 100)]
     x = x_start.clone()
     for t in ref_ddim.timesteps:
         x = ref_ddim.step(model(x, t), t, x, eta=0.0).prev_sample
     # diffusers holds alphas_cumprod in float32, hence the tolerance
-    torch.testing.assert_close(DDIMSampler(10).sample(smooth_denoiser, s, None, x_start), x, rtol=0, atol=1e-5)
+    torch.testing.assert_close(DDIMSampler(10).sample(smooth_denoiser, s, None, x_start, 100), x, rtol=0, atol=1e-5)
     for order in (1, 2):
         ours = DPMSolverPP(7, order=order, spacing="linspace")
         ref = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=100, trained_betas=s.betas[1:].numpy(), solver_order=order, algorithm_type="dpmsolver++", final_sigmas_type="zero", lower_order_final=True)
-        ref.set_timesteps(timesteps=[k - 1 for k, _ in ours.plan(s)])
+        ref.set_timesteps(timesteps=[k - 1 for k, _ in ours.plan(s, 100)])
         x = x_start.clone()
         for t in ref.timesteps:
             x = ref.step(model(x, t), t, x).prev_sample
-        torch.testing.assert_close(ours.sample(smooth_denoiser, s, None, x_start), x, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours.sample(smooth_denoiser, s, None, x_start, 100), x, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("variance, variance_type", [("beta", "fixed_large"), ("posterior", "fixed_small")])
@@ -501,5 +498,5 @@ def test_against_diffusers_ddpm_same_noise(variance, variance_type):
     x = x_start.clone()
     for t in ref.timesteps:
         x = ref.step(model(x, t), t, x, generator=g).prev_sample
-    ours = AncestralSampler(variance).sample(smooth_denoiser, s, None, x_start, generator=make_generator(21))
+    ours = AncestralSampler(variance).sample(smooth_denoiser, s, None, x_start, 100, make_generator(21))
     torch.testing.assert_close(ours, x, rtol=0, atol=1e-10)

@@ -16,9 +16,6 @@ from plasticine.diffusion import (
     DiscreteSchedule,
     LinearSchedule,
     ScheduleFromBetas,
-    diffuse,
-    posterior_coefficients,
-    sample_noise_level,
 )
 
 SCHEDULES = {
@@ -96,7 +93,7 @@ def test_contract_q_sample_errors(schedule):
     with pytest.raises(ValueError, match="noise"):
         schedule.q_sample(y0, torch.tensor([0, 1]), torch.zeros(2, 1, 4, 5))
     with pytest.raises(ValueError, match=r"\(B,\) integer tensor"):
-        schedule.q_sample(y0, 1, y0)
+        schedule.q_sample(y0, 1.0, y0)
 
 
 def test_contract_sample_gamma(schedule):
@@ -119,7 +116,7 @@ def test_contract_posterior_is_bayes(schedule):
     a = schedule.alphas.numpy()
     b = schedule.betas.numpy()
     ks = np.unique(np.array([1, 2, K // 2, K]).clip(1, K))
-    c0, ck, var = schedule.posterior_coefficients(torch.as_tensor(ks))
+    c0, ck, var = schedule.posterior_coefficients(torch.as_tensor(ks), torch.as_tensor(ks) - 1)
     # q(yk | y_{k-1}) = N(sqrt(a) y_{k-1}, b) times q(y_{k-1} | y0) = N(sqrt(g_{k-1}) y0, 1 - g_{k-1});
     # at k = 1 the second factor is a point mass at y0 (checked below by the closed form and in
     # test_contract_posterior_tensor_form)
@@ -143,14 +140,14 @@ def test_contract_posterior_tensor_form(schedule):
     y0 = torch.randn(3, 2, 4, 5, generator=gen, dtype=torch.float64)
     yk = torch.randn(3, 2, 4, 5, generator=gen, dtype=torch.float64)
     k = torch.tensor([1, K, max(1, K // 3)])
-    mean, var = schedule.posterior(y0, yk, k)
-    c0, ck, v = schedule.posterior_coefficients(k)
+    mean, var = schedule.posterior(y0, yk, k, k - 1)
+    c0, ck, v = schedule.posterior_coefficients(k, k - 1)
     assert mean.shape == y0.shape and var.shape == (3, 1, 1, 1)
     torch.testing.assert_close(mean, c0.view(-1, 1, 1, 1) * y0 + ck.view(-1, 1, 1, 1) * yk)
     torch.testing.assert_close(var.flatten(), v)
     assert var[0].item() == 0.0  # k = 1: y0 is known exactly
     with pytest.raises(ValueError, match=r"expected steps in \[1, "):
-        schedule.posterior(y0, yk, torch.tensor([0, 1, 1]))
+        schedule.posterior(y0, yk, torch.tensor([0, 1, 1]), 0)
 
 
 # -- closed forms -----------------------------------------------------------------------------------
@@ -189,7 +186,7 @@ def test_from_betas_matches_numpy(seed, K):
     rng = np.random.default_rng(seed)
     k = int(rng.integers(1, K + 1))
     kp = int(rng.integers(0, k))
-    c0, ck, var = posterior_coefficients(s.gammas, k, kp)
+    c0, ck, var = s.posterior_coefficients(k, kp)
     g = s.gammas.numpy()
     assert float(c0 + ck * math.sqrt(g[k])) == pytest.approx(math.sqrt(g[kp]), rel=1e-12, abs=1e-15)
     assert float(ck**2 * (1 - g[k]) + var) == pytest.approx(1 - g[kp], rel=1e-12, abs=1e-15)
@@ -207,7 +204,7 @@ def test_posterior_by_quadrature():
     w /= np.trapezoid(w, grid)
     mean_q = np.trapezoid(grid * w, grid)
     var_q = np.trapezoid((grid - mean_q) ** 2 * w, grid)
-    mean, var = s.posterior(torch.full((1, 1, 1, 1), y0, dtype=torch.float64), torch.full((1, 1, 1, 1), yk, dtype=torch.float64), torch.tensor([k]))
+    mean, var = s.posterior(torch.full((1, 1, 1, 1), y0, dtype=torch.float64), torch.full((1, 1, 1, 1), yk, dtype=torch.float64), torch.tensor([k]), k - 1)
     assert mean.item() == pytest.approx(mean_q, abs=1e-7)
     assert var.item() == pytest.approx(var_q, rel=1e-6)
 
@@ -236,25 +233,24 @@ def test_sample_noise_level_is_uniform():
 
 
 def test_sample_noise_level_device_and_errors():
-    g = LinearSchedule(num_steps=20).gammas
-    k, gamma = sample_noise_level(g, 3, make_generator(0), device="cpu")
+    s = LinearSchedule(num_steps=20)
+    k, gamma = s.sample_gamma(3, make_generator(0), device="cpu")
     assert k.device.type == "cpu" and gamma.shape == (3,)
     with pytest.raises(ValueError, match="batch"):
-        sample_noise_level(g, 0)
-    with pytest.raises(ValueError, match="gammas"):
-        sample_noise_level(g.view(1, -1), 2)
+        s.sample_gamma(0)
 
 
 def test_diffuse_continuous_levels():
     y0 = torch.ones(2, 1, 3, 3, dtype=torch.float64)
     noise = torch.full_like(y0, 2.0)
-    out = diffuse(y0, torch.tensor([1.0, 0.36], dtype=torch.float64), noise)
+    s = LinearSchedule(num_steps=20)
+    out = s.diffuse(y0, torch.tensor([1.0, 0.36], dtype=torch.float64), noise)
     torch.testing.assert_close(out[0], y0[0])
     torch.testing.assert_close(out[1], torch.full_like(y0[1], 0.6 + 0.8 * 2.0))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        diffuse(y0, torch.tensor([1.1, 0.5], dtype=torch.float64), noise)
+        s.diffuse(y0, torch.tensor([1.1, 0.5], dtype=torch.float64), noise)
     with pytest.raises(ValueError, match="floating"):
-        diffuse(y0, torch.tensor([1, 0]), noise)
+        s.diffuse(y0, torch.tensor([1, 0]), noise)
 
 
 # -- validation ---------------------------------------------------------------------------------------

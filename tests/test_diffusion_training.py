@@ -5,10 +5,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import make_generator
+from conftest import SpySchedule, make_generator
 from scipy import stats
 
-from plasticine.diffusion import EMA, CosineSchedule, LinearSchedule, NoisePredictionLoss, noise_prediction_loss, sample_noise_level
+from plasticine.diffusion import EMA, CosineSchedule, LinearSchedule, NoisePredictionLoss, noise_prediction_loss
 
 
 def zero(noisy, gamma, condition):
@@ -27,7 +27,7 @@ SCHED = LinearSchedule(1e-4, 2e-2, 50)
 def _replay(schedule, y, seed):
     """The documented draw order: (k, gamma) first, then the noise."""
     g = make_generator(seed)
-    k, gamma = sample_noise_level(schedule.gammas, y.shape[0], g)
+    k, gamma = schedule.sample_gamma(y.shape[0], g)
     noise = torch.randn(y.shape, generator=g, dtype=y.dtype)
     return k, gamma, noise
 
@@ -115,6 +115,15 @@ def test_module_form_matches_the_function():
     assert "l2" in repr(mod)
     with pytest.raises(ValueError, match="loss"):
         NoisePredictionLoss(SCHED, "huber")
+
+
+def test_the_loss_draws_through_the_schedule_protocol():
+    """The level and the noising come from the schedule's methods, so any NoiseSchedule trains."""
+    y = torch.randn(3, 1, 4, 4, generator=make_generator(17))
+    spy = SpySchedule(SCHED)
+    loss = noise_prediction_loss(zero, spy, y, None, make_generator(18))
+    assert spy.calls == ["sample_gamma", "diffuse"]
+    assert torch.equal(loss, noise_prediction_loss(zero, SCHED, y, None, make_generator(18)))
 
 
 def test_loss_input_errors():

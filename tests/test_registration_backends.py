@@ -18,7 +18,8 @@ from plasticine.data.synthetic import random_deformation
 from plasticine.core.filters import resize_field
 from plasticine.registration.iterative import IterativeRegistration
 from plasticine.registration.network import LearnedRegistration, RegistrationNet, registration_objective
-from plasticine.registration.integrators import ScalingAndSquaring
+from plasticine.registration.integrators import RK4, ScalingAndSquaring
+from plasticine.registration.optimizers import LBFGS, Adam, GradientDescent
 
 HAS_ANTS = importlib.util.find_spec("ants") is not None
 
@@ -112,10 +113,90 @@ def test_iterative_3d_identity_and_shift():
     u = torch.zeros(1, 3, 24, 22, 20)
     u[:, 1] = 1.0
     y = Deformation(u, -u).to_target(x)
-    d = IterativeRegistration(levels=(1,), iterations=(60,), lr=0.2, smoothing=1.0).register(x, y)
+    d = IterativeRegistration(levels=(1,), iterations=(60,), smoothing=1.0, optimizer=GradientDescent(lr=0.2)).register(x, y)
     inner = (slice(None), slice(None), slice(5, -5), slice(5, -5), slice(5, -5))
     assert torch.allclose(d.forward[inner][:, 1].mean(), torch.tensor(1.0), atol=0.25)
     assert float(d.folding_fraction()) == 0.0
+
+
+def _pair(shape=(20, 18)):
+    g = torch.Generator().manual_seed(1)
+    x = torch.nn.functional.avg_pool2d(torch.rand(1, 1, *shape, generator=g), 3, 1, 1)
+    return x, torch.roll(x, 1, 2)
+
+
+def test_iterative_uses_the_given_integrator():
+    """exp(v) and exp(-v) come from the integrator object, in the energy and in the result."""
+    calls = []
+
+    class Counting(RK4):
+        def forward(self, velocity):
+            calls.append(tuple(velocity.shape))
+            return super().forward(velocity)
+
+    x, y = _pair()
+    d = IterativeRegistration(levels=(1,), iterations=(2,), integrator=Counting(3)).register(x, y)
+    assert torch.equal(d.forward, RK4(3)(d.velocity)) and torch.equal(d.inverse, RK4(3)(-d.velocity))
+    assert len(calls) == 2 * 2 + 2  # two per energy (symmetric), two for the result
+
+
+def test_iterative_runs_the_given_optimizer_per_level():
+    """Any object with minimise(energy, start, iterations) is the optimiser; it sees each level once."""
+    seen = []
+
+    class Halve:
+        def minimise(self, energy, start, iterations):
+            e = energy(start.clone().requires_grad_(True))
+            assert e.dim() == 0 and e.requires_grad
+            seen.append((tuple(start.shape[2:]), iterations))
+            return start + 0.5
+
+    x, y = _pair((21, 17))
+    d = IterativeRegistration(levels=(2, 1), iterations=(3, 1), smoothing=0.0, optimizer=Halve()).register(x, y)
+    assert seen == [((11, 9), 3), ((21, 17), 1)]
+    assert torch.allclose(d.velocity[:, :, 2:-2, 2:-2], torch.tensor(1.5), atol=1e-5)  # 0.5, upsampled x2, + 0.5
+
+
+@pytest.mark.parametrize("optimizer", [GradientDescent(0.3, update_smoothing=2.0), Adam(0.05), LBFGS(0.5)], ids=repr)
+def test_iterative_optimizers_reduce_the_energy(optimizer):
+    x, y = _pair()
+    reg = IterativeRegistration(levels=(1,), iterations=(8,), optimizer=optimizer)
+    zero = torch.zeros(1, 2, *x.shape[2:])
+    d = reg.register(x, y)
+    assert float(reg._energy(x, y, d.velocity)) < float(reg._energy(x, y, zero))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(optimizer="lbfgs"), "optimizer: expected an object with a minimise method"),
+        (dict(integrator="scaling_and_squaring"), "integrator: expected a callable"),
+        (dict(lr=0.1), "'lr'.*GradientDescent"),
+        (dict(steps=5), "'steps'.*ScalingAndSquaring"),
+    ],
+)
+def test_iterative_refuses_name_strings_and_moved_settings(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        IterativeRegistration(**kwargs)
+
+
+@pytest.mark.parametrize("bad", [dict(lr=0.0), dict(lr=float("nan")), dict(lr=True), dict(update_smoothing=-1.0)])
+def test_optimizer_settings_errors(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        GradientDescent(**bad)
+
+
+def test_iterative_checkpoint_keeps_integrator_and_optimizer():
+    """Rebuilt from its saved config, the backend registers a pair to the same numbers."""
+    import json
+
+    from plasticine.core import from_json, to_json
+
+    x, y = _pair()
+    reg = IterativeRegistration(levels=(1,), iterations=(3,), optimizer=Adam(0.05), integrator=RK4(3))
+    back = from_json(json.loads(json.dumps(to_json(reg))))
+    assert isinstance(back.optimizer, Adam) and back.optimizer.lr == 0.05 and isinstance(back.integrator, RK4) and back.integrator.steps == 3
+    assert torch.equal(back.register(x, y).forward, reg.register(x, y).forward)
 
 
 def test_resize_field_keeps_physical_length():

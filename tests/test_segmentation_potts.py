@@ -24,9 +24,9 @@ from plasticine.segmentation import (
     potts,
     potts_1d,
     potts_energy,
-    potts_model,
     potts_structure_map,
 )
+from plasticine.segmentation.potts_model import line_solver, regions
 from plasticine.segmentation.metrics import dice
 
 from conftest import make_generator
@@ -166,7 +166,7 @@ def test_potts_1d_matches_loop_dp_on_longer_signals():
 
 def test_potts_1d_many_lines_equal_few(monkeypatch):
     """Lines split over several CPU blocks give what each line gives alone."""
-    monkeypatch.setattr(potts_model, "_CPU_BLOCK_ELEMENTS", 12 * 100)  # blocks of 100 lines
+    monkeypatch.setattr(line_solver, "_CPU_BLOCK_ELEMENTS", 12 * 100)  # blocks of 100 lines
     gen = make_generator(7)
     f = torch.rand(600, 12, 2, generator=gen, dtype=torch.float64)
     w = torch.rand(600, 12, generator=gen, dtype=torch.float64) + 0.1
@@ -178,14 +178,14 @@ def test_potts_1d_many_lines_equal_few(monkeypatch):
 @pytest.mark.parametrize("weighted", [False, True])
 def test_lines_of_different_lengths_equal_each_line_alone(monkeypatch, weighted):
     """Lines sorted by length into blocks that stop at their longest line: each equals its line alone."""
-    monkeypatch.setattr(potts_model, "_CPU_BLOCK_ELEMENTS", 60)  # several blocks of a few lines
+    monkeypatch.setattr(line_solver, "_CPU_BLOCK_ELEMENTS", 60)  # several blocks of a few lines
     gen = make_generator(8)
     m, n = 23, 15
     f = torch.rand(n, m, 1, generator=gen, dtype=torch.float64)
     w = torch.rand(n, m, generator=gen, dtype=torch.float64) + 0.1 if weighted else None
     lengths = torch.randint(1, n + 1, (m,), generator=gen)
     lengths[3] = n
-    u = potts_model._solve_lines(f, w, 0.05, lengths)
+    u = line_solver._solve_lines(f, w, 0.05, lengths)
     for k in range(m):
         ln = int(lengths[k])
         alone = potts_1d(f[:ln, k, 0][None], 0.05, None if w is None else w[:ln, k][None])[0]
@@ -365,11 +365,11 @@ def test_refit_regions_joins_exactly_when_it_lowers_the_energy():
     labels = torch.tensor([0] * 5 + [5] * 5).repeat(5)
     offsets, omegas = [(1, 0), (0, 1)], [1.0, 1.0]
     for gamma, joined in ((0.2, False), (0.25, True)):  # 12.5 * 0.09 = 1.125 vs 5 gamma = 1.0 / 1.25
-        out = potts_model._refit_regions(labels, f, None, gamma, offsets, omegas, merge=True)
+        out = regions._refit_regions(labels, f, None, gamma, offsets, omegas, merge=True)
         assert (out.unique().numel() == 1) == joined
         expected = torch.full_like(f, 0.15) if joined else f
         torch.testing.assert_close(out, expected)
-    out = potts_model._refit_regions(labels, f, None, 0.25, offsets, omegas, merge=False)
+    out = regions._refit_regions(labels, f, None, 0.25, offsets, omegas, merge=False)
     torch.testing.assert_close(out, f)
 
 

@@ -7,14 +7,13 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import make_generator
+from conftest import SpySchedule, make_generator
 from test_translator import ShiftRegistration, make_translator, phantom
 
 from plasticine.checkpoint import load_state
 from plasticine.checkpoint import CheckpointError
 from plasticine.diffusion import noise_prediction_loss
 from plasticine.diffusion.unet import ConditionalUNet, UNetConfig
-from plasticine.diffusion.schedules import diffuse, sample_noise_level
 from plasticine.registration.network import registration_objective
 from plasticine.training import ShuffledBatches, TrainConfig, Trainer, deformation_objective, diffusion_objective, noise_cue
 
@@ -30,11 +29,22 @@ def test_diffusion_objective_is_algorithm_2():
     assert all(p.grad is not None for p in t.denoiser.parameters())
     # an independent check of the draws: the same level and noise by hand
     g = make_generator(11)
-    _, gamma = sample_noise_level(t.schedule.gammas, 2, g)
+    _, gamma = t.schedule.sample_gamma(2, g)
     noise = torch.randn(y.shape, generator=g)
     with torch.no_grad():
-        eps = t.denoiser(diffuse(y, gamma, noise), gamma.float(), t.structure(y))
+        eps = t.denoiser(t.schedule.diffuse(y, gamma, noise), gamma.float(), t.structure(y))
     assert torch.allclose(loss.detach(), (eps - noise).abs().mean(), atol=1e-6)
+
+
+def test_noise_cue_draws_through_the_schedule_protocol():
+    """The cue's level and noising come from the schedule's methods, not from its gammas."""
+    t = make_translator()
+    y = phantom((10, 8), seed=4)
+    ref = noise_cue(t, y, make_generator(6))
+    spy = SpySchedule(t.schedule)
+    t = t.replace(schedule=spy)
+    assert torch.equal(noise_cue(t, y, make_generator(6)), ref)
+    assert spy.calls == ["sample_gamma", "diffuse"]
 
 
 class _Wrapper(torch.nn.Module):
@@ -53,10 +63,10 @@ def test_deformation_objective_uses_the_noise_cue():
     terms = deformation_objective(t, x, y, make_generator(5), smoothness_weight=0.5)
     assert set(terms) == {"total", "forward", "inverse", "smoothness", "align", "velocity"}
     g = make_generator(5)
-    _, gamma = sample_noise_level(t.schedule.gammas, 2, g)
+    _, gamma = t.schedule.sample_gamma(2, g)
     noise = torch.randn(y.shape, generator=g)
     with torch.no_grad():
-        cue = t.denoiser(diffuse(y, gamma, noise), gamma.float(), t.structure(y))
+        cue = t.denoiser(t.schedule.diffuse(y, gamma, noise), gamma.float(), t.structure(y))
     assert torch.equal(noise_cue(t, y, make_generator(5)), cue)
     ref = registration_objective(t.registration.network, t.registration.integrator, x, y, cue, smoothness_weight=0.5)
     for k in terms:

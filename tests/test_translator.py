@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from plasticine.core import Deformation, warp
-from plasticine.diffusion import AncestralSampler, DDIMSampler, DPMSolverPP, LinearSchedule
+from plasticine.diffusion import AncestralSampler, DDIMSampler, DPMSolverPP, LinearSchedule, noise_like
 from plasticine.diffusion.conditioning import ConcatConditioning
 from plasticine.diffusion.unet import ConditionalUNet, UNetConfig
 from plasticine.registration.iterative import IterativeRegistration
@@ -107,6 +107,20 @@ def test_start_step_zero_is_the_source():
     x = phantom((10, 9))
     r = t.translate(x, start_step=0, num_samples=2, generator=make_generator(0))
     assert torch.equal(r.image, x) and torch.equal(r.samples[1], x) and r.start_step == 0
+
+
+def test_the_translator_noises_the_start_with_its_schedule():
+    """translate draws the noise first, makes x_k0 = schedule.q_sample(x, k0, noise), and samples from (x_k0, k0)."""
+    t = make_translator(sampler=AncestralSampler(steps=4))  # stochastic steps: the order of the draws matters
+    x = phantom((10, 9))
+    r = t.translate(x, start_step=20, num_samples=2, generator=make_generator(4))
+    g = make_generator(4)
+    with torch.no_grad():
+        clean = x.repeat(2, 1, 1, 1)
+        start = t.schedule.q_sample(clean, 20, noise_like(clean, g))
+        cond = t.conditioning(r.warped_structure).repeat(2, 1, 1, 1)
+        out = t.sampler.sample(t.denoiser, t.schedule, cond, start, 20, g)
+    assert torch.equal(r.samples, out.reshape(2, *x.shape))
 
 
 def test_condition_is_the_warped_structure_and_conventions():

@@ -7,7 +7,7 @@ and each protocol has a contract test suite in ``tests/`` that every implementat
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 
@@ -29,19 +29,44 @@ __all__ = [
 
 @runtime_checkable
 class NoiseSchedule(Protocol):
-    r"""Discrete diffusion noise schedule.
+    r"""Discrete diffusion noise schedule of ``K`` steps: every operation the diffusion model needs.
 
-    ``gammas[k]`` is :math:`\gamma_k = \prod_{i \le k} \alpha_i` (float64, ``gammas[0] = 1``);
-    ``q_sample`` draws :math:`y_k = \sqrt{\gamma_k} y_0 + \sqrt{1 - \gamma_k} \epsilon`.
+    ``gammas[k]`` is :math:`\gamma_k = \prod_{i \le k} \alpha_i` (float64, ``gammas[0] = 1``).
+    A step argument ``k`` is a Python int (the same step for every sample) or an integer tensor
+    (``()`` or ``(B,)``, per sample).
+
+    * ``q_sample(y0, k, noise)``: :math:`y_k = \sqrt{\gamma_k} y_0 + \sqrt{1 - \gamma_k} \epsilon`;
+    * ``diffuse(y0, gamma, noise)``: the same at continuous levels :math:`\gamma` (training);
+    * ``sample_gamma(batch, generator, device)``: the training draw ``(k, gamma)`` of a level per sample;
+    * ``posterior_coefficients(k, k_prev)`` and ``posterior(y0, yk, k, k_prev)``: the Gaussian
+      :math:`q(y_{k'} \mid y_0, y_k)` of any pair ``k_prev < k``.
 
     Shape:
-        gammas: ``(K + 1,)``; y0, noise: ``(B, C, *S)``; k: ``(B,)`` integer; out: ``(B, C, *S)``.
+        gammas: ``(K + 1,)``; y0, yk, noise: ``(B, C, *S)``; k, k_prev: an int, ``()`` or ``(B,)``;
+        gamma: ``(B,)``; images out: ``(B, C, *S)``.
     """
+
+    @property
+    def num_steps(self) -> int: ...
 
     @property
     def gammas(self) -> torch.Tensor: ...
 
-    def q_sample(self, y0: torch.Tensor, k: torch.Tensor, noise: torch.Tensor) -> torch.Tensor: ...
+    def q_sample(self, y0: torch.Tensor, k: int | torch.Tensor, noise: torch.Tensor) -> torch.Tensor: ...
+
+    def diffuse(self, y0: torch.Tensor, gamma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor: ...
+
+    def sample_gamma(
+        self, batch: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def posterior_coefficients(
+        self, k: int | torch.Tensor, k_prev: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+    def posterior(
+        self, y0: torch.Tensor, yk: torch.Tensor, k: int | torch.Tensor, k_prev: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @runtime_checkable
@@ -57,13 +82,17 @@ class Denoiser(Protocol):
 
 @runtime_checkable
 class Sampler(Protocol):
-    """Reverse-diffusion sampler that runs an explicit plan of ``(k, k_prev)`` steps.
+    r"""Reverse-diffusion sampler that runs an explicit plan of ``(k, k_prev)`` steps from ``(start, start_step)``.
 
-    ``start`` is either pure noise (``start_step=None``: from step K) or a clean image that is
-    noised to ``start_step`` first (mid-schedule start, the paper's inference and SDEdit).
+    ``start`` *is* the state :math:`y_{k_0}` at ``start_step`` :math:`= k_0`, and the sampler
+    denoises it to step 0; it is never noised by the sampler. The caller makes the start: pure noise
+    for ``start_step = K``, or ``schedule.q_sample(x, k0, noise)`` for a mid-schedule start (the
+    paper's inference, SDEdit). ``start_step`` is an int, or a ``(B,)`` integer tensor of per-sample
+    steps; ``generator`` is the only source of randomness of stochastic steps.
 
     Shape:
-        condition: ``(B, Cc, *S)`` or None; start: ``(B, C, *S)``; out: ``(B, C, *S)``.
+        condition: ``(B, Cc, *S)`` or None; start: ``(B, C, *S)``; start_step: an int or ``(B,)``;
+        out: ``(B, C, *S)``.
     """
 
     def sample(
@@ -72,7 +101,7 @@ class Sampler(Protocol):
         schedule: NoiseSchedule,
         condition: torch.Tensor | None,
         start: torch.Tensor,
-        start_step: Any = None,
+        start_step: int | torch.Tensor,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor: ...
 

@@ -6,15 +6,7 @@ See :mod:`plasticine.diffusion.schedules`, :mod:`plasticine.diffusion.samplers` 
 
 from .conditioning import ConcatConditioning, LearnedConditioning, structure_condition
 from .samplers import AncestralSampler, DDIMSampler, DPMSolverPP, PlanSampler, SampleResult, Spacing, step_plan
-from .schedules import (
-    CosineSchedule,
-    DiscreteSchedule,
-    LinearSchedule,
-    ScheduleFromBetas,
-    diffuse,
-    posterior_coefficients,
-    sample_noise_level,
-)
+from .schedules import CosineSchedule, DiscreteSchedule, LinearSchedule, ScheduleFromBetas, noise_like
 from .training import EMA, NoisePredictionLoss, noise_prediction_loss
 from .unet import ConditionalUNet, UNetConfig, log_snr, noise_level_embedding
 
@@ -35,12 +27,10 @@ __all__ = [
     "ScheduleFromBetas",
     "Spacing",
     "UNetConfig",
-    "diffuse",
     "log_snr",
     "noise_level_embedding",
+    "noise_like",
     "noise_prediction_loss",
-    "posterior_coefficients",
-    "sample_noise_level",
     "step_plan",
     "structure_condition",
 ]

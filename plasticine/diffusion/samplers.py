@@ -1,7 +1,7 @@
 r"""Reverse-diffusion samplers that run an explicit, tested plan of ``(k, k_prev)`` steps.
 
-Every sampler here satisfies :class:`~plasticine.core.Sampler`, reads only ``schedule.gammas`` and
-``schedule.q_sample`` of the :class:`~plasticine.core.NoiseSchedule` protocol, and calls the
+Every sampler here satisfies :class:`~plasticine.core.Sampler`, reads only ``schedule.gammas`` of
+the :class:`~plasticine.core.NoiseSchedule` protocol, and calls the
 denoiser as ``denoiser(y_k, gamma_k, condition) -> eps_hat`` with the signal level
 :math:`\gamma_k` (not an integer step). Notation: :math:`\gamma = \gamma_k`,
 :math:`\gamma' = \gamma_{k'}` for a step ``k -> k'`` (``k' < k``), and the data prediction
@@ -18,18 +18,20 @@ last ``k_prev = 0``, and the ``k_prev`` of one pair is the ``k`` of the next, so
 separately computed "previous timestep" to get wrong. It has ``n = min(steps, k0)`` pairs
 (``k0`` pairs, every step, when ``steps`` is None), and none when ``k0 = 0``.
 
-**The start.** ``sample(denoiser, schedule, condition, start, start_step=None, generator=None)``:
+**The start.** ``sample(denoiser, schedule, condition, start, start_step, generator=None)`` steps
+from ``(start, start_step)``: ``start`` *is* the state :math:`y_{k_0}` at step ``k0 = start_step``
+and is never noised here; the caller makes it with the schedule:
 
-* ``start_step=None``: ``start`` *is* the pure noise :math:`y_K` (draw it with
-  ``torch.randn(..., generator=g)``), and the plan starts at ``K``;
-* ``start_step=k0`` (an int, or a ``(B,)`` integer tensor of per-sample steps): ``start`` is a clean
-  image :math:`x_0`, noised to :math:`x_{k_0} \sim q(x_{k_0} \mid x_0)` with noise from ``generator``,
-  and the plan starts at ``k0`` (the paper's inference; SDEdit). Samples with different ``k0`` are
-  run in groups, each with its own plan (ascending ``k0``).
+* pure noise, ``start_step = K``: ``start = noise_like(x, g)`` (:func:`~plasticine.diffusion.noise_like`);
+* a mid-schedule start (the paper's inference; SDEdit): ``start = schedule.q_sample(x, k0, noise_like(x, g))``
+  (what :meth:`~plasticine.TraceableTranslator.translate` does).
+
+``start_step`` is an int, or a ``(B,)`` integer tensor of per-sample steps; samples with different
+``k0`` are run in groups, each with its own plan (ascending ``k0``).
 
 Randomness comes only from ``generator`` (``None`` uses torch's default generator), drawn on the
-generator's device and moved to the image's. Step coefficients are computed in float64 from the
-schedule and applied in the image dtype; the denoiser receives gamma in the image dtype, at least
+generator's device and moved to the image's (:func:`~plasticine.diffusion.noise_like`). Step
+coefficients are computed in float64 from the schedule and applied in the image dtype; the denoiser receives gamma in the image dtype, at least
 float32. Gradients flow through a sampler like through any torch code: wrap inference in
 ``torch.no_grad()`` (or ``torch.inference_mode()``) so that a long plan does not keep its graph. :meth:`sample` returns the image; :meth:`sample_trajectory`
 returns a :class:`SampleResult` with the intermediate states.
@@ -56,6 +58,7 @@ from ..core.config import Configurable
 from ..core.protocols import Denoiser, NoiseSchedule
 from ..core.shapes import check_shape
 from ..core.validate import check_int, check_number, check_option
+from .schedules import _check_steps, noise_like
 
 __all__ = [
     "Spacing",
@@ -146,7 +149,7 @@ class SampleResult:
 
     Attributes:
         image: the final sample.
-        trajectory: the states, ``trajectory[0]`` the start :math:`y_{k_0}` (after noising) and
+        trajectory: the states, ``trajectory[0]`` the start :math:`y_{k_0}` as given and
             ``trajectory[-1]`` the image; ``trajectory[i]`` is the state after ``i`` steps. With
             per-sample start steps the plans differ in length; a sample whose plan has ended keeps
             its final state (at step 0) in the later entries.
@@ -179,12 +182,6 @@ def _gammas_of(schedule: NoiseSchedule) -> list[float]:
     return gl.tolist()
 
 
-def _randn(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    if generator is None:
-        return torch.randn(like.shape, dtype=like.dtype, device=like.device)
-    return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=generator.device).to(like.device)
-
-
 def _eps(denoiser: Denoiser, x: torch.Tensor, gamma: float, condition: torch.Tensor | None) -> torch.Tensor:
     # at least float32: in float16 every gamma above 1 - 2**-11 would read as 1
     level = torch.full((x.shape[0],), gamma, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
@@ -193,27 +190,6 @@ def _eps(denoiser: Denoiser, x: torch.Tensor, gamma: float, condition: torch.Ten
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"denoiser output: expected shape {tuple(x.shape)} (that of the noisy input), got {got}")
     return out
-
-
-def _per_sample_steps(step: Any, batch: int, K: int, name: str) -> torch.Tensor:
-    """A step argument (int, 0-d or (B,) integer tensor) as a CPU int64 ``(B,)`` tensor in [0, K]."""
-    if isinstance(step, bool):
-        raise ValueError(f"{name}: expected an int or an integer tensor, got {step!r}")
-    if isinstance(step, (int, np.integer)):
-        t = torch.full((batch,), int(step), dtype=torch.int64)
-    elif isinstance(step, torch.Tensor):
-        if step.is_floating_point() or step.is_complex() or step.dtype == torch.bool:
-            raise ValueError(f"{name}: expected an integer tensor of steps, got dtype {step.dtype}")
-        if step.dim() == 0:
-            t = torch.full((batch,), int(step), dtype=torch.int64)
-        else:
-            check_shape(step, "B", name, bindings={"B": batch})
-            t = step.detach().to(device="cpu", dtype=torch.int64)
-    else:
-        raise ValueError(f"{name}: expected an int or a (B,) integer tensor, got {type(step).__name__}")
-    if bool(((t < 0) | (t > K)).any()):
-        raise ValueError(f"{name}: expected steps in [0, {K}], got min {int(t.min())}, max {int(t.max())}")
-    return t
 
 
 def _check_inputs(start: torch.Tensor, condition: torch.Tensor | None, name: str) -> dict[str, Any]:
@@ -263,11 +239,11 @@ def _run_groups(x: torch.Tensor, condition: torch.Tensor | None, k0: torch.Tenso
 
 
 class PlanSampler(Configurable, config_abstract=True):
-    """Base class of the samplers: the plan, the start (pure noise or mid-schedule), per-sample groups.
+    """Base class of the samplers: the plan, the start ``(y_k0, k0)``, per-sample groups.
 
-    A subclass sets ``steps`` (None: every step) and ``spacing`` and implements one reverse step
-    rule; :meth:`plan`, :meth:`sample` and :meth:`sample_trajectory` are shared, so every sampler
-    treats ``start``, ``start_step`` and ``generator`` the same way (see the module docstring of
+    A subclass sets ``steps`` (None: every step) and ``spacing`` in its constructor and implements
+    one reverse step rule, ``_run``; :meth:`plan`, :meth:`sample` and :meth:`sample_trajectory`
+    are shared, so every sampler treats ``start``, ``start_step`` and ``generator`` the same way (see the module docstring of
     :mod:`plasticine.diffusion.samplers`). ``sampler.config`` holds a subclass's constructor
     arguments (:class:`~plasticine.core.Configurable`).
 
@@ -278,14 +254,14 @@ class PlanSampler(Configurable, config_abstract=True):
     steps: int | None
     spacing: Spacing
 
-    def plan(self, schedule: NoiseSchedule, start_step: int | None = None) -> Plan:
-        """The ``(k, k_prev)`` pairs this sampler runs from ``start_step`` (None: from ``K``).
+    def plan(self, schedule: NoiseSchedule, start_step: int) -> Plan:
+        """The ``(k, k_prev)`` pairs this sampler runs from ``start_step``.
 
         See :func:`step_plan` for the spacing and the guarantees.
 
         Args:
             schedule: the noise schedule (gives ``K``).
-            start_step: the first step, an int in ``[0, K]``, or None for ``K``.
+            start_step: the first step, an int in ``[0, K]`` (``K``: from pure noise).
 
         Returns:
             The list of pairs, ``min(steps, start_step)`` long.
@@ -294,26 +270,25 @@ class PlanSampler(Configurable, config_abstract=True):
             Not applicable.
         """
         K = len(_gammas_of(schedule)) - 1
-        k0 = K if start_step is None else int(_per_sample_steps(start_step, 1, K, "start_step")[0])
-        return step_plan(k0, self.steps, self.spacing)
+        return step_plan(int(_check_steps(start_step, "start_step", 0, K, 1)[0]), self.steps, self.spacing)
 
     def _run(self, denoiser: Denoiser, gammas: list[float], x: torch.Tensor, condition: torch.Tensor | None, plan: Plan, generator: torch.Generator | None, record: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The step rule of a subclass: run ``plan`` on the states ``x`` (one group, all at the plan's first ``k``).
+
+        ``gammas`` are the schedule's levels as Python floats; stochastic steps draw from
+        ``generator`` with :func:`~plasticine.diffusion.noise_like`. Returns the final states and,
+        when ``record``, the state after every step. Every setting (``eta``, ``order``, ...) comes
+        from the constructor, so every sampler has this one signature.
+        """
         raise NotImplementedError
 
-    def _sample(self, denoiser: Denoiser, schedule: NoiseSchedule, condition: torch.Tensor | None, start: torch.Tensor, start_step: Any, generator: torch.Generator | None, record: bool) -> SampleResult:
+    def _sample(self, denoiser: Denoiser, schedule: NoiseSchedule, condition: torch.Tensor | None, start: torch.Tensor, start_step: int | torch.Tensor, generator: torch.Generator | None, record: bool, name: str = "start") -> SampleResult:
         gammas = _gammas_of(schedule)
-        K = len(gammas) - 1
-        dims = _check_inputs(start, condition, "start")
-        if start_step is None:
-            x = start
-            k0 = torch.full((dims["B"],), K, dtype=torch.int64)
-        else:
-            k0 = _per_sample_steps(start_step, dims["B"], K, "start_step")
-            noise = _randn(start, generator)
-            x = schedule.q_sample(start, k0.to(start.device), noise)
+        dims = _check_inputs(start, condition, name)
+        k0 = _check_steps(start_step, "start_step", 0, len(gammas) - 1, dims["B"]).cpu()
         plan_of = lambda k: step_plan(k, self.steps, self.spacing)  # noqa: E731
         run = lambda xs, cs, plan, rec: self._run(denoiser, gammas, xs, cs, plan, generator, rec)  # noqa: E731
-        return _run_groups(x, condition, k0, plan_of, run, record)
+        return _run_groups(start, condition, k0, plan_of, run, record)
 
     def sample(
         self,
@@ -321,25 +296,26 @@ class PlanSampler(Configurable, config_abstract=True):
         schedule: NoiseSchedule,
         condition: torch.Tensor | None,
         start: torch.Tensor,
-        start_step: int | torch.Tensor | None = None,
+        start_step: int | torch.Tensor,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Draw samples by running the plan from ``start`` (see the module docstring for ``start``).
+        """Denoise the states ``start`` at ``start_step`` to step 0 (see the module docstring for the start).
 
         Args:
             denoiser: ``(noisy, gamma, condition) -> eps_hat``.
             schedule: the noise schedule the denoiser was trained with.
             condition: passed to the denoiser unchanged (per group), or None.
-            start: the pure noise :math:`y_K` when ``start_step`` is None, else clean images.
-            start_step: None, an int in ``[0, K]``, or a ``(B,)`` integer tensor of per-sample steps.
-            generator: the only source of randomness (noising and stochastic steps).
+            start: the states :math:`y_{k_0}` (pure noise when ``start_step = K``); not noised here.
+            start_step: :math:`k_0`, an int in ``[0, K]`` or a ``(B,)`` integer tensor of per-sample steps
+                (``0``: ``start`` is returned unchanged).
+            generator: the only source of randomness (the stochastic steps).
 
         Returns:
             The samples :math:`y_0`, in the dtype and on the device of ``start``.
 
         Shape:
-            condition: ``(B, Cc, *S)`` or None; start: ``(B, C, *S)``; start_step: ``()`` or ``(B,)``;
-            out: ``(B, C, *S)``.
+            condition: ``(B, Cc, *S)`` or None; start: ``(B, C, *S)``; start_step: an int, ``()`` or
+            ``(B,)``; out: ``(B, C, *S)``.
         """
         return self._sample(denoiser, schedule, condition, start, start_step, generator, False).image
 
@@ -349,7 +325,7 @@ class PlanSampler(Configurable, config_abstract=True):
         schedule: NoiseSchedule,
         condition: torch.Tensor | None,
         start: torch.Tensor,
-        start_step: int | torch.Tensor | None = None,
+        start_step: int | torch.Tensor,
         generator: torch.Generator | None = None,
     ) -> SampleResult:
         """Like :meth:`sample`, also returning every intermediate state.
@@ -408,7 +384,7 @@ class AncestralSampler(PlanSampler):
             x = (1 / math.sqrt(a)) * x - ((1 - a) / (math.sqrt(a) * math.sqrt(1 - g))) * eps
             if kp > 0:
                 var = (1 - a) if self.variance == "beta" else (1 - a) * (1 - gp) / (1 - g)
-                x = x + math.sqrt(var) * _randn(x, generator)
+                x = x + math.sqrt(var) * noise_like(x, generator)
             if record:
                 states.append(x)
         return x, states
@@ -449,21 +425,20 @@ class DDIMSampler(PlanSampler):
         self.eta = check_number(eta, "eta", 0, 1)
         self.spacing = check_option(spacing, "spacing", _SPACINGS)
 
-    def _step(self, x: torch.Tensor, eps: torch.Tensor, g: float, gp: float, generator: torch.Generator | None, eta: float) -> torch.Tensor:
-        s2 = eta**2 * (1 - gp) / (1 - g) * (1 - g / gp)
+    def _step(self, x: torch.Tensor, eps: torch.Tensor, g: float, gp: float, generator: torch.Generator | None) -> torch.Tensor:
+        s2 = self.eta**2 * (1 - gp) / (1 - g) * (1 - g / gp)
         r = math.sqrt(gp / g)
         # sqrt(g') y0_hat + sqrt(1 - g' - s2) eps, with y0_hat = (x - sqrt(1 - g) eps) / sqrt(g)
         x_new = r * x + (math.sqrt(max(1 - gp - s2, 0.0)) - r * math.sqrt(1 - g)) * eps
         if s2 > 0:
-            x_new = x_new + math.sqrt(s2) * _randn(x, generator)
+            x_new = x_new + math.sqrt(s2) * noise_like(x, generator)
         return x_new
 
-    def _run(self, denoiser: Denoiser, gammas: list[float], x: torch.Tensor, condition: torch.Tensor | None, plan: Plan, generator: torch.Generator | None, record: bool, eta: float | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        eta = self.eta if eta is None else eta
+    def _run(self, denoiser: Denoiser, gammas: list[float], x: torch.Tensor, condition: torch.Tensor | None, plan: Plan, generator: torch.Generator | None, record: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         states: list[torch.Tensor] = []
         for k, kp in plan:
             g, gp = gammas[k], gammas[kp]
-            x = self._step(x, _eps(denoiser, x, g, condition), g, gp, generator, eta)
+            x = self._step(x, _eps(denoiser, x, g, condition), g, gp, generator)
             if record:
                 states.append(x)
         return x, states
@@ -478,7 +453,7 @@ class DDIMSampler(PlanSampler):
         schedule: NoiseSchedule,
         condition: torch.Tensor | None,
         x0: torch.Tensor,
-        end_step: int | torch.Tensor | None = None,
+        end_step: int | torch.Tensor,
         iterations: int = 0,
     ) -> torch.Tensor:
         r"""Deterministic DDIM inversion: a clean image to its latent at ``end_step``.
@@ -501,7 +476,7 @@ class DDIMSampler(PlanSampler):
             schedule: the noise schedule.
             condition: passed to the denoiser, or None.
             x0: clean images.
-            end_step: the latent's step (None: ``K``), an int or a ``(B,)`` integer tensor.
+            end_step: the latent's step (``K``: the full inversion), an int or a ``(B,)`` integer tensor.
             iterations: fixed-point refinements per step (``>= 0``; each costs one denoiser call).
 
         Returns:
@@ -519,7 +494,7 @@ class DDIMSampler(PlanSampler):
         gammas = _gammas_of(schedule)
         K = len(gammas) - 1
         dims = _check_inputs(x0, condition, "x0")
-        kend = torch.full((dims["B"],), K, dtype=torch.int64) if end_step is None else _per_sample_steps(end_step, dims["B"], K, "end_step")
+        kend = _check_steps(end_step, "end_step", 0, K, dims["B"]).cpu()
 
         def run(x: torch.Tensor, cond: torch.Tensor | None, plan: Plan, record: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
             for k, kp in reversed(plan):
@@ -540,19 +515,19 @@ class DDIMSampler(PlanSampler):
         schedule: NoiseSchedule,
         condition: torch.Tensor | None,
         latent: torch.Tensor,
-        start_step: int | torch.Tensor | None = None,
+        start_step: int | torch.Tensor,
     ) -> torch.Tensor:
         r"""Deterministic DDIM decoding (``eta = 0``) of a latent at ``start_step``: the inverse of :meth:`encode`.
 
-        Unlike :meth:`sample` with a ``start_step``, the latent is not noised first: it already is
-        :math:`y_{k_0}`. ``decode(encode(x0, k0), k0)`` returns ``x0`` up to the inversion error.
+        The same run as :meth:`sample` (the latent is the start :math:`y_{k_0}`), only refused for a
+        stochastic sampler. ``decode(encode(x0, k0), k0)`` returns ``x0`` up to the inversion error.
 
         Args:
             denoiser: ``(noisy, gamma, condition) -> eps_hat``.
             schedule: the noise schedule.
             condition: passed to the denoiser, or None.
             latent: the states at ``start_step``.
-            start_step: None (``K``), an int, or a ``(B,)`` integer tensor.
+            start_step: an int in ``[0, K]``, or a ``(B,)`` integer tensor.
 
         Returns:
             The decoded images.
@@ -564,12 +539,7 @@ class DDIMSampler(PlanSampler):
             condition: ``(B, Cc, *S)`` or None; latent: ``(B, C, *S)``; out: ``(B, C, *S)``.
         """
         self._require_deterministic("decode")
-        gammas = _gammas_of(schedule)
-        K = len(gammas) - 1
-        dims = _check_inputs(latent, condition, "latent")
-        k0 = torch.full((dims["B"],), K, dtype=torch.int64) if start_step is None else _per_sample_steps(start_step, dims["B"], K, "start_step")
-        run = lambda xs, cs, plan, rec: self._run(denoiser, gammas, xs, cs, plan, None, rec, eta=0.0)  # noqa: E731
-        return _run_groups(latent, condition, k0, lambda k: step_plan(k, self.steps, self.spacing), run, False).image
+        return self._sample(denoiser, schedule, condition, latent, start_step, None, False, "latent").image
 
     def __repr__(self) -> str:
         return f"DDIMSampler(steps={self.steps}, eta={self.eta!r}, spacing={self.spacing!r})"

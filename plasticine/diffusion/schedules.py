@@ -24,6 +24,11 @@ and the posterior of one step back (Ho et al. 2020, eq. 6-7) is
 Three schedules share the :class:`~plasticine.core.NoiseSchedule` protocol through the base class
 :class:`DiscreteSchedule`: :class:`LinearSchedule` (the paper's, :math:`10^{-6} .. 10^{-2}` over
 2000 steps), :class:`CosineSchedule` (Nichol & Dhariwal 2021) and :class:`ScheduleFromBetas`.
+Every operation is a method of the protocol, with one signature: the forward process by step
+(:meth:`~DiscreteSchedule.q_sample`) and by continuous level (:meth:`~DiscreteSchedule.diffuse`),
+the training draw of a level (:meth:`~DiscreteSchedule.sample_gamma`) and the posterior of any pair
+of steps (:meth:`~DiscreteSchedule.posterior_coefficients`, :meth:`~DiscreteSchedule.posterior`).
+A step is a Python int (the same for every sample) or an integer tensor of per-sample steps.
 
 References:
     Ho, Jain, Abbeel, "Denoising Diffusion Probabilistic Models", NeurIPS 2020.
@@ -48,121 +53,58 @@ __all__ = [
     "LinearSchedule",
     "CosineSchedule",
     "ScheduleFromBetas",
-    "diffuse",
-    "posterior_coefficients",
-    "sample_noise_level",
+    "noise_like",
 ]
-
 
 def _broadcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Per-sample values ``(B,)`` as ``(B, 1, ..., 1)`` in the dtype and device of ``like``."""
     return values.to(device=like.device, dtype=like.dtype).reshape((-1,) + (1,) * (like.dim() - 1))
 
 
-def diffuse(y0: torch.Tensor, gamma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    r"""Noise clean images to the signal levels ``gamma``: :math:`\sqrt{\gamma} y_0 + \sqrt{1-\gamma}\,\epsilon`.
+def noise_like(like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    r"""Standard normal noise :math:`\epsilon \sim \mathcal{N}(0, I)` of the shape and dtype of ``like``.
 
-    The square roots are taken in the precision of ``gamma`` (float64 when it comes from a
-    schedule) and cast to the image dtype. ``gamma`` may be continuous (Palette's training draw).
-
-    Args:
-        y0: clean images.
-        gamma: signal level of every sample, in ``[0, 1]``.
-        noise: standard normal noise, same shape as ``y0``.
-
-    Returns:
-        The noisy images :math:`y_\gamma`.
-
-    Shape:
-        y0, noise: ``(B, C, *S)``; gamma: ``(B,)``; out: ``(B, C, *S)``.
-    """
-    dims = check_shape(y0, "B C *S", "y0")
-    check_shape(noise, "B C *S", "noise", bindings=dict(dims))
-    check_shape(gamma, "B", "gamma", bindings={"B": dims["B"]})
-    if not gamma.is_floating_point():
-        raise ValueError(f"gamma: expected a floating tensor of signal levels, got dtype {gamma.dtype}")
-    if bool(((gamma < 0) | (gamma > 1)).any()):
-        raise ValueError(f"gamma: expected values in [0, 1], got min {float(gamma.min())}, max {float(gamma.max())}")
-    return _broadcast(gamma.sqrt(), y0) * y0 + _broadcast((1 - gamma).sqrt(), y0) * noise
-
-
-def posterior_coefficients(
-    gammas: torch.Tensor, k: torch.Tensor | int, k_prev: torch.Tensor | int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    r"""Coefficients of the posterior :math:`q(y_{k'} \mid y_0, y_k)` for steps ``k' < k``.
-
-    With :math:`a = \gamma_k / \gamma_{k'}` (the :math:`\alpha_k` of one step when ``k' = k - 1``):
-    mean :math:`c_0 y_0 + c_k y_k` with :math:`c_0 = \sqrt{\gamma_{k'}}(1-a)/(1-\gamma_k)`,
-    :math:`c_k = \sqrt{a}(1-\gamma_{k'})/(1-\gamma_k)`, and variance
-    :math:`\tilde\beta = (1-a)(1-\gamma_{k'})/(1-\gamma_k)` (Ho et al. 2020, eq. 7, for any pair).
+    Drawn on the generator's device (so a CPU generator gives the same draws for CUDA images) and
+    moved to the device of ``like``; ``None`` uses torch's default generator on that device. Every
+    noise of the diffusion model (the training draw, the translator's start, the samplers' steps)
+    comes from here, so the same seed gives the same draws everywhere.
 
     Args:
-        gammas: the schedule's :math:`\gamma_0 .. \gamma_K` (float64).
-        k: current steps, ``1 <= k <= K``.
-        k_prev: earlier steps, ``0 <= k_prev < k``.
-
-    Returns:
-        ``(c0, ck, variance)``, each float64 with the broadcast shape of ``k`` and ``k_prev``.
-
-    Shape:
-        gammas: ``(K + 1,)``; k, k_prev: ``()`` or ``(B,)``; outs: their broadcast shape.
-    """
-    check_shape(gammas, "K1", "gammas")
-    k_t = torch.as_tensor(k, device=gammas.device)
-    kp_t = torch.as_tensor(k_prev, device=gammas.device)
-    for name, t in (("k", k_t), ("k_prev", kp_t)):
-        if t.is_floating_point() or t.dtype == torch.bool:
-            raise ValueError(f"{name}: expected integer step indices, got dtype {t.dtype}")
-    K = gammas.shape[0] - 1
-    if bool(((k_t < 1) | (k_t > K)).any()):
-        raise ValueError(f"k: expected steps in [1, {K}], got {k_t.tolist()}")
-    if bool(((kp_t < 0) | (kp_t >= k_t)).any()):
-        raise ValueError(f"k_prev: expected 0 <= k_prev < k, got k={k_t.tolist()}, k_prev={kp_t.tolist()}")
-    g = gammas.to(torch.float64)
-    g_k, g_p = g[k_t], g[kp_t]
-    a = g_k / g_p
-    c0 = g_p.sqrt() * (1 - a) / (1 - g_k)
-    ck = a.sqrt() * (1 - g_p) / (1 - g_k)
-    var = (1 - a) * (1 - g_p) / (1 - g_k)
-    return c0, ck, var
-
-
-def sample_noise_level(
-    gammas: torch.Tensor,
-    batch: int,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Palette's continuous noise-level draw for training.
-
-    :math:`k \sim \mathcal{U}\{1, \dots, K\}`, then :math:`\gamma = \gamma_k + u(\gamma_{k-1} - \gamma_k)`
-    with :math:`u \sim \mathcal{U}[0, 1)`, so :math:`\gamma \in [\gamma_k, \gamma_{k-1})` is
-    uniform between the two levels around step ``k`` and never exactly 1. ``k`` is drawn first,
-    then ``u``, both from ``generator`` (on its device; ``None`` uses torch's default generator).
-
-    Args:
-        gammas: the schedule's :math:`\gamma_0 .. \gamma_K` (float64).
-        batch: number of samples ``B``.
+        like: the tensor whose shape, dtype and device the noise takes.
         generator: source of randomness.
-        device: where the results go (default: the generator's device, or CPU).
 
     Returns:
-        ``(k, gamma)``: int64 steps and float64 levels.
+        The noise.
 
     Shape:
-        gammas: ``(K + 1,)``; k, gamma: ``(B,)``.
+        like, out: any shape, the same.
     """
-    check_shape(gammas, "K1", "gammas")
-    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
-        raise ValueError(f"batch: expected a positive int, got {batch!r}")
-    K = gammas.shape[0] - 1
-    draw_device = generator.device if generator is not None else torch.device("cpu")
-    k = torch.randint(1, K + 1, (batch,), generator=generator, device=draw_device)
-    u = torch.rand(batch, generator=generator, device=draw_device, dtype=torch.float64)
-    g = gammas.to(device=draw_device, dtype=torch.float64)
-    gamma = g[k] + u * (g[k - 1] - g[k])
-    out = torch.device(device) if device is not None else draw_device
-    return k.to(out), gamma.to(out)
+    if generator is None:
+        return torch.randn(like.shape, dtype=like.dtype, device=like.device)
+    return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=generator.device).to(like.device)
+
+
+def _check_steps(k: object, name: str, low: int, high: int, batch: int | None = None) -> torch.Tensor:
+    """Steps given as an int or an integer tensor, as an int64 tensor in ``[low, high]`` (on the tensor's device, CPU for an int).
+
+    With ``batch`` the result is ``(batch,)`` (an int or a 0-d tensor is repeated, a 1-D tensor must
+    have ``batch`` entries); without, it keeps the shape ``()`` or ``(n,)``.
+    """
+    if isinstance(k, (int, np.integer)) and not isinstance(k, bool):
+        t = torch.tensor(int(k), dtype=torch.int64)
+    elif isinstance(k, torch.Tensor):
+        if k.is_floating_point() or k.is_complex() or k.dtype == torch.bool:
+            raise ValueError(f"{name}: expected an integer tensor of steps, got dtype {k.dtype}")
+        if k.dim() > 1:
+            raise ValueError(f"{name}: expected an int or a () or (B,) integer tensor of steps, got shape {tuple(k.shape)}")
+        if batch is not None and k.dim() == 1:
+            check_shape(k, "B", name, bindings={"B": batch})
+        t = k.detach().to(torch.int64)
+    else:
+        raise ValueError(f"{name}: expected an int or a (B,) integer tensor of steps, got {type(k).__name__}")
+    if t.numel() and bool(((t < low) | (t > high)).any()):
+        raise ValueError(f"{name}: expected steps in [{low}, {high}], got min {int(t.min())}, max {int(t.max())}")
+    return t.expand(batch) if batch is not None and t.dim() == 0 else t
 
 
 class DiscreteSchedule(Configurable):
@@ -236,40 +178,69 @@ class DiscreteSchedule(Configurable):
             self._gammas_on[device] = self._gammas.to(device)
         return self._gammas_on[device]
 
-    def _check_steps(self, k: Any, batch: int, name: str = "k") -> torch.Tensor:
-        if not isinstance(k, torch.Tensor):
-            raise ValueError(f"{name}: expected a (B,) integer tensor of steps, got {type(k).__name__}")
-        check_shape(k, "B", name, bindings={"B": batch})
-        if k.is_floating_point() or k.is_complex() or k.dtype == torch.bool:
-            raise ValueError(f"{name}: expected an integer tensor of steps, got dtype {k.dtype}")
-        if bool(((k < 0) | (k > self.num_steps)).any()):
-            raise ValueError(f"{name}: expected steps in [0, {self.num_steps}], got min {int(k.min())}, max {int(k.max())}")
-        return k
-
     # -- the forward process ------------------------------------------------------------------------
 
-    def q_sample(self, y0: torch.Tensor, k: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def q_sample(self, y0: torch.Tensor, k: int | torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         r"""Draw :math:`y_k \sim q(y_k \mid y_0)`: :math:`\sqrt{\gamma_k} y_0 + \sqrt{1 - \gamma_k}\,\epsilon`.
 
         Args:
             y0: clean images.
-            k: the step of every sample, integers in ``[0, K]`` (``0`` returns ``y0``).
-            noise: standard normal noise :math:`\epsilon`.
+            k: the step, integers in ``[0, K]`` (``0`` returns ``y0``): an int for every sample, or
+                a ``(B,)`` (or 0-d) integer tensor.
+            noise: standard normal noise :math:`\epsilon` (e.g. :func:`noise_like`).
 
         Returns:
             The noisy images, in the dtype of ``y0``.
 
+        Example:
+            >>> s = ScheduleFromBetas([0.75])  # gamma_1 = 0.25
+            >>> s.q_sample(torch.full((1, 1, 1, 1), 2.0), 1, torch.zeros(1, 1, 1, 1)).item()
+            1.0
+
         Shape:
-            y0, noise: ``(B, C, *S)``; k: ``(B,)``; out: ``(B, C, *S)``.
+            y0, noise: ``(B, C, *S)``; k: an int, ``()`` or ``(B,)``; out: ``(B, C, *S)``.
         """
         dims = check_shape(y0, "B C *S", "y0")
-        self._check_steps(k, dims["B"])
-        return diffuse(y0, self._gammas_device(k.device)[k], noise)
+        steps = _check_steps(k, "k", 0, self.num_steps, dims["B"])
+        return self.diffuse(y0, self._gammas_device(steps.device)[steps], noise)
+
+    def diffuse(self, y0: torch.Tensor, gamma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        r"""Noise clean images to the signal levels ``gamma``: :math:`\sqrt{\gamma} y_0 + \sqrt{1-\gamma}\,\epsilon`.
+
+        The continuous form of :meth:`q_sample` (``q_sample(y0, k, noise)`` is
+        ``diffuse(y0, gammas[k], noise)``), for the levels :meth:`sample_gamma` draws in training.
+        The square roots are taken in the precision of ``gamma`` (float64 from :meth:`sample_gamma`)
+        and cast to the image dtype.
+
+        Args:
+            y0: clean images.
+            gamma: signal level of every sample, floating, in ``[0, 1]``.
+            noise: standard normal noise, same shape as ``y0``.
+
+        Returns:
+            The noisy images :math:`y_\gamma`, in the dtype of ``y0``.
+
+        Shape:
+            y0, noise: ``(B, C, *S)``; gamma: ``(B,)``; out: ``(B, C, *S)``.
+        """
+        dims = check_shape(y0, "B C *S", "y0")
+        check_shape(noise, "B C *S", "noise", bindings=dict(dims))
+        check_shape(gamma, "B", "gamma", bindings={"B": dims["B"]})
+        if not gamma.is_floating_point():
+            raise ValueError(f"gamma: expected a floating tensor of signal levels, got dtype {gamma.dtype}")
+        if bool(((gamma < 0) | (gamma > 1)).any()):
+            raise ValueError(f"gamma: expected values in [0, 1], got min {float(gamma.min())}, max {float(gamma.max())}")
+        return _broadcast(gamma.sqrt(), y0) * y0 + _broadcast((1 - gamma).sqrt(), y0) * noise
 
     def sample_gamma(
         self, batch: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        r"""Palette's continuous noise-level draw (see :func:`sample_noise_level`).
+        r"""Palette's continuous noise-level draw for training.
+
+        :math:`k \sim \mathcal{U}\{1, \dots, K\}`, then :math:`\gamma = \gamma_k + u(\gamma_{k-1} - \gamma_k)`
+        with :math:`u \sim \mathcal{U}[0, 1)`, so :math:`\gamma \in [\gamma_k, \gamma_{k-1})` is
+        uniform between the two levels around step ``k`` and never exactly 1. ``k`` is drawn first,
+        then ``u``, both from ``generator`` (on its device).
 
         Args:
             batch: number of samples ``B``.
@@ -283,48 +254,77 @@ class DiscreteSchedule(Configurable):
         Shape:
             k, gamma: ``(B,)``.
         """
-        return sample_noise_level(self._gammas, batch, generator, device)
+        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+            raise ValueError(f"batch: expected a positive int, got {batch!r}")
+        draw_device = generator.device if generator is not None else torch.device("cpu")
+        k = torch.randint(1, self.num_steps + 1, (batch,), generator=generator, device=draw_device)
+        u = torch.rand(batch, generator=generator, device=draw_device, dtype=torch.float64)
+        g = self._gammas_device(draw_device)
+        gamma = g[k] + u * (g[k - 1] - g[k])
+        out = torch.device(device) if device is not None else draw_device
+        return k.to(out), gamma.to(out)
 
     # -- the posterior --------------------------------------------------------------------------------
 
-    def posterior_coefficients(self, k: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        r"""Mean coefficients and variance of :math:`q(y_{k-1} \mid y_0, y_k)` (float64).
+    def posterior_coefficients(
+        self, k: int | torch.Tensor, k_prev: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        r"""Coefficients of the posterior :math:`q(y_{k'} \mid y_0, y_k)` for steps ``k' < k`` (float64, CPU).
 
-        :math:`c_0 = \sqrt{\gamma_{k-1}}\beta_k / (1 - \gamma_k)`,
-        :math:`c_k = \sqrt{\alpha_k}(1 - \gamma_{k-1}) / (1 - \gamma_k)`,
-        :math:`\tilde\beta_k = \beta_k (1 - \gamma_{k-1}) / (1 - \gamma_k)` (Ho et al. 2020, eq. 7).
+        With :math:`a = \gamma_k / \gamma_{k'}` (the :math:`\alpha_k` of one step when ``k' = k - 1``):
+        mean :math:`c_0 y_0 + c_k y_k` with :math:`c_0 = \sqrt{\gamma_{k'}}(1-a)/(1-\gamma_k)`,
+        :math:`c_k = \sqrt{a}(1-\gamma_{k'})/(1-\gamma_k)`, and variance
+        :math:`\tilde\beta = (1-a)(1-\gamma_{k'})/(1-\gamma_k)` (Ho et al. 2020, eq. 7, for any pair).
 
         Args:
-            k: steps in ``[1, K]``.
+            k: current steps in ``[1, K]``, an int or an integer tensor.
+            k_prev: earlier steps, ``0 <= k_prev < k`` (``k - 1`` for one step), an int or an integer tensor.
 
         Returns:
-            ``(c0, ck, variance)``.
+            ``(c0, ck, variance)``, each float64 with the broadcast shape of ``k`` and ``k_prev``.
 
         Shape:
-            k: ``()`` or ``(B,)``; outs: the shape of ``k``.
+            k, k_prev: ints, ``()`` or ``(n,)``; outs: their broadcast shape.
         """
-        k_t = torch.as_tensor(k)
-        return posterior_coefficients(self._gammas, k_t, k_t - 1)
+        K = self.num_steps
+        k_t = _check_steps(k, "k", 1, K).cpu()
+        kp_t = _check_steps(k_prev, "k_prev", 0, K - 1).cpu()
+        if k_t.dim() and kp_t.dim() and k_t.shape != kp_t.shape:
+            raise ValueError(f"k_prev: expected one step or the shape of k, {tuple(k_t.shape)}, got shape {tuple(kp_t.shape)}")
+        if bool((kp_t >= k_t).any()):
+            raise ValueError(f"k_prev: expected 0 <= k_prev < k, got k={k_t.tolist()}, k_prev={kp_t.tolist()}")
+        g_k, g_p = self._gammas[k_t], self._gammas[kp_t]
+        a = g_k / g_p
+        c0 = g_p.sqrt() * (1 - a) / (1 - g_k)
+        ck = a.sqrt() * (1 - g_p) / (1 - g_k)
+        var = (1 - a) * (1 - g_p) / (1 - g_k)
+        return c0, ck, var
 
-    def posterior(self, y0: torch.Tensor, yk: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        r"""Mean and variance of :math:`q(y_{k-1} \mid y_0, y_k)`.
+    def posterior(
+        self, y0: torch.Tensor, yk: torch.Tensor, k: int | torch.Tensor, k_prev: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""Mean and variance of :math:`q(y_{k'} \mid y_0, y_k)` (see :meth:`posterior_coefficients`).
 
         Args:
             y0: clean images.
             yk: the noisy images at step ``k``.
-            k: the step of every sample, in ``[1, K]``.
+            k: the step of every sample, in ``[1, K]``: an int or a ``(B,)`` integer tensor.
+            k_prev: the earlier step, ``0 <= k_prev < k``: an int or a ``(B,)`` integer tensor.
 
         Returns:
             ``(mean, variance)``: the mean ``(B, C, *S)`` and the variance ``(B, 1, ..., 1)``,
-            both in the dtype of ``y0``.
+            both in the dtype and on the device of ``y0``.
 
         Shape:
-            y0, yk: ``(B, C, *S)``; k: ``(B,)``; mean: ``(B, C, *S)``; variance: ``(B, 1, *1)``.
+            y0, yk: ``(B, C, *S)``; k, k_prev: an int, ``()`` or ``(B,)``; mean: ``(B, C, *S)``;
+            variance: ``(B, 1, *1)``.
         """
         dims = check_shape(y0, "B C *S", "y0")
         check_shape(yk, "B C *S", "yk", bindings=dict(dims))
-        self._check_steps(k, dims["B"])
-        c0, ck, var = posterior_coefficients(self._gammas, k.cpu(), k.cpu() - 1)
+        K = self.num_steps
+        k_t = _check_steps(k, "k", 1, K, dims["B"])
+        kp_t = _check_steps(k_prev, "k_prev", 0, K - 1, dims["B"])
+        c0, ck, var = self.posterior_coefficients(k_t, kp_t)
         return _broadcast(c0, y0) * y0 + _broadcast(ck, y0) * yk, _broadcast(var, y0)
 
     # -- description -------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ r"""Training objective of the denoiser and an exponential moving average of its 
     \big\| \epsilon_\theta\big(\sqrt{\gamma}\, y + \sqrt{1-\gamma}\,\epsilon,\ \gamma,\ c\big) - \epsilon \big\|_1,
 
 with :math:`k \sim \mathcal{U}\{1..K\}` and :math:`\gamma \sim \mathcal{U}[\gamma_k, \gamma_{k-1})`
-(continuous noise level, see :func:`~plasticine.diffusion.schedules.sample_noise_level`).
+(continuous noise level, see :meth:`~plasticine.core.NoiseSchedule.sample_gamma`).
 :class:`EMA` keeps :math:`\bar\theta \leftarrow d\,\bar\theta + (1 - d)\,\theta` for sampling.
 
 References:
@@ -26,7 +26,7 @@ import torch
 from ..core.protocols import Denoiser, NoiseSchedule
 from ..core.shapes import check_shape
 from ..core.validate import check_number
-from .schedules import diffuse, sample_noise_level
+from .schedules import noise_like
 
 __all__ = ["noise_prediction_loss", "NoisePredictionLoss", "EMA"]
 
@@ -43,17 +43,17 @@ def noise_prediction_loss(
 ) -> torch.Tensor:
     r"""Noise-prediction loss at a continuous noise level drawn per sample.
 
-    Draws, in this order from ``generator``: the steps ``k`` and levels ``gamma`` (``(B,)``, see
-    :func:`~plasticine.diffusion.schedules.sample_noise_level`), then the noise
-    :math:`\epsilon \sim \mathcal{N}(0, I)` of the shape of ``y``; noises
-    :math:`y_\gamma = \sqrt{\gamma} y + \sqrt{1-\gamma}\,\epsilon`; calls
+    Draws, in this order from ``generator``: the steps ``k`` and levels ``gamma`` (``(B,)``,
+    ``schedule.sample_gamma``), then the noise :math:`\epsilon \sim \mathcal{N}(0, I)` of the shape
+    of ``y`` (:func:`~plasticine.diffusion.noise_like`); noises
+    :math:`y_\gamma = \sqrt{\gamma} y + \sqrt{1-\gamma}\,\epsilon` (``schedule.diffuse``); calls
     ``denoiser(y_gamma, gamma, condition)`` (gamma in the dtype of ``y``, at least float32); and returns the mean
     over all elements of :math:`|\hat\epsilon - \epsilon|` (``"l1"``, the paper's) or
     :math:`(\hat\epsilon - \epsilon)^2` (``"l2"``, DDPM's simple loss).
 
     Args:
         denoiser: ``(noisy, gamma, condition) -> eps_hat``.
-        schedule: the noise schedule (only ``gammas`` is read).
+        schedule: the noise schedule (its ``sample_gamma`` and ``diffuse``).
         y: clean target images.
         condition: what the denoiser is conditioned on, or None.
         generator: the source of randomness, on any device (``None``: torch's default generator).
@@ -81,13 +81,11 @@ def noise_prediction_loss(
         check_shape(condition, "B Cc *S", "condition", bindings={"B": dims["B"], "S": dims["S"]})
     if loss not in ("l1", "l2"):
         raise ValueError(f"loss: expected 'l1' or 'l2', got {loss!r}")
-    gammas = getattr(schedule, "gammas", None)
-    if not isinstance(gammas, torch.Tensor) or gammas.dtype != torch.float64:
-        raise ValueError(f"schedule: expected a NoiseSchedule with float64 gammas, got {type(schedule).__name__}")
-    _, gamma = sample_noise_level(gammas, dims["B"], generator, device=y.device)
-    draw_device = generator.device if generator is not None else y.device
-    noise = torch.randn(y.shape, generator=generator, dtype=y.dtype, device=draw_device).to(y.device)
-    noisy = diffuse(y, gamma, noise)
+    if not isinstance(schedule, NoiseSchedule):
+        raise ValueError(f"schedule: expected a NoiseSchedule, got {type(schedule).__name__}")
+    _, gamma = schedule.sample_gamma(dims["B"], generator, device=y.device)
+    noise = noise_like(y, generator)
+    noisy = schedule.diffuse(y, gamma, noise)
     eps_hat = denoiser(noisy, gamma.to(torch.promote_types(y.dtype, torch.float32)), condition)
     if not isinstance(eps_hat, torch.Tensor) or eps_hat.shape != y.shape:
         got = tuple(eps_hat.shape) if isinstance(eps_hat, torch.Tensor) else type(eps_hat).__name__

@@ -1,7 +1,8 @@
 """Registration: SVF integrators, the registration network and swappable registration backends.
 
 Backends share :class:`~plasticine.core.RegistrationBackend`: :class:`LearnedRegistration` (the
-paper's network plus an integrator), :class:`IterativeRegistration` (per-pair SVF optimisation) and
+paper's network plus an integrator), :class:`IterativeRegistration` (per-pair SVF optimisation by an
+optimiser strategy: :class:`GradientDescent`, :class:`Adam`, :class:`LBFGS`) and
 :class:`~plasticine.registration.ants.AntsRegistration` (ANTs SyN, optional extra ``ants``; its module
 imports ANTs only when it registers).
 """
@@ -10,14 +11,19 @@ from .ants import AntsRegistration
 from .integrators import RK4, Euler, ScalingAndSquaring, auto_squaring_steps, integrate_euler, integrate_rk4, scaling_and_squaring
 from .iterative import IterativeConfig, IterativeRegistration
 from .network import LearnedRegistration, RegistrationNet, RegistrationNetConfig, RegistrationOutput, registration_objective
+from .optimizers import LBFGS, Adam, GradientDescent, OptimizerStrategy
 
 __all__ = [
+    "LBFGS",
     "RK4",
+    "Adam",
     "AntsRegistration",
     "Euler",
+    "GradientDescent",
     "IterativeConfig",
     "IterativeRegistration",
     "LearnedRegistration",
+    "OptimizerStrategy",
     "RegistrationNet",
     "RegistrationNetConfig",
     "RegistrationOutput",

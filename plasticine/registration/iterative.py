@@ -9,23 +9,28 @@ r"""Per-pair registration by optimising a stationary velocity field (no training
 
 with ``S`` any :class:`~plasticine.core.SimilarityLoss` (normalised mutual information by default),
 ``R`` a regulariser of the smoothed velocity and :math:`G_\sigma` a Gaussian that keeps the velocity
-smooth (the "fluid-like" smoothing of the update in SyN and demons). The result is a
+smooth (the "fluid-like" smoothing of the update in SyN and demons). The exponential is any
+:class:`~plasticine.core.Integrator` (scaling and squaring by default) and the minimisation any
+:class:`~plasticine.registration.optimizers.OptimizerStrategy` (the SyN-like smoothed gradient
+descent by default; Adam and L-BFGS ship too), both given as objects. The result is a
 :class:`~plasticine.core.Deformation` with ``forward = exp(v)`` and ``inverse = exp(-v)``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 
 from ..core.config import Configurable, register_settings
 from ..core.deformation import Deformation
 from ..core.filters import gaussian_smooth, resize, resize_field
+from ..core.protocols import Integrator
 from ..core.shapes import check_shape
 from ..core.warp import warp
-from .integrators import scaling_and_squaring
+from .optimizers import GradientDescent, OptimizerStrategy
 
 __all__ = ["IterativeRegistration", "IterativeConfig"]
 
@@ -33,33 +38,30 @@ __all__ = ["IterativeRegistration", "IterativeConfig"]
 @register_settings
 @dataclass(frozen=True)
 class IterativeConfig:
-    """Settings of :class:`IterativeRegistration`.
+    """Settings of :class:`IterativeRegistration` (the optimiser and the integrator hold their own).
 
     Attributes:
         levels: downsampling factor of each resolution level, coarse to fine.
-        iterations: optimiser steps per level.
-        lr: step size: the largest update in voxels of the level for ``"gradient"``, the
-            learning rate for Adam and L-BFGS.
+        iterations: optimiser iterations per level.
         smoothing: Gaussian sigma (voxels of the level) applied to the velocity.
         weight: regularisation weight lambda (0 by default: the two Gaussians regularise, as in
             SyN; a positive weight adds the explicit penalty).
-        steps: squaring steps of the exponential.
         symmetric: use both terms of E (forward and inverse); else only the forward one.
-        optimizer: ``"gradient"`` (the default: steepest descent whose update is smoothed by a
-            Gaussian of ``update_smoothing`` and scaled so that it moves at most ``lr`` voxels, the
-            update rule of SyN and demons), ``"adam"`` or ``"lbfgs"``.
-        update_smoothing: Gaussian sigma (voxels of the level) of the update, for ``"gradient"``.
     """
 
     levels: tuple[int, ...] = (4, 2, 1)
     iterations: tuple[int, ...] = (40, 25, 10)
-    lr: float = 0.25
     smoothing: float = 1.5
     weight: float = 0.0
-    steps: int = 7
     symmetric: bool = True
-    optimizer: Literal["gradient", "adam", "lbfgs"] = "gradient"
-    update_smoothing: float = 6.0
+
+
+_MOVED = {
+    "lr": "the optimizer, e.g. optimizer=GradientDescent(lr=...)",
+    "update_smoothing": "the optimizer, e.g. optimizer=GradientDescent(update_smoothing=...)",
+    "optimizer": "the optimizer argument as an object: GradientDescent(), Adam() or LBFGS()",
+    "steps": "the integrator, e.g. integrator=ScalingAndSquaring(steps=...)",
+}
 
 
 class IterativeRegistration(Configurable):
@@ -74,7 +76,18 @@ class IterativeRegistration(Configurable):
             :class:`plasticine.losses.MutualInformation` (normalised MI, 32 bins).
         regularizer: penalty of the smoothed velocity ``(B, N, *S) -> scalar``; defaults to
             :class:`plasticine.losses.GradientSmoothness`.
-        config: an :class:`IterativeConfig`; keyword overrides may be given instead.
+        config: an :class:`IterativeConfig`; keyword overrides of its fields may be given instead.
+        integrator: an :class:`~plasticine.core.Integrator` giving ``exp(v)``;
+            :class:`~plasticine.registration.ScalingAndSquaring` (7 squarings) by default.
+        optimizer: an :class:`~plasticine.registration.optimizers.OptimizerStrategy`
+            (:class:`~plasticine.registration.optimizers.GradientDescent` by default,
+            :class:`~plasticine.registration.optimizers.Adam`,
+            :class:`~plasticine.registration.optimizers.LBFGS`), run once per level.
+
+    Raises:
+        ValueError: for levels and iterations of different or zero length, an integrator that is
+            not callable or an optimizer without a ``minimise`` method (a name string, say).
+        TypeError: for a keyword override that is not a field of :class:`IterativeConfig`.
 
     Shape:
         source, target: ``(B, C, *S)``; returned Deformation fields ``(B, N, *S)``.
@@ -85,6 +98,9 @@ class IterativeRegistration(Configurable):
         similarity: Callable[..., torch.Tensor] | None = None,
         regularizer: Callable[[torch.Tensor], torch.Tensor] | None = None,
         config: IterativeConfig | None = None,
+        *,
+        integrator: Integrator | None = None,
+        optimizer: OptimizerStrategy | None = None,
         **overrides,
     ):
         if similarity is None:
@@ -95,14 +111,27 @@ class IterativeRegistration(Configurable):
             from ..losses import GradientSmoothness
 
             regularizer = GradientSmoothness()
-        self.similarity, self.regularizer = similarity, regularizer
+        if integrator is None:
+            from .integrators import ScalingAndSquaring
+
+            integrator = ScalingAndSquaring()
+        optimizer = GradientDescent() if optimizer is None else optimizer
+        if not isinstance(integrator, Integrator):
+            raise ValueError(f"integrator: expected a callable velocity -> displacement (e.g. ScalingAndSquaring()), got {integrator!r}")
+        if not isinstance(optimizer, OptimizerStrategy):
+            raise ValueError(f"optimizer: expected an object with a minimise method (GradientDescent(), Adam() or LBFGS()), got {optimizer!r}")
+        fields = {f.name for f in dataclasses.fields(IterativeConfig)}
+        for key in overrides:
+            if key not in fields:
+                where = f"; it moved to {_MOVED[key]}" if key in _MOVED else ""
+                raise TypeError(f"IterativeRegistration: unknown setting {key!r}, expected one of {sorted(fields)}{where}")
         cfg = config or IterativeConfig()
         if overrides:
-            cfg = IterativeConfig(**{**cfg.__dict__, **overrides})
+            cfg = dataclasses.replace(cfg, **overrides)
         if len(cfg.levels) != len(cfg.iterations) or not cfg.levels:
             raise ValueError(f"levels and iterations must have the same non-zero length, got {cfg.levels} and {cfg.iterations}")
-        if cfg.optimizer not in ("gradient", "adam", "lbfgs"):
-            raise ValueError(f"optimizer: expected 'gradient', 'adam' or 'lbfgs', got {cfg.optimizer!r}")
+        self.similarity, self.regularizer = similarity, regularizer
+        self.integrator, self.optimizer = integrator, optimizer
         self.settings = cfg
 
     def register(self, source: torch.Tensor, target: torch.Tensor | None = None, *, cue: torch.Tensor | None = None) -> Deformation:
@@ -131,55 +160,22 @@ class IterativeRegistration(Configurable):
             lshape = tuple(max(4, round((s - 1) / factor) + 1) for s in shape)
             x, y = resize(source, lshape), resize(target, lshape)
             v0 = torch.zeros(dims["B"], n, *lshape, dtype=source.dtype, device=source.device) if v is None else resize_field(v, lshape)
-            v = self._optimise(x, y, v0, iters).detach()
+            with torch.enable_grad():
+                v = self.optimizer.minimise(lambda w, x=x, y=y: self._energy(x, y, w), v0, iters).detach()
         with torch.no_grad():
             v = self._smooth(resize_field(v, shape), cfg.smoothing * cfg.levels[-1])
-            return Deformation(scaling_and_squaring(v, cfg.steps), scaling_and_squaring(-v, cfg.steps), v)
+            return Deformation(self.integrator(v), self.integrator(-v), v)
 
     @staticmethod
     def _smooth(v: torch.Tensor, sigma: float) -> torch.Tensor:
         return gaussian_smooth(v, sigma) if sigma > 0 else v
 
-    def _energy(self, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _energy(self, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         cfg = self.settings
         vs = self._smooth(v, cfg.smoothing)
-        fwd = scaling_and_squaring(vs, cfg.steps)
-        e = self.similarity(warp(x, fwd), y)
+        e = self.similarity(warp(x, self.integrator(vs)), y)
         if cfg.symmetric:
-            e = e + self.similarity(x, warp(y, scaling_and_squaring(-vs, cfg.steps)))
+            e = e + self.similarity(x, warp(y, self.integrator(-vs)))
         if cfg.weight:
             e = e + cfg.weight * self.regularizer(vs)
-        return e, vs
-
-    @torch.enable_grad()
-    def _optimise(self, x: torch.Tensor, y: torch.Tensor, v0: torch.Tensor, iters: int) -> torch.Tensor:
-        cfg = self.settings
-        param = v0.clone().requires_grad_(True)
-        if cfg.optimizer == "gradient":
-            n = v0.dim() - 2
-            for _ in range(iters):
-                e, _ = self._energy(x, y, param)
-                (grad,) = torch.autograd.grad(e, param)
-                with torch.no_grad():
-                    step = self._smooth(grad, cfg.update_smoothing)
-                    # largest vector length (a sum of squares: torch's norm(dim=1) is slow on the CPU)
-                    size = step.square().sum(1, keepdim=True).amax(dim=tuple(range(2, n + 2)), keepdim=True).sqrt()
-                    param -= cfg.lr * step / size.clamp(min=1e-12)
-        elif cfg.optimizer == "adam":
-            opt = torch.optim.Adam([param], lr=cfg.lr)
-            for _ in range(iters):
-                opt.zero_grad(set_to_none=True)
-                e, _ = self._energy(x, y, param)
-                e.backward()
-                opt.step()
-        else:
-            opt = torch.optim.LBFGS([param], lr=cfg.lr, max_iter=iters, line_search_fn="strong_wolfe")
-
-            def closure():
-                opt.zero_grad(set_to_none=True)
-                e, _ = self._energy(x, y, param)
-                e.backward()
-                return e
-
-            opt.step(closure)
-        return param.detach()
+        return e

@@ -1,0 +1,203 @@
+r"""The standard translator and its two-stage training: what ``plasticine train`` and the demo run.
+
+* :func:`build_translator` assembles the translator of ``plasticine train``: small networks that
+  train on a CPU.
+* :func:`train_translator` trains it as the paper does, one :class:`~plasticine.training.Trainer`
+  per stage, each over :class:`~plasticine.training.ShuffledBatches`:
+
+  1. the denoiser on the target images, conditioned on their own structure maps (Algorithm 2,
+     :func:`~plasticine.training.diffusion_objective`), with an optional weight average;
+  2. the registration network on (source, target) pairs, the frozen denoiser giving the noise cue
+     (:func:`~plasticine.training.deformation_objective`).
+
+  Unpaired data is the default: stage 2 pairs each source with a target drawn by
+  :class:`~plasticine.io.UnpairedImages`. A stage with a checkpoint file resumes from it.
+
+The command line and the demo both call these two functions, so one recipe is written once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .training import Progress, ShuffledBatches, TrainConfig, Trainer, deformation_objective, diffusion_objective
+from .translator import TraceableTranslator
+
+__all__ = ["build_translator", "TrainingRecipe", "train_translator"]
+
+
+def build_translator(ndim: int, channels: int, *, classes: int = 4, sampler_steps: int = 20, start_fraction: float = 0.5, seed: int = 0) -> TraceableTranslator:
+    """The translator that ``plasticine train`` builds: small networks that train on a CPU.
+
+    K-means structure map with ``classes`` classes, the learned registration network with the noise
+    cue (16 to 32 channels) and scaling and squaring, a conditional U-Net (16, 32, 32 channels), the
+    paper's linear schedule, DDIM with ``sampler_steps`` steps, concatenation conditioning.
+
+    Args:
+        ndim: 2 or 3 spatial dimensions.
+        channels: image channels.
+        classes: structure classes.
+        sampler_steps: DDIM steps.
+        start_fraction: default start step as a fraction of ``K``.
+        seed: seed of the initial weights.
+
+    Returns:
+        A :class:`~plasticine.translator.TraceableTranslator`, in training mode.
+
+    Shape:
+        Not applicable.
+    """
+    from .diffusion import DDIMSampler, LinearSchedule
+    from .diffusion.conditioning import ConcatConditioning
+    from .diffusion.unet import ConditionalUNet, UNetConfig
+    from .registration import ScalingAndSquaring
+    from .registration.network import LearnedRegistration, RegistrationNet, RegistrationNetConfig
+    from .segmentation import KMeansExtractor
+
+    if ndim not in (2, 3):
+        raise ValueError(f"ndim: expected 2 or 3, got {ndim}")
+    torch.manual_seed(seed)
+    net = RegistrationNet(
+        RegistrationNetConfig(spatial_dims=ndim, image_channels=channels, cue_channels=channels, features=16, encoder=(16, 32, 32, 32), align_channels=16, align_layers=3)
+    )
+    unet = ConditionalUNet(UNetConfig(ndim=ndim, in_channels=channels, cond_channels=classes, base_channels=16, channel_mults=(1, 2, 2), attention_levels=()))
+    return TraceableTranslator(
+        KMeansExtractor(classes, max_iter=50),
+        LearnedRegistration(net, ScalingAndSquaring(7)),
+        unet,
+        LinearSchedule(),
+        DDIMSampler(sampler_steps),
+        ConcatConditioning(classes),
+        start_fraction=start_fraction,
+    )
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """Settings of :func:`train_translator`.
+
+    Attributes:
+        diffusion_steps: optimizer steps of the denoiser (stage 1).
+        registration_steps: optimizer steps of the registration network (stage 2).
+        batch_size: images per optimizer step.
+        learning_rate: Adam's learning rate, both stages.
+        seed: seed of the batches and the noise (stage 2 uses ``seed + 1``).
+        ema_decay: decay of the denoiser's weight average, copied into the denoiser after stage 1
+            (None: no average).
+        checkpoint_every: steps between training checkpoints (0: only at the end of a stage).
+        progress: see :class:`~plasticine.training.TrainConfig`.
+
+    Shape:
+        Not applicable.
+    """
+
+    diffusion_steps: int = 2000
+    registration_steps: int = 2000
+    batch_size: int = 4
+    learning_rate: float = 2e-3
+    seed: int = 0
+    ema_decay: float | None = None
+    checkpoint_every: int = 100
+    progress: Progress = "auto"
+
+
+def train_translator(
+    translator: TraceableTranslator,
+    source: torch.Tensor | Sequence[torch.Tensor],
+    target: torch.Tensor | Sequence[torch.Tensor],
+    recipe: TrainingRecipe = TrainingRecipe(),
+    *,
+    checkpoint_prefix: str | os.PathLike[str] | None = None,
+    conditions: torch.Tensor | None = None,
+    paired: bool = False,
+) -> dict[str, dict[str, float]]:
+    r"""Train the translator's denoiser, then its registration network (in place).
+
+    Stage 1 minimises :func:`~plasticine.training.diffusion_objective` over batches of ``target``
+    (the condition of :math:`y` is :math:`\mathrm{conditioning}(\mathrm{structure}(y))`); with
+    ``conditions``, item ``i`` of ``target`` is conditioned on ``conditions[i]`` instead. Stage 2
+    minimises :func:`~plasticine.training.deformation_objective` with the denoiser frozen, over
+    (source, target) pairs: ``source[i]`` with a target drawn for it by
+    :class:`~plasticine.io.UnpairedImages`, or with ``target[i]`` when ``paired``.
+
+    Args:
+        translator: the translator to train (its denoiser and registration network).
+        source: source-domain images.
+        target: target-domain images.
+        recipe: the settings.
+        checkpoint_prefix: write (and resume from) ``<prefix>.diffusion-state.pt`` and
+            ``<prefix>.registration-state.pt``; None: no training checkpoints.
+        conditions: precomputed conditions of the targets, or None (their own structure maps).
+        paired: pair ``source[i]`` with ``target[i]`` in stage 2 (needs as many of each).
+
+    Returns:
+        The last logged losses of each stage: ``{"denoiser": {...}, "registration": {...}}``. The
+        translator ends in evaluation mode.
+
+    Raises:
+        ValueError: for fewer images than ``batch_size``, or unmatched ``paired`` / ``conditions``.
+
+    Shape:
+        source, target: ``(n, C, *S)`` (or sequences of ``(C, *S)``); conditions: ``(n_target,
+        L, *S)``.
+    """
+    from .diffusion import noise_prediction_loss
+    from .io import UnpairedImages
+
+    for name, data in (("source", source), ("target", target)):
+        if len(data) < recipe.batch_size:
+            raise ValueError(f"{name}: {len(data)} image(s), fewer than the batch size {recipe.batch_size}")
+    if paired and len(source) != len(target):
+        raise ValueError(f"paired: expected as many sources as targets, got {len(source)} and {len(target)}")
+    if conditions is not None and len(conditions) != len(target):
+        raise ValueError(f"conditions: expected one per target ({len(target)}), got {len(conditions)}")
+
+    def state(stage: str) -> str | None:
+        return None if checkpoint_prefix is None else f"{os.fspath(checkpoint_prefix)}.{stage}-state.pt"
+
+    def settings(steps: int, seed: int, name: str, **extra: Any) -> TrainConfig:
+        return TrainConfig(
+            steps=steps,
+            checkpoint_path=state("diffusion" if name == "denoiser" else name),
+            checkpoint_every=recipe.checkpoint_every,
+            seed=seed,
+            progress=recipe.progress,
+            log_every=max(1, steps // 10),
+            name=name,
+            **extra,
+        )
+
+    unet = translator.denoiser
+    if conditions is None:
+        objective: Any = lambda m, y, g: diffusion_objective(translator, y, g, denoiser=m)  # noqa: E731
+        items: Any = target
+    else:
+        objective = lambda m, b, g: noise_prediction_loss(m, translator.schedule, b[0], b[1], g, "l1")  # noqa: E731
+        items = list(zip(target, conditions))
+    stage1 = Trainer(
+        objective,
+        unet,
+        torch.optim.Adam(unet.parameters(), recipe.learning_rate),
+        ShuffledBatches(items, recipe.batch_size, seed=recipe.seed),
+        settings(recipe.diffusion_steps, recipe.seed, "denoiser", ema_decay=recipe.ema_decay),
+    )
+    losses = {"denoiser": stage1.fit()}
+    if stage1.ema is not None:
+        stage1.ema.copy_to(unet)
+    unet.eval()
+    net = translator.registration.network
+    pairs: Any = list(zip(source, target)) if paired else UnpairedImages(source, target, seed=recipe.seed)
+    losses["registration"] = Trainer(
+        lambda m, b, g: deformation_objective(translator, b[0], b[1], g, network=m),
+        net,
+        torch.optim.Adam(net.parameters(), recipe.learning_rate),
+        ShuffledBatches(pairs, recipe.batch_size, seed=recipe.seed + 1),
+        settings(recipe.registration_steps, recipe.seed + 1, "registration"),
+    ).fit()
+    translator.eval()
+    return losses

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
+from plasticine.checkpoint import load_translator
 from plasticine.data import brainweb_slices
 from plasticine.demo import DemoConfig, _resample, shipped_checkpoint
 from plasticine.diffusion import DDIMSampler
-from plasticine.translator import TraceableTranslator
 
 FRACTIONS = (0.2, 0.4, 0.6, 0.8)
 
@@ -40,7 +40,7 @@ def main() -> None:
     t_start = time.perf_counter()
 
     # the shipped translator and the real T1 slice on the demo's working grid (in [0, 1])
-    translator = TraceableTranslator.load(shipped_checkpoint())
+    translator = load_translator(shipped_checkpoint())
     if args.small:
         translator = translator.replace(sampler=DDIMSampler(4))
     x = _resample(brainweb_slices()["t1"] / 255.0, DemoConfig().shape).to(torch.float32)

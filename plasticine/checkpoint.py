@@ -1,8 +1,7 @@
 r"""Saving and loading: component files, atomic writes, and files that never unpickle code.
 
-A component file (:func:`save_component`, :func:`load_component`; a whole translator with
-:meth:`~plasticine.translator.TraceableTranslator.save` and
-:meth:`~plasticine.translator.TraceableTranslator.load`, which call them) holds
+A component file (:func:`save_component`, :func:`load_component`; a whole translator is read
+back with :func:`load_translator`) holds
 
 * a JSON **config** ``{"format_version": 3, "component": {"class": <name>, "config": {...}}}``
   written by :func:`plasticine.core.to_json`: every component declares its configuration on its
@@ -55,18 +54,22 @@ import re
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .core.config import ConfigError, from_json, to_json
 
+if TYPE_CHECKING:  # pragma: no cover
+    from .translator import TraceableTranslator
+
 __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
     "save_component",
     "load_component",
+    "load_translator",
     "atomic_write",
     "save_tensors",
     "load_tensors",
@@ -134,8 +137,8 @@ def save_component(obj: Any, path: str | os.PathLike[str]) -> Path:
 
 
 def _import_shipped() -> None:
-    """Import plasticine's component packages, so that their classes are registered by name."""
-    from . import diffusion, losses, registration, segmentation  # noqa: F401
+    """Import plasticine's component packages and the translator, so that their classes are registered by name."""
+    from . import diffusion, losses, registration, segmentation, translator  # noqa: F401
 
 
 def _load_weights(obj: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -206,6 +209,30 @@ def load_component(path: str | os.PathLike[str], map_location: str | torch.devic
     elif tensors:
         raise CheckpointError(f"{path}: the file holds {len(tensors)} weight tensor(s), but a {type(obj).__name__} has no weights")
     return obj
+
+
+def load_translator(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> "TraceableTranslator":
+    """Read a translator written by :func:`save_component`, weights included, in evaluation mode.
+
+    :func:`load_component` with ``expected=TraceableTranslator``.
+
+    Args:
+        path: the file.
+        map_location: where the weights go.
+
+    Returns:
+        The :class:`~plasticine.translator.TraceableTranslator`.
+
+    Raises:
+        CheckpointError: naming the file, as :func:`load_component`, and for a file that holds
+            another kind of component.
+
+    Shape:
+        Not applicable.
+    """
+    from .translator import TraceableTranslator
+
+    return load_component(path, map_location, expected=TraceableTranslator)
 
 
 # -- files ----------------------------------------------------------------------------------------

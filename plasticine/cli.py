@@ -173,6 +173,7 @@ def _check_checkpoint_name(option: str, name: str) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .checkpoint import save_component
     from .recipes import TrainingRecipe, build_translator, train_translator
 
     for name in ("diffusion_steps", "registration_steps", "batch_size", "checkpoint_every", "classes", "sampler_steps"):
@@ -206,7 +207,7 @@ def _train(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"plasticine train: {len(source)} source and {len(target)} target image(s) of shape {tuple(xs.shape[1:])}", file=sys.stderr)
     train_translator(translator, source, target, recipe, checkpoint_prefix=out)
-    translator.save(out)
+    save_component(translator, out)
     if not args.quiet:
         print(f"plasticine train: wrote {out}", file=sys.stderr)
     return 0
@@ -225,15 +226,15 @@ def _check_unique_names(images: Any) -> None:
 
 
 def _translate(args: argparse.Namespace) -> int:
+    from .checkpoint import load_translator
     from .io import read_points, write_deformation, write_image, write_trace
-    from .translator import TraceableTranslator
 
     if args.samples < 1:
         raise ValueError(f"--samples: expected an integer >= 1, got {args.samples}")
     if args.start_step is not None and args.start_step < 1:
         raise ValueError(f"--start-step: expected an integer >= 1, got {args.start_step}")
     device = _device(args.device)
-    translator = TraceableTranslator.load(args.model, map_location=device)
+    translator = load_translator(args.model, map_location=device)
     images = _load_images(args, args.input)
     _check_unique_names(images)
     points = None if args.points is None else read_points(args.points)

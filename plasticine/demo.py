@@ -61,6 +61,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import load_translator, save_component
 from .core.deformation import Deformation
 from .core.warp import warp
 from .translator import TraceableTranslator
@@ -605,11 +606,11 @@ def run_demo(
     if retrain:
         translator = train_demo_translator(config, verbose=verbose)
         ckpt = Path(checkpoint) if checkpoint is not None else out / DEMO_CHECKPOINT
-        translator.save(ckpt)
+        save_component(translator, ckpt)
         _say(f"wrote the checkpoint {ckpt} ({ckpt.stat().st_size / 1e6:.2f} MB)", verbose)
     else:
         ckpt = Path(checkpoint) if checkpoint is not None else shipped_checkpoint()
-        translator = TraceableTranslator.load(ckpt)
+        translator = load_translator(ckpt)
     train_seconds = time.perf_counter() - start
     if quick:
         from .diffusion import DDIMSampler

@@ -26,8 +26,8 @@ Training uses the two objectives of :mod:`plasticine.training` (:func:`~plastici
 :func:`~plasticine.training.deformation_objective`). The translator is an :class:`torch.nn.Module`
 whose learned parts are its submodules, so ``state_dict``, ``to``, ``train``, ``eval`` and
 ``parameters`` are torch's; ``translator.config`` holds its six parts and ``start_fraction``
-(:class:`~plasticine.core.Configurable`), and :meth:`TraceableTranslator.save` and
-:meth:`TraceableTranslator.load` write and read one file through :mod:`plasticine.checkpoint`.
+(:class:`~plasticine.core.Configurable`), so :func:`plasticine.checkpoint.save_component` and
+:func:`plasticine.checkpoint.load_translator` write and read it, config and weights, as one file.
 
 Reference:
     Zhang, Cheng et al., "Plasticine: A Traceable Diffusion Model for Medical Image Translation",
@@ -36,14 +36,12 @@ Reference:
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .checkpoint import load_component, save_component
 from .core.config import Configurable
 from .core.deformation import Deformation
 from .core.protocols import ConditionEncoder, Denoiser, NoiseSchedule, RegistrationBackend, Sampler, StructureExtractor
@@ -277,7 +275,8 @@ class TraceableTranslator(Configurable, nn.Module):
         :math:`x_{k_0} \sim q(x_{k_0} \mid x)` and denoises to step 0. The ``n = num_samples`` draws
         run as one batch of ``n * B`` images (draw ``i`` of item ``b`` at row ``i * B + b``), so the
         generator's draws, and the result, depend on ``n``. The networks run in the mode they are in:
-        call :meth:`eval` after training (:meth:`load` returns a translator in evaluation mode).
+        call :meth:`eval` after training (:func:`~plasticine.checkpoint.load_translator` returns a
+        translator in evaluation mode).
 
         Inputs and outputs are checked (a boundary of the library, see :doc:`/conventions`): ``x``
         and ``target`` must be finite and have the dtype and device of the translator's weights
@@ -350,50 +349,6 @@ class TraceableTranslator(Configurable, nn.Module):
             mean = samples.mean(0)
             std = samples.std(0, correction=0)
         return TranslationResult(mean, deformation, xs, warped, samples, std, k0)
-
-    # -- persistence -----------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the config and the weights to one file, atomically (:func:`plasticine.checkpoint.save_component`).
-
-        ``.safetensors`` (needs the ``safetensors`` package) or ``.pt``/``.pth`` (read back with
-        ``torch.load(weights_only=True)``).
-
-        Args:
-            path: the file.
-
-        Returns:
-            None.
-
-        Raises:
-            plasticine.checkpoint.CheckpointError: for a part that is not a
-                :class:`~plasticine.core.Configurable` component, an unknown suffix or non-finite weights.
-
-        Shape:
-            Not applicable.
-        """
-        save_component(self, path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> "TraceableTranslator":
-        """Rebuild a translator saved by :meth:`save`, weights included, in evaluation mode; never unpickles code.
-
-        See :func:`plasticine.checkpoint.load_component`.
-
-        Args:
-            path: the file.
-            map_location: where the weights go.
-
-        Returns:
-            The translator.
-
-        Raises:
-            plasticine.checkpoint.CheckpointError: for a missing, malformed, unsafe or older file,
-                or one that holds another kind of component.
-
-        Shape:
-            Not applicable.
-        """
-        return load_component(path, map_location, expected=cls)
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{n}={type(o).__name__}" for n, o in self.components().items())

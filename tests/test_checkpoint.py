@@ -16,7 +16,7 @@ from test_translator import make_translator, phantom
 
 import plasticine
 from plasticine import checkpoint as ck
-from plasticine.checkpoint import CheckpointError, atomic_write, load_component, load_state, load_tensors, save_component, save_state
+from plasticine.checkpoint import CheckpointError, atomic_write, load_component, load_state, load_tensors, load_translator, save_component, save_state
 from plasticine.core import Config, Configurable, registered_classes, to_json
 from plasticine.diffusion import AncestralSampler, CosineSchedule, DDIMSampler, DPMSolverPP, LinearSchedule, ScheduleFromBetas
 from plasticine.diffusion.conditioning import ConcatConditioning, LearnedConditioning
@@ -53,9 +53,9 @@ def test_round_trip_same_output(tmp_path, suffix):
         for p in t.denoiser.parameters():
             p.add_(0.01 * torch.randn(p.shape, generator=make_generator(1)))
     path = tmp_path / f"model{suffix}"
-    t.save(path)
+    save_component(t, path)
     torch.manual_seed(123)  # the loaded parts are built with other random weights first
-    u = TraceableTranslator.load(path)
+    u = load_translator(path)
     assert to_json(u) == to_json(t) and repr(u) == repr(t) and not u.training
     assert all(torch.equal(u.state_dict()[k], v) for k, v in t.state_dict().items())
     x = phantom((10, 12))
@@ -67,7 +67,7 @@ def test_round_trip_same_output(tmp_path, suffix):
 
 def test_config_is_plain_json(tmp_path):
     t = make_translator(start_fraction=0.3)
-    t.save(tmp_path / "m.safetensors")
+    save_component(t, tmp_path / "m.safetensors")
     tensors, config = load_tensors(tmp_path / "m.safetensors")
     assert json.loads(json.dumps(config, allow_nan=False)) == config
     assert config["format_version"] == ck.FORMAT_VERSION == 3 and config["component"]["class"] == "TraceableTranslator"
@@ -75,7 +75,7 @@ def test_config_is_plain_json(tmp_path):
     assert parts["sampler"] == {"class": "DDIMSampler", "config": {"steps": 3, "eta": 0.0, "spacing": "trailing"}}
     assert parts["registration"]["class"] == "LearnedRegistration" and parts["registration"]["config"]["downsample"] == 1
     assert parts["registration"]["config"]["network"]["config"]["config"]["class"] == "RegistrationNetConfig"
-    assert parts["start_fraction"] == 0.3 and TraceableTranslator.load(tmp_path / "m.safetensors").start_fraction == 0.3
+    assert parts["start_fraction"] == 0.3 and load_translator(tmp_path / "m.safetensors").start_fraction == 0.3
     assert set(tensors) == set(t.state_dict())
 
 
@@ -253,15 +253,15 @@ def test_a_translator_with_a_downsampling_registration_round_trips(tmp_path):
     t = _translator_downsampled().eval()
     before = _translate(t)
     for suffix in (".safetensors", ".pt"):
-        t.save(tmp_path / f"m{suffix}")
-        u = TraceableTranslator.load(tmp_path / f"m{suffix}")
+        save_component(t, tmp_path / f"m{suffix}")
+        u = load_translator(tmp_path / f"m{suffix}")
         assert u.registration.downsample == 2 and _same(before, _translate(u))
 
 
 def test_a_float64_translator_loads_in_float64(tmp_path):
     t = make_translator().to(torch.float64).eval()
-    t.save(tmp_path / "m.pt")
-    u = TraceableTranslator.load(tmp_path / "m.pt")
+    save_component(t, tmp_path / "m.pt")
+    u = load_translator(tmp_path / "m.pt")
     assert next(u.denoiser.parameters()).dtype == torch.float64
     x = phantom((8, 8)).double()
     assert torch.equal(t.translate(x, generator=make_generator(1)).image, u.translate(x, generator=make_generator(1)).image)
@@ -286,11 +286,11 @@ class ConfigurableThresholds(Configurable, Thresholds, config_name="test_checkpo
 def test_a_user_component_saves_once_it_is_configurable(tmp_path):
     t = make_translator(structure=Thresholds(0.4))
     with pytest.raises(CheckpointError, match=r"m\.pt: cannot save: TraceableTranslator\.structure: cannot write a test_checkpoint\.Thresholds into a config: a component must inherit plasticine\.core\.config\.Configurable"):
-        t.save(tmp_path / "m.pt")
+        save_component(t, tmp_path / "m.pt")
     assert not (tmp_path / "m.pt").exists()
     t = make_translator(structure=ConfigurableThresholds(0.4))
-    t.save(tmp_path / "m.pt")
-    u = TraceableTranslator.load(tmp_path / "m.pt")
+    save_component(t, tmp_path / "m.pt")
+    u = load_translator(tmp_path / "m.pt")
     assert type(u.structure) is ConfigurableThresholds and u.structure.level == 0.4
     with pytest.raises(CheckpointError, match=r"m\.pt: expected a LinearSchedule checkpoint, the file holds a TraceableTranslator"):
         load_component(tmp_path / "m.pt", expected=LinearSchedule)
@@ -299,7 +299,7 @@ def test_a_user_component_saves_once_it_is_configurable(tmp_path):
     saved = core_config._CLASSES.pop("test_checkpoint.ConfigurableThresholds")  # as in a process that did not import it
     try:
         with pytest.raises(CheckpointError, match=r"m\.pt: TraceableTranslator\.structure: the class 'test_checkpoint\.ConfigurableThresholds' is not registered; import the module that defines it"):
-            TraceableTranslator.load(tmp_path / "m.pt")
+            load_translator(tmp_path / "m.pt")
     finally:
         core_config._CLASSES["test_checkpoint.ConfigurableThresholds"] = saved
 
@@ -309,7 +309,7 @@ def test_files_of_an_earlier_format_version_are_refused(tmp_path):
     old_layout = {"translator": {"components": {}, "start_fraction": 0.5}, "format_version": 2}  # what versions 1 and 2 wrote
     ck.save_tensors(tmp_path / "old.pt", t.state_dict(), old_layout)
     with pytest.raises(CheckpointError, match=r"^\S*old\.pt: a checkpoint of format version 2; this plasticine reads component checkpoints of format version 3 .*load_tensors"):
-        TraceableTranslator.load(tmp_path / "old.pt")
+        load_translator(tmp_path / "old.pt")
     tensors, config = load_tensors(tmp_path / "old.pt")  # the weights still read
     assert config == old_layout and set(tensors) == set(t.state_dict())
     ck.save_tensors(tmp_path / "other.pt", {}, {"k": 1})
@@ -322,7 +322,7 @@ def test_pickled_objects_are_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"format": "plasticine", "version": 1, "config": "{}", "tensors": {}, "payload": Evil(target)}, path)
     with pytest.raises(CheckpointError, match="refused to load"):
-        TraceableTranslator.load(path)
+        load_translator(path)
     with pytest.raises(CheckpointError, match="refused to load"):
         load_state(path)
     assert not os.path.exists(target) and not MARKER
@@ -330,25 +330,25 @@ def test_pickled_objects_are_refused(tmp_path):
 
 def test_bad_files(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint"):
-        TraceableTranslator.load(tmp_path / "missing.safetensors")
+        load_translator(tmp_path / "missing.safetensors")
     with pytest.raises(CheckpointError, match=r"\.safetensors, \.pt or \.pth"):
-        make_translator().save(tmp_path / "model.bin")
+        save_component(make_translator(), tmp_path / "model.bin")
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="not a readable"):
-        TraceableTranslator.load(tmp_path / "junk.safetensors")
+        load_translator(tmp_path / "junk.safetensors")
     (tmp_path / "junk.pt").write_bytes(b"\x00\x01 nothing")
     with pytest.raises(CheckpointError):
-        TraceableTranslator.load(tmp_path / "junk.pt")
+        load_translator(tmp_path / "junk.pt")
     t = make_translator()
-    t.save(tmp_path / "m.pt")
+    save_component(t, tmp_path / "m.pt")
     small = make_translator(denoiser=ConditionalUNet(UNetConfig(cond_channels=2, base_channels=4, channel_mults=(1,), attention_levels=(), norm_groups=4)))
     tensors, config = load_tensors(tmp_path / "m.pt")
     ck.save_tensors(tmp_path / "mixed.pt", small.state_dict(), config)  # weights of another architecture
     with pytest.raises(CheckpointError, match=r"mixed\.pt: the weights do not match the config: denoiser\.\S+: expected torch.float32 of shape"):
-        TraceableTranslator.load(tmp_path / "mixed.pt")
+        load_translator(tmp_path / "mixed.pt")
     ck.save_tensors(tmp_path / "fewer.pt", {k: v for k, v in tensors.items() if not k.startswith("denoiser.")}, config)
     with pytest.raises(CheckpointError, match=r"fewer\.pt: the weights do not match the config: missing keys \['denoiser\."):
-        TraceableTranslator.load(tmp_path / "fewer.pt")
+        load_translator(tmp_path / "fewer.pt")
 
 
 def test_atomic_write_keeps_the_old_file(tmp_path, monkeypatch):
@@ -388,13 +388,13 @@ def _largest(state: dict) -> tuple[str, torch.Tensor]:
 def test_flipped_bytes_fail_the_integrity_check(tmp_path, suffix):
     t = make_translator()
     path = tmp_path / f"model{suffix}"
-    t.save(path)
-    u = TraceableTranslator.load(path)  # unmodified: the same weights
+    save_component(t, path)
+    u = load_translator(path)  # unmodified: the same weights
     assert all(torch.equal(u.state_dict()[k], v) for k, v in t.state_dict().items())
     _, big = _largest(t.state_dict())
     _flip_tensor_bytes(path, big)
     with pytest.raises(CheckpointError, match=r"model\.(safetensors|pt): integrity check failed"):
-        TraceableTranslator.load(path)
+        load_translator(path)
     with pytest.raises(CheckpointError, match="integrity check failed"):
         load_tensors(path)
 
@@ -452,7 +452,7 @@ def test_non_finite_weights_are_refused(tmp_path, suffix):
         big[(0,) * big.dim()] = float("nan")
     path = tmp_path / f"model{suffix}"
     with pytest.raises(CheckpointError, match=rf"model{suffix}: refused to write: tensor '{name}' holds 1 non-finite"):
-        t.save(path)
+        save_component(t, path)
     assert not path.exists() and not list(tmp_path.iterdir())
     # a file that holds one (with a valid hash) does not load
     tensors = {k: v.detach().contiguous().clone() for k, v in t.state_dict().items()}
@@ -465,7 +465,7 @@ def test_non_finite_weights_are_refused(tmp_path, suffix):
 
         save_file(tensors, path, metadata={"plasticine_config": text, "format_version": "3", "plasticine_sha256": digest})
     with pytest.raises(CheckpointError, match=rf"model{suffix}: refused to load: tensor '{name}' holds 1 non-finite"):
-        TraceableTranslator.load(path)
+        load_translator(path)
 
 
 def test_non_finite_training_states_are_refused(tmp_path):

@@ -1,6 +1,6 @@
 """A bounded fuzz of the checkpoint loaders: random bytes, truncated and byte-flipped valid files.
 
-Every loader (:func:`load_tensors`, :func:`load_state`, :meth:`TraceableTranslator.load`) either
+Every loader (:func:`load_tensors`, :func:`load_state`, :func:`load_translator`) either
 loads or raises a one-line :class:`CheckpointError` naming the file, for both formats; no other
 exception type escapes, and no code is run (a file with a pickled function call is among the seeds).
 """
@@ -18,10 +18,9 @@ from hypothesis import strategies as st
 from test_checkpoint import MARKER, Evil
 from test_translator import make_translator
 
-from plasticine.checkpoint import CheckpointError, load_state, load_tensors, save_state
-from plasticine.translator import TraceableTranslator
+from plasticine.checkpoint import CheckpointError, load_state, load_tensors, load_translator, save_component, save_state
 
-LOADERS = (load_tensors, load_state, TraceableTranslator.load)
+LOADERS = (load_tensors, load_state, load_translator)
 SUFFIXES = (".pt", ".safetensors")
 
 
@@ -35,8 +34,8 @@ def seeds(tmp_path_factory) -> dict[str, bytes]:
     """Valid files of every kind (and one with a pickled call), as bytes."""
     folder = tmp_path_factory.mktemp("seeds")
     t = make_translator()
-    t.save(folder / "m.pt")
-    t.save(folder / "m.safetensors")
+    save_component(t, folder / "m.pt")
+    save_component(t, folder / "m.safetensors")
     net = torch.nn.Linear(3, 2)
     optimizer = {  # what Adam's state_dict holds (int keys, tuples), without the cost of a first step
         "state": {i: {"step": torch.tensor(1.0), "exp_avg": torch.ones_like(p), "exp_avg_sq": torch.ones_like(p)} for i, p in enumerate(net.parameters())},
@@ -101,7 +100,7 @@ def test_seeds_load(seeds, tmp_path):
     for name, raw in seeds.items():
         (tmp_path / name).write_bytes(raw)
     for suffix in SUFFIXES:
-        TraceableTranslator.load(tmp_path / f"m{suffix}")
+        load_translator(tmp_path / f"m{suffix}")
     assert load_state(tmp_path / "s.pt")["step"] == 1
     with pytest.raises(CheckpointError, match="refused to load"):
         load_tensors(tmp_path / "evil.pt")

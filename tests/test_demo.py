@@ -9,12 +9,12 @@ import pytest
 import torch
 from scipy import ndimage
 
+from plasticine.checkpoint import load_translator
 from plasticine.cli import main
 from plasticine.core import jacobian_determinant
 from plasticine.core.warp import compose
 from plasticine.data import brainweb_slices
 from plasticine.demo import QUICK, DemoConfig, enlargement_field, make_cohort, pd_lookup, run_demo, shipped_checkpoint
-from plasticine.translator import TraceableTranslator
 
 FIELDS = (
     "ventricle_dice",
@@ -76,7 +76,7 @@ def test_shipped_checkpoint_loads_small():
     path = shipped_checkpoint()
     assert path.is_file(), f"the demo checkpoint {path} is missing from the package"
     assert path.stat().st_size < 2_500_000
-    t = TraceableTranslator.load(path)
+    t = load_translator(path)
     assert set(t.components()) == {"structure", "registration", "denoiser", "schedule", "sampler", "conditioning"}
 
 
@@ -97,7 +97,7 @@ def test_retrain_with_a_tiny_step_count(tmp_path):
     assert code == 0
     doc = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert doc["retrained"] and doc["config"]["diffusion_iterations"] == 1 and doc["shape"] == list(QUICK.shape)
-    t = TraceableTranslator.load(ckpt)
+    t = load_translator(ckpt)
     assert t.denoiser.settings.cond_channels == QUICK.num_classes
 
 

@@ -72,3 +72,15 @@ def test_example_passes_its_contract_suite(example):
             continue
         ran += 1
     assert ran >= 5, f"only {ran} contract tests ran for {example}"
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLES))
+def test_example_saves_and_loads(example, tmp_path):
+    """Each example inherits Configurable, so a checkpoint rebuilds it from its arguments."""
+    from plasticine.checkpoint import load_component, save_component
+
+    cls = page_namespace()[example]
+    obj = cls()
+    save_component(obj, tmp_path / "part.pt")
+    back = load_component(tmp_path / "part.pt", expected=cls)
+    assert type(back) is cls and back.config == obj.config

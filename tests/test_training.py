@@ -219,10 +219,10 @@ def test_two_stages_then_save_and_translate(tmp_path):
     terms = reg.fit()
     assert set(terms) == {"total", "forward", "inverse", "smoothness", "align"}
     assert any(not torch.equal(before[k], v) for k, v in net.state_dict().items())
-    t.save(tmp_path / "t.safetensors")
-    from plasticine.translator import TraceableTranslator
+    from plasticine.checkpoint import load_translator, save_component
 
-    u = TraceableTranslator.load(tmp_path / "t.safetensors")
+    save_component(t, tmp_path / "t.safetensors")
+    u = load_translator(tmp_path / "t.safetensors")
     t.eval()
     a = t.translate(x[:1], start_step=10, generator=make_generator(0))
     b = u.translate(x[:1], start_step=10, generator=make_generator(0))

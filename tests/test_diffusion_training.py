@@ -94,6 +94,7 @@ def test_loss_float32_gamma_is_cast_and_seed_reproducible():
 
 def test_gradient_flows_and_gradcheck():
     y = torch.randn(3, 1, 6, 6, generator=make_generator(11), dtype=torch.float64)
+    torch.manual_seed(11)  # the weights: with others the L1 gradient of the output bias can be exactly 0
     net = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(4, 1, 3, padding=1)).double()
 
     def den(x, gamma, cond):

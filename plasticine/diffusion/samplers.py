@@ -119,13 +119,10 @@ def step_plan(start: int, steps: int | None = None, spacing: Spacing = "trailing
     Shape:
         Not applicable (Python ints).
     """
-    if not isinstance(start, (int, np.integer)) or isinstance(start, bool) or start < 0:
-        raise ValueError(f"start: expected an int >= 0, got {start!r}")
-    if steps is not None and (not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1):
-        raise ValueError(f"steps: expected a positive int or None, got {steps!r}")
-    if spacing not in _SPACINGS:
-        raise ValueError(f"spacing: expected one of {_SPACINGS}, got {spacing!r}")
-    k0 = int(start)
+    k0 = check_int(start, "start", 0)
+    if steps is not None:
+        check_int(steps, "steps", 1)
+    check_option(spacing, "spacing", _SPACINGS)
     if k0 == 0:
         return []
     n = k0 if steps is None else min(int(steps), k0)
@@ -489,8 +486,7 @@ class DDIMSampler(PlanSampler):
             condition: ``(B, Cc, *S)`` or None; x0: ``(B, C, *S)``; out: ``(B, C, *S)``.
         """
         self._require_deterministic("encode")
-        if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
-            raise ValueError(f"iterations: expected an int >= 0, got {iterations!r}")
+        check_int(iterations, "iterations", 0)
         gammas = _gammas_of(schedule)
         K = len(gammas) - 1
         dims = _check_inputs(x0, condition, "x0")

@@ -254,8 +254,7 @@ class DiscreteSchedule(Configurable):
         Shape:
             k, gamma: ``(B,)``.
         """
-        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
-            raise ValueError(f"batch: expected a positive int, got {batch!r}")
+        check_int(batch, "batch", 1)
         draw_device = generator.device if generator is not None else torch.device("cpu")
         k = torch.randint(1, self.num_steps + 1, (batch,), generator=generator, device=draw_device)
         u = torch.rand(batch, generator=generator, device=draw_device, dtype=torch.float64)

@@ -185,7 +185,7 @@ def test_bad_steps_give_one_line_errors_naming_the_argument(schedule):
         (lambda: schedule.q_sample(y0, torch.zeros(2, 1, dtype=torch.int64), y0), "k", "shape"),
         (lambda: schedule.q_sample(y0, 0, torch.zeros(2, 1, 4, 5)), "noise", "expected shape"),
         (lambda: schedule.diffuse(y0, torch.tensor([1.5, 0.5], dtype=torch.float64), y0), "gamma", r"\[0, 1\]"),
-        (lambda: schedule.sample_gamma(0), "batch", "positive"),
+        (lambda: schedule.sample_gamma(0), "batch", "an int >= 1, got 0"),
         (lambda: schedule.posterior_coefficients(0, 0), "k", rf"steps in \[1, {K}\]"),
         (lambda: schedule.posterior_coefficients(1, 1), "k_prev", None),
         (lambda: schedule.posterior_coefficients(torch.tensor([1, 1]), torch.tensor([0, 0, 0])), "k_prev", "shape"),

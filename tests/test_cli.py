@@ -233,3 +233,21 @@ def test_translate_refuses_a_non_finite_result(folders, model, tmp_path, capsys,
     err = capsys.readouterr().err
     assert "a0.png" in err and "non-finite" in err and err.count("\n") == 1, err
     assert not list(out.glob("*_deformation.*")) and not list(out.glob("*_translated.*"))
+
+
+def test_a_checkpoint_with_an_absurd_setting_is_a_one_line_error(folders, model, tmp_path, capsys):
+    from plasticine.checkpoint import load_tensors, save_tensors
+
+    tensors, config = load_tensors(model)
+
+    def absurd(node):
+        if isinstance(node, dict):
+            return {k: 3_000_000_000 if k == "num_steps" else absurd(v) for k, v in node.items()}
+        return [absurd(v) for v in node] if isinstance(node, list) else node
+
+    changed = absurd(config)
+    assert changed != config, "the checkpoint config holds no num_steps"
+    save_tensors(tmp_path / "absurd.pt", tensors, changed)
+    assert main(["translate", "--model", str(tmp_path / "absurd.pt"), "--input", str(folders / "src"), "--output", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "absurd.pt" in err and "num_steps" in err and "3000000000" in err and err.count("\n") == 1, err

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .training import Progress, ShuffledBatches, TrainConfig, Trainer, deformation_objective, diffusion_objective
+from .training import Augmentation, Progress, ShuffledBatches, TrainConfig, Trainer, deformation_objective, diffusion_objective
 from .translator import TraceableTranslator
 
 __all__ = ["build_translator", "TrainingRecipe", "train_translator"]
@@ -91,6 +91,9 @@ class TrainingRecipe:
             (None: no average).
         checkpoint_every: steps between training checkpoints (0: only at the end of a stage).
         progress: see :class:`~plasticine.training.TrainConfig`.
+        augmentation: random flips, small affine maps and intensity jitter of every batch
+            (:class:`~plasticine.training.Augmentation`; a condition gets its image's geometry), or
+            None. Not recorded in the training checkpoints: resume with the same value.
 
     Shape:
         Not applicable.
@@ -104,6 +107,7 @@ class TrainingRecipe:
     ema_decay: float | None = None
     checkpoint_every: int = 100
     progress: Progress = "auto"
+    augmentation: Augmentation | None = None
 
 
 def train_translator(
@@ -173,12 +177,29 @@ def train_translator(
         )
 
     unet = translator.denoiser
+    aug = recipe.augmentation
     if conditions is None:
-        objective: Any = lambda m, y, g: diffusion_objective(translator, y, g, denoiser=m)  # noqa: E731
+
+        def objective(m: Any, y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+            if aug is not None:
+                (y,) = aug(y, g)
+            return diffusion_objective(translator, y, g, denoiser=m)
+
         items: Any = target
     else:
-        objective = lambda m, b, g: noise_prediction_loss(m, translator.schedule, b[0], b[1], g, "l1")  # noqa: E731
+
+        def objective(m: Any, b: Any, g: torch.Generator) -> torch.Tensor:
+            y, c = b if aug is None else aug(b[0], g, (b[1],))
+            return noise_prediction_loss(m, translator.schedule, y, c, g, "l1")
+
         items = list(zip(target, conditions))
+
+    def registration_objective(m: Any, b: Any, g: torch.Generator) -> Any:
+        x, y = b
+        if aug is not None:
+            (x,), (y,) = aug(x, g), aug(y, g)
+        return deformation_objective(translator, x, y, g, network=m)
+
     stage1 = Trainer(
         objective,
         unet,
@@ -193,7 +214,7 @@ def train_translator(
     net = translator.registration.network
     pairs: Any = list(zip(source, target)) if paired else UnpairedImages(source, target, seed=recipe.seed)
     losses["registration"] = Trainer(
-        lambda m, b, g: deformation_objective(translator, b[0], b[1], g, network=m),
+        registration_objective,
         net,
         torch.optim.Adam(net.parameters(), recipe.learning_rate),
         ShuffledBatches(pairs, recipe.batch_size, seed=recipe.seed + 1),

@@ -101,6 +101,7 @@ __all__ = [
     "diffusion_objective",
     "deformation_objective",
     "noise_cue",
+    "Augmentation",
     "BatchSource",
     "ShuffledBatches",
     "TrainConfig",
@@ -258,6 +259,87 @@ def deformation_objective(
 
 
 # -- data order -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    r"""Random flips, small affine maps and intensity jitter of training batches (kornia), 2D and 3D.
+
+    Each image of a batch gets its own draw: a left-right flip (the last axis) with probability
+    ``flip``; an affine map (rotation up to ``degrees``, translation up to ``translate`` of the
+    size, isotropic scale in ``scale``) resampled linearly with zero padding, by
+    :class:`kornia.augmentation.RandomAffine` (2D) or
+    :class:`~kornia.augmentation.RandomAffine3D` (3D); then :math:`x \mapsto (1 + a) x + b` with
+    :math:`a, b \sim U(-\mathrm{intensity}, \mathrm{intensity})`. Maps given as ``aligned``
+    (conditions, label one-hots) get the same flip and affine map, no jitter. The parameters come
+    from ``generator`` alone (a seed drawn from it seeds kornia's draw, torch's global generator is
+    left as it was), so a seeded run is reproducible and resumes exactly.
+
+    Attributes:
+        flip: probability of a left-right flip.
+        degrees: largest rotation, degrees (about each axis in 3D).
+        translate: largest translation as a fraction of the size along each axis.
+        scale: range of the isotropic scale factor.
+        intensity: half-width of the jitter of the gain and the offset.
+
+    Shape:
+        images: ``(B, C, *S)``; aligned: ``(B, L, *S)`` each; out: the same shapes.
+    """
+
+    flip: float = 0.5
+    degrees: float = 5.0
+    translate: float = 0.05
+    scale: tuple[float, float] = (0.95, 1.05)
+    intensity: float = 0.1
+
+    def __post_init__(self) -> None:
+        check_number(self.flip, "Augmentation.flip", 0.0, 1.0)
+        check_number(self.degrees, "Augmentation.degrees", 0.0, 180.0)
+        check_number(self.translate, "Augmentation.translate", 0.0, 0.5)
+        check_number(self.intensity, "Augmentation.intensity", 0.0, 1.0)
+        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
+            raise ValueError(f"Augmentation.scale: expected (low, high) with 0 < low <= high, got {self.scale!r}")
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None, aligned: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, ...]:
+        """Augment a batch and the maps aligned with it.
+
+        Args:
+            images: the batch.
+            generator: the source of randomness.
+            aligned: maps that must stay aligned with the images.
+
+        Returns:
+            ``(images, *aligned)`` augmented.
+
+        Shape:
+            images: ``(B, C, *S)``; aligned: ``(B, L, *S)``; out: the same shapes.
+        """
+        import kornia.augmentation as K
+
+        dims = check_shape(images, "B C *S", "images", spatial=(2, 3), floating=True)
+        for i, m in enumerate(aligned):
+            check_shape(m, "B L *S", f"aligned[{i}]", bindings={"B": dims["B"], "S": dims["S"]})
+        n, b = dims["N"], dims["B"]
+        if n == 2:
+            ops = [K.RandomHorizontalFlip(p=self.flip), K.RandomAffine(self.degrees, (self.translate,) * 2, self.scale, p=1.0, padding_mode="zeros")]
+        else:
+            ops = [K.RandomHorizontalFlip3D(p=self.flip), K.RandomAffine3D(self.degrees, (self.translate,) * 3, (self.scale,) * 3, p=1.0)]
+        device = images.device if generator is None else generator.device
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
+        gain = (torch.rand((b, 2), generator=generator, device=device, dtype=torch.float64) * 2 - 1) * self.intensity
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            params = [op.forward_parameters(images.shape) for op in ops]
+        out = []
+        for j, x in enumerate((images, *aligned)):
+            y = x.to(images.dtype) if j else x
+            for op, prm in zip(ops, params):
+                y = op(y, params=prm)
+            out.append(y.to(x.dtype) if j else y)
+        shape = (b,) + (1,) * (images.dim() - 1)
+        g = gain.to(images.dtype).to(images.device)
+        out[0] = out[0] * (1 + g[:, 0].view(shape)) + g[:, 1].view(shape)
+        return tuple(out)
 
 
 def distributed_info() -> tuple[int, int]:

@@ -44,3 +44,18 @@ def test_bad_inputs_are_refused_before_training():
         train_translator(t, x, x, TrainingRecipe(batch_size=2), conditions=torch.zeros(2, 3, 16, 12))
     with pytest.raises(ValueError, match="ndim"):
         build_translator(4, 1)
+
+
+def test_augmented_training_is_seeded_and_differs_from_plain():
+    from plasticine.training import Augmentation
+
+    x, y = _images(4, 0), 1 - _images(4, 1)
+    recipe = TrainingRecipe(diffusion_steps=2, registration_steps=2, batch_size=2, progress="none")
+    runs = []
+    for aug in (None, Augmentation(), Augmentation()):
+        t = build_translator(2, 1, classes=3, sampler_steps=2, seed=0)
+        train_translator(t, x, y, TrainingRecipe(**{**recipe.__dict__, "augmentation": aug}))
+        runs.append(t.state_dict())
+    plain, a, b = runs
+    assert all(torch.equal(a[k], b[k]) for k in a), "augmented training is not reproducible"
+    assert any(not torch.equal(a[k], plain[k]) for k in a if k.startswith("denoiser"))

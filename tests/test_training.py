@@ -289,3 +289,49 @@ def test_resume_allows_more_steps_and_cosmetic_changes(saved_run, capsys):
     assert run.step == 3
     err = capsys.readouterr().err
     assert "denoiser: resuming from" in err and "denoiser: step 3/3" in err
+
+
+# -- augmentation ---------------------------------------------------------------------------------
+
+
+def test_augmentation_flip_alone_is_the_mirror_image():
+    from plasticine.training import Augmentation
+
+    x = torch.rand(2, 1, 9, 7, generator=make_generator(0))
+    flip = Augmentation(flip=1.0, degrees=0.0, translate=0.0, scale=(1.0, 1.0), intensity=0.0)
+    (y,) = flip(x, make_generator(1))
+    torch.testing.assert_close(y, torch.flip(x, [-1]), atol=1e-5, rtol=0)
+    x3 = torch.rand(1, 1, 5, 6, 7, generator=make_generator(2))
+    torch.testing.assert_close(flip(x3, make_generator(1))[0], torch.flip(x3, [-1]), atol=1e-5, rtol=0)
+
+
+def test_augmentation_is_reproducible_keeps_maps_aligned_and_leaves_global_state():
+    from plasticine.training import Augmentation
+
+    aug = Augmentation(intensity=0.2)
+    x = torch.rand(3, 1, 16, 12, generator=make_generator(0))
+    c = torch.rand(3, 4, 16, 12, generator=make_generator(1))
+    state = torch.random.get_rng_state()
+    y, cc = aug(x, make_generator(5), (c,))
+    assert torch.equal(state, torch.random.get_rng_state()), "the global generator was used"
+    y2, cc2 = aug(x, make_generator(5), (c,))
+    assert torch.equal(y, y2) and torch.equal(cc, cc2)
+    assert not torch.allclose(y, aug(x, make_generator(6))[0])
+    # an aligned copy of the image gets the same geometry: the image is a gain and offset of it
+    y, z = aug(x, make_generator(7), (x,))
+    for i in range(3):
+        a = torch.stack([z[i].flatten(), torch.ones(z[i].numel())], 1)
+        fit = torch.linalg.lstsq(a, y[i].flatten()[:, None]).solution
+        assert float((a @ fit - y[i].flatten()[:, None]).abs().max()) < 1e-5
+        assert abs(float(fit[0]) - 1) <= 0.2 + 1e-6 and abs(float(fit[1])) <= 0.2 + 1e-6
+
+
+def test_augmentation_refuses_bad_settings_and_shapes():
+    from plasticine.training import Augmentation
+
+    with pytest.raises(ValueError, match="Augmentation.flip"):
+        Augmentation(flip=1.5)
+    with pytest.raises(ValueError, match="Augmentation.scale"):
+        Augmentation(scale=(1.1, 0.9))
+    with pytest.raises(ValueError, match=r"aligned\[0\]"):
+        Augmentation()(torch.rand(2, 1, 8, 8), None, (torch.rand(3, 1, 8, 8),))

@@ -3,6 +3,9 @@
 ``brainweb_slices()`` returns the three 217x181 images of the ITK example data (Apache-2.0, see
 ``plasticine/data/NOTICE``): a T1 and a proton-density slice of the same (BrainWeb) anatomy,
 pixel-aligned, and a ventricle mask of that slice. The file is pinned by its SHA-256.
+
+``crossmodal_case()`` (:mod:`plasticine.data.crossmodal`) loads a real unpaired MR -> CT case from
+installed packages (nilearn's MNI152 T1 template and Debian's ``invesalius-examples`` head CT).
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from importlib import resources
 
 import numpy as np
 
-__all__ = ["brainweb_slices", "BRAINWEB_SHA256"]
+from .crossmodal import CrossModalCase, crossmodal_case
+
+__all__ = ["brainweb_slices", "BRAINWEB_SHA256", "CrossModalCase", "crossmodal_case"]
 
 BRAINWEB_SHA256 = "5cfd0ea67348697d922fd9831397fa3dd774314fd4e570c471635878014f8885"
 

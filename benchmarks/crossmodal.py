@@ -1,0 +1,556 @@
+r"""Unpaired MR -> CT translation on real images, scored by the paper's traced-segmentation protocol.
+
+The case is :func:`plasticine.data.crossmodal.crossmodal_case`: MNI152 T1 axial slices (source,
+skull-stripped) and axial slices of a real head CT (target), 128 x 128 at 1.5 mm, unpaired. Every
+fourth slice of each domain (``i % 4 == 2``) is held out; the rest train.
+
+1. A segmentation U-Net (:class:`plasticine.segmentation.SegmentationUNet`) is trained on the
+   training CT slices and their intracranial masks; its Dice on the held-out CT slices is reported.
+2. The translator is the default of ``plasticine train`` (:func:`plasticine.recipes.build_translator`),
+   trained by :func:`plasticine.recipes.train_translator` on the training MR slices (source) and
+   the training CT slices (target), unpaired, with fewer steps than the command's default so that
+   the benchmark fits its time (the counts are printed and written).
+3. Each method turns every held-out MR slice into an image for the CT network, which segments it;
+   the mask is brought back to the MR's geometry and scored against the MR brain mask (Dice of
+   the brain, mean IoU over background and brain, pixel accuracy; mean and standard deviation over
+   the slices):
+
+   * ``no translation``: the MR itself;
+   * ``histogram matching``: inside the MR head, the MR's intensities mapped so that their
+     quantiles are those of the pooled training CT intensities inside the CT heads
+     (:func:`histogram_match`), zero outside;
+   * ``intensity inversion``: ``(1 - x) * head`` (:func:`invert_inside`);
+   * ``plasticine, phi = identity``: the translator with a registration that returns the identity
+     (:class:`IdentityRegistration`, through :meth:`~plasticine.translator.TraceableTranslator.replace`):
+     translate, segment, no tracing;
+   * ``register, then translate``: the paper's "combination": the source warped by the learned
+     phi first, translated with phi = identity, the mask traced back with phi^-1;
+   * ``plasticine, traced``: :meth:`~plasticine.translator.TraceableTranslator.translate`, segment,
+     trace the labels back with phi^-1 (:meth:`~plasticine.translator.TranslationResult.labels_to_source`).
+
+4. Intensity fidelity: the Bhattacharyya distance :math:`-\ln \sum_i \sqrt{p_i q_i}` between the
+   histogram of each method's image inside the head (pooled over the held-out slices) and that of
+   the held-out real CT slices inside their head masks. Histograms have ``--bins`` equal bins on
+   ``[0, 1]`` plus one bin below 0 and one above 1, so mass that a translation puts outside the data
+   range counts as different from CT (nothing is clipped). The head of an image in the target
+   geometry is the MR head mask warped by phi. There is no paired truth between the domains, so MAE,
+   PSNR and SSIM are not applicable here (recorded as such).
+
+Also recorded: the fraction of folded pixels (det J <= 0) of phi and its inverse consistency
+(voxels), the training losses, and the time of each stage.
+
+Outputs (``--output``, default ``crossmodal-results``): ``results.json`` (settings, seeds, every
+number, per-slice scores), ``case.png`` (8 MR and 8 CT slices with their mask contours),
+``examples.png`` (held-out MR slices, each method's image with its predicted mask, and the mask
+traced back onto the MR next to the truth).
+
+Threads: the default is one torch thread. On a machine whose 2 cores are shared, two threads make
+every parallel operation wait for a busy core (a training step measured 6.5 s with 2 threads and
+0.9 s with 1 under load); on idle cores ``--threads 2`` is a little faster.
+
+Usage::
+
+    python benchmarks/crossmodal.py                  # the full run (about 15 minutes on 2 cores)
+    python benchmarks/crossmodal.py --quick          # smoke run: 64 x 64, few slices, tiny steps (about a minute)
+    python benchmarks/crossmodal.py --diffusion-steps 2000 --registration-steps 2000 --output runs/xmod
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import format_table, machine_summary  # noqa: E402  (benchmarks/ is a folder of scripts)
+
+from plasticine.core import Deformation, folding_fraction, inverse_consistency_error  # noqa: E402
+from plasticine.data.crossmodal import CrossModalCase, crossmodal_case  # noqa: E402
+from plasticine.recipes import TrainingRecipe, build_translator, train_translator  # noqa: E402
+from plasticine.segmentation import SegmentationUNet, SegmentationUNetConfig, dice, iou, pixel_accuracy, train_segmentation  # noqa: E402
+from plasticine.translator import TraceableTranslator  # noqa: E402
+
+METHODS = (
+    "no translation",
+    "histogram matching",
+    "intensity inversion",
+    "plasticine, phi = identity",
+    "register, then translate",
+    "plasticine, traced",
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that decides the numbers of a run.
+
+    Attributes:
+        size: slice side in pixels (field of view 192 mm).
+        slice_every: keep every ``slice_every``-th slice of each domain (1: all).
+        holdout_every: hold out slice ``i`` when ``i % holdout_every == holdout_every // 2``.
+        diffusion_steps: denoiser training steps (stage 1 of the recipe).
+        registration_steps: registration training steps (stage 2).
+        segmentation_steps: training steps of the CT segmentation network.
+        segmentation_width: its first-level channels (depth 4).
+        batch_size: batch of every training.
+        seed: seed of the translator's weights and training; the segmentation uses ``seed + 10``,
+            translation ``seed + 20``.
+        bins: histogram bins on ``[0, 1]`` (plus an underflow and an overflow bin).
+        threads: torch CPU threads.
+
+    Shape:
+        Not applicable.
+    """
+
+    size: int = 128
+    slice_every: int = 1
+    holdout_every: int = 4
+    diffusion_steps: int = 600
+    registration_steps: int = 400
+    segmentation_steps: int = 400
+    segmentation_width: int = 16
+    batch_size: int = 4
+    seed: int = 0
+    bins: int = 64
+    threads: int = 1
+
+
+QUICK = dict(size=64, slice_every=3, diffusion_steps=20, registration_steps=10, segmentation_steps=30, segmentation_width=8)
+
+
+# -- baselines and scores -----------------------------------------------------------------------
+def histogram_match(image: np.ndarray, mask: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Map the intensities inside ``mask`` so that their quantiles are those of ``reference``; zero outside.
+
+    The classical mapping (as scikit-image's ``match_histograms``): each distinct value of
+    ``image[mask]`` at empirical cumulative level :math:`F(v)` becomes the reference's value at the
+    same level, linearly interpolated in the reference's empirical quantile function.
+
+    Args:
+        image: one image.
+        mask: where to match (the head), bool, nonempty.
+        reference: the reference intensities (e.g. every CT value inside the CT heads).
+
+    Returns:
+        float32 image: matched values inside ``mask``, 0 outside.
+
+    Raises:
+        ValueError: for an empty mask or reference, or shapes that differ.
+
+    Shape:
+        image, mask: ``(H, W)`` (any shape, the same); reference: ``(M,)`` (any shape).
+    """
+    if image.shape != mask.shape:
+        raise ValueError(f"mask: expected the image's shape {image.shape}, got {mask.shape}")
+    values, ref = image[mask], np.asarray(reference, dtype=np.float64).ravel()
+    if values.size == 0 or ref.size == 0:
+        raise ValueError(f"histogram_match: expected a nonempty mask and reference, got {values.size} and {ref.size} values")
+    src, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    ref_values, ref_counts = np.unique(ref, return_counts=True)
+    src_levels = np.cumsum(counts) / values.size
+    ref_levels = np.cumsum(ref_counts) / ref.size
+    out = np.zeros(image.shape, dtype=np.float32)
+    out[mask] = np.interp(src_levels, ref_levels, ref_values)[inverse.ravel()]
+    return out
+
+
+def invert_inside(image: np.ndarray, head: np.ndarray) -> np.ndarray:
+    """Intensity inversion inside the head: ``(1 - x) * head``.
+
+    Args:
+        image: image in ``[0, 1]``.
+        head: the head mask.
+
+    Returns:
+        float32 image.
+
+    Shape:
+        image, head: any shape, the same; out: the same.
+    """
+    return ((1.0 - image) * head).astype(np.float32)
+
+
+def intensity_histogram(values: np.ndarray, bins: int, value_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
+    """Normalised histogram: ``bins`` equal bins on ``value_range``, then one bin below it and one above.
+
+    Values outside the range are counted in the two extra bins (not clipped into the edge bins).
+
+    Args:
+        values: the intensities (finite).
+        bins: number of bins on the range.
+        value_range: ``(lo, hi)``; the last range bin includes ``hi``.
+
+    Returns:
+        float64 probabilities summing to 1: ``[bins on the range..., below, above]``.
+
+    Raises:
+        ValueError: for no values, non-finite values or a bad range.
+
+    Shape:
+        values: any; out: ``(bins + 2,)``.
+    """
+    v = np.asarray(values, dtype=np.float64).ravel()
+    lo, hi = value_range
+    if v.size == 0 or not np.isfinite(v).all():
+        raise ValueError(f"values: expected finite intensities, got {v.size} values, {int((~np.isfinite(v)).sum())} non-finite")
+    if not lo < hi:
+        raise ValueError(f"value_range: expected lo < hi, got {value_range}")
+    inside = (v >= lo) & (v <= hi)
+    counts = np.histogram(v[inside], bins=bins, range=(lo, hi))[0]
+    out = np.concatenate([counts, [(v < lo).sum(), (v > hi).sum()]]).astype(np.float64)
+    return out / v.size
+
+
+def bhattacharyya_distance(p: np.ndarray, q: np.ndarray) -> float:
+    r"""Bhattacharyya distance :math:`-\ln \sum_i \sqrt{p_i q_i}` of two normalised histograms.
+
+    0 for equal histograms, ``inf`` for disjoint ones.
+
+    Args:
+        p: probabilities (non-negative, summing to 1).
+        q: the same, on the same bins.
+
+    Returns:
+        The distance.
+
+    Raises:
+        ValueError: for shapes that differ or histograms that are not normalised.
+
+    Shape:
+        p, q: ``(bins,)``.
+    """
+    p, q = np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)
+    if p.shape != q.shape:
+        raise ValueError(f"q: expected the shape of p {p.shape}, got {q.shape}")
+    for name, h in (("p", p), ("q", q)):
+        if (h < 0).any() or not np.isclose(h.sum(), 1.0):
+            raise ValueError(f"{name}: expected non-negative probabilities summing to 1, got sum {h.sum()}")
+    coefficient = float(np.sqrt(p * q).sum())
+    return float("inf") if coefficient == 0.0 else float(-np.log(min(coefficient, 1.0)))
+
+
+class IdentityRegistration:
+    """A registration backend that returns the identity (phi = Id): the phi = identity baseline.
+
+    Satisfies :class:`plasticine.core.RegistrationBackend`; use it with
+    ``translator.replace(registration=IdentityRegistration())``.
+
+    Shape:
+        source: ``(B, C, *S)``; the deformation's fields: ``(B, N, *S)``, all zero.
+    """
+
+    def register(self, source: torch.Tensor, target: torch.Tensor | None = None, *, cue: torch.Tensor | None = None) -> Deformation:
+        """The identity deformation on the source's grid.
+
+        Shape:
+            source: ``(B, C, *S)``; fields: ``(B, N, *S)``.
+        """
+        zero = source.new_zeros(source.shape[0], source.dim() - 2, *source.shape[2:])
+        return Deformation(zero, zero)
+
+
+def segmentation_scores(prediction: torch.Tensor, truth: torch.Tensor) -> dict[str, list[float]]:
+    """Per-slice Dice of the foreground, mean IoU (background and foreground) and pixel accuracy.
+
+    Shape:
+        prediction, truth: ``(n, 1, H, W)`` int64 labels in {0, 1}.
+    """
+    return {
+        "dice": dice(prediction, truth, 2)[:, 1].tolist(),
+        "mean_iou": iou(prediction, truth, 2, reduction="mean_class").tolist(),
+        "accuracy": pixel_accuracy(prediction, truth, 2).tolist(),
+    }
+
+
+# -- the run ------------------------------------------------------------------------------------
+def split(n: int, every: int) -> tuple[list[int], list[int]]:
+    """Indices ``(train, held_out)`` of ``n`` slices: slice ``i`` is held out when ``i % every == every // 2``.
+
+    Shape:
+        Not applicable.
+    """
+    held = [i for i in range(n) if i % every == every // 2]
+    return [i for i in range(n) if i not in held], held
+
+
+def _tensor(a: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a)).to(dtype)[:, None]
+
+
+def _segment(net: SegmentationUNet, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return net(images).argmax(1, keepdim=True)
+
+
+def _summary(per_slice: dict[str, list[float]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, values in per_slice.items():
+        out[f"{key}_mean"] = float(np.mean(values))
+        out[f"{key}_std"] = float(np.std(values))
+    return out
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run(settings: Settings, output: Path) -> dict[str, Any]:
+    """Run the benchmark, write ``results.json`` and the PNGs into ``output``, return the results.
+
+    Shape:
+        Not applicable.
+    """
+    torch.set_num_threads(settings.threads)
+    output.mkdir(parents=True, exist_ok=True)
+    clock: dict[str, float] = {}
+    t0 = time.perf_counter()
+    case = crossmodal_case(settings.size)
+    every = settings.slice_every
+    case = CrossModalCase(
+        **{k: getattr(case, k)[::every] for k in ("source", "source_brain", "source_head", "target", "target_intracranial", "target_head")},
+        pixel_mm=case.pixel_mm,
+        source_slices=case.source_slices[::every],
+        target_slices=case.target_slices[::every],
+    )
+    clock["load_s"] = time.perf_counter() - t0
+    mr_train, mr_test = split(len(case.source), settings.holdout_every)
+    ct_train, ct_test = split(len(case.target), settings.holdout_every)
+    _log(f"case: {len(case.source)} MR and {len(case.target)} CT slices of {settings.size} x {settings.size} at {case.pixel_mm} mm; held out {len(mr_test)} MR, {len(ct_test)} CT")
+    save_case_preview(case, output / "case.png")
+
+    mr, ct = _tensor(case.source), _tensor(case.target)
+    brain = _tensor(case.source_brain, torch.int64)
+    head = case.source_head
+    ct_ic = _tensor(case.target_intracranial, torch.int64)
+
+    # 1. the CT segmentation network
+    t = time.perf_counter()
+    gen = torch.Generator().manual_seed(settings.seed + 10)
+    seg = SegmentationUNet(1, 2, 2, SegmentationUNetConfig(depth=4, base_width=settings.segmentation_width), generator=gen)
+    seg_losses = train_segmentation(seg, ct[ct_train], ct_ic[ct_train], settings.segmentation_steps, gen, batch_size=settings.batch_size)
+    seg.eval()
+    ct_scores = segmentation_scores(_segment(seg, ct[ct_test]), ct_ic[ct_test])
+    clock["segmentation_training_s"] = time.perf_counter() - t
+    _log(f"segmentation: held-out CT Dice {np.mean(ct_scores['dice']):.3f} ({clock['segmentation_training_s']:.0f} s)")
+
+    # 2. the translator, the default recipe with fewer steps
+    t = time.perf_counter()
+    translator = build_translator(2, 1, seed=settings.seed)
+    recipe = TrainingRecipe(
+        diffusion_steps=settings.diffusion_steps,
+        registration_steps=settings.registration_steps,
+        batch_size=settings.batch_size,
+        seed=settings.seed,
+        checkpoint_every=0,
+        progress="none",
+    )
+    train_losses = train_translator(translator, mr[mr_train], ct[ct_train], recipe)
+    clock["translator_training_s"] = time.perf_counter() - t
+    _log(f"translator trained: {settings.diffusion_steps} + {settings.registration_steps} steps ({clock['translator_training_s']:.0f} s); losses {train_losses}")
+
+    # 3. every method's image for the CT network, its mask in the MR's geometry, its head
+    t = time.perf_counter()
+    x, truth = mr[mr_test], brain[mr_test]
+    head_x = _tensor(head[mr_test])
+    reference = case.target[ct_train][case.target_head[ct_train]]
+    images: dict[str, torch.Tensor] = {
+        "no translation": x,
+        "histogram matching": _tensor(np.stack([histogram_match(case.source[i], head[i], reference) for i in mr_test])),
+        "intensity inversion": _tensor(invert_inside(case.source[mr_test], head[mr_test])),
+    }
+    heads: dict[str, torch.Tensor] = {name: head_x for name in images}
+    identity = translator.replace(registration=IdentityRegistration())
+    seed = settings.seed + 20
+    images["plasticine, phi = identity"] = identity.translate(x, generator=torch.Generator().manual_seed(seed)).image
+    heads["plasticine, phi = identity"] = head_x
+    result = translator.translate(x, generator=torch.Generator().manual_seed(seed))
+    phi = result.deformation
+    warped_head = (phi.to_target(head_x) > 0.5).float()
+    images["register, then translate"] = identity.translate(phi.to_target(x), generator=torch.Generator().manual_seed(seed)).image
+    images["plasticine, traced"] = result.image
+    heads["register, then translate"] = heads["plasticine, traced"] = warped_head
+    traced = {"register, then translate", "plasticine, traced"}
+    predicted = {name: _segment(seg, image) for name, image in images.items()}
+    in_source = {name: phi.labels_to_source(p, 2) if name in traced else p for name, p in predicted.items()}
+    clock["translation_and_scoring_s"] = time.perf_counter() - t
+
+    ct_hist = intensity_histogram(case.target[ct_test][case.target_head[ct_test]], settings.bins)
+    methods: dict[str, Any] = {}
+    for name in METHODS:
+        scores = segmentation_scores(in_source[name], truth)
+        values = images[name][heads[name] > 0.5].numpy()
+        hist = intensity_histogram(values, settings.bins)
+        methods[name] = {
+            **_summary(scores),
+            "per_slice": scores,
+            "bhattacharyya_to_ct": bhattacharyya_distance(hist, ct_hist),
+            "fraction_outside_0_1": float(hist[-2:].sum()),
+            "mean_inside_head": float(values.mean()),
+            "mean_inside_brain": float(images[name][(phi.to_target(truth.float()) if name in traced else truth.float()) > 0.5].mean()),
+        }
+    clock["total_s"] = time.perf_counter() - t0
+    results = {
+        "settings": asdict(settings),
+        "seeds": {"translator": settings.seed, "segmentation": settings.seed + 10, "translation": seed},
+        "recipe": asdict(recipe),
+        "translator": repr(translator),
+        "case": {
+            "pixel_mm": case.pixel_mm,
+            "source_slices": list(case.source_slices),
+            "target_slices": list(case.target_slices),
+            "mr_train": mr_train,
+            "mr_held_out": mr_test,
+            "ct_train": ct_train,
+            "ct_held_out": ct_test,
+        },
+        "segmentation": {"ct_held_out": _summary(ct_scores), "ct_per_slice": ct_scores, "final_loss": seg_losses[-1], "config": asdict(seg.config) if hasattr(seg, "config") else None},
+        "methods": methods,
+        "intensity": {
+            "histogram": f"{settings.bins} equal bins on [0, 1] plus one below 0 and one above 1",
+            "mask": "the head: the MR head mask (warped by phi for images in the target geometry); the real CT's head masks for the reference",
+            "reference": "the held-out CT slices inside their head masks",
+            "ct_mean_inside_head": float(case.target[ct_test][case.target_head[ct_test]].mean()),
+            "ct_mean_inside_intracranial": float(case.target[ct_test][case.target_intracranial[ct_test]].mean()),
+            "mr_mean_inside_brain": float(case.source[mr_test][case.source_brain[mr_test]].mean()),
+            "mae_psnr_ssim": "not applicable: no paired CT truth for the MR slices",
+        },
+        "deformation": {
+            "folded_fraction_max": float(folding_fraction(phi.forward).max()),
+            "inverse_consistency_voxels": float(inverse_consistency_error(phi.forward, phi.inverse).mean()),
+            "max_displacement_voxels": float(phi.forward.norm(dim=1).max()),
+        },
+        "training_losses": train_losses,
+        "time": clock,
+        "machine": machine_summary("cpu"),
+    }
+    (output / "results.json").write_text(json.dumps(results, indent=1))
+    save_examples(case, mr_test, images, predicted, in_source, truth, output / "examples.png")
+    return results
+
+
+# -- pictures -----------------------------------------------------------------------------------
+def save_case_preview(case: CrossModalCase, path: Path, count: int = 8) -> None:
+    """A PNG of ``count`` MR slices (brain mask red, head cyan) over ``count`` CT slices (intracranial red, head cyan).
+
+    Shape:
+        Not applicable.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, count, figsize=(2 * count, 4.8), layout="constrained")
+    rows = (
+        (case.source, case.source_brain, case.source_head, case.source_slices, "MR z"),
+        (case.target, case.target_intracranial, case.target_head, case.target_slices, "CT y"),
+    )
+    for ax_row, (image, inner, outer, index, name) in zip(axes, rows):
+        for ax, i in zip(ax_row, np.linspace(0, len(image) - 1, count).round().astype(int)):
+            ax.imshow(image[i], cmap="gray", vmin=0, vmax=1)
+            ax.contour(inner[i], [0.5], colors="r", linewidths=0.6)
+            ax.contour(outer[i], [0.5], colors="c", linewidths=0.6)
+            ax.set_title(f"{name} = {index[i]}", fontsize=8)
+            ax.axis("off")
+    fig.suptitle("rows: anterior (top) to posterior; columns: right to left; red: brain / intracranial, cyan: head", fontsize=9)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def save_examples(case, held_out, images, predicted, in_source, truth, path: Path, count: int = 3) -> None:
+    """A PNG: per example slice, each method's image with its predicted mask (top) and the mask on the MR (bottom).
+
+    Red: the predicted (top) or traced (bottom) mask; green: the MR brain mask.
+
+    Shape:
+        Not applicable.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    picks = np.linspace(0, len(held_out) - 1, min(count, len(held_out))).round().astype(int)
+    fig, axes = plt.subplots(2 * len(picks), len(METHODS), figsize=(2.2 * len(METHODS), 4.6 * len(picks)), squeeze=False, layout="constrained")
+    for r, k in enumerate(picks):
+        for c, name in enumerate(METHODS):
+            top, bottom = axes[2 * r, c], axes[2 * r + 1, c]
+            top.imshow(images[name][k, 0].numpy(), cmap="gray", vmin=0, vmax=1)
+            top.contour(predicted[name][k, 0].numpy(), [0.5], colors="r", linewidths=0.6)
+            bottom.imshow(case.source[held_out[k]], cmap="gray", vmin=0, vmax=1)
+            bottom.contour(truth[k, 0].numpy(), [0.5], colors="lime", linewidths=0.6)
+            bottom.contour(in_source[name][k, 0].numpy(), [0.5], colors="r", linewidths=0.6)
+            top.set_title(name, fontsize=7)
+            bottom.set_title(f"MR z={case.source_slices[held_out[k]]}, Dice {float(dice(in_source[name][k : k + 1], truth[k : k + 1], 2)[0, 1]):.2f}", fontsize=7)
+            top.axis("off")
+            bottom.axis("off")
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def table(results: dict[str, Any]) -> str:
+    """The results table as text.
+
+    Shape:
+        Not applicable.
+    """
+    rows = []
+    for name in METHODS:
+        m = results["methods"][name]
+        rows.append(
+            [
+                name,
+                f"{m['dice_mean']:.3f} +- {m['dice_std']:.3f}",
+                f"{m['mean_iou_mean']:.3f}",
+                f"{m['accuracy_mean']:.3f}",
+                f"{m['bhattacharyya_to_ct']:.3f}",
+                f"{m['fraction_outside_0_1']:.3f}",
+                f"{m['mean_inside_brain']:.3f}",
+            ]
+        )
+    headers = ["method", "traced Dice", "mean IoU", "accuracy", "Bhattacharyya to CT", "outside [0,1]", "mean in brain"]
+    return format_table(headers, rows, ["<", ">", ">", ">", ">", ">", ">"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the options, run, print the table."""
+    defaults = Settings()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: 64 x 64, every third slice, tiny step counts")
+    p.add_argument("--output", type=Path, default=Path("crossmodal-results"), help="folder for results.json and the PNGs")
+    p.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads (default 1, see the module notes)")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    for name in ("diffusion_steps", "registration_steps", "segmentation_steps"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=None, help=f"default {getattr(defaults, name)} ({QUICK[name]} with --quick)")
+    args = p.parse_args(argv)
+    chosen = dict(QUICK) if args.quick else {}
+    for name in ("diffusion_steps", "registration_steps", "segmentation_steps"):
+        if getattr(args, name) is not None:
+            chosen[name] = getattr(args, name)
+    for name, value in {**chosen, "threads": args.threads}.items():
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: expected an int >= 1, got {value}")
+    settings = Settings(**chosen, threads=args.threads, seed=args.seed)
+    results = run(settings, args.output)
+    s, seg = results["settings"], results["segmentation"]["ct_held_out"]
+    print(
+        f"MR -> CT, unpaired, {s['size']} x {s['size']} at {results['case']['pixel_mm']} mm; {len(results['case']['mr_held_out'])} held-out MR slices; "
+        f"translator: build_translator defaults, {s['diffusion_steps']} + {s['registration_steps']} training steps; "
+        f"CT segmentation: {s['segmentation_steps']} steps, held-out CT Dice {seg['dice_mean']:.3f}"
+    )
+    print(table(results))
+    d = results["deformation"]
+    print(f"phi: folded fraction {d['folded_fraction_max']:.4f} (max over slices), inverse consistency {d['inverse_consistency_voxels']:.3f} voxel, max |u| {d['max_displacement_voxels']:.1f} voxels")
+    print(f"real CT mean inside the head {results['intensity']['ct_mean_inside_head']:.3f}, inside the skull {results['intensity']['ct_mean_inside_intracranial']:.3f}")
+    print(f"time: {results['time']['total_s']:.0f} s ({json.dumps({k: round(v) for k, v in results['time'].items()})}); written to {args.output}")
+
+
+if __name__ == "__main__":
+    main()

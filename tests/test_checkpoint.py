@@ -72,7 +72,7 @@ def test_config_is_plain_json(tmp_path):
     assert json.loads(json.dumps(config, allow_nan=False)) == config
     assert config["format_version"] == ck.FORMAT_VERSION == 3 and config["component"]["class"] == "TraceableTranslator"
     parts = config["component"]["config"]
-    assert parts["sampler"] == {"class": "DDIMSampler", "config": {"steps": 3, "eta": 0.0, "spacing": "trailing"}}
+    assert parts["sampler"] == {"class": "DDIMSampler", "config": {"steps": 3, "eta": 0.0, "spacing": "trailing", "prediction": "eps", "clip": None, "dynamic_threshold": None}}
     assert parts["registration"]["class"] == "LearnedRegistration" and parts["registration"]["config"]["downsample"] == 1
     assert parts["registration"]["config"]["network"]["config"]["config"]["class"] == "RegistrationNetConfig"
     assert parts["start_fraction"] == 0.3 and load_translator(tmp_path / "m.safetensors").start_fraction == 0.3

@@ -166,8 +166,9 @@ def noise_cue(translator: TraceableTranslator, y: torch.Tensor, generator: torch
     r"""The diffusion model's noise estimate :math:`\hat\epsilon` of a target, the registration cue.
 
     Draws a level :math:`\gamma` (as in training, ``schedule.sample_gamma`` from ``generator``) and
-    noise :math:`\epsilon` (of the target in the diffusion's range, :meth:`~plasticine.TraceableTranslator.to_diffusion`), and returns :math:`\epsilon_{\theta_1}(\sqrt{\gamma} y + \sqrt{1-\gamma}\epsilon, \gamma,
-    \mathrm{conditioning}(y_s))` without gradient, read as a noise estimate whatever the
+    noise :math:`\epsilon`, and returns :math:`\epsilon_{\theta_1}(\sqrt{\gamma} y' + \sqrt{1-\gamma}\epsilon,
+    \gamma, \mathrm{conditioning}(y_s))` with :math:`y'` the target in the diffusion's range
+    (:meth:`~plasticine.TraceableTranslator.to_diffusion`), without gradient, read as a noise estimate whatever the
     parametrisation (:func:`~plasticine.diffusion.prediction.split_prediction`).
 
     Args:

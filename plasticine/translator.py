@@ -50,7 +50,7 @@ from .core.config import Configurable
 from .core.deformation import Deformation
 from .core.protocols import ConditionEncoder, Denoiser, NoiseSchedule, RegistrationBackend, Sampler, StructureExtractor
 from .core.shapes import NonFiniteError, check_finite, check_shape
-from .core.validate import check_image, check_int, check_number, check_option
+from .core.validate import check_image, check_int, check_interval, check_number, check_option
 from .diffusion.schedules import noise_like
 
 __all__ = ["TranslationResult", "TraceableTranslator", "COMPONENTS"]
@@ -191,13 +191,7 @@ class TraceableTranslator(Configurable, nn.Module):
                 raise ValueError(f"{name}: expected an object satisfying the {_PROTOCOLS[name].__name__} protocol of plasticine.core, got {type(obj).__name__}")
         check_number(start_fraction, "start_fraction", 0, 1)
         check_option(start, "start", ("source", "warped"))
-        if data_range is not None:
-            if not isinstance(data_range, (tuple, list)) or len(data_range) != 2:
-                raise ValueError(f"data_range: expected None or a (low, high) pair, got {data_range!r}")
-            low, high = check_number(data_range[0], "data_range[0]"), check_number(data_range[1], "data_range[1]")
-            if not low < high:
-                raise ValueError(f"data_range: expected low < high, got {tuple(data_range)!r}")
-            data_range = (low, high)
+        data_range = check_interval(data_range, "data_range")
         super().__init__()
         self.structure = structure
         self.registration = registration

@@ -38,7 +38,7 @@ from typing import Literal
 
 import torch
 
-from ..core.validate import check_number, check_option
+from ..core.validate import check_interval, check_number, check_option
 
 __all__ = ["Prediction", "PREDICTIONS", "split_prediction", "prediction_target", "min_snr_weight", "threshold_x0", "check_clip"]
 
@@ -154,13 +154,7 @@ def check_clip(clip: object, dynamic_threshold: object) -> tuple[tuple[float, fl
     Shape:
         Not applicable.
     """
-    if clip is not None:
-        if not isinstance(clip, (tuple, list)) or len(clip) != 2:
-            raise ValueError(f"clip: expected None or a (low, high) pair, got {clip!r}")
-        lo, hi = check_number(clip[0], "clip[0]"), check_number(clip[1], "clip[1]")
-        if not lo < hi:
-            raise ValueError(f"clip: expected low < high, got {tuple(clip)!r}")
-        clip = (lo, hi)
+    clip = check_interval(clip, "clip")
     if dynamic_threshold is not None:
         dynamic_threshold = check_number(dynamic_threshold, "dynamic_threshold", 0, 1, min_open=True)
         if clip is not None:

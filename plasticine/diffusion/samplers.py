@@ -274,6 +274,22 @@ class PlanSampler(Configurable, config_abstract=True):
     :mod:`plasticine.diffusion.samplers`). ``sampler.config`` holds a subclass's constructor
     arguments (:class:`~plasticine.core.Configurable`).
 
+    Every sampler takes three more options, by keyword, read by :meth:`_predict`:
+
+    * ``prediction``: what the denoiser returns, ``"eps"`` (the paper's), ``"x0"`` or ``"v"`` (see
+      :mod:`plasticine.diffusion.prediction`); it must be what the denoiser was trained for (the
+      loss reads the same setting, :func:`~plasticine.training.diffusion_objective`).
+    * ``clip``: ``(low, high)``: clip the data prediction :math:`\hat x_0` to this range before
+      every step (e.g. ``(-1, 1)`` for data scaled there), or None (the default).
+    * ``dynamic_threshold``: Imagen's percentile ``p`` in ``(0, 1]`` (e.g. 0.995): per sample
+      :math:`s = \max(1, \mathrm{quantile}_p|\hat x_0|)`, :math:`\hat x_0 \leftarrow
+      \mathrm{clip}(\hat x_0, -s, s)/s`, or None (the default). At most one of ``clip`` and
+      ``dynamic_threshold``.
+
+    An oracle denoiser of an image inside the clip range stays exact with either; whatever the
+    denoiser returns, a clipped sampler's output lies in the clip range (``[-1, 1]`` for the
+    dynamic threshold), since every last step returns the conditioned :math:`\hat x_0`.
+
     Shape:
         See :meth:`PlanSampler.sample`.
     """
@@ -421,14 +437,7 @@ class AncestralSampler(PlanSampler):
         variance: ``"beta"`` (the paper's) or ``"posterior"``.
         steps: the number of steps (None: every step, as in the paper).
         spacing: how skipped levels are spread (see :func:`step_plan`); used when ``steps < k0``.
-        prediction: what the denoiser returns, ``"eps"`` (the paper's), ``"x0"`` or ``"v"`` (see
-            :mod:`plasticine.diffusion.prediction`); it must be what the denoiser was trained for.
-        clip: ``(low, high)``: clip the data prediction :math:`\hat x_0` to this range before every
-            step (e.g. ``(-1, 1)`` for data scaled there), or None.
-        dynamic_threshold: Imagen's percentile ``p`` in ``(0, 1]`` (e.g. 0.995): per sample
-            :math:`s = \max(1, \mathrm{quantile}_p|\hat x_0|)`, :math:`\hat x_0 \leftarrow
-            \mathrm{clip}(\hat x_0, -s, s)/s`, or None. At most one of ``clip`` and
-            ``dynamic_threshold``.
+        prediction, clip, dynamic_threshold: the options shared by every sampler, see :class:`PlanSampler`.
 
     With a parametrisation other than eps, or clipping, the step uses :math:`\hat\epsilon` recomputed
     from the (conditioned) :math:`\hat x_0` and the last step returns :math:`\hat x_0`.
@@ -495,14 +504,7 @@ class DDIMSampler(PlanSampler):
         eta: stochasticity in ``[0, 1]``.
         spacing: how the levels are spread (see :func:`step_plan`); ``"trailing"`` by default
             since it starts at the requested level and spaces every level evenly.
-        prediction: what the denoiser returns, ``"eps"`` (the paper's), ``"x0"`` or ``"v"`` (see
-            :mod:`plasticine.diffusion.prediction`); it must be what the denoiser was trained for.
-        clip: ``(low, high)``: clip the data prediction :math:`\hat x_0` to this range before every
-            step (e.g. ``(-1, 1)`` for data scaled there), or None.
-        dynamic_threshold: Imagen's percentile ``p`` in ``(0, 1]`` (e.g. 0.995): per sample
-            :math:`s = \max(1, \mathrm{quantile}_p|\hat x_0|)`, :math:`\hat x_0 \leftarrow
-            \mathrm{clip}(\hat x_0, -s, s)/s`, or None. At most one of ``clip`` and
-            ``dynamic_threshold``.
+        prediction, clip, dynamic_threshold: the options shared by every sampler, see :class:`PlanSampler`.
 
     With clipping the step is built from the conditioned :math:`\hat x_0` and the :math:`\hat\epsilon`
     recomputed from it, and the last step returns :math:`\hat x_0` itself.
@@ -670,14 +672,7 @@ class DPMSolverPP(PlanSampler):
         steps: the number of steps (denoiser calls), fewer when the start step is smaller.
         order: 1 or 2.
         spacing: how the levels are spread (see :func:`step_plan`).
-        prediction: what the denoiser returns, ``"eps"`` (the paper's), ``"x0"`` or ``"v"`` (see
-            :mod:`plasticine.diffusion.prediction`); it must be what the denoiser was trained for.
-        clip: ``(low, high)``: clip the data prediction :math:`\hat x_0` to this range before every
-            step (e.g. ``(-1, 1)`` for data scaled there), or None.
-        dynamic_threshold: Imagen's percentile ``p`` in ``(0, 1]`` (e.g. 0.995): per sample
-            :math:`s = \max(1, \mathrm{quantile}_p|\hat x_0|)`, :math:`\hat x_0 \leftarrow
-            \mathrm{clip}(\hat x_0, -s, s)/s`, or None. At most one of ``clip`` and
-            ``dynamic_threshold``.
+        prediction, clip, dynamic_threshold: the options shared by every sampler, see :class:`PlanSampler`.
 
     Clipping conditions the data prediction :math:`\hat y_0` that every step is built from.
 

@@ -266,7 +266,7 @@ def _run_groups(x: torch.Tensor, condition: torch.Tensor | None, k0: torch.Tenso
 
 
 class PlanSampler(Configurable, config_abstract=True):
-    """Base class of the samplers: the plan, the start ``(y_k0, k0)``, per-sample groups.
+    r"""Base class of the samplers: the plan, the start ``(y_k0, k0)``, per-sample groups.
 
     A subclass sets ``steps`` (None: every step) and ``spacing`` in its constructor and implements
     one reverse step rule, ``_run``; :meth:`plan`, :meth:`sample` and :meth:`sample_trajectory`

@@ -236,6 +236,15 @@ def test_clipping_keeps_the_output_in_range_whatever_the_denoiser_says(sampler, 
         assert float(out.min()) >= low and float(out.max()) <= high, (float(out.min()), float(out.max()))
 
 
+@pytest.mark.parametrize("options", [{"clip": (-1.0, 1.0)}, {"dynamic_threshold": 0.9}, {"prediction": "v"}], ids=["clip", "threshold", "v"])
+def test_the_options_propagate_a_non_finite_prediction(sampler, options):
+    """Clipping never hides a NaN: a denoiser that returns NaN gives a non-finite output, not an in-range one."""
+    nan = lambda x, gamma, c: torch.full_like(x, float("nan"))  # noqa: E731
+    start = _images((2, 1, 4, 4), 28)
+    out = with_options(sampler, **{"clip": None, "dynamic_threshold": None, **options}).sample(nan, SCHEDULE, None, start, 20, make_generator(29))
+    assert bool(torch.isnan(out).all())
+
+
 def test_the_default_options_are_the_paper_sampling(sampler):
     """The defaults read eps and condition nothing: the output is that of the sampler built without the options."""
     if sampler.config.get("clip") is not None or sampler.config.get("dynamic_threshold") is not None:

@@ -126,6 +126,7 @@ def diffusion_objective(
     denoiser: nn.Module | Callable[..., torch.Tensor] | None = None,
     loss: LossKind = "l1",
     snr_gamma: float | None = None,
+    condition: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""The diffusion loss of one batch of target images (the paper's Algorithm 2).
 
@@ -144,6 +145,9 @@ def diffusion_objective(
             :class:`~torch.nn.parallel.DistributedDataParallel` wrapper).
         loss: ``"l1"`` (the paper's) or ``"l2"``.
         snr_gamma: min-SNR weighting cap (Hang et al. 2023), or None (the paper's: no weighting).
+        condition: a precomputed condition of ``y`` used instead of
+            :math:`\mathrm{conditioning}(y_s)` (the data range and the parametrisation apply as
+            always), or None.
 
     Returns:
         A scalar, differentiable in the denoiser's (and a learned conditioning's) parameters.
@@ -152,9 +156,10 @@ def diffusion_objective(
         y: ``(B, C, *S)``; out: ``()``.
     """
     check_image(y, "y")
-    with torch.no_grad():
-        ys = translator.structure_map(y)
-    condition = translator.conditioning(ys)
+    if condition is None:
+        with torch.no_grad():
+            ys = translator.structure_map(y)
+        condition = translator.conditioning(ys)
     if condition is not None:
         condition = condition.to(y.dtype)
     net = translator.denoiser if denoiser is None else denoiser

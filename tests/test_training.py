@@ -53,6 +53,11 @@ def test_training_uses_the_translator_s_data_range_and_the_sampler_s_parametrisa
     with torch.no_grad():
         eps = split_prediction(t.denoiser(noisy, gamma.float(), t.structure(y)), noisy, gamma, prediction)[0]
     torch.testing.assert_close(noise_cue(t, y, make_generator(6)), eps, rtol=0, atol=1e-5)
+    # a precomputed condition (the recipe's paired conditions) goes through the same mapping
+    c = torch.rand(2, 2, 10, 8, generator=make_generator(12))
+    given = diffusion_objective(t, y, make_generator(11), condition=c)
+    ref = noise_prediction_loss(t.denoiser, t.schedule, y - 1.0, c, make_generator(11), "l1", prediction=prediction)
+    torch.testing.assert_close(given, ref, rtol=1e-6, atol=0)
 
 
 def test_noise_cue_draws_through_the_schedule_protocol():

@@ -94,6 +94,9 @@ class TrainingRecipe:
         augmentation: random flips, small affine maps and intensity jitter of every batch
             (:class:`~plasticine.training.Augmentation`; a condition gets its image's geometry), or
             None. Not recorded in the training checkpoints: resume with the same value.
+        snr_gamma: min-SNR loss weighting of stage 1 (:func:`~plasticine.diffusion.noise_prediction_loss`),
+            or None (the paper's: unweighted). The data range and the parametrisation are the
+            translator's own (its ``data_range`` and its sampler's ``prediction``).
 
     Shape:
         Not applicable.
@@ -108,6 +111,7 @@ class TrainingRecipe:
     checkpoint_every: int = 100
     progress: Progress = "auto"
     augmentation: Augmentation | None = None
+    snr_gamma: float | None = None
 
 
 def train_translator(
@@ -150,7 +154,6 @@ def train_translator(
         source, target: ``(n, C, *S)`` (or sequences of ``(C, *S)``); conditions: ``(n_target,
         L, *S)``.
     """
-    from .diffusion import noise_prediction_loss
     from .io import UnpairedImages
 
     for name, data in (("source", source), ("target", target)):
@@ -183,14 +186,14 @@ def train_translator(
         def objective(m: Any, y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
             if aug is not None:
                 (y,) = aug(y, g)
-            return diffusion_objective(translator, y, g, denoiser=m)
+            return diffusion_objective(translator, y, g, denoiser=m, snr_gamma=recipe.snr_gamma)
 
         items: Any = target
     else:
 
         def objective(m: Any, b: Any, g: torch.Generator) -> torch.Tensor:
             y, c = b if aug is None else aug(b[0], g, (b[1],))
-            return noise_prediction_loss(m, translator.schedule, y, c, g, "l1")
+            return diffusion_objective(translator, y, g, denoiser=m, snr_gamma=recipe.snr_gamma, condition=c)
 
         items = list(zip(target, conditions))
 

@@ -94,6 +94,7 @@ from .checkpoint import CheckpointError, fingerprint, load_state, save_state
 from .core.shapes import check_shape
 from .core.validate import check_image, check_int, check_number, check_option
 from .diffusion.schedules import noise_like
+from .diffusion.prediction import split_prediction
 from .diffusion.training import EMA, LossKind, noise_prediction_loss
 from .translator import TraceableTranslator
 
@@ -124,12 +125,17 @@ def diffusion_objective(
     *,
     denoiser: nn.Module | Callable[..., torch.Tensor] | None = None,
     loss: LossKind = "l1",
+    snr_gamma: float | None = None,
+    condition: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""The diffusion loss of one batch of target images (the paper's Algorithm 2).
 
     :math:`y_s = \mathrm{structure}(y)` (no gradient), :math:`c = \mathrm{conditioning}(y_s)`, then
     :func:`~plasticine.diffusion.noise_prediction_loss` draws the level and the noise from
-    ``generator`` and returns the mean L1 (or L2) error of the predicted noise.
+    ``generator`` and returns the mean L1 (or L2) error of the predicted noise. The images enter the
+    diffusion through :meth:`~plasticine.TraceableTranslator.to_diffusion` (its ``data_range``), and the
+    denoiser is trained in the parametrisation its sampler reads (``translator.sampler.prediction``,
+    ``"eps"`` for a sampler without that option), so training and sampling agree by construction.
 
     Args:
         translator: gives the structure extractor, conditioning, schedule and denoiser.
@@ -138,6 +144,10 @@ def diffusion_objective(
         denoiser: the denoiser to train in place of ``translator.denoiser`` (e.g. its
             :class:`~torch.nn.parallel.DistributedDataParallel` wrapper).
         loss: ``"l1"`` (the paper's) or ``"l2"``.
+        snr_gamma: min-SNR weighting cap (Hang et al. 2023), or None (the paper's: no weighting).
+        condition: a precomputed condition of ``y`` used instead of
+            :math:`\mathrm{conditioning}(y_s)` (the data range and the parametrisation apply as
+            always), or None.
 
     Returns:
         A scalar, differentiable in the denoiser's (and a learned conditioning's) parameters.
@@ -146,21 +156,25 @@ def diffusion_objective(
         y: ``(B, C, *S)``; out: ``()``.
     """
     check_image(y, "y")
-    with torch.no_grad():
-        ys = translator.structure_map(y)
-    condition = translator.conditioning(ys)
+    if condition is None:
+        with torch.no_grad():
+            ys = translator.structure_map(y)
+        condition = translator.conditioning(ys)
     if condition is not None:
         condition = condition.to(y.dtype)
     net = translator.denoiser if denoiser is None else denoiser
-    return noise_prediction_loss(net, translator.schedule, y, condition, generator, loss)
+    prediction = getattr(translator.sampler, "prediction", "eps")
+    return noise_prediction_loss(net, translator.schedule, translator.to_diffusion(y), condition, generator, loss, prediction=prediction, snr_gamma=snr_gamma)
 
 
 def noise_cue(translator: TraceableTranslator, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     r"""The diffusion model's noise estimate :math:`\hat\epsilon` of a target, the registration cue.
 
     Draws a level :math:`\gamma` (as in training, ``schedule.sample_gamma`` from ``generator``) and
-    noise :math:`\epsilon`, and returns :math:`\epsilon_{\theta_1}(\sqrt{\gamma} y + \sqrt{1-\gamma}\epsilon, \gamma,
-    \mathrm{conditioning}(y_s))` without gradient.
+    noise :math:`\epsilon`, and returns :math:`\epsilon_{\theta_1}(\sqrt{\gamma} y' + \sqrt{1-\gamma}\epsilon,
+    \gamma, \mathrm{conditioning}(y_s))` with :math:`y'` the target in the diffusion's range
+    (:meth:`~plasticine.TraceableTranslator.to_diffusion`), without gradient, read as a noise estimate whatever the
+    parametrisation (:func:`~plasticine.diffusion.prediction.split_prediction`).
 
     Args:
         translator: gives the structure extractor, conditioning, schedule and denoiser.
@@ -180,8 +194,11 @@ def noise_cue(translator: TraceableTranslator, y: torch.Tensor, generator: torch
         if condition is not None:
             condition = condition.to(y.dtype)
         _, gamma = translator.schedule.sample_gamma(dims["B"], generator, device=y.device)
-        noisy = translator.schedule.diffuse(y, gamma, noise_like(y, generator))
-        eps = translator.denoiser(noisy, gamma.to(torch.promote_types(y.dtype, torch.float32)), condition)
+        clean = translator.to_diffusion(y)
+        noisy = translator.schedule.diffuse(clean, gamma, noise_like(clean, generator))
+        out = translator.denoiser(noisy, gamma.to(torch.promote_types(y.dtype, torch.float32)), condition)
+        prediction = getattr(translator.sampler, "prediction", "eps")
+        eps = out if prediction == "eps" else split_prediction(out, noisy, gamma, prediction)[0]
     return eps.detach()
 
 

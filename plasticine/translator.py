@@ -9,7 +9,10 @@ Inference (the paper's Algorithm 1) for a source image :math:`x`:
    target geometry by :meth:`~plasticine.core.Deformation.to_target`, linear interpolation of the
    channels, border padding);
 4. :math:`x_{k_0} \sim q(x_{k_0} \mid x_0 = x)`, then the sampler denoises :math:`k_0 \to 0` with
-   :math:`\epsilon_\theta(y_k, \gamma_k, c)`.
+   :math:`\epsilon_\theta(y_k, \gamma_k, c)`. Options: ``start="warped"`` noises :math:`x \circ \phi`
+   instead (start and condition in one geometry); ``data_range=(l, h)`` runs the diffusion on the
+   images mapped affinely from ``[l, h]`` to ``[-1, 1]`` (:meth:`TraceableTranslator.to_diffusion`),
+   the sample mapped back.
 
 The output :math:`\hat y` lives in the target geometry. A mask :math:`m` drawn on :math:`\hat y` is
 traced back to the source as :math:`m \circ \phi^{-1}`; a source point :math:`p` sits at
@@ -25,7 +28,8 @@ paper's linear schedule, :math:`10^{-6} .. 10^{-2}` over :math:`K = 2000`, :math
 Training uses the two objectives of :mod:`plasticine.training` (:func:`~plasticine.training.diffusion_objective`,
 :func:`~plasticine.training.deformation_objective`). The translator is an :class:`torch.nn.Module`
 whose learned parts are its submodules, so ``state_dict``, ``to``, ``train``, ``eval`` and
-``parameters`` are torch's; ``translator.config`` holds its six parts and ``start_fraction``
+``parameters`` are torch's; ``translator.config`` holds its six parts, ``start_fraction``,
+``data_range`` and ``start``
 (:class:`~plasticine.core.Configurable`), so :func:`plasticine.checkpoint.save_component` and
 :func:`plasticine.checkpoint.load_translator` write and read it, config and weights, as one file.
 
@@ -37,7 +41,7 @@ Reference:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -46,7 +50,7 @@ from .core.config import Configurable
 from .core.deformation import Deformation
 from .core.protocols import ConditionEncoder, Denoiser, NoiseSchedule, RegistrationBackend, Sampler, StructureExtractor
 from .core.shapes import NonFiniteError, check_finite, check_shape
-from .core.validate import check_image, check_int, check_number
+from .core.validate import check_image, check_int, check_interval, check_number, check_option
 from .diffusion.schedules import noise_like
 
 __all__ = ["TranslationResult", "TraceableTranslator", "COMPONENTS"]
@@ -136,6 +140,15 @@ class TraceableTranslator(Configurable, nn.Module):
         conditioning: :class:`~plasticine.core.ConditionEncoder`, warped structure map -> condition.
         start_fraction: default start step as a fraction of ``K`` (``k0 = round(start_fraction * K)``),
             in ``[0, 1]``.
+        data_range: ``(low, high)``: the range of the images, mapped affinely onto ``[-1, 1]`` inside
+            the diffusion (:meth:`to_diffusion`, :meth:`from_diffusion`), so that the denoiser sees
+            data of unit scale and a sampler's ``clip=(-1, 1)`` clips to the data range; None (the
+            default, the paper's) runs the diffusion on the images as they are. Training
+            (:mod:`plasticine.training`) applies the same map.
+        start: where sampling starts: ``"source"`` (the default, the paper's Algorithm 1) noises the
+            source :math:`x` itself; ``"warped"`` noises the warped source :math:`x \circ \phi`,
+            which lies in the geometry of the condition :math:`x_s \circ \phi` (see
+            :meth:`translate`).
 
     Example:
         >>> import torch
@@ -167,6 +180,8 @@ class TraceableTranslator(Configurable, nn.Module):
         conditioning: ConditionEncoder,
         *,
         start_fraction: float = 0.5,
+        data_range: tuple[float, float] | None = None,
+        start: Literal["source", "warped"] = "source",
     ) -> None:
         parts = {"structure": structure, "registration": registration, "denoiser": denoiser, "schedule": schedule, "sampler": sampler, "conditioning": conditioning}
         for name, obj in parts.items():
@@ -175,6 +190,8 @@ class TraceableTranslator(Configurable, nn.Module):
             if not isinstance(obj, _PROTOCOLS[name]):
                 raise ValueError(f"{name}: expected an object satisfying the {_PROTOCOLS[name].__name__} protocol of plasticine.core, got {type(obj).__name__}")
         check_number(start_fraction, "start_fraction", 0, 1)
+        check_option(start, "start", ("source", "warped"))
+        data_range = check_interval(data_range, "data_range")
         super().__init__()
         self.structure = structure
         self.registration = registration
@@ -183,6 +200,8 @@ class TraceableTranslator(Configurable, nn.Module):
         self.sampler = sampler
         self.conditioning = conditioning
         self.start_fraction = float(start_fraction)
+        self.data_range = data_range
+        self.start = start
 
     # -- parts -------------------------------------------------------------------------------------
     @property
@@ -221,7 +240,7 @@ class TraceableTranslator(Configurable, nn.Module):
         unknown = set(components) - set(COMPONENTS)
         if unknown:
             raise ValueError(f"replace: unknown component names {sorted(unknown)}, expected some of {COMPONENTS}")
-        return type(self)(**{**self.components(), **components}, start_fraction=self.start_fraction)
+        return type(self)(**{**self.components(), **components}, start_fraction=self.start_fraction, data_range=self.data_range, start=self.start)
 
     def _check_like_weights(self, x: torch.Tensor) -> None:
         """Refuse an image whose dtype or device differs from the weights' (it would fail inside a layer)."""
@@ -237,6 +256,46 @@ class TraceableTranslator(Configurable, nn.Module):
         if params and str(x.device) not in devices:
             want = " or ".join(devices)
             raise ValueError(f"x: expected device {want} (where the translator's weights are), got {x.device}: move the image or the translator")
+
+    # -- the data range of the diffusion ---------------------------------------------------------
+    def to_diffusion(self, x: torch.Tensor) -> torch.Tensor:
+        r"""Images into the diffusion's range: :math:`2 (x - l)/(h - l) - 1` for ``data_range = (l, h)``.
+
+        Used on the start of :meth:`translate` and on the training targets
+        (:func:`~plasticine.training.diffusion_objective`, :func:`~plasticine.training.noise_cue`);
+        ``x`` itself when ``data_range`` is None. Values outside the range map outside ``[-1, 1]``
+        (nothing is clamped).
+
+        Args:
+            x: images.
+
+        Returns:
+            The diffusion's data.
+
+        Shape:
+            x: ``(B, C, *S)``; out: ``(B, C, *S)``.
+        """
+        if self.data_range is None:
+            return x
+        low, high = self.data_range
+        return (x - low) * (2.0 / (high - low)) - 1.0
+
+    def from_diffusion(self, y: torch.Tensor) -> torch.Tensor:
+        r"""The inverse of :meth:`to_diffusion`: :math:`l + (y + 1)(h - l)/2`; ``y`` itself when ``data_range`` is None.
+
+        Args:
+            y: the diffusion's data (a sample).
+
+        Returns:
+            Images in the range of the inputs.
+
+        Shape:
+            y: ``(B, C, *S)``; out: ``(B, C, *S)``.
+        """
+        if self.data_range is None:
+            return y
+        low, high = self.data_range
+        return (y + 1.0) * ((high - low) / 2.0) + low
 
     # -- inference -------------------------------------------------------------------------------
     def structure_map(self, x: torch.Tensor) -> torch.Tensor:
@@ -272,7 +331,16 @@ class TraceableTranslator(Configurable, nn.Module):
         on for itself):
         ``x_s = structure(x)``; ``phi = registration.register(x)`` (or ``register(x, target)`` when
         ``target`` is given); ``c = conditioning(x_s o phi)``; the sampler starts from
-        :math:`x_{k_0} \sim q(x_{k_0} \mid x)` and denoises to step 0. The ``n = num_samples`` draws
+        :math:`x_{k_0} \sim q(x_{k_0} \mid x)` (``start="source"``) or
+        :math:`q(x_{k_0} \mid x \circ \phi)` (``start="warped"``), both taken in the diffusion's
+        range (:meth:`to_diffusion`), and denoises to step 0; the sample is mapped back with
+        :meth:`from_diffusion`.
+
+        **Why a warped start.** The condition :math:`x_s \circ \phi` is in the target geometry,
+        while the unwarped source keeps the source geometry: with a deformation of a few voxels the
+        noised start (which keeps :math:`\sqrt{\gamma_{k_0}}\,x` of the source) and the condition
+        disagree about where every edge is, and the denoiser is asked to follow two geometries at
+        once. :math:`x \circ \phi` puts start and condition in one geometry, that of the output. The ``n = num_samples`` draws
         run as one batch of ``n * B`` images (draw ``i`` of item ``b`` at row ``i * B + b``), so the
         generator's draws, and the result, depend on ``n``. The networks run in the mode they are in:
         call :meth:`eval` after training (:func:`~plasticine.checkpoint.load_translator` returns a
@@ -287,7 +355,8 @@ class TraceableTranslator(Configurable, nn.Module):
         Args:
             x: source images, finite, in the dtype and on the device of the translator's weights.
             start_step: :math:`k_0` in ``[0, K]``; None uses :attr:`default_start_step`
-                (``round(start_fraction * K)``). ``0`` returns ``x`` unchanged.
+                (``round(start_fraction * K)``). ``0`` returns the start image (``x``, or
+                :math:`x \circ \phi`) unchanged, up to the rounding of the data-range map.
             num_samples: draws per image, ``>= 1``.
             generator: the only source of randomness (``None``: torch's default generator).
             target: target images for a registration backend that needs one (an iterative or ANTs
@@ -336,10 +405,11 @@ class TraceableTranslator(Configurable, nn.Module):
             if condition is not None:
                 condition = condition.to(x.dtype)
                 check_finite(condition, f"translate: the condition from {type(self.conditioning).__name__}")
-            clean = x.repeat(num_samples, *([1] * (x.dim() - 1)))
+            origin = x if self.start == "source" else deformation.to_target(x)
+            clean = self.to_diffusion(origin).repeat(num_samples, *([1] * (x.dim() - 1)))
             cond = None if condition is None else condition.repeat(num_samples, *([1] * (condition.dim() - 1)))
             start = self.schedule.q_sample(clean, k0, noise_like(clean, generator))
-            out = self.sampler.sample(self.denoiser, self.schedule, cond, start, k0, generator)
+            out = self.from_diffusion(self.sampler.sample(self.denoiser, self.schedule, cond, start, k0, generator))
             check_finite(
                 out,
                 f"translate: the samples from {type(self.sampler).__name__}",
@@ -352,4 +422,5 @@ class TraceableTranslator(Configurable, nn.Module):
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{n}={type(o).__name__}" for n, o in self.components().items())
-        return f"TraceableTranslator({parts}, start_fraction={self.start_fraction})"
+        extra = "".join(f", {n}={getattr(self, n)!r}" for n, d in (("data_range", None), ("start", "source")) if getattr(self, n) != d)
+        return f"TraceableTranslator({parts}, start_fraction={self.start_fraction}{extra})"

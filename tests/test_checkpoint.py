@@ -46,9 +46,17 @@ class Evil:
         return (_executed, (self.path,))
 
 
+OPTIONS = {
+    "defaults": {},
+    # the sampler's parametrisation and x0 conditioning, the diffusion's data range, the warped start
+    "options": dict(sampler=DDIMSampler(3, spacing="log_snr", prediction="v", clip=(-1.0, 1.0)), data_range=(0.0, 1.0), start="warped"),
+}
+
+
+@pytest.mark.parametrize("options", list(OPTIONS), ids=list(OPTIONS))
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
-def test_round_trip_same_output(tmp_path, suffix):
-    t = make_translator()
+def test_round_trip_same_output(tmp_path, suffix, options):
+    t = make_translator(**OPTIONS[options])
     with torch.no_grad():  # weights that differ from any fresh initialisation
         for p in t.denoiser.parameters():
             p.add_(0.01 * torch.randn(p.shape, generator=make_generator(1)))
@@ -72,7 +80,7 @@ def test_config_is_plain_json(tmp_path):
     assert json.loads(json.dumps(config, allow_nan=False)) == config
     assert config["format_version"] == ck.FORMAT_VERSION == 3 and config["component"]["class"] == "TraceableTranslator"
     parts = config["component"]["config"]
-    assert parts["sampler"] == {"class": "DDIMSampler", "config": {"steps": 3, "eta": 0.0, "spacing": "trailing"}}
+    assert parts["sampler"] == {"class": "DDIMSampler", "config": {"steps": 3, "eta": 0.0, "spacing": "trailing", "prediction": "eps", "clip": None, "dynamic_threshold": None}}
     assert parts["registration"]["class"] == "LearnedRegistration" and parts["registration"]["config"]["downsample"] == 1
     assert parts["registration"]["config"]["network"]["config"]["config"]["class"] == "RegistrationNetConfig"
     assert parts["start_fraction"] == 0.3 and load_translator(tmp_path / "m.safetensors").start_fraction == 0.3
@@ -155,9 +163,9 @@ CASES = {
     CosineSchedule: (lambda: CosineSchedule(40, s=0.01), _schedule),
     ScheduleFromBetas: (lambda: ScheduleFromBetas([0.1, 0.2, 0.3]), _schedule),
     DiscreteSchedule: (lambda: DiscreteSchedule(torch.tensor([0.05, 0.1], dtype=torch.float64)), _schedule),
-    AncestralSampler: (lambda: AncestralSampler("posterior", steps=7, spacing="leading"), _sample),
-    DDIMSampler: (lambda: DDIMSampler(steps=9, eta=0.3), _sample),
-    DPMSolverPP: (lambda: DPMSolverPP(steps=4, order=1, spacing="linspace"), _sample),
+    AncestralSampler: (lambda: AncestralSampler("posterior", steps=7, spacing="leading", prediction="x0", dynamic_threshold=0.9), _sample),
+    DDIMSampler: (lambda: DDIMSampler(steps=9, eta=0.3, clip=(-1.0, 1.0)), _sample),
+    DPMSolverPP: (lambda: DPMSolverPP(steps=4, order=1, spacing="log_snr", prediction="v"), _sample),
     ConcatConditioning: (lambda: ConcatConditioning(3, one_hot=True, dtype=torch.float64), lambda c: c(torch.tensor([[[[0, 2], [1, 1]]]]))),
     LearnedConditioning: (lambda: LearnedConditioning(2, (4, 8), ndim=3, generator=make_generator(1)), lambda c: c.pyramid(_image(1, 2, 5, 6, 4))),
     ConditionalUNet: (

@@ -93,14 +93,15 @@ def _images(shape, seed, dtype=torch.float64):
 # -- plans -----------------------------------------------------------------------------------------
 
 
-@given(K=st.integers(1, 400), steps=st.one_of(st.none(), st.integers(1, 450)), frac=st.floats(0, 1), spacing=st.sampled_from(["leading", "trailing", "linspace"]), none_start=st.booleans())
+@given(K=st.integers(1, 400), steps=st.one_of(st.none(), st.integers(1, 450)), frac=st.floats(0, 1), spacing=st.sampled_from(["leading", "trailing", "linspace", "log_snr"]), none_start=st.booleans())
 def test_plan_properties(K, steps, frac, spacing, none_start):
     k0 = K if none_start else int(round(frac * K))
     sampler = AncestralSampler(steps=steps, spacing=spacing)
-    plan = sampler.plan(ScheduleFromBetas(torch.full((K,), 1e-3, dtype=torch.float64)), k0)
+    schedule = ScheduleFromBetas(torch.full((K,), 1e-3, dtype=torch.float64))
+    plan = sampler.plan(schedule, k0)
     n = k0 if steps is None else min(steps, k0)
     assert len(plan) == n
-    assert plan == step_plan(k0, steps, spacing)
+    assert plan == step_plan(k0, steps, spacing, schedule.gammas)
     if k0 == 0:
         assert plan == []
         return
@@ -130,6 +131,42 @@ def test_plan_spacings_against_brute_force(k0, n):
     leading = [k for k, _ in step_plan(k0, n, "leading")]
     r = k0 // n
     assert leading == [k0] + [1 + r * i for i in range(n - 2, -1, -1)]
+
+
+@given(k0=st.integers(2, 1000), n=st.integers(2, 60), cosine=st.booleans())
+def test_log_snr_plan_is_evenly_spaced_in_log_snr(k0, n, cosine):
+    """Each level of the "log_snr" plan is the step nearest to its evenly spaced log-SNR target.
+
+    Targets: lambda(k0) + i (lambda(1) - lambda(k0)) / (n - 1), lambda = log(gamma / (1 - gamma));
+    checked by brute force wherever the nearest steps of the targets are distinct (where two
+    targets share a nearest step the plan moves a level by one; then only the structure holds).
+    """
+    n = min(n, k0 - 1)
+    schedule = CosineSchedule(num_steps=1000) if cosine else LinearSchedule(1e-4, 2e-2, 1000)
+    g = schedule.gammas.tolist()
+    lam = {k: math.log(g[k]) - math.log1p(-g[k]) for k in range(1, k0 + 1)}
+    levels = [k for k, _ in step_plan(k0, n, "log_snr", schedule.gammas)]
+    assert len(levels) == n and levels[0] == k0 and levels[-1] >= 1
+    assert all(a > b for a, b in zip(levels, levels[1:]))
+    if n < 2:
+        return
+    targets = [lam[k0] + i * (lam[1] - lam[k0]) / (n - 1) for i in range(n)]
+    nearest = [min(lam, key=lambda k, t=t: (abs(lam[k] - t), k)) for t in targets]
+    if all(a > b for a, b in zip(nearest, nearest[1:])):
+        assert levels == nearest
+        assert levels[-1] == 1
+        # within the discretisation: each level's log-SNR is within half a step's gap of its target
+        for k, t in zip(levels, targets):
+            gap = max(abs(lam[k] - lam[j]) for j in (k - 1, k + 1) if j in lam)
+            assert abs(lam[k] - t) <= gap / 2 + 1e-12
+
+
+def test_log_snr_spacing_needs_the_schedule():
+    with pytest.raises(ValueError, match="gammas: the 'log_snr' spacing needs") as err:
+        step_plan(10, 3, "log_snr")
+    assert "\n" not in str(err.value)
+    s = LinearSchedule(1e-4, 2e-2, 100)
+    assert DDIMSampler(5, spacing="log_snr").plan(s, 100) == step_plan(100, 5, "log_snr", s.gammas)
 
 
 def test_plan_known_values_and_the_previous_timestep_bug():

@@ -8,7 +8,7 @@ import torch
 from conftest import SpySchedule, make_generator
 from scipy import stats
 
-from plasticine.diffusion import EMA, CosineSchedule, LinearSchedule, NoisePredictionLoss, noise_prediction_loss
+from plasticine.diffusion import EMA, CosineSchedule, LinearSchedule, NoisePredictionLoss, min_snr_weight, noise_prediction_loss, prediction_target, split_prediction
 
 
 def zero(noisy, gamma, condition):
@@ -150,6 +150,66 @@ def _set(model, value):
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(value)
+
+
+# -- parametrisations and min-SNR weighting ------------------------------------------------------------
+
+
+def oracle_in(prediction):
+    """The exact output of a denoiser trained in ``prediction`` (the clean image comes as the condition)."""
+
+    def predict(noisy, gamma, condition):
+        g = gamma.view(-1, *([1] * (noisy.dim() - 1)))
+        eps = oracle(noisy, gamma, condition)
+        return {"eps": eps, "x0": condition, "v": g.sqrt() * eps - (1 - g).sqrt() * condition}[prediction]
+
+    return predict
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_each_parametrisation_has_a_zero_loss_oracle_and_its_own_target(prediction):
+    y = torch.randn(4, 1, 6, 5, generator=make_generator(30), dtype=torch.float64)
+    assert float(noise_prediction_loss(oracle_in(prediction), SCHED, y, y, make_generator(31), prediction=prediction)) < 1e-10
+    # the zero denoiser's error is the norm of the target: noise (eps), y (x0), sqrt(g) eps - sqrt(1 - g) y (v)
+    _, gamma, noise = _replay(SCHED, y, 32)
+    target = prediction_target(y, noise, gamma, prediction)
+    got = noise_prediction_loss(zero, SCHED, y, None, make_generator(32), "l2", prediction=prediction)
+    torch.testing.assert_close(got, target.square().mean(), rtol=1e-12, atol=0)
+    # split_prediction inverts the target: the true (eps, x0) back from the noisy input
+    noisy = SCHED.diffuse(y, gamma, noise)
+    eps, x0 = split_prediction(target, noisy, gamma, prediction)
+    torch.testing.assert_close(eps, noise, rtol=0, atol=1e-9)
+    torch.testing.assert_close(x0, y, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_min_snr_weighting_weights_each_sample(prediction):
+    """w = min(SNR, c) / SNR (eps), min(SNR, c) (x0), min(SNR, c) / (SNR + 1) (v), SNR = gamma / (1 - gamma)."""
+    y = torch.randn(5, 1, 4, 4, generator=make_generator(33), dtype=torch.float64)
+    _, gamma, noise = _replay(SCHED, y, 34)
+    snr = gamma / (1 - gamma)
+    w = {"eps": snr.clamp(max=5.0) / snr, "x0": snr.clamp(max=5.0), "v": snr.clamp(max=5.0) / (snr + 1)}[prediction]
+    torch.testing.assert_close(min_snr_weight(gamma, 5.0, prediction), w, rtol=1e-12, atol=0)
+    per_sample = prediction_target(y, noise, gamma, prediction).abs().flatten(1).mean(1)
+    got = noise_prediction_loss(zero, SCHED, y, None, make_generator(34), prediction=prediction, snr_gamma=5.0)
+    torch.testing.assert_close(got, (w * per_sample).mean(), rtol=1e-12, atol=0)
+    # min-SNR in each parametrisation is the same weight on the x0 error: w_eps SNR = w_x0 = w_v (SNR + 1)
+    torch.testing.assert_close(min_snr_weight(gamma, 5.0, "eps") * snr, min_snr_weight(gamma, 5.0, "x0"), rtol=1e-12, atol=0)
+    # a cap above every SNR leaves the eps loss unweighted
+    plain = noise_prediction_loss(zero, SCHED, y, None, make_generator(34))
+    torch.testing.assert_close(noise_prediction_loss(zero, SCHED, y, None, make_generator(34), snr_gamma=1e12), plain, rtol=1e-12, atol=0)
+    module = NoisePredictionLoss(SCHED, prediction=prediction, snr_gamma=5.0)
+    assert torch.equal(module(zero, y, None, make_generator(34)), got)
+
+
+def test_parametrisation_option_errors():
+    y = torch.zeros(2, 1, 4, 4)
+    for kwargs, what in (({"prediction": "noise"}, "prediction: expected one of"), ({"snr_gamma": 0.0}, "snr_gamma"), ({"snr_gamma": float("nan")}, "snr_gamma")):
+        with pytest.raises(ValueError, match=what) as err:
+            noise_prediction_loss(zero, SCHED, y, None, make_generator(0), **kwargs)
+        assert "\n" not in str(err.value)
+        with pytest.raises(ValueError, match=what):
+            NoisePredictionLoss(SCHED, **kwargs)
 
 
 def test_ema_recursion_matches_numpy():

@@ -36,6 +36,30 @@ def test_diffusion_objective_is_algorithm_2():
     assert torch.allclose(loss.detach(), (eps - noise).abs().mean(), atol=1e-6)
 
 
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_training_uses_the_translator_s_data_range_and_the_sampler_s_parametrisation(prediction):
+    """One mapping for training and sampling: the loss sees to_diffusion(y), in the sampler's parametrisation."""
+    from plasticine.diffusion import DDIMSampler, split_prediction
+
+    t = make_translator(sampler=DDIMSampler(steps=3, prediction=prediction), data_range=(0.0, 2.0))
+    y = phantom((10, 8), seed=3)
+    loss = diffusion_objective(t, y, make_generator(11), snr_gamma=5.0)
+    ref = noise_prediction_loss(t.denoiser, t.schedule, y - 1.0, t.structure(y), make_generator(11), "l1", prediction=prediction, snr_gamma=5.0)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=0)
+    # the cue is a noise estimate in every parametrisation, of the target in the diffusion's range
+    g = make_generator(6)
+    _, gamma = t.schedule.sample_gamma(2, g)
+    noisy = t.schedule.diffuse(y - 1.0, gamma, torch.randn(y.shape, generator=g))
+    with torch.no_grad():
+        eps = split_prediction(t.denoiser(noisy, gamma.float(), t.structure(y)), noisy, gamma, prediction)[0]
+    torch.testing.assert_close(noise_cue(t, y, make_generator(6)), eps, rtol=0, atol=1e-5)
+    # a precomputed condition (the recipe's paired conditions) goes through the same mapping
+    c = torch.rand(2, 2, 10, 8, generator=make_generator(12))
+    given = diffusion_objective(t, y, make_generator(11), condition=c)
+    ref = noise_prediction_loss(t.denoiser, t.schedule, y - 1.0, c, make_generator(11), "l1", prediction=prediction)
+    torch.testing.assert_close(given, ref, rtol=1e-6, atol=0)
+
+
 def test_noise_cue_draws_through_the_schedule_protocol():
     """The cue's level and noising come from the schedule's methods, not from its gammas."""
     t = make_translator()

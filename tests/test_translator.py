@@ -320,3 +320,76 @@ def test_non_finite_outputs_raise_naming_the_part(part, message):
 def test_empty_batch_is_refused():
     with pytest.raises(ValueError, match=r"^x: expected shape \(B, C, \*S\), got \(0, 1, 8, 8\): an empty batch \(B = 0\)"):
         SHARED.translate(torch.zeros(0, 1, 8, 8))
+
+
+# -- the start's geometry and the diffusion's data range --------------------------------------------
+
+
+class RecordingSampler:
+    """A Sampler that keeps its start and returns it unchanged (so translate returns the mapped-back start)."""
+
+    def __init__(self):
+        self.starts: list[tuple[torch.Tensor, int]] = []
+
+    def sample(self, denoiser, schedule, condition, start, start_step, generator=None):
+        self.starts.append((start.clone(), start_step))
+        return start
+
+
+@pytest.mark.parametrize("start", ["source", "warped"])
+def test_the_start_is_the_noised_source_or_the_noised_warped_source(start):
+    """start="warped": the sampler starts from q(x_k0 | x o phi), the condition's geometry; "source": from q(x_k0 | x)."""
+    shift = (2.0, -1.0)
+    rec = RecordingSampler()
+    t = make_translator(registration=ShiftRegistration(shift), sampler=rec, start=start)
+    assert t.config["start"] == start
+    x = phantom((12, 10))
+    r = t.translate(x, start_step=20, num_samples=2, generator=make_generator(5))
+    (got, k0), = rec.starts
+    assert k0 == 20
+    origin = x if start == "source" else x.clone()
+    if start == "warped":  # x o phi by hand: out(p) = x(p + shift), border padding
+        idx = [torch.arange(s).add(int(d)).clamp(0, s - 1) for s, d in zip(x.shape[2:], shift)]
+        origin = x[:, :, idx[0]][:, :, :, idx[1]]
+        assert torch.allclose(origin, r.deformation.to_target(x), atol=1e-6)
+        assert not torch.allclose(origin, x)
+    clean = origin.repeat(2, 1, 1, 1)
+    g = make_generator(5)
+    want = t.schedule.q_sample(clean, 20, noise_like(clean, g))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_the_default_start_is_the_paper_s_and_replace_keeps_the_options():
+    t = make_translator()
+    assert t.start == "source" and t.data_range is None and t.config["start"] == "source" and t.config["data_range"] is None
+    u = make_translator(start="warped", data_range=(0.0, 2.0)).replace(sampler=DDIMSampler(steps=2))
+    assert u.start == "warped" and u.data_range == (0.0, 2.0) and "start='warped'" in repr(u)
+
+
+def test_data_range_maps_into_minus_one_one_and_back():
+    """data_range=(l, h): the sampler sees 2 (x - l) / (h - l) - 1, translate returns the inverse of what it produced."""
+    rec = RecordingSampler()
+    t = make_translator(sampler=rec, data_range=(0.0, 2.0))
+    x = phantom((10, 9))
+    assert torch.equal(t.to_diffusion(torch.tensor([0.0, 1.0, 2.0, 3.0])), torch.tensor([-1.0, 0.0, 1.0, 2.0]))  # not clamped
+    torch.testing.assert_close(t.from_diffusion(t.to_diffusion(x)), x, rtol=0, atol=1e-6)
+    r = t.translate(x, start_step=10, generator=make_generator(6))
+    (got, _), = rec.starts
+    g = make_generator(6)
+    want = t.schedule.q_sample(x - 1.0, 10, noise_like(x, g))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(r.image, (got + 1.0), rtol=0, atol=1e-6)  # from_diffusion of the sample
+    plain = make_translator(sampler=RecordingSampler())
+    assert plain.to_diffusion(x) is x and plain.from_diffusion(x) is x
+
+
+def test_bad_start_and_data_range_give_one_line_errors():
+    for kwargs, what in (
+        ({"start": "target"}, "start: expected one of"),
+        ({"data_range": (1.0, 0.0)}, "data_range: expected low < high"),
+        ({"data_range": (0.0,)}, "data_range: expected None or a"),
+        ({"data_range": (0.0, float("inf"))}, "data_range"),
+    ):
+        with pytest.raises(ValueError, match=what) as err:
+            make_translator(**kwargs)
+        assert "\n" not in str(err.value)

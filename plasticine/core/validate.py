@@ -27,7 +27,7 @@ import torch
 
 from .shapes import check_finite, check_shape
 
-__all__ = ["check_int", "check_number", "check_option", "check_image"]
+__all__ = ["check_int", "check_number", "check_option", "check_interval", "check_image"]
 
 T = TypeVar("T")
 
@@ -131,6 +131,33 @@ def check_option(value: T, name: str, options: Sequence[Any]) -> T:
     if not ok:
         raise ValueError(f"{name}: expected one of {tuple(options)}, got {value!r}")
     return value
+
+
+def check_interval(value: Any, name: str) -> tuple[float, float] | None:
+    """None, or a ``(low, high)`` pair of finite numbers with ``low < high``.
+
+    Args:
+        value: the argument.
+        name: how the argument is called in the error.
+
+    Returns:
+        None, or ``(low, high)`` as floats.
+
+    Raises:
+        ValueError: ``"{name}: expected None or a (low, high) pair, got ..."`` or
+            ``"{name}: expected low < high, got ..."``.
+
+    Shape:
+        Not applicable.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"{name}: expected None or a (low, high) pair, got {value!r}")
+    low, high = check_number(value[0], f"{name}[0]"), check_number(value[1], f"{name}[1]")
+    if not low < high:
+        raise ValueError(f"{name}: expected low < high, got {tuple(value)!r}")
+    return (low, high)
 
 
 def _equal(a: Any, b: Any) -> bool:

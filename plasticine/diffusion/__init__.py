@@ -1,10 +1,11 @@
 """Noise schedules, samplers, the noise-prediction loss and the weight average of the diffusion model.
 
-See :mod:`plasticine.diffusion.schedules`, :mod:`plasticine.diffusion.samplers` and
+See :mod:`plasticine.diffusion.schedules`, :mod:`plasticine.diffusion.samplers`, :mod:`plasticine.diffusion.prediction` and
 :mod:`plasticine.diffusion.training`.
 """
 
 from .conditioning import ConcatConditioning, LearnedConditioning, structure_condition
+from .prediction import Prediction, min_snr_weight, prediction_target, split_prediction, threshold_x0
 from .samplers import AncestralSampler, DDIMSampler, DPMSolverPP, PlanSampler, SampleResult, Spacing, step_plan
 from .schedules import CosineSchedule, DiscreteSchedule, LinearSchedule, ScheduleFromBetas, noise_like
 from .training import EMA, NoisePredictionLoss, noise_prediction_loss
@@ -23,14 +24,19 @@ __all__ = [
     "LinearSchedule",
     "NoisePredictionLoss",
     "PlanSampler",
+    "Prediction",
     "SampleResult",
     "ScheduleFromBetas",
     "Spacing",
     "UNetConfig",
     "log_snr",
+    "min_snr_weight",
     "noise_level_embedding",
     "noise_like",
     "noise_prediction_loss",
+    "prediction_target",
+    "split_prediction",
     "step_plan",
     "structure_condition",
+    "threshold_x0",
 ]

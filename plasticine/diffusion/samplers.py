@@ -3,7 +3,10 @@ r"""Reverse-diffusion samplers that run an explicit, tested plan of ``(k, k_prev
 Every sampler here satisfies :class:`~plasticine.core.Sampler`, reads only ``schedule.gammas`` of
 the :class:`~plasticine.core.NoiseSchedule` protocol, and calls the
 denoiser as ``denoiser(y_k, gamma_k, condition) -> eps_hat`` with the signal level
-:math:`\gamma_k` (not an integer step). Notation: :math:`\gamma = \gamma_k`,
+:math:`\gamma_k` (not an integer step); a denoiser trained to predict ``x0`` or ``v`` instead is
+read through the sampler's ``prediction`` option, and ``clip`` / ``dynamic_threshold`` condition the
+data prediction before each step (:mod:`plasticine.diffusion.prediction`; the defaults, eps and no
+clipping, are the paper's). Notation: :math:`\gamma = \gamma_k`,
 :math:`\gamma' = \gamma_{k'}` for a step ``k -> k'`` (``k' < k``), and the data prediction
 :math:`\hat y_0 = (y_k - \sqrt{1-\gamma}\,\hat\epsilon) / \sqrt{\gamma}`.
 
@@ -58,6 +61,7 @@ from ..core.config import Configurable
 from ..core.protocols import Denoiser, NoiseSchedule
 from ..core.shapes import check_shape
 from ..core.validate import check_int, check_number, check_option
+from .prediction import PREDICTIONS, Prediction, check_clip, split_prediction, threshold_x0
 from .schedules import _check_steps, noise_like
 
 __all__ = [
@@ -70,8 +74,8 @@ __all__ = [
     "DPMSolverPP",
 ]
 
-Spacing = Literal["leading", "trailing", "linspace"]
-_SPACINGS = ("leading", "trailing", "linspace")
+Spacing = Literal["leading", "trailing", "linspace", "log_snr"]
+_SPACINGS = ("leading", "trailing", "linspace", "log_snr")
 Plan = list[tuple[int, int]]
 
 
@@ -80,7 +84,22 @@ def _round_half_up(num: np.ndarray, den: int) -> np.ndarray:
     return (2 * num + den) // (2 * den)
 
 
-def step_plan(start: int, steps: int | None = None, spacing: Spacing = "trailing") -> Plan:
+def _log_snr_levels(k0: int, n: int, gammas: Any) -> np.ndarray:
+    """``n`` distinct levels from ``k0`` down to 1 nearest to log-SNR targets evenly spaced from ``k0``'s to step 1's."""
+    g = np.asarray(gammas, dtype=np.float64)[: k0 + 1]
+    lam = np.log(g[1:]) - np.log1p(-g[1:])  # lam[k - 1] = log SNR of step k, decreasing in k
+    targets = np.linspace(lam[k0 - 1], lam[0], n)
+    levels = 1 + np.abs(lam[None, :] - targets[:, None]).argmin(1)
+    # where several targets fall nearest one step, move the later ones down (then cap the top at k0)
+    for i in range(n - 1, -1, -1):
+        levels[i] = max(levels[i], (levels[i + 1] if i + 1 < n else 0) + 1)
+    levels[0] = k0
+    for i in range(1, n):
+        levels[i] = min(levels[i], levels[i - 1] - 1)
+    return levels
+
+
+def step_plan(start: int, steps: int | None = None, spacing: Spacing = "trailing", gammas: Any = None) -> Plan:
     r"""The ``(k, k_prev)`` pairs of a reverse run from step ``start`` down to 0.
 
     With ``k0 = start`` and ``n = min(steps, k0)`` (``n = k0`` when ``steps`` is None), the plan
@@ -92,7 +111,12 @@ def step_plan(start: int, steps: int | None = None, spacing: Spacing = "trailing
       1 (the last pair is ``(1, 0)``);
     * ``"leading"``: integer stride :math:`r = \lfloor k_0/n \rfloor` anchored at the clean end,
       levels :math:`1, 1 + r, \dots, 1 + (n-2) r` topped by ``k0`` itself (Lin et al. note that the
-      usual leading grid never starts at the requested level; this one always does).
+      usual leading grid never starts at the requested level; this one always does);
+    * ``"log_snr"``: evenly spaced in log-SNR, :math:`\lambda_k = \log(\gamma_k / (1 - \gamma_k))`
+      (needs ``gammas``): :math:`k_i` is the step whose :math:`\lambda` is nearest to
+      :math:`\lambda_{k_0} + i\,(\lambda_1 - \lambda_{k_0})/(n-1)`, so ``k_0`` first and 1 last;
+      where two targets fall nearest the same step (finer than the discretisation) the later levels
+      move down one step each to keep them distinct. DPM-Solver's "logSNR" time steps.
 
     Rounding is half up, in exact integer arithmetic, so levels at least one apart stay distinct
     and no float tie decides a level. When ``n = k0`` every spacing gives every step,
@@ -103,6 +127,8 @@ def step_plan(start: int, steps: int | None = None, spacing: Spacing = "trailing
         start: the first step ``k0 >= 0`` (0 gives an empty plan).
         steps: the number of pairs wanted (at least 1), or None for every step.
         spacing: how the levels are spread.
+        gammas: the schedule's levels :math:`\gamma_0 .. \gamma_K` (a sequence or a tensor), used
+            (and required) by ``"log_snr"`` only.
 
     Returns:
         ``n`` pairs ``(k, k_prev)``, strictly decreasing, starting at ``k = k0`` and ending at
@@ -123,11 +149,15 @@ def step_plan(start: int, steps: int | None = None, spacing: Spacing = "trailing
     if steps is not None:
         check_int(steps, "steps", 1)
     check_option(spacing, "spacing", _SPACINGS)
+    if spacing == "log_snr" and gammas is None:
+        raise ValueError("gammas: the 'log_snr' spacing needs the schedule's levels, got None")
     if k0 == 0:
         return []
     n = k0 if steps is None else min(int(steps), k0)
     if n == k0:
         levels = np.arange(k0, 0, -1)
+    elif spacing == "log_snr":
+        levels = _log_snr_levels(k0, n, gammas) if n > 1 else np.array([k0])
     elif spacing == "trailing":
         levels = _round_half_up(k0 * (n - np.arange(n, dtype=np.int64)), n)
     elif spacing == "linspace":
@@ -236,7 +266,7 @@ def _run_groups(x: torch.Tensor, condition: torch.Tensor | None, k0: torch.Tenso
 
 
 class PlanSampler(Configurable, config_abstract=True):
-    """Base class of the samplers: the plan, the start ``(y_k0, k0)``, per-sample groups.
+    r"""Base class of the samplers: the plan, the start ``(y_k0, k0)``, per-sample groups.
 
     A subclass sets ``steps`` (None: every step) and ``spacing`` in its constructor and implements
     one reverse step rule, ``_run``; :meth:`plan`, :meth:`sample` and :meth:`sample_trajectory`
@@ -244,12 +274,60 @@ class PlanSampler(Configurable, config_abstract=True):
     :mod:`plasticine.diffusion.samplers`). ``sampler.config`` holds a subclass's constructor
     arguments (:class:`~plasticine.core.Configurable`).
 
+    Every sampler takes three more options, by keyword, read by :meth:`_predict`:
+
+    * ``prediction``: what the denoiser returns, ``"eps"`` (the paper's), ``"x0"`` or ``"v"`` (see
+      :mod:`plasticine.diffusion.prediction`); it must be what the denoiser was trained for (the
+      loss reads the same setting, :func:`~plasticine.training.diffusion_objective`).
+    * ``clip``: ``(low, high)``: clip the data prediction :math:`\hat x_0` to this range before
+      every step (e.g. ``(-1, 1)`` for data scaled there), or None (the default).
+    * ``dynamic_threshold``: Imagen's percentile ``p`` in ``(0, 1]`` (e.g. 0.995): per sample
+      :math:`s = \max(1, \mathrm{quantile}_p|\hat x_0|)`, :math:`\hat x_0 \leftarrow
+      \mathrm{clip}(\hat x_0, -s, s)/s`, or None (the default). At most one of ``clip`` and
+      ``dynamic_threshold``.
+
+    An oracle denoiser of an image inside the clip range stays exact with either; whatever the
+    denoiser returns, a clipped sampler's output lies in the clip range (``[-1, 1]`` for the
+    dynamic threshold), since every last step returns the conditioned :math:`\hat x_0`.
+
     Shape:
         See :meth:`PlanSampler.sample`.
     """
 
     steps: int | None
     spacing: Spacing
+    prediction: Prediction = "eps"
+    clip: tuple[float, float] | None = None
+    dynamic_threshold: float | None = None
+
+    def _set_prediction(self, prediction: Prediction, clip: tuple[float, float] | None, dynamic_threshold: float | None) -> None:
+        """Check and store the options shared by every sampler: the parametrisation and the x0 conditioning."""
+        self.prediction = check_option(prediction, "prediction", PREDICTIONS)
+        self.clip, self.dynamic_threshold = check_clip(clip, dynamic_threshold)
+
+    def _predict(self, denoiser: Denoiser, x: torch.Tensor, gamma: float, condition: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        r"""``(eps, x0)`` at ``(x, gamma)``: the denoiser output read in ``prediction``, x0 clipped or thresholded.
+
+        With the defaults (``"eps"``, no clipping) this is the denoiser output itself and ``None``
+        (the step rules use it unchanged). Otherwise :math:`\hat x_0` comes from
+        :func:`~plasticine.diffusion.prediction.split_prediction`, is conditioned by
+        :func:`~plasticine.diffusion.prediction.threshold_x0`, and :math:`\hat\epsilon =
+        (y - \sqrt\gamma\,\hat x_0)/\sqrt{1-\gamma}` is recomputed from it, so that a step
+        built from either is the same step.
+        """
+        out = _eps(denoiser, x, gamma, condition)
+        if self.prediction == "eps" and self.clip is None and self.dynamic_threshold is None:
+            return out, None
+        eps, x0 = split_prediction(out, x, gamma, self.prediction)
+        if self.clip is None and self.dynamic_threshold is None:
+            return eps, x0
+        x0 = threshold_x0(x0, self.clip, self.dynamic_threshold)
+        return (x - math.sqrt(gamma) * x0) / math.sqrt(1 - gamma), x0
+
+    def _options_repr(self) -> str:
+        """The shared options that differ from their defaults, for ``__repr__``."""
+        parts = [f", {n}={getattr(self, n)!r}" for n, d in (("prediction", "eps"), ("clip", None), ("dynamic_threshold", None)) if getattr(self, n) != d]
+        return "".join(parts)
 
     def plan(self, schedule: NoiseSchedule, start_step: int) -> Plan:
         """The ``(k, k_prev)`` pairs this sampler runs from ``start_step``.
@@ -267,7 +345,7 @@ class PlanSampler(Configurable, config_abstract=True):
             Not applicable.
         """
         K = len(_gammas_of(schedule)) - 1
-        return step_plan(int(_check_steps(start_step, "start_step", 0, K, 1)[0]), self.steps, self.spacing)
+        return step_plan(int(_check_steps(start_step, "start_step", 0, K, 1)[0]), self.steps, self.spacing, schedule.gammas)
 
     def _run(self, denoiser: Denoiser, gammas: list[float], x: torch.Tensor, condition: torch.Tensor | None, plan: Plan, generator: torch.Generator | None, record: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The step rule of a subclass: run ``plan`` on the states ``x`` (one group, all at the plan's first ``k``).
@@ -283,7 +361,7 @@ class PlanSampler(Configurable, config_abstract=True):
         gammas = _gammas_of(schedule)
         dims = _check_inputs(start, condition, name)
         k0 = _check_steps(start_step, "start_step", 0, len(gammas) - 1, dims["B"]).cpu()
-        plan_of = lambda k: step_plan(k, self.steps, self.spacing)  # noqa: E731
+        plan_of = lambda k: step_plan(k, self.steps, self.spacing, gammas)  # noqa: E731
         run = lambda xs, cs, plan, rec: self._run(denoiser, gammas, xs, cs, plan, generator, rec)  # noqa: E731
         return _run_groups(start, condition, k0, plan_of, run, record)
 
@@ -359,6 +437,10 @@ class AncestralSampler(PlanSampler):
         variance: ``"beta"`` (the paper's) or ``"posterior"``.
         steps: the number of steps (None: every step, as in the paper).
         spacing: how skipped levels are spread (see :func:`step_plan`); used when ``steps < k0``.
+        prediction, clip, dynamic_threshold: the options shared by every sampler, see :class:`PlanSampler`.
+
+    With a parametrisation other than eps, or clipping, the step uses :math:`\hat\epsilon` recomputed
+    from the (conditioned) :math:`\hat x_0` and the last step returns :math:`\hat x_0`.
 
     Reference:
         Ho, Jain, Abbeel, NeurIPS 2020, Algorithm 2; the Plasticine paper, Algorithm 1 and eq. 5.
@@ -367,18 +449,31 @@ class AncestralSampler(PlanSampler):
         See :meth:`PlanSampler.sample`.
     """
 
-    def __init__(self, variance: Literal["beta", "posterior"] = "beta", steps: int | None = None, spacing: Spacing = "trailing") -> None:
+    def __init__(
+        self,
+        variance: Literal["beta", "posterior"] = "beta",
+        steps: int | None = None,
+        spacing: Spacing = "trailing",
+        *,
+        prediction: Prediction = "eps",
+        clip: tuple[float, float] | None = None,
+        dynamic_threshold: float | None = None,
+    ) -> None:
         self.variance = check_option(variance, "variance", ("beta", "posterior"))
         self.steps = None if steps is None else check_int(steps, "steps", minimum=1)
         self.spacing = check_option(spacing, "spacing", _SPACINGS)
+        self._set_prediction(prediction, clip, dynamic_threshold)
 
     def _run(self, denoiser: Denoiser, gammas: list[float], x: torch.Tensor, condition: torch.Tensor | None, plan: Plan, generator: torch.Generator | None, record: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         states: list[torch.Tensor] = []
         for k, kp in plan:
             g, gp = gammas[k], gammas[kp]
             a = g / gp
-            eps = _eps(denoiser, x, g, condition)
-            x = (1 / math.sqrt(a)) * x - ((1 - a) / (math.sqrt(a) * math.sqrt(1 - g))) * eps
+            eps, x0 = self._predict(denoiser, x, g, condition)
+            if kp == 0 and x0 is not None:
+                x = x0
+            else:
+                x = (1 / math.sqrt(a)) * x - ((1 - a) / (math.sqrt(a) * math.sqrt(1 - g))) * eps
             if kp > 0:
                 var = (1 - a) if self.variance == "beta" else (1 - a) * (1 - gp) / (1 - g)
                 x = x + math.sqrt(var) * noise_like(x, generator)
@@ -387,7 +482,7 @@ class AncestralSampler(PlanSampler):
         return x, states
 
     def __repr__(self) -> str:
-        return f"AncestralSampler(variance={self.variance!r}, steps={self.steps!r}, spacing={self.spacing!r})"
+        return f"AncestralSampler(variance={self.variance!r}, steps={self.steps!r}, spacing={self.spacing!r}{self._options_repr()})"
 
 
 class DDIMSampler(PlanSampler):
@@ -409,6 +504,10 @@ class DDIMSampler(PlanSampler):
         eta: stochasticity in ``[0, 1]``.
         spacing: how the levels are spread (see :func:`step_plan`); ``"trailing"`` by default
             since it starts at the requested level and spaces every level evenly.
+        prediction, clip, dynamic_threshold: the options shared by every sampler, see :class:`PlanSampler`.
+
+    With clipping the step is built from the conditioned :math:`\hat x_0` and the :math:`\hat\epsilon`
+    recomputed from it, and the last step returns :math:`\hat x_0` itself.
 
     Reference:
         Song, Meng, Ermon, "Denoising Diffusion Implicit Models", ICLR 2021, eq. 12 and 16.
@@ -417,10 +516,20 @@ class DDIMSampler(PlanSampler):
         See :meth:`PlanSampler.sample`, :meth:`encode`, :meth:`decode`.
     """
 
-    def __init__(self, steps: int = 50, eta: float = 0.0, spacing: Spacing = "trailing") -> None:
+    def __init__(
+        self,
+        steps: int = 50,
+        eta: float = 0.0,
+        spacing: Spacing = "trailing",
+        *,
+        prediction: Prediction = "eps",
+        clip: tuple[float, float] | None = None,
+        dynamic_threshold: float | None = None,
+    ) -> None:
         self.steps = check_int(steps, "steps", minimum=1)
         self.eta = check_number(eta, "eta", 0, 1)
         self.spacing = check_option(spacing, "spacing", _SPACINGS)
+        self._set_prediction(prediction, clip, dynamic_threshold)
 
     def _step(self, x: torch.Tensor, eps: torch.Tensor, g: float, gp: float, generator: torch.Generator | None) -> torch.Tensor:
         s2 = self.eta**2 * (1 - gp) / (1 - g) * (1 - g / gp)
@@ -435,7 +544,8 @@ class DDIMSampler(PlanSampler):
         states: list[torch.Tensor] = []
         for k, kp in plan:
             g, gp = gammas[k], gammas[kp]
-            x = self._step(x, _eps(denoiser, x, g, condition), g, gp, generator)
+            eps, x0 = self._predict(denoiser, x, g, condition)
+            x = x0 if kp == 0 and x0 is not None else self._step(x, eps, g, gp, generator)
             if record:
                 states.append(x)
         return x, states
@@ -497,13 +607,13 @@ class DDIMSampler(PlanSampler):
                 g, gp = gammas[k], gammas[kp]
                 r = math.sqrt(g / gp)
                 c = math.sqrt(1 - g) - r * math.sqrt(1 - gp)
-                e = _eps(denoiser, x, gp, cond) if kp > 0 else torch.zeros_like(x)
+                e = self._predict(denoiser, x, gp, cond)[0] if kp > 0 else torch.zeros_like(x)
                 for _ in range(iterations):
-                    e = _eps(denoiser, r * x + c * e, g, cond)
+                    e = self._predict(denoiser, r * x + c * e, g, cond)[0]
                 x = r * x + c * e
             return x, []
 
-        return _run_groups(x0, condition, kend, lambda k: step_plan(k, self.steps, self.spacing), run, False).image
+        return _run_groups(x0, condition, kend, lambda k: step_plan(k, self.steps, self.spacing, gammas), run, False).image
 
     def decode(
         self,
@@ -538,7 +648,7 @@ class DDIMSampler(PlanSampler):
         return self._sample(denoiser, schedule, condition, latent, start_step, None, False, "latent").image
 
     def __repr__(self) -> str:
-        return f"DDIMSampler(steps={self.steps}, eta={self.eta!r}, spacing={self.spacing!r})"
+        return f"DDIMSampler(steps={self.steps}, eta={self.eta!r}, spacing={self.spacing!r}{self._options_repr()})"
 
 
 class DPMSolverPP(PlanSampler):
@@ -562,6 +672,9 @@ class DPMSolverPP(PlanSampler):
         steps: the number of steps (denoiser calls), fewer when the start step is smaller.
         order: 1 or 2.
         spacing: how the levels are spread (see :func:`step_plan`).
+        prediction, clip, dynamic_threshold: the options shared by every sampler, see :class:`PlanSampler`.
+
+    Clipping conditions the data prediction :math:`\hat y_0` that every step is built from.
 
     Reference:
         Lu, Zhou, Bao, Chen, Li, Zhu, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
@@ -571,10 +684,20 @@ class DPMSolverPP(PlanSampler):
         See :meth:`PlanSampler.sample`.
     """
 
-    def __init__(self, steps: int = 20, order: Literal[1, 2] = 2, spacing: Spacing = "trailing") -> None:
+    def __init__(
+        self,
+        steps: int = 20,
+        order: Literal[1, 2] = 2,
+        spacing: Spacing = "trailing",
+        *,
+        prediction: Prediction = "eps",
+        clip: tuple[float, float] | None = None,
+        dynamic_threshold: float | None = None,
+    ) -> None:
         self.steps = check_int(steps, "steps", minimum=1)
         self.order = int(check_option(order, "order", (1, 2)))
         self.spacing = check_option(spacing, "spacing", _SPACINGS)
+        self._set_prediction(prediction, clip, dynamic_threshold)
 
     def _run(self, denoiser: Denoiser, gammas: list[float], x: torch.Tensor, condition: torch.Tensor | None, plan: Plan, generator: torch.Generator | None, record: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         states: list[torch.Tensor] = []
@@ -582,8 +705,9 @@ class DPMSolverPP(PlanSampler):
         prev_h = 0.0
         for k, kp in plan:
             g, gp = gammas[k], gammas[kp]
-            eps = _eps(denoiser, x, g, condition)
-            x0 = (1 / math.sqrt(g)) * x - math.sqrt((1 - g) / g) * eps
+            eps, x0 = self._predict(denoiser, x, g, condition)
+            if x0 is None:
+                x0 = (1 / math.sqrt(g)) * x - math.sqrt((1 - g) / g) * eps
             if kp == 0:
                 x = x0
             else:
@@ -602,4 +726,4 @@ class DPMSolverPP(PlanSampler):
         return x, states
 
     def __repr__(self) -> str:
-        return f"DPMSolverPP(steps={self.steps}, order={self.order}, spacing={self.spacing!r})"
+        return f"DPMSolverPP(steps={self.steps}, order={self.order}, spacing={self.spacing!r}{self._options_repr()})"

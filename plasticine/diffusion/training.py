@@ -8,7 +8,11 @@ r"""Training objective of the denoiser and an exponential moving average of its 
     \big\| \epsilon_\theta\big(\sqrt{\gamma}\, y + \sqrt{1-\gamma}\,\epsilon,\ \gamma,\ c\big) - \epsilon \big\|_1,
 
 with :math:`k \sim \mathcal{U}\{1..K\}` and :math:`\gamma \sim \mathcal{U}[\gamma_k, \gamma_{k-1})`
-(continuous noise level, see :meth:`~plasticine.core.NoiseSchedule.sample_gamma`).
+(continuous noise level, see :meth:`~plasticine.core.NoiseSchedule.sample_gamma`). With
+``prediction="x0"`` or ``"v"`` the denoiser regresses :math:`y` or
+:math:`v = \sqrt{\gamma}\epsilon - \sqrt{1-\gamma}\,y` instead
+(:func:`~plasticine.diffusion.prediction.prediction_target`), and ``snr_gamma`` weights each sample
+by min-SNR (:func:`~plasticine.diffusion.prediction.min_snr_weight`, Hang et al. 2023).
 :class:`EMA` keeps :math:`\bar\theta \leftarrow d\,\bar\theta + (1 - d)\,\theta` for sampling.
 
 References:
@@ -26,6 +30,7 @@ import torch
 from ..core.protocols import Denoiser, NoiseSchedule
 from ..core.shapes import check_shape
 from ..core.validate import check_number
+from .prediction import PREDICTIONS, Prediction, min_snr_weight, prediction_target
 from .schedules import noise_like
 
 __all__ = ["noise_prediction_loss", "NoisePredictionLoss", "EMA"]
@@ -40,6 +45,9 @@ def noise_prediction_loss(
     condition: torch.Tensor | None,
     generator: torch.Generator | None = None,
     loss: LossKind = "l1",
+    *,
+    prediction: Prediction = "eps",
+    snr_gamma: float | None = None,
 ) -> torch.Tensor:
     r"""Noise-prediction loss at a continuous noise level drawn per sample.
 
@@ -51,6 +59,13 @@ def noise_prediction_loss(
     over all elements of :math:`|\hat\epsilon - \epsilon|` (``"l1"``, the paper's) or
     :math:`(\hat\epsilon - \epsilon)^2` (``"l2"``, DDPM's simple loss).
 
+    With ``prediction`` other than ``"eps"`` the error is taken against that parametrisation's
+    target (:func:`~plasticine.diffusion.prediction.prediction_target`: :math:`y` for ``"x0"``,
+    :math:`\sqrt\gamma\,\epsilon - \sqrt{1-\gamma}\,y` for ``"v"``). With ``snr_gamma`` the
+    per-sample mean error is weighted by :math:`w(\gamma)` of min-SNR-:math:`\gamma_w`
+    (:func:`~plasticine.diffusion.prediction.min_snr_weight`) before the batch mean:
+    :math:`\frac1B \sum_b w_b\,\overline{|\hat o_b - o_b|}`. The same draws in either case.
+
     Args:
         denoiser: ``(noisy, gamma, condition) -> eps_hat``.
         schedule: the noise schedule (its ``sample_gamma`` and ``diffuse``).
@@ -58,6 +73,9 @@ def noise_prediction_loss(
         condition: what the denoiser is conditioned on, or None.
         generator: the source of randomness, on any device (``None``: torch's default generator).
         loss: ``"l1"`` or ``"l2"``.
+        prediction: what the denoiser predicts, ``"eps"`` (the paper's), ``"x0"`` or ``"v"``; the
+            sampler must read it the same way (its ``prediction`` option).
+        snr_gamma: the min-SNR cap :math:`\gamma_w > 0` (5 in Hang et al.), or None for no weighting.
 
     Returns:
         A scalar tensor (differentiable in the denoiser's parameters).
@@ -81,6 +99,10 @@ def noise_prediction_loss(
         check_shape(condition, "B Cc *S", "condition", bindings={"B": dims["B"], "S": dims["S"]})
     if loss not in ("l1", "l2"):
         raise ValueError(f"loss: expected 'l1' or 'l2', got {loss!r}")
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction: expected one of {PREDICTIONS}, got {prediction!r}")
+    if snr_gamma is not None:
+        check_number(snr_gamma, "snr_gamma", 0, min_open=True)
     if not isinstance(schedule, NoiseSchedule):
         raise ValueError(f"schedule: expected a NoiseSchedule, got {type(schedule).__name__}")
     _, gamma = schedule.sample_gamma(dims["B"], generator, device=y.device)
@@ -90,8 +112,12 @@ def noise_prediction_loss(
     if not isinstance(eps_hat, torch.Tensor) or eps_hat.shape != y.shape:
         got = tuple(eps_hat.shape) if isinstance(eps_hat, torch.Tensor) else type(eps_hat).__name__
         raise ValueError(f"denoiser output: expected shape {tuple(y.shape)}, got {got}")
-    diff = eps_hat - noise
-    return diff.abs().mean() if loss == "l1" else diff.square().mean()
+    diff = eps_hat - prediction_target(y, noise, gamma, prediction)
+    err = diff.abs() if loss == "l1" else diff.square()
+    if snr_gamma is None:
+        return err.mean()
+    weight = min_snr_weight(gamma, snr_gamma, prediction).to(device=err.device, dtype=err.dtype)
+    return (err.reshape(err.shape[0], -1).mean(1) * weight).mean()
 
 
 class NoisePredictionLoss(torch.nn.Module):
@@ -100,16 +126,21 @@ class NoisePredictionLoss(torch.nn.Module):
     Args:
         schedule: the noise schedule.
         loss: ``"l1"`` (the paper's) or ``"l2"``.
+        prediction: ``"eps"``, ``"x0"`` or ``"v"``.
+        snr_gamma: the min-SNR cap, or None.
 
     Shape:
         y: ``(B, C, *S)``; condition: ``(B, Cc, *S)`` or None; out: ``()``.
     """
 
-    def __init__(self, schedule: NoiseSchedule, loss: LossKind = "l1") -> None:
+    def __init__(self, schedule: NoiseSchedule, loss: LossKind = "l1", *, prediction: Prediction = "eps", snr_gamma: float | None = None) -> None:
         super().__init__()
         if loss not in ("l1", "l2"):
             raise ValueError(f"loss: expected 'l1' or 'l2', got {loss!r}")
-        self.schedule, self.loss = schedule, loss
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction: expected one of {PREDICTIONS}, got {prediction!r}")
+        self.schedule, self.loss, self.prediction = schedule, loss, prediction
+        self.snr_gamma = None if snr_gamma is None else check_number(snr_gamma, "snr_gamma", 0, min_open=True)
 
     def forward(self, denoiser: Denoiser, y: torch.Tensor, condition: torch.Tensor | None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Evaluate :func:`noise_prediction_loss` with the stored settings.
@@ -126,10 +157,10 @@ class NoisePredictionLoss(torch.nn.Module):
         Shape:
             y: ``(B, C, *S)``; condition: ``(B, Cc, *S)`` or None; out: ``()``.
         """
-        return noise_prediction_loss(denoiser, self.schedule, y, condition, generator, self.loss)
+        return noise_prediction_loss(denoiser, self.schedule, y, condition, generator, self.loss, prediction=self.prediction, snr_gamma=self.snr_gamma)
 
     def extra_repr(self) -> str:
-        return f"schedule={self.schedule!r}, loss={self.loss!r}"
+        return f"schedule={self.schedule!r}, loss={self.loss!r}, prediction={self.prediction!r}, snr_gamma={self.snr_gamma!r}"
 
 
 class EMA:

@@ -7,6 +7,10 @@ last test fails when ``plasticine.diffusion`` exports a sampler that is not list
 each sampler (marginals, orders of convergence, the diffusers references) stays in
 ``tests/test_diffusion_samplers.py``.
 
+Every sampler option of the parametrisation (``prediction``: eps, x0, v) and of the conditioning of
+the data prediction (``clip``, ``dynamic_threshold``) keeps the oracle exact for an image inside the
+clip range, and clipping keeps the output in range whatever the denoiser returns.
+
 The oracle denoiser reads the clean image from the condition and returns the exact noise of its
 input, :math:`\hat\epsilon = (y_k - \sqrt{\gamma_k} y_0) / \sqrt{1 - \gamma_k}`; every
 sampler's last step returns the data prediction, which the oracle makes exact, so the result is
@@ -38,7 +42,14 @@ IMPLEMENTATIONS = [
     ("ddim-eta0.7", lambda: DDIMSampler(15, eta=0.7, spacing="leading"), True),
     ("dpm-solver++2m", lambda: DPMSolverPP(8), False),
     ("dpm-solver++1", lambda: DPMSolverPP(8, order=1, spacing="leading"), False),
+    # the x0 conditioning and the log-SNR plan keep every contract (the images here lie in [-1, 1])
+    ("ancestral-clip-log-snr", lambda: AncestralSampler(steps=12, spacing="log_snr", clip=(-1.0, 1.0)), True),
+    ("ddim-threshold", lambda: DDIMSampler(10, dynamic_threshold=0.995), False),
+    ("dpm-solver++2m-clip-log-snr", lambda: DPMSolverPP(8, spacing="log_snr", clip=(-1.0, 1.0)), False),
 ]
+PREDICTION_KINDS = ("eps", "x0", "v")
+# x0 conditioning options: each keeps an oracle of an image inside [-1, 1] exact
+CONDITIONING = {"none": {}, "clip": {"clip": (-1.0, 1.0)}, "threshold": {"dynamic_threshold": 0.9}}
 IDS = [name for name, _, _ in IMPLEMENTATIONS]
 BASES = {PlanSampler}  # exported base classes, not samplers themselves
 SCHEDULE = LinearSchedule(1e-4, 2e-2, 60)
@@ -60,6 +71,23 @@ def sampler(case) -> Sampler:
 def oracle(x: torch.Tensor, gamma: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
     g = gamma.to(torch.float64).view(-1, *([1] * (x.dim() - 1)))
     return ((x.double() - g.sqrt() * condition.double()) / (1 - g).sqrt()).to(x.dtype)
+
+
+def oracle_of(prediction: str):
+    """The exact answer of a denoiser trained in ``prediction`` (eps, x0 or v) for the clean image in the condition."""
+
+    def predict(x: torch.Tensor, gamma: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        g = gamma.to(torch.float64).view(-1, *([1] * (x.dim() - 1)))
+        eps = oracle(x, gamma, condition).double()
+        out = {"eps": eps, "x0": condition.double(), "v": g.sqrt() * eps - (1 - g).sqrt() * condition.double()}[prediction]
+        return out.to(x.dtype)
+
+    return predict
+
+
+def with_options(sampler, **options):
+    """The same sampler with some constructor options changed (through its config)."""
+    return type(sampler).from_config({**sampler.config, **options})
 
 
 def smooth_denoiser(x: torch.Tensor, gamma: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
@@ -174,6 +202,74 @@ def test_per_sample_start_steps(sampler):
     out = sampler.sample(oracle, SCHEDULE, y0, start, k0, make_generator(17))
     torch.testing.assert_close(out[k0 > 0], y0[k0 > 0], rtol=0, atol=ORACLE_TOL[torch.float64])
     assert torch.equal(out[1], y0[1] + 1.0)
+
+
+# -- parametrisation and the conditioning of x0 ------------------------------------------------------
+
+
+@pytest.mark.parametrize("conditioning", list(CONDITIONING), ids=list(CONDITIONING))
+@pytest.mark.parametrize("prediction", PREDICTION_KINDS)
+def test_an_oracle_in_each_parametrisation_recovers_x0(sampler, prediction, conditioning):
+    """Read in its own parametrisation, with or without clipping, the oracle of y0 leads to y0 from pure noise and mid-schedule."""
+    s = with_options(sampler, **{"clip": None, "dynamic_threshold": None, "prediction": prediction, **CONDITIONING[conditioning]})
+    assert s.prediction == prediction and s.config["prediction"] == prediction
+    y0 = _images((2, 1, 5, 4), 21)
+    assert float(y0.abs().max()) <= 1.0
+    for k0, seed in ((K, 22), (29, 23)):
+        g = make_generator(seed)
+        start = SCHEDULE.q_sample(_images(y0.shape, seed), k0, noise_like(y0, g))
+        out = s.sample(oracle_of(prediction), SCHEDULE, y0, start, k0, g)
+        torch.testing.assert_close(out, y0, rtol=0, atol=ORACLE_TOL[torch.float64])
+
+
+@pytest.mark.parametrize("options", [{"clip": (-1.0, 1.0)}, {"clip": (-0.25, 0.5)}, {"dynamic_threshold": 0.995}], ids=["clip", "clip-asym", "threshold"])
+def test_clipping_keeps_the_output_in_range_whatever_the_denoiser_says(sampler, options):
+    """A denoiser that returns huge noise drives the unclipped output far out; clipped, it stays in range."""
+    low, high = options.get("clip", (-1.0, 1.0))
+    huge = lambda x, gamma, c: 1e4 * torch.sign(torch.sin(7.0 * x + 1.0))  # noqa: E731
+    start = torch.randn(2, 1, 6, 5, generator=make_generator(24), dtype=torch.float64)
+    free = with_options(sampler, clip=None, dynamic_threshold=None).sample(huge, SCHEDULE, None, start, K, make_generator(25))
+    assert float(free.abs().max()) > 10 * max(abs(low), abs(high))  # the denoiser does push out of range
+    for k0 in (K, 31):
+        out = with_options(sampler, **{"clip": None, "dynamic_threshold": None, **options}).sample(huge, SCHEDULE, None, start, k0, make_generator(25))
+        assert bool(torch.isfinite(out).all())
+        assert float(out.min()) >= low and float(out.max()) <= high, (float(out.min()), float(out.max()))
+
+
+@pytest.mark.parametrize("options", [{"clip": (-1.0, 1.0)}, {"dynamic_threshold": 0.9}, {"prediction": "v"}], ids=["clip", "threshold", "v"])
+def test_the_options_propagate_a_non_finite_prediction(sampler, options):
+    """Clipping never hides a NaN: a denoiser that returns NaN gives a non-finite output, not an in-range one."""
+    nan = lambda x, gamma, c: torch.full_like(x, float("nan"))  # noqa: E731
+    start = _images((2, 1, 4, 4), 28)
+    out = with_options(sampler, **{"clip": None, "dynamic_threshold": None, **options}).sample(nan, SCHEDULE, None, start, 20, make_generator(29))
+    assert bool(torch.isnan(out).all())
+
+
+def test_the_default_options_are_the_paper_sampling(sampler):
+    """The defaults read eps and condition nothing: the output is that of the sampler built without the options."""
+    if sampler.config.get("clip") is not None or sampler.config.get("dynamic_threshold") is not None:
+        pytest.skip("a case with conditioning on")
+    start = _images((2, 1, 5, 5), 26)
+    a = sampler.sample(smooth_denoiser, SCHEDULE, None, start, 40, make_generator(27))
+    b = with_options(sampler, prediction="eps", clip=None, dynamic_threshold=None).sample(smooth_denoiser, SCHEDULE, None, start, 40, make_generator(27))
+    assert torch.equal(a, b)
+
+
+def test_bad_options_give_one_line_errors(sampler):
+    cases = [
+        ({"prediction": "noise"}, "prediction: expected one of"),
+        ({"clip": (1.0, -1.0)}, "clip: expected low < high"),
+        ({"clip": (0.0,)}, "clip: expected None or a"),
+        ({"clip": (0.0, float("nan"))}, "clip"),
+        ({"dynamic_threshold": 0.0}, "dynamic_threshold"),
+        ({"dynamic_threshold": 1.5}, "dynamic_threshold"),
+        ({"clip": (-1.0, 1.0), "dynamic_threshold": 0.9}, "at most one"),
+    ]
+    base = {"clip": None, "dynamic_threshold": None}
+    for options, what in cases:
+        with pytest.raises(ValueError, match=what) as err:
+            with_options(sampler, **{**base, **options})
+        assert "\n" not in str(err.value)
 
 
 # -- errors -----------------------------------------------------------------------------------------------

@@ -142,7 +142,7 @@ def mind_descriptor(image: torch.Tensor, *, sigma: float = 0.8, dilation: int = 
     var = dist.mean(1, keepdim=True)
     mean = var.flatten(1).mean(1).view(-1, *([1] * (var.dim() - 1)))
     var = torch.minimum(torch.maximum(var, mean / _CLAMP), mean * _CLAMP)
-    safe = torch.where(var > 0, var, torch.ones_like(var))  # var = 0 only where every distance is 0
+    safe = torch.where(var == 0, torch.ones_like(var), var)  # var = 0 only where every distance is 0; NaN stays NaN
     return torch.exp(-dist / safe)
 
 

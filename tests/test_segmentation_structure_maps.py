@@ -218,3 +218,17 @@ def test_contour_extractor_round_trips_its_inner_extractor():
     again = ContourExtractor.from_config(e.config)
     x = torch.rand(1, 1, 9, 9, generator=torch.Generator().manual_seed(4))
     assert torch.equal(e(x), again(x))
+
+
+def test_foreground_fraction_rule_uses_the_robust_maximum():
+    """t = min + f (q - min) with q the 0.99-quantile, as torch.quantile computes it; no size limit."""
+    from plasticine.segmentation.foreground import _quantile
+
+    x = torch.rand(3, 1000, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    for q in (0.5, 0.99, 1.0, 0.123):
+        torch.testing.assert_close(_quantile(x, q), torch.quantile(x, q, dim=1), rtol=0, atol=1e-15)
+    big = torch.zeros(1, 2**24 + 1)  # more values than torch.quantile takes (a 256^3 volume and one)
+    big[0, -1000:] = 1.0
+    with pytest.raises(RuntimeError):
+        torch.quantile(big, 0.99, dim=1)
+    assert float(_quantile(big, 0.99999)) == 1.0 and float(_quantile(big, 0.99)) == 0.0

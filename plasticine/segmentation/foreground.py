@@ -58,6 +58,15 @@ def _axis_offsets(ndim: int) -> list[tuple[int, ...]]:
     return [tuple(int(i == d) for i in range(ndim)) for d in range(ndim)]
 
 
+def _quantile(flat: torch.Tensor, q: float) -> torch.Tensor:
+    """Per-row ``q``-quantile with linear interpolation (``torch.quantile``'s rule, without its size limit)."""
+    values = flat.sort(1).values
+    pos = q * (flat.shape[1] - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, flat.shape[1] - 1)
+    return torch.lerp(values[:, lo], values[:, hi], pos - lo)
+
+
 def _closing(mask: torch.Tensor, radius: int) -> torch.Tensor:
     """Binary closing by a square (cube) of side ``2 radius + 1``, windows cut to the image."""
     pool = getattr(F, f"max_pool{mask.dim() - 2}d")
@@ -147,7 +156,7 @@ def foreground_mask(
     else:
         flat = x.flatten(1)
         lo = flat.amin(1)
-        hi = torch.quantile(flat, quantile, dim=1)
+        hi = _quantile(flat, quantile)
         t = (lo + fraction * (hi - lo)).view(-1, *([1] * (x.dim() - 1)))
         bright = x > t
     if closing:

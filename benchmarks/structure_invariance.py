@@ -41,14 +41,14 @@ def mean_dice(a: torch.Tensor, b: torch.Tensor, region: torch.Tensor | None = No
     """Mean over channels of the Dice of channel k of ``a`` against channel k of ``b`` ((1, L, *S) 0/1 maps).
 
     With a ``region`` (1, 1, *S) mask the Dice is taken on its pixels, over the classes that cover at
-    least 5 percent of it in ``a`` or ``b``.
+    least 5 percent of it in ``a`` or ``b`` (every class of a one-channel map).
     """
     if region is not None:
         a, b = a * region, b * region
     inter = (a * b).flatten(2).sum(2)
     total = (a + b).flatten(2).sum(2)
     dice = 2 * inter / total.clamp_min(1)
-    if region is None:
+    if region is None or a.shape[1] == 1:
         return float(dice.mean())
     share = torch.maximum(a.flatten(2).sum(2), b.flatten(2).sum(2)) / region.sum()
     return float(dice[share >= 0.05].mean())

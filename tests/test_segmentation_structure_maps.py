@@ -232,3 +232,15 @@ def test_foreground_fraction_rule_uses_the_robust_maximum():
     with pytest.raises(RuntimeError):
         torch.quantile(big, 0.99, dim=1)
     assert float(_quantile(big, 0.99999)) == 1.0 and float(_quantile(big, 0.99)) == 0.0
+
+
+@pytest.mark.parametrize(
+    "call, arg",
+    [(mind_descriptor, "image"), (foreground_mask, "image"), (contour_map, "partition")],
+    ids=["mind", "foreground", "contours"],
+)
+def test_empty_batches_and_integer_tensors_are_refused_naming_the_argument(call, arg):
+    with pytest.raises(ValueError, match=f"^{arg}: .*empty batch"):
+        call(torch.zeros(0, 1, 6, 6))
+    with pytest.raises(ValueError, match=f"^{arg}: "):
+        call(torch.zeros(1, 1, 6, 6, dtype=torch.int64))

@@ -26,7 +26,7 @@ from plasticine.losses import NCC, BendingEnergy, GradientSmoothness, LocalNCC, 
 from plasticine.registration import LBFGS, RK4, Adam, AntsRegistration, Euler, GradientDescent, ScalingAndSquaring
 from plasticine.registration.iterative import IterativeRegistration
 from plasticine.registration.network import LearnedRegistration, RegistrationNet, RegistrationNetConfig
-from plasticine.segmentation import KMeansExtractor, MultiOtsuExtractor, PottsExtractor
+from plasticine.segmentation import ContourExtractor, ForegroundExtractor, KMeansExtractor, MINDExtractor, MultiOtsuExtractor, PottsExtractor
 from plasticine.segmentation.unet import SegmentationUNet, SegmentationUNetConfig
 from plasticine.translator import TraceableTranslator
 
@@ -180,6 +180,9 @@ CASES = {
     PottsExtractor: (lambda: PottsExtractor(4, gamma=0.2, neighborhood="diagonals", normalize=False, max_iter=7), lambda e: e(_image(2, 1, 9, 8))),
     KMeansExtractor: (lambda: KMeansExtractor(3, smoothing_sigma=1.5, max_iter=9), lambda e: e(_image(2, 1, 9, 8))),
     MultiOtsuExtractor: (lambda: MultiOtsuExtractor(3, bins=64), lambda e: e(_image(2, 1, 9, 8))),
+    ForegroundExtractor: (lambda: ForegroundExtractor("otsu", closing=1, smoothing_sigma=0.7, bins=32), lambda e: e(_image(2, 1, 9, 8))),
+    MINDExtractor: (lambda: MINDExtractor(sigma=1.2, dilation=1, layout="mind"), lambda e: e(_image(2, 1, 6, 7, 5))),
+    ContourExtractor: (lambda: ContourExtractor(KMeansExtractor(3, smoothing_sigma=1.0, max_iter=9)), lambda e: e(_image(2, 1, 9, 8))),
     ScalingAndSquaring: (lambda: ScalingAndSquaring(5, "zeros"), lambda f: f(_field(1, 2, 8, 7))),
     Euler: (lambda: Euler(4, "reflection"), lambda f: f(_field(1, 2, 8, 7))),
     RK4: (lambda: RK4(3, "reflection"), lambda f: f(_field(1, 3, 6, 5, 4))),

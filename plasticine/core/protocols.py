@@ -119,10 +119,10 @@ class ConditionEncoder(Protocol):
 
 @runtime_checkable
 class StructureExtractor(Protocol):
-    """Coarse partition of an image (deterministic).
+    """Structure map of an image (deterministic): a coarse partition, or a descriptor with values in [0, 1].
 
     Shape:
-        image: ``(B, C, *S)``; out: ``(B, L, *S)`` one-hot or soft.
+        image: ``(B, C, *S)``; out: ``(B, L, *S)``: one-hot or soft classes, or descriptor channels.
     """
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor: ...

@@ -1,4 +1,4 @@
-"""Structure maps (Potts, k-means, multi-Otsu) and segmentation tools."""
+"""Structure maps (Potts, k-means, multi-Otsu, foreground mask, MIND-SSC, contours) and segmentation tools."""
 
 from .extractors import (
     KMeansExtractor,
@@ -10,13 +10,19 @@ from .extractors import (
     multi_otsu_thresholds,
     one_hot,
 )
+from .contours import ContourExtractor, contour_map
+from .foreground import ForegroundExtractor, foreground_mask
+from .mind import MINDExtractor, mind_descriptor, mind_pairs
 from .metrics import accuracy, confusion_matrix, dice, hausdorff95, iou, pixel_accuracy
 from .potts_model import PottsExtractor, pixel_gamma, potts, potts_1d, potts_energy, potts_structure_map
 from .unet import SegmentationLoss, SegmentationUNet, SegmentationUNetConfig, segmentation_loss, train_segmentation
 
 __all__ = [
+    "ContourExtractor",
+    "ForegroundExtractor",
     "KMeansExtractor",
     "KMeansResult",
+    "MINDExtractor",
     "MultiOtsuExtractor",
     "PottsExtractor",
     "SegmentationLoss",
@@ -24,11 +30,15 @@ __all__ = [
     "SegmentationUNetConfig",
     "accuracy",
     "confusion_matrix",
+    "contour_map",
     "dice",
+    "foreground_mask",
     "hausdorff95",
     "iou",
     "kmeans",
     "kmeans_structure_map",
+    "mind_descriptor",
+    "mind_pairs",
     "multi_otsu_structure_map",
     "multi_otsu_thresholds",
     "one_hot",

@@ -2,12 +2,14 @@
 
 Every implementation in IMPLEMENTATIONS must pass every test here unchanged; a new extractor is
 added to the list (a factory taking no argument), and the suite fails if an extractor exported by a
-plasticine package is missing from it. What every shipped extractor claims
-(:mod:`plasticine.segmentation.extractors`): a deterministic map whose channels sum to 1 at every
-voxel (one-hot or soft), the same number of classes ``L`` for every image, classes ordered by
-increasing mean intensity (class 0 the darkest, so that one tissue gets one channel across
-images), each image independent of the others in its batch, and invariance to a positive
-scaling of the intensities (checked with powers of two, exact in floating point).
+plasticine package is missing from it. What every shipped extractor claims: a deterministic map with
+values in [0, 1], the same number of channels ``L`` for every image of a dimension, each image
+independent of the others in its batch, and invariance to a positive scaling of the intensities
+(checked with powers of two, exact in floating point). The partitions (PARTITIONS: k-means,
+multi-Otsu, Potts, the foreground mask) also have channels that sum to 1 at every voxel (one-hot or
+soft), and those ranked by intensity (RANKED) order their classes by increasing mean intensity
+(class 0 the darkest, so that one tissue gets one channel across images). The descriptors (MIND)
+and the contour maps are neither: their channels are not classes.
 """
 
 from __future__ import annotations
@@ -20,15 +22,34 @@ from hypothesis import strategies as st
 from ._discovery import check_listed, check_uniform, factories, param
 from plasticine.core import StructureExtractor
 from plasticine.core.filters import gaussian_smooth
-from plasticine.segmentation import KMeansExtractor, MultiOtsuExtractor, PottsExtractor
+from plasticine.segmentation import (
+    ContourExtractor,
+    ForegroundExtractor,
+    KMeansExtractor,
+    MINDExtractor,
+    MultiOtsuExtractor,
+    PottsExtractor,
+)
 
-IMPLEMENTATIONS = [
+RANKED = [
     param(lambda: PottsExtractor(3), "PottsExtractor"),
     param(lambda: PottsExtractor(2, gamma=0.2, max_iter=20), "PottsExtractor-fine", pytest.mark.slow),
     param(lambda: KMeansExtractor(3), "KMeansExtractor"),
     param(lambda: KMeansExtractor(2, smoothing_sigma=1.0), "KMeansExtractor-smoothed"),
     param(lambda: MultiOtsuExtractor(3), "MultiOtsuExtractor"),
     param(lambda: MultiOtsuExtractor(2, smoothing_sigma=1.0, bins=64), "MultiOtsuExtractor-smoothed"),
+]
+
+PARTITIONS = RANKED + [
+    param(lambda: ForegroundExtractor(), "ForegroundExtractor"),
+    param(lambda: ForegroundExtractor("otsu", closing=1, smoothing_sigma=None, bins=64), "ForegroundExtractor-otsu-closed"),
+]
+
+IMPLEMENTATIONS = PARTITIONS + [
+    param(lambda: MINDExtractor(), "MINDExtractor"),
+    param(lambda: MINDExtractor(sigma=1.5, dilation=1, layout="mind"), "MINDExtractor-mind"),
+    param(lambda: ContourExtractor(), "ContourExtractor"),
+    param(lambda: ContourExtractor(KMeansExtractor(3)), "ContourExtractor-kmeans"),
 ]
 
 SHAPES = [(16, 14), (8, 7, 6)]
@@ -54,18 +75,32 @@ def test_is_a_structure_extractor(make):
 
 @pytest.mark.parametrize("make", IMPLEMENTATIONS)
 @pytest.mark.parametrize("shape", SHAPES, ids=["2d", "3d"])
-def test_map_shape_dtype_and_partition_of_unity(make, shape, dtype):
+def test_map_shape_dtype_and_range(make, shape, dtype):
     ext = make()
     x = smooth_image(shape, dtype=dtype)
     m = ext(x)
     assert m.shape[0] == 2 and m.shape[2:] == x.shape[2:] and m.dtype == dtype
     assert m.shape[1] == getattr(ext, "num_classes", m.shape[1])
     assert bool((m >= 0).all()) and bool((m <= 1).all())
+
+
+@pytest.mark.parametrize("make", PARTITIONS)
+@pytest.mark.parametrize("shape", SHAPES, ids=["2d", "3d"])
+def test_partition_of_unity(make, shape, dtype):
+    m = make()(smooth_image(shape, dtype=dtype))
     torch.testing.assert_close(m.sum(1), torch.ones_like(m[:, 0]), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("make", IMPLEMENTATIONS)
 def test_same_number_of_classes_for_every_image(make):
+    ext = make()
+    for shape in SHAPES:
+        sizes = {ext(smooth_image(shape, batch=1, seed=seed)).shape[1] for seed in (1, 2)}
+        assert len(sizes) == 1
+
+
+@pytest.mark.parametrize("make", PARTITIONS)
+def test_partitions_have_the_same_number_of_classes_in_2d_and_3d(make):
     ext = make()
     sizes = {ext(smooth_image(s, batch=1, seed=seed)).shape[1] for s, seed in zip(SHAPES, (1, 2))}
     assert len(sizes) == 1
@@ -78,7 +113,7 @@ def test_deterministic(make, shape):
     assert torch.equal(make()(x), make()(x))
 
 
-@pytest.mark.parametrize("make", IMPLEMENTATIONS)
+@pytest.mark.parametrize("make", RANKED)
 @pytest.mark.parametrize("shape", SHAPES, ids=["2d", "3d"])
 def test_classes_ordered_by_mean_intensity(make, shape):
     x = smooth_image(shape, seed=4, dtype=torch.float64)

@@ -150,7 +150,7 @@ def test_device(device):
 @pytest.mark.parametrize("name", ["forward", "inverse", "velocity"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_fields_are_refused(name, value):
-    # issue 10, #1: a Deformation held (and the CLI wrote) all-NaN fields
+    # a Deformation held (and the CLI wrote) all-NaN fields
     from plasticine.core import NonFiniteError
 
     fields = {k: torch.zeros(2, 2, 8, 9) for k in ("forward", "inverse", "velocity")}

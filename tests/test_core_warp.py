@@ -383,7 +383,7 @@ def test_no_host_synchronisation_on_cuda():
 @pytest.mark.parametrize("mode,padding", [("linear", "border"), ("linear", "zeros"), ("nearest", "reflection"), ("cubic", "border")])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_displacement_gives_non_finite_output_there(mode, padding, value):
-    # issue 10, #8: grid_sample reads a NaN position as an edge position, so warp returned a
+    # grid_sample reads a NaN position as an edge position, so warp returned a
     # finite value where the displacement was NaN
     image = torch.rand(2, 3, 9, 8, generator=make_generator(5))
     u = torch.zeros(2, 2, 9, 8)
@@ -409,7 +409,7 @@ def test_non_finite_points_and_fields_propagate():
 
 
 def test_empty_batches_and_integer_inputs_are_refused():
-    # issue 10, #8: B = 0 raised IndexError in warp, compose and sample_at_points
+    # B = 0 raised IndexError in warp, compose and sample_at_points
     e, u = torch.zeros(0, 1, 8, 9), torch.zeros(0, 2, 8, 9)
     with pytest.raises(ValueError, match=r"image: expected shape \(B, C, \*S\), got \(0, 1, 8, 9\): an empty batch \(B = 0\)"):
         warp(e, u)
@@ -429,6 +429,6 @@ def test_empty_batches_and_integer_inputs_are_refused():
 
 
 def test_batch_size_error_names_both_batch_sizes():
-    # issue 10, #8: an image batch of 1 and a field batch of 2 said "expected batch size 1 or 1"
+    # an image batch of 1 and a field batch of 2 said "expected batch size 1 or 1"
     with pytest.raises(ValueError, match=r"^displacement: expected batch size 1 \(the image batch size\), got 2: image \(1, 1, 8, 9\), displacement \(2, 2, 8, 9\)$"):
         warp(torch.zeros(1, 1, 8, 9), torch.zeros(2, 2, 8, 9))

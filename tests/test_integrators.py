@@ -317,7 +317,7 @@ if __name__ == "__main__":
 @pytest.mark.parametrize("integrator", [ScalingAndSquaring(), ScalingAndSquaring("auto"), Euler(4), RK4(2)], ids=repr)
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
 def test_integer_velocity_is_refused_not_integrated(integrator, dtype):
-    # issue 10, #8: an integer velocity gave an all-NaN field (scaling and squaring) or a
+    # an integer velocity gave an all-NaN field (scaling and squaring) or a
     # NotImplementedError from grid_sample (Euler, RK4)
     v = torch.ones(1, 2, 8, 8, dtype=dtype)
     with pytest.raises(ValueError, match=rf"velocity: expected a floating-point tensor, got dtype {dtype}"):
@@ -335,7 +335,7 @@ def test_non_finite_velocity_gives_a_non_finite_displacement_where_it_sits(integ
 
 
 def test_empty_batch_is_refused_not_an_index_error():
-    # issue 10, #8: B = 0 raised IndexError (or a RuntimeError from amax for steps="auto")
+    # B = 0 raised IndexError (or a RuntimeError from amax for steps="auto")
     v = torch.zeros(0, 2, 8, 8)
     for f in (scaling_and_squaring, integrate_euler, integrate_rk4, auto_squaring_steps, ScalingAndSquaring("auto")):
         with pytest.raises(ValueError, match=r"velocity: expected shape \(B, N, \*S\), got \(0, 2, 8, 8\): an empty batch \(B = 0\)"):

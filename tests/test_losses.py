@@ -566,7 +566,7 @@ SIMILARITIES = [
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("where", ["moving", "fixed", "mask", "masked-out"])
 def test_similarities_propagate_non_finite_inputs(name, loss, value, where):
-    # issue 10, #8: with a NaN, NCC returned a finite 0 and MutualInformation raised an index error
+    # with a NaN, NCC returned a finite 0 and MutualInformation raised an index error
     gen = make_generator(21)
     x, y = torch.rand(2, 1, 9, 10, generator=gen), torch.rand(2, 1, 9, 10, generator=gen)
     mask = torch.ones(2, 1, 9, 10)
@@ -601,7 +601,7 @@ def test_regularizers_propagate_non_finite_fields(value):
     [mutual_information, ncc, local_ncc, NCC(), LocalNCC(3), MutualInformation(bins=8), lambda a, b: box_sum(a, 3)],
 )
 def test_empty_batch_is_refused_not_an_index_error(loss):
-    # issue 10, #8: B = 0 raised IndexError (local NCC) or a reshape RuntimeError (NCC, MI)
+    # B = 0 raised IndexError (local NCC) or a reshape RuntimeError (NCC, MI)
     x = torch.zeros(0, 1, 8, 8)
     with pytest.raises(ValueError, match=r"(moving|x): expected shape \(B, C, \*S\), got \(0, 1, 8, 8\): an empty batch \(B = 0\)"):
         loss(x, x)

@@ -270,7 +270,7 @@ def test_parts_are_checked_against_the_protocols():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64, torch.bfloat16])
 def test_input_dtype_other_than_the_weights_is_refused_clearly(dtype):
-    # issue 10, #8: float16/float64 input failed inside a convolution
+    # float16/float64 input failed inside a convolution
     x = phantom((8, 8)).to(dtype)
     with pytest.raises(ValueError, match=rf"^x: expected dtype torch.float32 \(the dtype of the translator's weights\), got {dtype}"):
         SHARED.translate(x)
@@ -310,7 +310,7 @@ def _poisoned(part: str) -> TraceableTranslator:
     ids=["denoiser", "registration", "structure", "conditioning"],
 )
 def test_non_finite_outputs_raise_naming_the_part(part, message):
-    # issue 10, #1: a diverged part gave an all-NaN result that was returned (and written) as success
+    # a diverged part gave an all-NaN result that was returned (and written) as success
     from plasticine.core import NonFiniteError
 
     with pytest.raises(NonFiniteError, match=message):

@@ -75,7 +75,6 @@ from plasticine.core import Deformation, folding_fraction, inverse_consistency_e
 from plasticine.data.crossmodal import CrossModalCase, crossmodal_case  # noqa: E402
 from plasticine.recipes import TrainingRecipe, build_translator, train_translator  # noqa: E402
 from plasticine.segmentation import SegmentationUNet, SegmentationUNetConfig, dice, iou, pixel_accuracy, train_segmentation  # noqa: E402
-from plasticine.translator import TraceableTranslator  # noqa: E402
 
 METHODS = (
     "no translation",

@@ -45,7 +45,7 @@ import _timing as T  # noqa: E402  (benchmarks/ is a folder of scripts, not a pa
 from plasticine.recipes import build_translator  # noqa: E402
 from plasticine.data import brainweb_slices  # noqa: E402
 from plasticine.demo import DemoConfig  # noqa: E402
-from plasticine.diffusion import DDIMSampler, DPMSolverPP, noise_like  # noqa: E402
+from plasticine.diffusion import DPMSolverPP, noise_like  # noqa: E402
 
 GOAL_SECONDS = 10.0
 """Goal for one 256x256 translation on 2 CPU cores, seconds."""

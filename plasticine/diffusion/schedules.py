@@ -39,7 +39,6 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import torch

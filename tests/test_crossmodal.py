@@ -1,7 +1,8 @@
 """The real MR -> CT case (plasticine.data.crossmodal) and the baselines of benchmarks/crossmodal.py.
 
-The data tests need nilearn (the MR template) and Debian's invesalius-examples (the CT); they skip
-without them. The baseline tests run everywhere.
+The data tests need Debian's mricron-data (Colin27, the default MR), nilearn (the MNI152 template,
+the other MR) and Debian's invesalius-examples (the CT); they skip without them. The baseline tests
+run everywhere.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from scipy import ndimage as ndi
 from plasticine.core import RegistrationBackend
 from plasticine.data import crossmodal as cm
 from plasticine.data import crossmodal_case
+from plasticine.data.system import MRICRON_DIR
 
 _BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "crossmodal.py"
 
@@ -35,15 +37,11 @@ def _load_benchmark():
 
 bench = _load_benchmark()
 
-_missing = [
-    why
-    for why, absent in (
-        ("nilearn is not installed (pip install nilearn)", importlib.util.find_spec("nilearn") is None),
-        (f"{cm.CT_PATH} is missing (apt-get install invesalius-examples)", not cm.CT_PATH.is_file()),
-    )
-    if absent
-]
+_ct_missing = [] if cm.CT_PATH.is_file() else [f"{cm.CT_PATH} is missing (apt-get install invesalius-examples)"]
+_missing = _ct_missing + ([] if (MRICRON_DIR / "ch2.nii.gz").is_file() else [f"{MRICRON_DIR / 'ch2.nii.gz'} is missing (apt-get install mricron-data)"])
+_mni_missing = _ct_missing + ([] if importlib.util.find_spec("nilearn") is not None else ["nilearn is not installed (pip install nilearn)"])
 needs_data = pytest.mark.skipif(bool(_missing), reason="; ".join(_missing) or "data present")
+needs_mni = pytest.mark.skipif(bool(_mni_missing), reason="; ".join(_mni_missing) or "data present")
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +57,7 @@ def _extent(mask: np.ndarray) -> tuple[int, int]:
 # -- the loader -----------------------------------------------------------------------------------
 @needs_data
 def test_shapes_dtypes_and_ranges(case):
-    assert case.pixel_mm == 3.0
+    assert case.pixel_mm == 3.25 and case.source_name == "colin27"
     n_mr, n_ct = len(case.source_slices), len(case.target_slices)
     assert n_mr >= 20 and n_ct >= 20
     for name, n in (("source", n_mr), ("source_brain", n_mr), ("source_head", n_mr), ("target", n_ct), ("target_intracranial", n_ct), ("target_head", n_ct)):
@@ -86,8 +84,24 @@ def test_masks_are_sane(case):
         scalp = case.target_head[i] & ~ndi.binary_dilation(ic[i], iterations=4)
         assert t[i][ring].mean() > 0.5 > 0.2 > t[i][ic[i]].mean(), i
         assert t[i][ring].mean() > 2 * t[i][scalp].mean(), i
-    # the MR is skull-stripped: the brain is the bright part of its head
-    assert case.source[case.source_brain].mean() > 0.5
+    # the MR is a whole head: a dark skull band lies between the brain and the bright scalp
+    for i in range(len(case.source)):
+        brain, head = case.source_brain[i], case.source_head[i]
+        skull = ndi.binary_dilation(brain, iterations=2) & ~ndi.binary_dilation(brain, iterations=1)
+        scalp = head & ~ndi.binary_erosion(head, iterations=2)
+        assert case.source[i][skull].mean() < min(case.source[i][brain].mean(), case.source[i][scalp].mean()), i
+    # and the brain truth is closed over the sulci: one smooth region, no holes
+    assert all(ndi.label(b)[1] == 1 and not (ndi.binary_fill_holes(b) & ~b).any() for b in case.source_brain)
+
+
+@needs_mni
+def test_the_mni152_source_is_skull_stripped():
+    mni = crossmodal_case(64, source="mni152")
+    assert mni.source_name == "mni152"
+    # the brain is the bright part of the head: there is no scalp or skull around it
+    assert mni.source[mni.source_brain].mean() > 0.5
+    with pytest.raises(ValueError, match="source: expected one of"):
+        crossmodal_case(64, source="ct")
 
 
 @needs_data
@@ -111,7 +125,7 @@ def test_orientation_agrees_between_domains(case):
         assert abs(c_mr - c_ct) < 5, (axis, c_mr, c_ct)
 
 
-@needs_data
+@needs_mni
 def test_mr_brain_mask_is_nilearns():
     from nilearn.datasets import load_mni152_brain_mask
 
@@ -136,7 +150,7 @@ def test_bad_arguments_are_refused():
 def test_missing_files_name_the_package(monkeypatch, tmp_path):
     monkeypatch.setattr(cm.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ImportError, match="pip install nilearn"):
-        crossmodal_case(64)
+        crossmodal_case(64, source="mni152")
     monkeypatch.undo()
     if importlib.util.find_spec("nilearn") is not None:
         monkeypatch.setattr(cm, "CT_PATH", tmp_path / "Cranium.inv3")

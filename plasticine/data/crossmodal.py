@@ -1,14 +1,26 @@
-r"""A real, unpaired cross-modality case: MNI152 T1 MR axial slices (source) and head CT axial slices (target).
+r"""A real, unpaired cross-modality case: T1 MR axial slices of a whole head (source) and head CT axial slices (target).
 
 Nothing here is shipped (the licences of the two volumes do not allow it): both are read at run
 time from what packages install, each file pinned by its SHA-256.
 
-**Source (MR).** The MNI152 2009 (ICBM 152 nonlinear symmetric 2009a) T1 template that nilearn
+**Source (MR), the default: Colin27** (``source="colin27"``), the T1 average of 27 scans of one
+subject on the MNI grid, from Debian's ``mricron-data`` (``ch2.nii.gz``, read by
+:func:`plasticine.data.system.colin27`), 1 mm isotropic, scaled to ``[0, 1]`` by its maximum. It is
+a whole head: scalp, skull (dark in T1, bright in CT) and brain, as a CT holds them. Masks, per
+axial slice:
+
+* brain: the BET brain extraction shipped beside it (``ch2bet.nii.gz``), nonzero voxels, closed
+  with a disc of 6 mm (which fills the sulci, so that the mask is the space inside the skull that
+  the CT's intracranial mask outlines), holes filled, largest component;
+* head: intensity above 0.05, closed with a disc of 3 mm, holes filled, largest component.
+
+**Source (MR), ``source="mni152"``.** The MNI152 2009 (ICBM 152 nonlinear symmetric 2009a) T1 template that nilearn
 ships (``pip install nilearn``, or ``pip install 'plasticine[crossmodal]'``; the file is read
 directly, nilearn is not imported), 1 mm isotropic, scaled to ``[0, 1]`` by its maximum as
 :func:`nilearn.datasets.load_mni152_template` does. Note that this template is **skull-stripped**:
 it holds the brain only, with no skull or scalp, so its head mask is, within a few pixels, its
-brain mask. Masks, per axial slice:
+brain mask, and a CT network trained to find the inside of the skull has no skull to find in it
+(the reason Colin27 is the default). Masks, per axial slice:
 
 * brain: the template's brain mask (nilearn's :func:`~nilearn.datasets.load_mni152_brain_mask`,
   intensity above 0.2 of the maximum), holes filled, largest component;
@@ -66,6 +78,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.validate import check_option
+
 __all__ = ["CrossModalCase", "crossmodal_case", "CT_PATH", "CROSSMODAL_SHA256", "ct_window"]
 
 #: Where Debian's ``invesalius-examples`` installs the head CT.
@@ -87,6 +101,7 @@ _MR_HEAD_THRESHOLD = 0.05
 _HEAD_HU = -300.0
 _BONE_HU = 250.0
 _CLOSING_MM = 3.0
+_BRAIN_CLOSING_MM = 6.0  # Colin27's brain extraction follows the sulci; closed, it outlines the intracranial space
 _TOP_FRACTION = 0.01
 
 
@@ -97,13 +112,14 @@ class CrossModalCase:
     Attributes:
         source: MR T1 slices, float32 in ``[0, 1]``.
         source_brain: MR brain masks (the truth a traced segmentation is scored against).
-        source_head: MR head masks (the template is skull-stripped: close to the brain mask).
+        source_head: MR head masks (for ``"mni152"``, skull-stripped, close to the brain mask).
         target: CT slices in the window ``(HU + 100) / 1100`` clipped to ``[0, 1]``, float32.
         target_intracranial: CT intracranial masks (inside the skull).
         target_head: CT head masks.
         pixel_mm: the side of a pixel, mm (both domains).
         source_slices: the template's axial indices (its third axis, 1 mm) of the MR slices.
         target_slices: the CT's axis-1 indices (0.957 mm) of the CT slices.
+        source_name: ``"colin27"`` or ``"mni152"``, the MR volume.
 
     Shape:
         source, source_brain, source_head: ``(n_source, size, size)``; target, target_intracranial,
@@ -119,6 +135,7 @@ class CrossModalCase:
     pixel_mm: float
     source_slices: tuple[int, ...]
     target_slices: tuple[int, ...]
+    source_name: str = "colin27"
 
 
 def ct_window(hu: np.ndarray) -> np.ndarray:
@@ -155,6 +172,21 @@ def _mni_path() -> Path:
     if spec is None or spec.origin is None:
         raise ImportError("the MR -> CT case needs nilearn's MNI152 template: pip install nilearn (or 'plasticine[crossmodal]')")
     return Path(spec.origin).parent / "datasets" / "data" / _MNI_NAME
+
+
+def _read_mr(source: str) -> tuple[np.ndarray, np.ndarray]:
+    """The MR volume scaled to [0, 1] and its brain mask, axes (x: left to right, y: posterior to anterior, z: inferior to superior)."""
+    if source == "mni152":
+        t1 = _read_mni()
+        return t1, t1 > _BRAIN_THRESHOLD
+    from .system import colin27
+
+    t1, affine = colin27("ch2.nii.gz")
+    brain, _ = colin27("ch2bet.nii.gz")
+    if t1.shape != brain.shape or not np.allclose(np.abs(np.diag(affine))[:3], _MR_SPACING):
+        raise RuntimeError(f"Colin27: expected a 1 mm T1 and brain extraction of one shape, got {t1.shape} and {brain.shape}")
+    t1 = t1.astype(np.float32)
+    return t1 / t1.max(), brain > 0
 
 
 def _read_mni() -> np.ndarray:
@@ -283,38 +315,42 @@ def _ct_slices(min_area_fraction: float) -> tuple[list[int], np.ndarray, np.ndar
     return [ys[i] for i in keep], ct_window(slices[keep]), intracranial[keep], heads[keep], depth_mm[0], depth_mm[1]
 
 
-def _mr_slices(depth_min: float, depth_max: float) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
+def _mr_slices(depth_min: float, depth_max: float, source: str) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
     """MR axial slices at the depths below the brain's top: indices, images, brain and head masks (1 mm)."""
-    t1 = _read_mni()
+    t1, brain3d = _read_mr(source)
     # axial slice z: rows anterior (row 0) to posterior, columns the subject's right to left
-    view = lambda z: t1[:, :, z].T[::-1, ::-1]  # noqa: E731
-    brain_area = (t1 > _BRAIN_THRESHOLD).sum((0, 1))
+    view = lambda v, z: v[:, :, z].T[::-1, ::-1]  # noqa: E731
+    brain_area = brain3d.sum((0, 1))
     zs_desc = np.arange(t1.shape[2])[::-1]
     top = int(zs_desc[_top(brain_area[zs_desc].astype(np.float64))])
     zs = [z for z in range(t1.shape[2]) if depth_min <= (top - z) * _MR_SPACING <= depth_max][::-1]
-    images = np.stack([view(z) for z in zs]).astype(np.float32)
+    images = np.stack([view(t1, z) for z in zs]).astype(np.float32)
     radius = int(round(_CLOSING_MM / _MR_SPACING))
-    brains = np.stack([_largest(_filled(im > _BRAIN_THRESHOLD)) for im in images])
+    close = int(round(_BRAIN_CLOSING_MM / _MR_SPACING)) if source == "colin27" else 0
+    brains = np.stack([_largest(_filled(_closed(view(brain3d, z), close) if close else view(brain3d, z))) for z in zs])
     heads = np.stack([_largest(_filled(_closed(im > _MR_HEAD_THRESHOLD, radius))) for im in images])
     return zs, images, brains, heads
 
 
-def crossmodal_case(size: int = 128, *, field_of_view_mm: float = 192.0, min_area_fraction: float = 0.3) -> CrossModalCase:
-    """Load the unpaired MR -> CT case: MNI152 T1 and head CT axial slices on one pixel grid (see the module notes).
+def crossmodal_case(size: int = 128, *, field_of_view_mm: float = 208.0, min_area_fraction: float = 0.3, source: str = "colin27") -> CrossModalCase:
+    """Load the unpaired MR -> CT case: T1 MR and head CT axial slices on one pixel grid (see the module notes).
 
     Args:
         size: the slices' side in pixels (128 for the benchmark, 64 for fast tests), at least 16.
         field_of_view_mm: the side of the slices in mm; the pixel is ``field_of_view_mm / size`` mm
-            (1.5 mm by default).
+            (1.625 mm by default).
         min_area_fraction: a CT slice is kept when its intracranial area is at least this fraction
             of the largest (in ``(0, 1]``).
+        source: the MR: ``"colin27"`` (a whole head, the default) or ``"mni152"`` (nilearn's
+            skull-stripped template).
 
     Returns:
         A :class:`CrossModalCase`; slices run from superior to inferior.
 
     Raises:
-        ImportError: without nilearn (it ships the MR template).
-        FileNotFoundError: without the CT (``apt-get install invesalius-examples``).
+        ImportError: without nilearn (``"mni152"``) or nibabel (``"colin27"``).
+        FileNotFoundError: without the CT (``apt-get install invesalius-examples``) or Colin27
+            (``apt-get install mricron-data``).
         RuntimeError: when an installed file differs from its pinned SHA-256, or is not the
             expected volume.
         ValueError: for a bad argument, or a field of view too small for the heads.
@@ -328,12 +364,16 @@ def crossmodal_case(size: int = 128, *, field_of_view_mm: float = 192.0, min_are
         raise ValueError(f"field_of_view_mm: expected a positive finite number, got {field_of_view_mm!r}")
     if isinstance(min_area_fraction, bool) or not isinstance(min_area_fraction, (int, float)) or not 0 < min_area_fraction <= 1:
         raise ValueError(f"min_area_fraction: expected a number in (0, 1], got {min_area_fraction!r}")
+    check_option(source, "source", ("colin27", "mni152"))
     pixel = float(field_of_view_mm) / size
-    for path, hint in ((_mni_path(), _MNI_HINT), (CT_PATH, _CT_HINT)):
+    from .system import MRICRON_DIR
+
+    mr_file = (_mni_path(), _MNI_HINT) if source == "mni152" else (MRICRON_DIR / "ch2.nii.gz", "install Debian's mricron-data (apt-get install mricron-data)")
+    for path, hint in (mr_file, (CT_PATH, _CT_HINT)):
         if not path.is_file():  # both before any work
             raise FileNotFoundError(f"{path} not found: {hint}")
     ct_idx, ct, intracranial, ct_head, d0, d1 = _ct_slices(float(min_area_fraction))
-    mr_idx, mr, brain, mr_head = _mr_slices(d0, d1)
+    mr_idx, mr, brain, mr_head = _mr_slices(d0, d1, source)
     fine = (_CT_SPACING[1], _CT_SPACING[1])
     ct, intracranial, ct_head = (_resample(a.astype(np.float32), fine, pixel) for a in (ct, intracranial, ct_head))
     mr, brain, mr_head = (_resample(a.astype(np.float32), (_MR_SPACING, _MR_SPACING), pixel) for a in (mr, brain, mr_head))
@@ -350,4 +390,5 @@ def crossmodal_case(size: int = 128, *, field_of_view_mm: float = 192.0, min_are
         pixel_mm=pixel,
         source_slices=tuple(mr_idx),
         target_slices=tuple(ct_idx),
+        source_name=source,
     )

@@ -89,7 +89,19 @@ def bench_case(shape: tuple[int, ...], device: torch.device, repeats: int, seed:
         Not applicable.
     """
     config = DemoConfig()
-    translator = build_translator(len(shape), 1, classes=config.num_classes, sampler_steps=config.sampler_steps, start_fraction=config.start_fraction, seed=seed)
+    translator = build_translator(
+        len(shape),
+        1,
+        structure="kmeans",
+        classes=config.num_classes,
+        prediction="eps",
+        data_range=None,
+        clip=False,
+        start="source",
+        start_fraction=config.start_fraction,
+        sampler_steps=config.sampler_steps,
+        seed=seed,
+    )
     translator.to(device).eval()
     x = make_input(shape, device)
     k0 = translator.default_start_step

@@ -335,7 +335,19 @@ def build_demo_translator(config: DemoConfig = DemoConfig()) -> TraceableTransla
     """
     from .recipes import build_translator
 
-    return build_translator(2, 1, classes=config.num_classes, sampler_steps=config.sampler_steps, start_fraction=config.start_fraction, seed=config.seed)
+    return build_translator(
+        2,
+        1,
+        structure="kmeans",
+        classes=config.num_classes,
+        prediction="eps",
+        data_range=None,
+        clip=False,
+        start="source",
+        start_fraction=config.start_fraction,
+        sampler_steps=config.sampler_steps,
+        seed=config.seed,
+    )
 
 
 def _say(message: str, verbose: bool) -> None:

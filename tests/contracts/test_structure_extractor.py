@@ -52,7 +52,7 @@ IMPLEMENTATIONS = PARTITIONS + [
     param(lambda: ContourExtractor(), "ContourExtractor"),
     param(lambda: ContourExtractor(KMeansExtractor(3)), "ContourExtractor-kmeans"),
     param(lambda: StackedExtractor([ForegroundExtractor(), MINDExtractor(sigma=2.5)]), "StackedExtractor"),
-    param(lambda: StackedExtractor([KMeansExtractor(3), ContourExtractor(KMeansExtractor(2))]), "StackedExtractor-partitions"),
+    param(lambda: StackedExtractor([KMeansExtractor(3), ForegroundExtractor()]), "StackedExtractor-partitions"),
 ]
 
 SHAPES = [(16, 14), (8, 7, 6)]

@@ -271,7 +271,7 @@ def test_the_default_model_is_the_default_recipe(model):
 
 
 def test_train_options_reach_the_translator_and_the_recipe(folders, tmp_path, monkeypatch, capsys):
-    import plasticine.recipes as recipes
+    from plasticine import recipes
     from plasticine.checkpoint import load_translator
     from plasticine.segmentation import KMeansExtractor
     from plasticine.training import Augmentation

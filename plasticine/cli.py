@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
-    p = sub.add_parser("translate", **kinds, help="translate images with a saved translator", description="Translate images; writes the translation, phi and phi^-1, and a trace file per input.")
+    p = sub.add_parser("translate", **kinds, help="translate images with a saved translator", description="Translate images; writes the translation (float32 NIfTI, and an 8-bit PNG preview of 2D images), phi and phi^-1, and a trace file per input.")
     p.add_argument("--model", required=True, help="translator file written by train")
     p.add_argument("--input", required=True, help="folder or file of source images")
     p.add_argument("--output", required=True, help="output folder")

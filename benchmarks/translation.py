@@ -1,6 +1,6 @@
 """Seconds per translated image of a :class:`~plasticine.translator.TraceableTranslator`.
 
-The translator is the demo's (:func:`plasticine.recipes.build_translator`, the architecture of
+The translator is the demo's (:func:`plasticine.demo.build_demo_translator`, the architecture of
 ``plasticine demo``: k-means structure map with 4 classes, the learned registration network with
 the noise cue and scaling and squaring, a conditional U-Net with 16, 32, 32 channels, the paper's
 linear schedule with K = 2000, DDIM with 10 steps, concatenation conditioning, start step
@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +43,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _timing as T  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 
-from plasticine.recipes import build_translator  # noqa: E402
 from plasticine.data import brainweb_slices  # noqa: E402
-from plasticine.demo import DemoConfig  # noqa: E402
+from plasticine.demo import DemoConfig, build_demo_translator  # noqa: E402
 from plasticine.diffusion import DPMSolverPP, noise_like  # noqa: E402
 
 GOAL_SECONDS = 10.0
@@ -88,8 +88,7 @@ def bench_case(shape: tuple[int, ...], device: torch.device, repeats: int, seed:
     Shape:
         Not applicable.
     """
-    config = DemoConfig()
-    translator = build_translator(len(shape), 1, classes=config.num_classes, sampler_steps=config.sampler_steps, start_fraction=config.start_fraction, seed=seed)
+    translator = build_demo_translator(replace(DemoConfig(), seed=seed), ndim=len(shape))
     translator.to(device).eval()
     x = make_input(shape, device)
     k0 = translator.default_start_step

@@ -6,14 +6,28 @@ Run ``plasticine <command> --help`` for the options of each (``python -m plastic
   unpaired image folders (PNG, NIfTI or DICOM; ``--axis`` slices 3D volumes into 2D images): the
   denoiser first (the paper's Algorithm 2, :func:`~plasticine.training.diffusion_objective`), then
   the registration network (:func:`~plasticine.training.deformation_objective` on unpaired
-  source/target pairs). Each stage writes a training checkpoint next to the output
-  (``model.pt.diffusion-state.pt``, ``model.pt.registration-state.pt``) every
-  ``--checkpoint-every`` steps; running the same command again resumes where it stopped (and a
-  larger ``--*-steps`` continues training).
+  source/target pairs). The translator is :func:`plasticine.recipes.build_translator` with the
+  options ``--structure``, ``--classes``, ``--mind-sigma``, ``--prediction``, ``--data-range``
+  (``--no-data-range``), ``--no-clip``, ``--start``, ``--start-fraction`` and ``--sampler-steps``;
+  the training is :class:`~plasticine.recipes.TrainingRecipe` with ``--ema-decay``,
+  ``--augment`` and ``--snr-gamma``. The defaults are those of ``build_translator``: the head mask
+  stacked with MIND-SSC as the structure map, x0 prediction on data mapped to [-1, 1] and clipped
+  there at every step, generation from pure noise in the warped source's geometry. Each stage
+  writes a training checkpoint next to the output (``model.pt.diffusion-state.pt``,
+  ``model.pt.registration-state.pt``) every ``--checkpoint-every`` steps; running the same command
+  again resumes where it stopped (and a larger ``--*-steps`` continues training). At the end it
+  prints the last logged losses of both stages and writes them, with the settings used, to
+  ``model.losses.json`` (``<output stem>.losses.json``; a stage that was already complete in its
+  checkpoint ran no step and has no losses).
 * ``plasticine translate --model model.pt --input IN --output OUT`` writes, per input image,
-  ``<name>_translated.png`` (``.nii.gz`` for 3D), ``<name>_deformation.npz`` (phi and phi^-1, see
-  :func:`plasticine.io.write_deformation`) and ``<name>_trace.json`` (a trace file: the ``--points``
-  carried into the translation, and how the output was made).
+  ``<name>_translated.nii.gz`` (the translation as float32 NIfTI, nothing clamped; it needs
+  nibabel, without it a note is printed and only the preview is written), for 2D images of 1 or 3
+  channels an 8-bit preview ``<name>_translated.png`` (values outside [0, 1] are clipped there,
+  and the count is printed), ``<name>_deformation.npz`` (phi and phi^-1, see
+  :func:`plasticine.io.write_deformation`) and ``<name>_trace.json`` (a trace file: the
+  ``--points`` carried into the translation, and how the output was made).
+  ``--no-registration`` translates with phi = identity
+  (:class:`~plasticine.registration.IdentityRegistration`), the baseline without a deformation.
 * ``plasticine trace --deformation X_deformation.npz --mask M --output OUT`` (or ``--points P``)
   carries a mask or points through a saved result: ``--direction to-target`` (default) from the
   source into the translation (mask o phi, points phi^-1(p)), ``to-source`` back (mask o phi^-1,
@@ -30,6 +44,7 @@ default.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import sys
 from pathlib import Path
@@ -56,7 +71,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def _common_options() -> argparse.ArgumentParser:
     """Options every subcommand takes (also accepted before the subcommand)."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--threads", type=int, default=argparse.SUPPRESS, help="CPU threads for torch (default: torch's choice)")
+    common.add_argument(
+        "--threads", type=int, default=argparse.SUPPRESS, help=f"CPU threads for torch (default: torch's choice, {torch.get_num_threads()} on this machine)"
+    )
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback of an error")
     return common
 
@@ -81,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     Shape:
         Not applicable.
     """
+    from .diffusion.prediction import PREDICTIONS
+    from .recipes import STRUCTURES
+
     common = _common_options()
     parser = argparse.ArgumentParser(
         prog="plasticine",
@@ -96,19 +116,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", required=True, help="folder (or file) of target-domain images")
     p.add_argument("--output", required=True, help="translator file to write (.pt, or .safetensors with the safetensors package)")
     _add_data_options(p)
-    p.add_argument("--classes", type=int, default=4, help="structure-map classes (k-means)")
+    p.add_argument(
+        "--structure",
+        choices=STRUCTURES,
+        default=STRUCTURES[0],
+        help="structure map the denoiser is conditioned on: filled head mask and/or MIND-SSC (both mean one anatomy across contrasts), k-means classes ranked by intensity, or the paper's 2-class Potts partition",
+    )
+    p.add_argument("--classes", type=int, default=4, help="k-means classes (with --structure kmeans)")
+    p.add_argument("--mind-sigma", type=float, default=2.5, help="MIND-SSC patch width in pixels (with --structure mind or foreground+mind)")
+    p.add_argument("--prediction", choices=PREDICTIONS, default="x0", help="what the denoiser predicts: the noise (eps, the paper's), the clean image (x0) or v")
+    p.add_argument(
+        "--data-range",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        default=None,
+        help="intensity range of the (normalised) images, mapped to [-1, 1] inside the diffusion (default: 0.0 1.0, the range of --normalization percentile and minmax)",
+    )
+    p.add_argument("--no-data-range", action="store_true", help="diffuse the intensities as they are (no mapping to [-1, 1])")
+    p.add_argument("--no-clip", action="store_true", help="do not clip the predicted clean image to [-1, 1] at each sampler step")
+    p.add_argument("--start", choices=("warped", "source"), default="warped", help="sampling starts from the noised warped source (the condition's geometry) or the unwarped source (the paper's)")
     p.add_argument("--diffusion-steps", type=int, default=2000, help="optimizer steps of the denoiser")
     p.add_argument("--registration-steps", type=int, default=2000, help="optimizer steps of the registration network")
     p.add_argument("--batch-size", type=int, default=4, help="images per optimizer step")
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
     p.add_argument("--sampler-steps", type=int, default=20, help="DDIM steps at translation")
-    p.add_argument("--start-fraction", type=float, default=0.5, help="default start step as a fraction of K")
+    p.add_argument("--start-fraction", type=float, default=1.0, help="start step of translate as a fraction of K (1: from pure noise)")
+    p.add_argument("--ema-decay", type=float, default=None, help="decay of the denoiser's weight average, whose weights are kept, in [0, 1) (default: none, the last weights)")
+    p.add_argument("--augment", action="store_true", help="random flips, small affine maps and intensity jitter of every training batch")
+    p.add_argument("--snr-gamma", type=float, default=None, help="min-SNR loss weighting cap of the denoiser's training, > 0 (default: none, unweighted)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between training checkpoints")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights, the batches and the noise")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
-    p = sub.add_parser("translate", **kinds, help="translate images with a saved translator", description="Translate images; writes the translation, phi and phi^-1, and a trace file per input.")
+    p = sub.add_parser("translate", **kinds, help="translate images with a saved translator", description="Translate images; writes the translation (float32 NIfTI, and an 8-bit PNG preview of 2D images), phi and phi^-1, and a trace file per input.")
     p.add_argument("--model", required=True, help="translator file written by train")
     p.add_argument("--input", required=True, help="folder or file of source images")
     p.add_argument("--output", required=True, help="output folder")
@@ -118,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of item i is seed + i")
     p.add_argument("--points", default=None, help="points file (JSON or CSV, source voxel coordinates) to carry into every translation")
     p.add_argument("--deformation-format", choices=("npz", "nii.gz"), default="npz", help="file format of phi and phi^-1")
+    p.add_argument("--no-registration", action="store_true", help="translate without a deformation (phi = identity): the baseline that changes intensities only")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
 
     p = sub.add_parser("trace", **kinds, help="carry a mask or points through a saved deformation", description="Carry a mask or points through a deformation written by translate.")
@@ -165,25 +208,47 @@ def _check_checkpoint_name(option: str, name: str) -> None:
     lower = name.lower()
     if not lower.endswith(_CHECKPOINT_SUFFIXES):
         raise ValueError(f"{option}: {name}: expected a file name ending in {', '.join(_CHECKPOINT_SUFFIXES)}")
-    if lower.endswith(".safetensors"):
-        import importlib.util
+    if lower.endswith(".safetensors") and importlib.util.find_spec("safetensors") is None:
+        raise ValueError(f"{option}: {name}: writing .safetensors needs the safetensors package (pip install safetensors), or name a .pt file")
 
-        if importlib.util.find_spec("safetensors") is None:
-            raise ValueError(f"{option}: {name}: writing .safetensors needs the safetensors package (pip install safetensors), or name a .pt file")
+
+def _check_option_number(option: str, value: float | None, what: str, ok: bool) -> None:
+    """Refuse a numeric option outside its range, naming it (None: not given, nothing to check)."""
+    if value is not None and not (math.isfinite(value) and ok):
+        raise ValueError(f"{option}: expected {what}, got {value}")
+
+
+def _losses_file(output: Path) -> Path:
+    """``<output stem>.losses.json`` beside the translator file."""
+    return output.with_name(output.name[: -len(output.suffix)] + ".losses.json")
+
+
+def _finite_or_text(value: float) -> float | str:
+    """A loss for JSON: the number, or its text when it is not finite (JSON has no NaN)."""
+    return value if math.isfinite(value) else str(value)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .checkpoint import save_component
+    import json
+
+    from .checkpoint import atomic_write, save_component
     from .recipes import TrainingRecipe, build_translator, train_translator
+    from .training import Augmentation
 
     for name in ("diffusion_steps", "registration_steps", "batch_size", "checkpoint_every", "classes", "sampler_steps"):
         if getattr(args, name) < (0 if name == "checkpoint_every" else 1):
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
     _check_checkpoint_name("--output", args.output)
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        raise ValueError(f"--lr: expected a finite learning rate > 0, got {args.lr}")
-    if not (0 < args.start_fraction <= 1):
-        raise ValueError(f"--start-fraction: expected a fraction in (0, 1], got {args.start_fraction}")
+    _check_option_number("--lr", args.lr, "a finite learning rate > 0", args.lr > 0)
+    _check_option_number("--start-fraction", args.start_fraction, "a fraction in (0, 1]", 0 < args.start_fraction <= 1)
+    _check_option_number("--mind-sigma", args.mind_sigma, "a finite patch width > 0 (pixels)", args.mind_sigma > 0)
+    _check_option_number("--ema-decay", args.ema_decay, "a decay in [0, 1)", args.ema_decay is not None and 0 <= args.ema_decay < 1)
+    _check_option_number("--snr-gamma", args.snr_gamma, "a finite cap > 0", args.snr_gamma is not None and args.snr_gamma > 0)
+    if args.no_data_range and args.data_range is not None:
+        raise ValueError(f"--data-range {args.data_range[0]} {args.data_range[1]} and --no-data-range: give one of the two")
+    data_range = None if args.no_data_range else (0.0, 1.0) if args.data_range is None else tuple(args.data_range)
+    if data_range is not None and not (all(math.isfinite(v) for v in data_range) and data_range[0] < data_range[1]):
+        raise ValueError(f"--data-range: expected finite LOW < HIGH, got {data_range[0]} {data_range[1]}")
     device = _device(args.device)
     source, target = _load_images(args, args.source), _load_images(args, args.target)
     xs, ys = source.stack(), target.stack()
@@ -194,22 +259,63 @@ def _train(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name}: {n} image(s), fewer than --batch-size {args.batch_size}")
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    translator = build_translator(xs.dim() - 2, xs.shape[1], classes=args.classes, sampler_steps=args.sampler_steps, start_fraction=args.start_fraction, seed=args.seed).to(device)
+    built = {
+        "structure": args.structure,
+        "classes": args.classes,
+        "mind_sigma": args.mind_sigma,
+        "prediction": args.prediction,
+        "data_range": data_range,
+        "clip": not args.no_clip,
+        "start": args.start,
+        "start_fraction": args.start_fraction,
+        "sampler_steps": args.sampler_steps,
+        "seed": args.seed,
+    }
+    translator = build_translator(xs.dim() - 2, xs.shape[1], **built).to(device)
     recipe = TrainingRecipe(
         diffusion_steps=args.diffusion_steps,
         registration_steps=args.registration_steps,
         batch_size=args.batch_size,
         learning_rate=args.lr,
         seed=args.seed,
+        ema_decay=args.ema_decay,
         checkpoint_every=args.checkpoint_every,
         progress="none" if args.quiet else "auto",
+        augmentation=Augmentation() if args.augment else None,
+        snr_gamma=args.snr_gamma,
     )
     if not args.quiet:
         print(f"plasticine train: {len(source)} source and {len(target)} target image(s) of shape {tuple(xs.shape[1:])}", file=sys.stderr)
-    train_translator(translator, source, target, recipe, checkpoint_prefix=out)
+    losses = train_translator(translator, source, target, recipe, checkpoint_prefix=out)
     save_component(translator, out)
+    settings = {
+        **built,
+        "data_range": None if data_range is None else list(data_range),
+        "diffusion_steps": args.diffusion_steps,
+        "registration_steps": args.registration_steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "ema_decay": args.ema_decay,
+        "augment": args.augment,
+        "snr_gamma": args.snr_gamma,
+        "normalization": args.normalization,
+        "source": str(args.source),
+        "target": str(args.target),
+        "source_images": len(source),
+        "target_images": len(target),
+    }
+    record = {
+        "model": out.name,
+        "losses": {stage: {k: _finite_or_text(v) for k, v in terms.items()} for stage, terms in losses.items()},
+        "settings": settings,
+    }
+    losses_file = _losses_file(out)
+    atomic_write(losses_file, (json.dumps(record, indent=2, allow_nan=False) + "\n").encode())
+    for stage, terms in losses.items():
+        text = ", ".join(f"{k} {v:.6g}" for k, v in terms.items()) or "no step run (the stage was complete in its checkpoint)"
+        print(f"final {stage} loss: {text}")
     if not args.quiet:
-        print(f"plasticine train: wrote {out}", file=sys.stderr)
+        print(f"plasticine train: wrote {out} and {losses_file.name}", file=sys.stderr)
     return 0
 
 
@@ -235,11 +341,17 @@ def _translate(args: argparse.Namespace) -> int:
         raise ValueError(f"--start-step: expected an integer >= 1, got {args.start_step}")
     device = _device(args.device)
     translator = load_translator(args.model, map_location=device)
+    if args.no_registration:
+        from .registration import IdentityRegistration
+
+        translator = translator.replace(registration=IdentityRegistration()).eval()
     images = _load_images(args, args.input)
     _check_unique_names(images)
     points = None if args.points is None else read_points(args.points)
+    has_nibabel = importlib.util.find_spec("nibabel") is not None
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
+    noted = False
     for i in range(len(images)):
         x = images[i][None].to(device)
         if points is not None and points.shape[1] != x.dim() - 2:
@@ -250,13 +362,21 @@ def _translate(args: argparse.Namespace) -> int:
             r = translator.translate(x, start_step=args.start_step, num_samples=args.samples, generator=g)
         except ValueError as err:
             raise ValueError(f"{images.items[i].path}: {err}") from err
-        ext = ".png" if x.dim() == 4 and x.shape[1] in (1, 3) else ".nii.gz"
-        image_file = out / f"{name}_translated{ext}"
         y = r.image[0].cpu()
-        clipped = int(((y < 0) | (y > 1)).sum()) if ext == ".png" else 0
+        preview = out / f"{name}_translated.png" if x.dim() == 4 and x.shape[1] in (1, 3) else None
+        floats = out / f"{name}_translated.nii.gz" if preview is None or has_nibabel else None
+        if floats is None and not noted:
+            print("plasticine translate: note: nibabel is not installed (pip install nibabel): the float translations are not written, only the 8-bit PNG previews", file=sys.stderr)
+            noted = True
+        clipped = int(((y < 0) | (y > 1)).sum()) if preview is not None else 0
         if clipped:  # an 8-bit PNG holds [0, 1]: say how much of the translation lies outside
-            print(f"plasticine translate: {image_file.name}: {clipped} of {y.numel()} values outside [0, 1] clipped for the 8-bit PNG", file=sys.stderr)
-        write_image(image_file, y.clamp(0, 1) if clipped else y)
+            kept = f"; the values are kept in {floats.name}" if floats is not None else ""
+            print(f"plasticine translate: {preview.name}: {clipped} of {y.numel()} values outside [0, 1] clipped for the 8-bit PNG preview{kept}", file=sys.stderr)
+        if floats is not None:
+            write_image(floats, y)
+        if preview is not None:
+            write_image(preview, y.clamp(0, 1) if clipped else y)
+        image_file = floats if floats is not None else preview
         def_file = out / f"{name}_deformation.{args.deformation_format}"
         write_deformation(def_file, r.deformation.to("cpu"))
         src = torch.empty(0, x.dim() - 2) if points is None else points
@@ -271,6 +391,8 @@ def _translate(args: argparse.Namespace) -> int:
             axis=images.axis,
             model=str(args.model),
             translated=image_file.name,
+            preview=None if preview is None else preview.name,
+            registration="identity" if args.no_registration else "model",
             deformation=def_file.name,
             start_step=r.start_step,
             samples=args.samples,

@@ -315,17 +315,20 @@ def make_cohort(config: DemoConfig, num_subjects: int, seed: int, *, include_rea
 # -- the translator -------------------------------------------------------------------------------
 
 
-def build_demo_translator(config: DemoConfig = DemoConfig()) -> TraceableTranslator:
+def build_demo_translator(config: DemoConfig = DemoConfig(), *, ndim: int = 2) -> TraceableTranslator:
     """The demo's translator with freshly initialised weights (about 0.4 M parameters).
 
-    The translator of ``plasticine train`` (:func:`plasticine.recipes.build_translator`) for 2D
-    single-channel images: k-means structure map (``num_classes``), the learned registration
-    network with the noise cue and scaling and squaring, a conditional U-Net (16, 32, 32 channels,
-    no attention), the paper's linear schedule (:math:`10^{-6}..10^{-2}`, K = 2000), DDIM with
-    ``sampler_steps`` steps and concatenation conditioning; weights initialised from ``seed``.
+    The translator of ``plasticine train`` (:func:`plasticine.recipes.build_translator`) for
+    single-channel images with the settings it had before its cross-modality defaults: k-means
+    structure map (``num_classes``), the learned registration network with the noise cue and
+    scaling and squaring, a conditional U-Net (16, 32, 32 channels, no attention) predicting the
+    noise, the paper's linear schedule (:math:`10^{-6}..10^{-2}`, K = 2000) on the intensities as
+    they are, DDIM with ``sampler_steps`` steps without clipping, started from the noised unwarped
+    source, and concatenation conditioning; weights initialised from ``seed``.
 
     Args:
         config: the settings.
+        ndim: 2 (the demo's) or 3 (the same widths, for benchmarks).
 
     Returns:
         The translator, in training mode.
@@ -335,7 +338,19 @@ def build_demo_translator(config: DemoConfig = DemoConfig()) -> TraceableTransla
     """
     from .recipes import build_translator
 
-    return build_translator(2, 1, classes=config.num_classes, sampler_steps=config.sampler_steps, start_fraction=config.start_fraction, seed=config.seed)
+    return build_translator(
+        ndim,
+        1,
+        structure="kmeans",
+        classes=config.num_classes,
+        prediction="eps",
+        data_range=None,
+        clip=False,
+        start="source",
+        start_fraction=config.start_fraction,
+        sampler_steps=config.sampler_steps,
+        seed=config.seed,
+    )
 
 
 def _say(message: str, verbose: bool) -> None:

@@ -1,7 +1,8 @@
 r"""The standard translator and its two-stage training: what ``plasticine train`` and the demo run.
 
 * :func:`build_translator` assembles the translator of ``plasticine train``: small networks that
-  train on a CPU.
+  train on a CPU, the structure map, parametrisation, data range, clipping and start chosen by
+  its arguments.
 * :func:`train_translator` trains it as the paper does, one :class:`~plasticine.training.Trainer`
   per stage, each over :class:`~plasticine.training.ShuffledBatches`:
 
@@ -28,52 +29,124 @@ import torch
 from .training import Augmentation, Progress, ShuffledBatches, TrainConfig, Trainer, deformation_objective, diffusion_objective
 from .translator import TraceableTranslator
 
-__all__ = ["build_translator", "TrainingRecipe", "train_translator"]
+__all__ = ["STRUCTURES", "TrainingRecipe", "build_translator", "train_translator"]
 
 
-def build_translator(ndim: int, channels: int, *, classes: int = 4, sampler_steps: int = 20, start_fraction: float = 0.5, seed: int = 0) -> TraceableTranslator:
-    """The translator that ``plasticine train`` builds: small networks that train on a CPU.
+#: The structure maps :func:`build_translator` offers (``structure=``), see its docstring.
+STRUCTURES: tuple[str, ...] = ("foreground+mind", "foreground", "mind", "kmeans", "potts")
 
-    K-means structure map with ``classes`` classes, the learned registration network with the noise
-    cue (16 to 32 channels) and scaling and squaring, a conditional U-Net (16, 32, 32 channels), the
-    paper's linear schedule, DDIM with ``sampler_steps`` steps, concatenation conditioning.
+
+def build_translator(
+    ndim: int,
+    channels: int,
+    *,
+    structure: str = "foreground+mind",
+    classes: int = 4,
+    mind_sigma: float = 2.5,
+    prediction: str = "x0",
+    data_range: tuple[float, float] | None = (0.0, 1.0),
+    clip: bool = True,
+    start: str = "warped",
+    start_fraction: float = 1.0,
+    sampler_steps: int = 20,
+    seed: int = 0,
+) -> TraceableTranslator:
+    r"""The translator that ``plasticine train`` builds: small networks that train on a CPU.
+
+    A structure map chosen by ``structure``, the learned registration network with the noise cue
+    (16 to 32 channels) and scaling and squaring, a conditional U-Net (16, 32, 32 channels) whose
+    condition has the map's channels, the paper's linear schedule, DDIM with ``sampler_steps``
+    steps and concatenation conditioning. The structure maps:
+
+    * ``"foreground+mind"`` (default): :class:`~plasticine.segmentation.StackedExtractor` of the
+      filled head mask (:class:`~plasticine.segmentation.ForegroundExtractor`, 2 channels) and
+      MIND-SSC (:class:`~plasticine.segmentation.MINDExtractor` with ``sigma=mind_sigma``; 4
+      channels in 2D, 12 in 3D): both mean the same anatomy when the contrast inverts;
+    * ``"foreground"``: the head mask alone; ``"mind"``: MIND-SSC alone;
+    * ``"kmeans"``: :class:`~plasticine.segmentation.KMeansExtractor` ``(classes, max_iter=50)``,
+      classes ranked by intensity (the demo's; it changes meaning when the contrast inverts);
+    * ``"potts"``: :class:`~plasticine.segmentation.PottsExtractor` ``()`` (the paper's two classes).
+
+    The default generates the target domain from pure noise (``start_fraction=1``) in the
+    geometry of the warped source (``start="warped"``), the data mapped from ``data_range`` to
+    :math:`[-1, 1]` inside the diffusion and :math:`\hat x_0` predicted directly and clipped to
+    :math:`[-1, 1]` at every step. The demo's translator (:func:`plasticine.demo.build_demo_translator`)
+    keeps the earlier settings: ``structure="kmeans", prediction="eps", data_range=None,
+    clip=False, start="source"`` (the paper's unwarped start, the paper's eps parametrisation).
 
     Args:
         ndim: 2 or 3 spatial dimensions.
         channels: image channels.
-        classes: structure classes.
+        structure: one of :data:`STRUCTURES`.
+        classes: k-means classes (``structure="kmeans"``).
+        mind_sigma: patch width (pixels) of MIND-SSC (``"mind"``, ``"foreground+mind"``).
+        prediction: the denoiser's output, ``"eps"`` (the paper), ``"x0"`` or ``"v"``
+            (the sampler's ``prediction``, used in training too).
+        data_range: intensity range mapped to :math:`[-1, 1]` inside the diffusion, or None.
+        clip: clip :math:`\hat x_0` to :math:`[-1, 1]` at every sampler step.
+        start: ``"warped"`` (noised :math:`x \circ \phi`, the condition's geometry) or
+            ``"source"`` (noised :math:`x`, the paper's).
+        start_fraction: default start step as a fraction of ``K``, in [0, 1].
         sampler_steps: DDIM steps.
-        start_fraction: default start step as a fraction of ``K``.
         seed: seed of the initial weights.
 
     Returns:
         A :class:`~plasticine.translator.TraceableTranslator`, in training mode.
 
+    Raises:
+        ValueError: naming the argument, for any setting outside the above (before anything is
+            built).
+
     Shape:
         Not applicable.
     """
+    from .core.validate import check_int, check_interval, check_number, check_option
     from .diffusion import DDIMSampler, LinearSchedule
     from .diffusion.conditioning import ConcatConditioning
+    from .diffusion.prediction import PREDICTIONS
     from .diffusion.unet import ConditionalUNet, UNetConfig
     from .registration import ScalingAndSquaring
     from .registration.network import LearnedRegistration, RegistrationNet, RegistrationNetConfig
-    from .segmentation import KMeansExtractor
+    from .segmentation import ForegroundExtractor, KMeansExtractor, MINDExtractor, PottsExtractor, StackedExtractor
 
-    if ndim not in (2, 3):
-        raise ValueError(f"ndim: expected 2 or 3, got {ndim}")
+    if ndim not in (2, 3) or isinstance(ndim, bool):
+        raise ValueError(f"ndim: expected 2 or 3, got {ndim!r}")
+    check_int(channels, "channels", 1)
+    check_option(structure, "structure", STRUCTURES)
+    check_int(classes, "classes", 1)
+    check_number(mind_sigma, "mind_sigma", 0, min_open=True)
+    check_option(prediction, "prediction", PREDICTIONS)
+    data_range = check_interval(data_range, "data_range")
+    if not isinstance(clip, bool):
+        raise ValueError(f"clip: expected True or False, got {clip!r}")
+    check_option(start, "start", ("warped", "source"))
+    check_number(start_fraction, "start_fraction", 0, 1)
+    check_int(sampler_steps, "sampler_steps", 1)
+    check_int(seed, "seed")
+    parts = {
+        "kmeans": lambda: KMeansExtractor(classes, max_iter=50),
+        "foreground": lambda: ForegroundExtractor(),
+        "mind": lambda: MINDExtractor(sigma=mind_sigma),
+        "foreground+mind": lambda: StackedExtractor([ForegroundExtractor(), MINDExtractor(sigma=mind_sigma)]),
+        "potts": lambda: PottsExtractor(),
+    }
+    extractor = parts[structure]()
+    labels = extractor.num_channels(ndim) if hasattr(extractor, "num_channels") else extractor.num_classes
     torch.manual_seed(seed)
     net = RegistrationNet(
         RegistrationNetConfig(spatial_dims=ndim, image_channels=channels, cue_channels=channels, features=16, encoder=(16, 32, 32, 32), align_channels=16, align_layers=3)
     )
-    unet = ConditionalUNet(UNetConfig(ndim=ndim, in_channels=channels, cond_channels=classes, base_channels=16, channel_mults=(1, 2, 2), attention_levels=()))
+    unet = ConditionalUNet(UNetConfig(ndim=ndim, in_channels=channels, cond_channels=labels, base_channels=16, channel_mults=(1, 2, 2), attention_levels=()))
     return TraceableTranslator(
-        KMeansExtractor(classes, max_iter=50),
+        extractor,
         LearnedRegistration(net, ScalingAndSquaring(7)),
         unet,
         LinearSchedule(),
-        DDIMSampler(sampler_steps),
-        ConcatConditioning(classes),
+        DDIMSampler(sampler_steps, prediction=prediction, clip=(-1.0, 1.0) if clip else None),
+        ConcatConditioning(labels),
         start_fraction=start_fraction,
+        data_range=data_range,
+        start=start,
     )
 
 

@@ -23,10 +23,10 @@ from plasticine.diffusion.conditioning import ConcatConditioning, LearnedConditi
 from plasticine.diffusion.schedules import DiscreteSchedule
 from plasticine.diffusion.unet import ConditionalUNet, UNetConfig
 from plasticine.losses import NCC, BendingEnergy, GradientSmoothness, LocalNCC, MutualInformation
-from plasticine.registration import LBFGS, RK4, Adam, AntsRegistration, Euler, GradientDescent, ScalingAndSquaring
+from plasticine.registration import LBFGS, RK4, Adam, AntsRegistration, Euler, GradientDescent, IdentityRegistration, ScalingAndSquaring
 from plasticine.registration.iterative import IterativeRegistration
 from plasticine.registration.network import LearnedRegistration, RegistrationNet, RegistrationNetConfig
-from plasticine.segmentation import ContourExtractor, ForegroundExtractor, KMeansExtractor, MINDExtractor, MultiOtsuExtractor, PottsExtractor
+from plasticine.segmentation import ContourExtractor, ForegroundExtractor, KMeansExtractor, MINDExtractor, MultiOtsuExtractor, PottsExtractor, StackedExtractor
 from plasticine.segmentation.unet import SegmentationUNet, SegmentationUNetConfig
 from plasticine.translator import TraceableTranslator
 
@@ -183,6 +183,7 @@ CASES = {
     ForegroundExtractor: (lambda: ForegroundExtractor("otsu", closing=1, smoothing_sigma=0.7, bins=32), lambda e: e(_image(2, 1, 9, 8))),
     MINDExtractor: (lambda: MINDExtractor(sigma=1.2, dilation=1, layout="mind"), lambda e: e(_image(2, 1, 6, 7, 5))),
     ContourExtractor: (lambda: ContourExtractor(KMeansExtractor(3, smoothing_sigma=1.0, max_iter=9)), lambda e: e(_image(2, 1, 9, 8))),
+    StackedExtractor: (lambda: StackedExtractor([ForegroundExtractor(fraction=0.2), MINDExtractor(sigma=1.5)]), lambda e: e(_image(2, 1, 9, 8))),
     ScalingAndSquaring: (lambda: ScalingAndSquaring(5, "zeros"), lambda f: f(_field(1, 2, 8, 7))),
     Euler: (lambda: Euler(4, "reflection"), lambda f: f(_field(1, 2, 8, 7))),
     RK4: (lambda: RK4(3, "reflection"), lambda f: f(_field(1, 3, 6, 5, 4))),
@@ -202,6 +203,7 @@ CASES = {
     GradientDescent: (lambda: GradientDescent(0.3, update_smoothing=1.0), _minimise),
     Adam: (lambda: Adam(0.05), _minimise),
     LBFGS: (lambda: LBFGS(0.5), _minimise),
+    IdentityRegistration: (lambda: IdentityRegistration(), lambda r: r.register(phantom((12, 10))).forward),
     AntsRegistration: (lambda: AntsRegistration("SyNOnly", "CC", pad=4, reg_iterations=(4, 2, 0)), None),  # the call it makes, see below
     SegmentationUNet: (
         lambda: SegmentationUNet(1, 3, 2, SegmentationUNetConfig(depth=2, base_width=4, norm="group", groups=2, dropout=0.1), generator=make_generator(5)),

@@ -132,6 +132,8 @@ def test_help_shows_defaults_and_threads(command, capsys):
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert "--threads" in out and "--debug" in out
+    # --threads states its default, the number of threads torch uses here
+    assert f"(default: torch's choice, {torch.get_num_threads()} on this machine)" in " ".join(out.split())
     expected = {"train": "(default: 2000)", "translate": "(default: npz)", "trace": "(default: to-target)", "demo": "(default: plasticine-demo)"}
     assert expected[command] in " ".join(out.split())
 
@@ -251,3 +253,170 @@ def test_a_checkpoint_with_an_absurd_setting_is_a_one_line_error(folders, model,
     assert main(["translate", "--model", str(tmp_path / "absurd.pt"), "--input", str(folders / "src"), "--output", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert "absurd.pt" in err and "num_steps" in err and "3000000000" in err and err.count("\n") == 1, err
+
+
+def _train_args(folders, out):
+    return ["train", "--source", str(folders / "src"), "--target", str(folders / "tgt"), "--output", str(out), "--diffusion-steps", "2", "--registration-steps", "2", "--batch-size", "2", "--quiet"]
+
+
+def test_the_default_model_is_the_default_recipe(model):
+    from plasticine.checkpoint import load_translator
+    from plasticine.segmentation import ForegroundExtractor, MINDExtractor, StackedExtractor
+
+    t = load_translator(model)
+    assert isinstance(t.structure, StackedExtractor)
+    assert [type(p) for p in t.structure.extractors] == [ForegroundExtractor, MINDExtractor] and t.structure.extractors[1].sigma == 2.5
+    assert t.sampler.config["prediction"] == "x0" and t.sampler.config["clip"] == (-1.0, 1.0)
+    assert t.data_range == (0.0, 1.0) and t.start == "warped" and t.start_fraction == 1.0
+
+
+def test_train_options_reach_the_translator_and_the_recipe(folders, tmp_path, monkeypatch, capsys):
+    from plasticine import recipes
+    from plasticine.checkpoint import load_translator
+    from plasticine.segmentation import KMeansExtractor
+    from plasticine.training import Augmentation
+
+    seen = []
+    train = recipes.train_translator
+
+    def spy(translator, source, target, recipe, **kwargs):
+        seen.append(recipe)
+        return train(translator, source, target, recipe, **kwargs)
+
+    monkeypatch.setattr(recipes, "train_translator", spy)
+    out = tmp_path / "m.pt"
+    extra = ["--structure", "kmeans", "--classes", "3", "--prediction", "v", "--data-range", "-1", "2", "--no-clip", "--start", "source", "--start-fraction", "0.25"]
+    extra += ["--sampler-steps", "3", "--ema-decay", "0.5", "--augment", "--snr-gamma", "5"]
+    assert main(_train_args(folders, out) + extra) == 0
+    t = load_translator(out)
+    assert isinstance(t.structure, KMeansExtractor) and t.structure.num_classes == 3 and t.conditioning.config["num_labels"] == 3
+    assert t.sampler.config["prediction"] == "v" and t.sampler.config["clip"] is None and t.sampler.config["steps"] == 3
+    assert t.data_range == (-1.0, 2.0) and t.start == "source" and t.start_fraction == 0.25
+    (recipe,) = seen
+    assert recipe.ema_decay == 0.5 and recipe.augmentation == Augmentation() and recipe.snr_gamma == 5.0
+    # the losses are printed and written beside the model, with the settings used
+    printed = {}
+    for line in capsys.readouterr().out.splitlines():
+        stage, _, terms = line.removeprefix("final ").partition(" loss: ")
+        printed[stage] = {name: float(v) for name, v in (term.rsplit(" ", 1) for term in terms.split(", "))}
+    doc = json.loads((tmp_path / "m.losses.json").read_text())
+    assert set(doc["losses"]) == set(printed) == {"denoiser", "registration"}
+    for stage, terms in doc["losses"].items():
+        assert terms and set(terms) == set(printed[stage]) and all(np.isfinite(v) for v in terms.values())
+        for name, value in terms.items():
+            assert printed[stage][name] == pytest.approx(value, rel=1e-5, abs=1e-12)
+    s = doc["settings"]
+    assert (s["structure"], s["classes"], s["prediction"], s["data_range"], s["clip"], s["start"]) == ("kmeans", 3, "v", [-1.0, 2.0], False, "source")
+    assert (s["ema_decay"], s["augment"], s["snr_gamma"], s["diffusion_steps"]) == (0.5, True, 5.0, 2)
+    assert not list(tmp_path.glob(".*.tmp")), "a temporary file of the atomic write was left behind"
+
+
+def test_train_without_a_data_range(folders, tmp_path):
+    from plasticine.checkpoint import load_translator
+
+    out = tmp_path / "m.pt"
+    assert main(_train_args(folders, out) + ["--no-data-range", "--structure", "foreground", "--sampler-steps", "2"]) == 0
+    t = load_translator(out)
+    assert t.data_range is None and t.conditioning.config["num_labels"] == 2
+    assert json.loads((tmp_path / "m.losses.json").read_text())["settings"]["data_range"] is None
+
+
+def test_new_train_options_are_refused_before_any_work(folders, tmp_path, capsys):
+    cases = [
+        (["--mind-sigma", "0"], "--mind-sigma"),
+        (["--ema-decay", "1"], "--ema-decay"),
+        (["--snr-gamma", "-1"], "--snr-gamma"),
+        (["--snr-gamma", "nan"], "--snr-gamma"),
+        (["--data-range", "1", "0"], "--data-range"),
+        (["--data-range", "0", "inf"], "--data-range"),
+        (["--data-range", "0", "1", "--no-data-range"], "--no-data-range"),
+        (["--start-fraction", "0"], "--start-fraction"),
+    ]
+    for extra, needle in cases:
+        assert main(_train_args(folders, tmp_path / "m.pt") + extra) == 1
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, err
+        assert not list(tmp_path.iterdir()), f"{extra}: files were written before the error: {list(tmp_path.iterdir())}"
+    for extra in (["--structure", "otsu"], ["--prediction", "score"], ["--start", "target"]):
+        with pytest.raises(SystemExit) as info:
+            main(_train_args(folders, tmp_path / "m.pt") + extra)
+        assert info.value.code == 2 and extra[0] in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_translate_writes_the_float_translation_as_nifti(folders, model, tmp_path):
+    nib = pytest.importorskip("nibabel", reason="the io extra (nibabel) is not installed")
+    from plasticine.checkpoint import load_translator
+    from plasticine.io import ImageFolder
+
+    out = tmp_path / "out"
+    assert main(["translate", "--model", str(model), "--input", str(folders / "src"), "--output", str(out), "--seed", "7"]) == 0
+    images = ImageFolder(folders / "src")
+    t = load_translator(model)
+    for i in range(len(images)):
+        expected = t.translate(images[i][None], generator=torch.Generator().manual_seed(7 + i)).image[0, 0]
+        name = images.name(i)
+        data = np.asarray(nib.load(out / f"{name}_translated.nii.gz").dataobj)
+        assert data.dtype == np.float32 and data.shape == tuple(expected.shape)
+        np.testing.assert_array_equal(data, expected.numpy())
+        # the 8-bit preview is the translation clipped to [0, 1] (the count is in the trace file)
+        png = read_image(out / f"{name}_translated.png", normalization="none")[0]
+        np.testing.assert_array_equal(png.numpy(), np.round(255 * expected.clamp(0, 1).numpy().astype(np.float64)))
+        doc = json.loads((out / f"{name}_trace.json").read_text())
+        assert doc["translated"] == f"{name}_translated.nii.gz" and doc["preview"] == f"{name}_translated.png"
+        assert doc["clipped_values"] == int(((expected < 0) | (expected > 1)).sum()) and doc["registration"] == "model"
+
+
+def test_translate_without_registration_uses_the_identity(folders, model, tmp_path):
+    pts = tmp_path / "p.json"
+    pts.write_text(json.dumps([[3.0, 4.0], [10.5, 7.25]]))
+    out = tmp_path / "out"
+    assert main(["translate", "--model", str(model), "--input", str(folders / "src" / "a1.png"), "--output", str(out), "--no-registration", "--points", str(pts)]) == 0
+    d = read_deformation(out / "a1_deformation.npz")
+    assert d.forward.shape == (1, 2, 16, 12) and not d.forward.any() and not d.inverse.any()
+    torch.testing.assert_close(read_points(out / "a1_trace.json", which="target"), torch.tensor([[3.0, 4.0], [10.5, 7.25]]))
+    assert json.loads((out / "a1_trace.json").read_text())["registration"] == "identity"
+    # with the model's registration the deformation is not the identity
+    with_reg = tmp_path / "with"
+    assert main(["translate", "--model", str(model), "--input", str(folders / "src" / "a1.png"), "--output", str(with_reg)]) == 0
+    assert read_deformation(with_reg / "a1_deformation.npz").forward.abs().max() > 0
+
+
+def test_translate_without_nibabel_writes_the_preview_and_says_so(folders, model, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nibabel" else find_spec(name, *a))
+    out = tmp_path / "out"
+    assert main(["translate", "--model", str(model), "--input", str(folders / "src"), "--output", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("nibabel is not installed") == 1, err
+    assert len(list(out.glob("*_translated.png"))) == 4 and not list(out.glob("*.nii.gz"))
+    assert json.loads((out / "a0_trace.json").read_text())["translated"] == "a0_translated.png"
+
+
+def test_values_outside_the_preview_range_are_kept_in_the_nifti_and_counted(folders, model, tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    nib = pytest.importorskip("nibabel", reason="the io extra (nibabel) is not installed")
+    from plasticine.translator import TraceableTranslator
+
+    translate = TraceableTranslator.translate
+    results = []
+
+    def stretched(self, *args, **kwargs):
+        r = translate(self, *args, **kwargs)
+        r = dataclasses.replace(r, image=3.0 * r.image - 1.0)
+        results.append(r.image)
+        return r
+
+    monkeypatch.setattr(TraceableTranslator, "translate", stretched)
+    out = tmp_path / "out"
+    assert main(["translate", "--model", str(model), "--input", str(folders / "src" / "a0.png"), "--output", str(out)]) == 0
+    (y,) = results
+    outside = int(((y < 0) | (y > 1)).sum())
+    assert outside > 0
+    err = capsys.readouterr().err
+    assert f"{outside} of {y.numel()} values outside [0, 1] clipped for the 8-bit PNG preview" in err and "a0_translated.nii.gz" in err
+    np.testing.assert_array_equal(np.asarray(nib.load(out / "a0_translated.nii.gz").dataobj), y[0, 0].numpy())
+    assert json.loads((out / "a0_trace.json").read_text())["clipped_values"] == outside

@@ -59,3 +59,64 @@ def test_augmented_training_is_seeded_and_differs_from_plain():
     plain, a, b = runs
     assert all(torch.equal(a[k], b[k]) for k in a), "augmented training is not reproducible"
     assert any(not torch.equal(a[k], plain[k]) for k in a if k.startswith("denoiser"))
+
+
+def test_the_default_translator_generates_in_the_warped_geometry_from_a_mask_and_mind_condition():
+    from plasticine.segmentation import ForegroundExtractor, MINDExtractor, StackedExtractor
+
+    t = build_translator(2, 1)
+    assert isinstance(t.structure, StackedExtractor)
+    fg, mind = t.structure.extractors
+    assert isinstance(fg, ForegroundExtractor) and isinstance(mind, MINDExtractor) and mind.sigma == 2.5
+    assert t.sampler.config["prediction"] == "x0" and t.sampler.config["clip"] == (-1.0, 1.0) and t.sampler.config["steps"] == 20
+    assert t.data_range == (0.0, 1.0) and t.start == "warped" and t.start_fraction == 1.0
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize(("structure", "cls"), [("foreground+mind", "StackedExtractor"), ("foreground", "ForegroundExtractor"), ("mind", "MINDExtractor"), ("kmeans", "KMeansExtractor"), ("potts", "PottsExtractor")])
+def test_each_structure_map_sets_the_condition_channels(structure, cls, ndim):
+    t = build_translator(ndim, 1, structure=structure, classes=3, sampler_steps=2)
+    assert type(t.structure).__name__ == cls
+    x = torch.rand(1, 1, *([12] * ndim), generator=make_generator(0))
+    channels = t.structure_map(x).shape[1]
+    assert t.conditioning.config["num_labels"] == channels == t.denoiser.settings.cond_channels
+    if structure == "kmeans":
+        assert channels == 3 and t.structure.max_iter == 50
+
+
+def test_the_demo_settings_build_the_earlier_translator():
+    from plasticine.segmentation import KMeansExtractor
+
+    t = build_translator(2, 1, structure="kmeans", classes=4, prediction="eps", data_range=None, clip=False, start="source", start_fraction=0.6, sampler_steps=10)
+    assert isinstance(t.structure, KMeansExtractor) and t.structure.num_classes == 4
+    assert t.sampler.config["prediction"] == "eps" and t.sampler.config["clip"] is None
+    assert t.data_range is None and t.start == "source" and t.start_fraction == 0.6
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("structure", "otsu"),
+        ("classes", 0),
+        ("mind_sigma", 0.0),
+        ("mind_sigma", float("nan")),
+        ("prediction", "score"),
+        ("data_range", (1.0, 0.0)),
+        ("clip", "yes"),
+        ("start", "target"),
+        ("start_fraction", 1.5),
+        ("sampler_steps", 0),
+        ("channels", 0),
+    ],
+)
+def test_every_option_is_checked_up_front(option, value, monkeypatch):
+    import plasticine.registration.network as network
+
+    def never(*args, **kwargs):
+        raise AssertionError("a network was built before the options were checked")
+
+    monkeypatch.setattr(network, "RegistrationNet", never)
+    kwargs = {"channels": 1, option: value} if option == "channels" else {option: value}
+    with pytest.raises(ValueError, match=option) as info:
+        build_translator(2, **kwargs) if option == "channels" else build_translator(2, 1, **kwargs)
+    assert "\n" not in str(info.value)

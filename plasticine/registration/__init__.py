@@ -4,10 +4,12 @@ Backends share :class:`~plasticine.core.RegistrationBackend`: :class:`LearnedReg
 paper's network plus an integrator), :class:`IterativeRegistration` (per-pair SVF optimisation by an
 optimiser strategy: :class:`GradientDescent`, :class:`Adam`, :class:`LBFGS`) and
 :class:`~plasticine.registration.ants.AntsRegistration` (ANTs SyN, optional extra ``ants``; its module
-imports ANTs only when it registers).
+imports ANTs only when it registers) and :class:`IdentityRegistration` (phi = identity, the baseline
+without a deformation).
 """
 
 from .ants import AntsRegistration
+from .identity import IdentityRegistration
 from .integrators import RK4, Euler, ScalingAndSquaring, auto_squaring_steps, integrate_euler, integrate_rk4, scaling_and_squaring
 from .iterative import IterativeConfig, IterativeRegistration
 from .network import LearnedRegistration, RegistrationNet, RegistrationNetConfig, RegistrationOutput, registration_objective
@@ -20,6 +22,7 @@ __all__ = [
     "AntsRegistration",
     "Euler",
     "GradientDescent",
+    "IdentityRegistration",
     "IterativeConfig",
     "IterativeRegistration",
     "LearnedRegistration",

@@ -1,4 +1,4 @@
-"""Structure maps (Potts, k-means, multi-Otsu, foreground mask, MIND-SSC, contours) and segmentation tools."""
+"""Structure maps (Potts, k-means, multi-Otsu, foreground mask, MIND-SSC, contours, stacks of them) and segmentation tools."""
 
 from .extractors import (
     KMeansExtractor,
@@ -14,6 +14,7 @@ from .contours import ContourExtractor, contour_map
 from .foreground import ForegroundExtractor, foreground_mask
 from .mind import MINDExtractor, mind_descriptor, mind_pairs
 from .metrics import accuracy, confusion_matrix, dice, hausdorff95, iou, pixel_accuracy
+from .stacked import StackedExtractor
 from .potts_model import PottsExtractor, pixel_gamma, potts, potts_1d, potts_energy, potts_structure_map
 from .unet import SegmentationLoss, SegmentationUNet, SegmentationUNetConfig, segmentation_loss, train_segmentation
 
@@ -28,6 +29,7 @@ __all__ = [
     "SegmentationLoss",
     "SegmentationUNet",
     "SegmentationUNetConfig",
+    "StackedExtractor",
     "accuracy",
     "confusion_matrix",
     "contour_map",

@@ -24,7 +24,7 @@ from ._discovery import check_listed, check_uniform, factories, param
 from plasticine.core import Deformation, RegistrationBackend
 from plasticine.core.filters import gaussian_smooth
 from plasticine.data.synthetic import random_deformation
-from plasticine.registration import AntsRegistration, IterativeRegistration, LearnedRegistration, RegistrationNet
+from plasticine.registration import AntsRegistration, IdentityRegistration, IterativeRegistration, LearnedRegistration, RegistrationNet
 
 HAS_ANTS = importlib.util.find_spec("ants") is not None
 NEEDS_ANTS = pytest.mark.skipif(not HAS_ANTS, reason="antspyx is not installed (pip install 'plasticine[ants]')")
@@ -43,6 +43,7 @@ IMPLEMENTATIONS = [
     param(tiny_learned, "LearnedRegistration"),
     param(lambda n: tiny_learned(n, downsample=2), "LearnedRegistration-downsample2"),
     param(lambda n: IterativeRegistration(levels=(2, 1), iterations=(10, 5)), "IterativeRegistration"),
+    param(lambda n: IdentityRegistration(), "IdentityRegistration"),
     param(lambda n: AntsRegistration(reg_iterations=(20, 10, 0)), "AntsRegistration", NEEDS_ANTS),
 ]
 

@@ -8,8 +8,8 @@ independent of the others in its batch, and invariance to a positive scaling of 
 (checked with powers of two, exact in floating point). The partitions (PARTITIONS: k-means,
 multi-Otsu, Potts, the foreground mask) also have channels that sum to 1 at every voxel (one-hot or
 soft), and those ranked by intensity (RANKED) order their classes by increasing mean intensity
-(class 0 the darkest, so that one tissue gets one channel across images). The descriptors (MIND)
-and the contour maps are neither: their channels are not classes.
+(class 0 the darkest, so that one tissue gets one channel across images). The descriptors (MIND),
+the contour maps and the stacks of several maps are neither: their channels are not classes.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from plasticine.segmentation import (
     MINDExtractor,
     MultiOtsuExtractor,
     PottsExtractor,
+    StackedExtractor,
 )
 
 RANKED = [
@@ -50,6 +51,8 @@ IMPLEMENTATIONS = PARTITIONS + [
     param(lambda: MINDExtractor(sigma=1.5, dilation=1, layout="mind"), "MINDExtractor-mind"),
     param(lambda: ContourExtractor(), "ContourExtractor"),
     param(lambda: ContourExtractor(KMeansExtractor(3)), "ContourExtractor-kmeans"),
+    param(lambda: StackedExtractor([ForegroundExtractor(), MINDExtractor(sigma=2.5)]), "StackedExtractor"),
+    param(lambda: StackedExtractor([KMeansExtractor(3), ForegroundExtractor()]), "StackedExtractor-partitions"),
 ]
 
 SHAPES = [(16, 14), (8, 7, 6)]

@@ -89,6 +89,10 @@ __all__ = [
     "write_trace",
     "read_points",
     "TRACE_FORMAT",
+    "write_itk_displacement",
+    "read_itk_displacement",
+    "write_itk_deformation",
+    "read_itk_deformation",
 ]
 
 Normalization = Literal["percentile", "minmax", "zscore", "none"]
@@ -504,7 +508,8 @@ def _is_nifti(path: Path) -> bool:
     return path.name.lower().endswith((".nii", ".nii.gz"))
 
 
-def _write_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None, intent: str | None = None) -> None:
+def _write_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None, intent: str | None = None, *, scanner: bool = False) -> None:
+    """Write a float32 NIfTI atomically; ``scanner`` also stores the affine as the qform (both codes 1, units mm), as ITK does."""
     nib = _import("nibabel", f"writing {path.name}")
     with np.errstate(over="ignore"):
         data32 = np.asarray(array, dtype=np.float32)
@@ -517,6 +522,10 @@ def _write_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None, inten
     img = nib.Nifti1Image(data32, np.eye(4) if affine is None else affine)
     if intent is not None:
         img.header.set_intent(intent)
+    if scanner:
+        img.set_sform(affine, code="scanner")
+        img.set_qform(affine, code="scanner")
+        img.header.set_xyzt_units("mm", "sec")
     data = img.to_bytes()
     if path.name.lower().endswith(".gz"):
         import gzip
@@ -856,3 +865,258 @@ def _points(path: Path, rows: Any) -> torch.Tensor:
     if not bool(torch.isfinite(pts).all()) or bool((pts.abs() > torch.finfo(torch.float32).max).any()):
         raise ImageReadError(f"{path}: coordinates must be finite float32 numbers")
     return pts.to(torch.float32)
+
+
+# -- ITK / ANTs displacement fields ---------------------------------------------------------------
+
+_ITK_INTENTS = {1007: "vector", 1006: "dispvect"}
+"""NIfTI intent codes read as a displacement field (ITK and ANTs write 1007)."""
+
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+"""NIfTI world (RAS) to ITK physical space (LPS): x and y change sign; its own inverse."""
+
+
+def _itk_affine(affine: Any, n: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """The checked 4 x 4 voxel -> RAS affine and ``M``, the ``(n, n)`` matrix voxel vector -> LPS mm.
+
+    ITK stores an image's geometry as origin, spacing and a direction matrix, so the voxel axes must
+    be orthogonal (no shear); a 2D ITK image lies in the world x-y plane.
+    """
+    if isinstance(affine, torch.Tensor):
+        if not affine.is_floating_point():
+            raise ValueError(f"affine: expected a floating-point 4 x 4 matrix{where}, got dtype {affine.dtype}")
+        affine = affine.detach().to("cpu", torch.float64).numpy()
+    a = np.asarray(affine)
+    if a.dtype.kind != "f":
+        raise ValueError(f"affine: expected a floating-point 4 x 4 matrix{where}, got dtype {a.dtype}")
+    a = a.astype(np.float64)
+    if a.shape != (4, 4) or not np.isfinite(a).all():
+        raise ValueError(f"affine: expected a finite 4 x 4 voxel-to-world matrix{where}, got shape {a.shape}" + ("" if a.shape != (4, 4) else " with non-finite values"))
+    if not np.array_equal(a[3], [0.0, 0.0, 0.0, 1.0]):
+        raise ValueError(f"affine: expected the last row (0, 0, 0, 1){where}, got {a[3].tolist()}")
+    spacing = np.linalg.norm(a[:3, :n], axis=0)
+    if spacing.min() <= 0:
+        raise ValueError(f"affine: expected voxel axes of non-zero length{where}, got spacings {spacing.tolist()}")
+    direction = a[:3, :n] / spacing
+    gram = direction.T @ direction
+    if np.abs(gram - np.eye(n)).max() > 1e-5:
+        raise ValueError(f"affine: ITK images have orthogonal voxel axes (origin, spacing, direction); the affine{where} shears them (cosines {np.round(gram[np.triu_indices(n, 1)], 6).tolist()})")
+    if n == 2 and np.abs(a[2, :2]).max() > 1e-6 * spacing.max():
+        raise ValueError(f"affine: a 2D ITK image lies in the world x-y plane; expected affine[2, :2] = 0{where}, got {a[2, :2].tolist()}")
+    if n == 3 and abs(np.linalg.det(a[:3, :3])) == 0:
+        raise ValueError(f"affine: expected an invertible matrix{where}")
+    return a, _RAS_TO_LPS[:n, :n] @ a[:n, :n]
+
+
+def _itk_array(displacement: torch.Tensor, affine: Any, name: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A voxel displacement ``(N, *S)`` as the ITK array ``(X, Y, Z, 1, N)`` of LPS mm vectors, and the affine."""
+    dims = check_shape(displacement, "N *S", name, floating=True)
+    a, m = _itk_affine(affine, dims["N"], f" of {path.name}")
+    u = displacement.detach().to("cpu", torch.float64).numpy()
+    if not np.isfinite(u).all():
+        raise ValueError(f"{path}: {name}: expected finite displacements, found {int((~np.isfinite(u)).sum())} NaN or infinite value(s)")
+    d = np.moveaxis(np.tensordot(m, u, axes=(1, 0)), 0, -1)  # (*S, N): d(p) = M u(p)
+    spatial = d.shape[:-1] + ((1,) if dims["N"] == 2 else ())
+    return d.reshape(spatial + (1, dims["N"])), a
+
+
+def write_itk_displacement(path: str | os.PathLike[str], displacement: torch.Tensor, affine: Any) -> Path:
+    r"""Write a voxel displacement as an ITK displacement field (NIfTI, as ANTs' ``*Warp.nii.gz``).
+
+    The field stays on the grid of ``affine`` (the reference, *fixed* image of ITK); each vector
+    becomes the physical displacement of the point, in millimetres in ITK's LPS space. With ``A``
+    the voxel-to-world (RAS) affine, :math:`A_{:3,:3}` its linear part, :math:`F = \mathrm{diag}(-1,
+    -1, 1)` the change RAS -> LPS and :math:`\phi(p) = p + u(p)` the map in voxels,
+
+    .. math::
+
+       d(p) = F\,\bigl(A\,\phi(p) - A\,p\bigr) = F A_{:3,:3}\, u(p),
+
+    stored at voxel ``p``, whose ITK physical position is :math:`F A p` (ITK reads origin, spacing
+    and direction from the affine and turns them into LPS the same way). ITK's
+    ``DisplacementFieldTransform`` maps a physical point ``x`` to ``x + d(x)``; resampling a moving
+    image through it reads the image at that point. So a field written from the ``forward``
+    displacement of a :class:`~plasticine.core.Deformation` pulls the source (moving) image into the
+    target (fixed) geometry, as :meth:`~plasticine.core.Deformation.to_target` does.
+
+    The file: float32, shape ``(X, Y, Z, 1, 3)`` (the fifth NIfTI dimension holds the vector), intent
+    code 1007 (``vector``), the affine as sform and qform (code 1, scanner), units mm. A 2D field is
+    ITK's 2D equivalent, ``(X, Y, 1, 1, 2)`` with the in-plane LPS components
+    :math:`F_{:2,:2} A_{:2,:2}\, u`; its affine must keep the two voxel axes in the world x-y plane.
+    ITK holds no shear: the voxel axes of ``affine`` must be orthogonal. The file is replaced
+    atomically.
+
+    Args:
+        path: a ``.nii`` or ``.nii.gz`` file.
+        displacement: the displacement in voxels, channel ``i`` along tensor axis ``i`` (the
+            tensor's axes are the NIfTI array axes, as :func:`read_image` gives them).
+        affine: the ``(4, 4)`` voxel-to-world (RAS, mm) matrix of the grid, numpy or torch,
+            floating.
+
+    Returns:
+        The path.
+
+    Raises:
+        ValueError: for a bad shape or ending, a non-finite displacement, or an affine that is not a
+            finite floating 4 x 4 matrix with orthogonal voxel axes (in the x-y plane in 2D).
+
+    Shape:
+        displacement: ``(N, *S)`` with ``N = 2`` or ``3``; the file ``(X, Y, Z, 1, N)`` (``Z = 1``
+        in 2D).
+
+    Example:
+        >>> import numpy as np, tempfile, torch
+        >>> u = torch.zeros(3, 4, 5, 6); u[0] = 1.0           # one voxel along axis 0
+        >>> path = write_itk_displacement(tempfile.mkdtemp() + "/Warp.nii.gz", u, np.diag([-2.0, 2, 2, 1]))
+        >>> v, a = read_itk_displacement(path)
+        >>> bool(torch.equal(v, u))
+        True
+    """
+    path = Path(path)
+    if not _is_nifti(path):
+        raise ValueError(f"{path}: expected an ITK displacement file name ending in .nii or .nii.gz")
+    array, a = _itk_array(displacement, affine, "displacement", path)
+    _write_nifti(path, array, a, "vector", scanner=True)
+    return path
+
+
+def read_itk_displacement(path: str | os.PathLike[str]) -> tuple[torch.Tensor, np.ndarray]:
+    r"""Read an ITK displacement field (NIfTI) as a voxel displacement on its grid, and its affine.
+
+    The inverse of :func:`write_itk_displacement`: with ``A`` the file's voxel-to-world (RAS)
+    affine and ``d(p)`` the stored LPS vectors, :math:`u(p) = (F A_{:N,:N})^{-1} d(p)`. Reads the
+    fields that ITK, SimpleITK and ANTs write (``*Warp.nii.gz``, ``*InverseWarp.nii.gz``).
+
+    Args:
+        path: a ``.nii`` or ``.nii.gz`` displacement field.
+
+    Returns:
+        ``(displacement, affine)``: float32 voxel displacement in tensor axis order (the NIfTI array
+        axes), and the float64 ``(4, 4)`` voxel-to-world affine of the grid.
+
+    Raises:
+        ImageReadError: one line naming the file, for a missing or unreadable file, an intent code
+            other than 1007 (``vector``) or 1006 (``dispvect``), a shape other than
+            ``(X, Y, Z, 1, 3)`` or ``(X, Y, 1, 1, 2)``, spatial units other than mm, an affine ITK
+            cannot hold, or non-finite vectors.
+        ImportError: when nibabel is not installed.
+
+    Shape:
+        displacement: ``(N, *S)``, ``S = (X, Y, Z)`` or ``(X, Y)``; affine: ``(4, 4)``.
+    """
+    path = Path(path)
+    if not _is_nifti(path):
+        raise ImageReadError(f"{path}: expected an ITK displacement field ending in .nii or .nii.gz")
+    if not path.is_file():
+        raise ImageReadError(f"{path}: no such file")
+    nib = _import("nibabel", f"reading {path.name}")
+    try:
+        img = nib.load(str(path))
+        header = img.header
+        intent = int(header["intent_code"])
+        units = header.get_xyzt_units()[0]
+        affine = np.asarray(img.affine, dtype=np.float64)
+        shape = tuple(img.shape)
+        if intent in _ITK_INTENTS and len(shape) == 5:
+            raw = np.asanyarray(img.dataobj)
+    except Exception as err:  # gzip, header, truncated data...
+        raise ImageReadError(f"{path}: cannot read the displacement field ({type(err).__name__}: {_one_line(err)})") from err
+    if intent not in _ITK_INTENTS:
+        raise ImageReadError(f"{path}: expected an ITK displacement field with NIfTI intent code 1007 (vector), got intent code {intent}")
+    if len(shape) != 5 or shape[3] != 1 or shape[4] not in (2, 3) or (shape[4] == 2 and shape[2] != 1):
+        raise ImageReadError(f"{path}: expected an ITK displacement field of shape (X, Y, Z, 1, 3) or (X, Y, 1, 1, 2), got {shape}")
+    if raw.dtype.kind not in "iuf":
+        raise ImageReadError(f"{path}: expected real vector components, got dtype {raw.dtype}")
+    if units not in ("mm", "unknown"):
+        raise ImageReadError(f"{path}: expected spatial units of mm, got {units}")
+    n = shape[4]
+    try:
+        _, m = _itk_affine(affine, n, "")
+    except ValueError as err:
+        raise ImageReadError(f"{path}: {err}") from None
+    d = np.asarray(raw, dtype=np.float64)
+    d = d[:, :, 0, 0, :] if n == 2 else d[:, :, :, 0, :]
+    if not np.isfinite(d).all():
+        raise ImageReadError(f"{path}: expected finite vectors, found {int((~np.isfinite(d)).sum())} NaN or infinite value(s)")
+    u = np.tensordot(np.linalg.inv(m), np.moveaxis(d, -1, 0), axes=(1, 0))
+    with np.errstate(over="ignore"):
+        u32 = np.ascontiguousarray(u, dtype=np.float32)
+    if not np.isfinite(u32).all():
+        raise ImageReadError(f"{path}: the displacement in voxels exceeds the float32 range")
+    return torch.from_numpy(u32), affine
+
+
+def _itk_paths(prefix: str | os.PathLike[str]) -> tuple[Path, Path]:
+    prefix = os.fspath(prefix)
+    return Path(prefix + "Warp.nii.gz"), Path(prefix + "InverseWarp.nii.gz")
+
+
+def write_itk_deformation(
+    prefix: str | os.PathLike[str], deformation: Deformation, affine: Any, *, index: int = 0
+) -> tuple[Path, Path]:
+    r"""Write phi and phi^-1 of a deformation as ANTs' ``<prefix>Warp.nii.gz`` and ``<prefix>InverseWarp.nii.gz``.
+
+    The ANTs convention: ``Warp`` maps fixed (target) physical points to moving (source) points, so
+    resampling the source through it gives the source in the target geometry
+    (:meth:`~plasticine.core.Deformation.to_target`); ``InverseWarp`` maps source points to target
+    points and pulls a target image into the source geometry
+    (:meth:`~plasticine.core.Deformation.to_source`). Both fields lie on the one grid of
+    ``affine`` (plasticine's source and target share it) and are written by
+    :func:`write_itk_displacement` (LPS millimetres, see there). Apply them with
+    ``antsApplyTransforms -t <prefix>Warp.nii.gz`` (``ants.apply_transforms(fixed, moving,
+    [warp])``) or SimpleITK's ``DisplacementFieldTransform``. The velocity, if any, is not written
+    (ITK holds the displacements). Both arrays are checked before either file is written.
+
+    Args:
+        prefix: the path prefix, e.g. ``"out/case1_"`` (folders are created).
+        deformation: the deformation.
+        affine: the ``(4, 4)`` voxel-to-world (RAS, mm) matrix of its grid.
+        index: the batch item.
+
+    Returns:
+        ``(warp, inverse_warp)``: the two paths.
+
+    Raises:
+        ValueError: for a bad index, a non-finite field or an affine ITK cannot hold.
+
+    Shape:
+        deformation fields: ``(B, N, *S)``; files ``(X, Y, Z, 1, N)`` (``Z = 1`` in 2D).
+    """
+    B = deformation.forward.shape[0]
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < B:
+        raise ValueError(f"index: expected an integer 0 <= index < {B}, got {index!r}")
+    warp, inverse = _itk_paths(prefix)
+    arrays = [_itk_array(field[index], affine, name, path) for field, name, path in ((deformation.forward, "forward", warp), (deformation.inverse, "inverse", inverse))]
+    for path, (array, a) in zip((warp, inverse), arrays):
+        _write_nifti(path, array, a, "vector", scanner=True)
+    return warp, inverse
+
+
+def read_itk_deformation(warp: str | os.PathLike[str], inverse: str | os.PathLike[str]) -> tuple[Deformation, np.ndarray]:
+    """Read a deformation from an ITK/ANTs ``Warp`` field and its ``InverseWarp`` (see :func:`write_itk_deformation`).
+
+    ``warp`` (fixed -> moving points) becomes ``forward``, ``inverse`` becomes ``inverse``; the
+    target is ITK's fixed image, the source its moving image. For ANTs' SyN outputs pass
+    ``<prefix>1Warp.nii.gz`` and ``<prefix>1InverseWarp.nii.gz``; an affine stage that ANTs
+    keeps in a separate ``.mat`` file is not part of these fields.
+
+    Args:
+        warp: the forward field file.
+        inverse: the inverse field file.
+
+    Returns:
+        ``(deformation, affine)``: the float32 :class:`~plasticine.core.Deformation` (batch of one)
+        and the float64 ``(4, 4)`` voxel-to-world affine of its grid.
+
+    Raises:
+        ImageReadError: for a file :func:`read_itk_displacement` refuses, or two fields on
+            different grids, naming the files.
+
+    Shape:
+        deformation fields: ``(1, N, *S)``; affine: ``(4, 4)``.
+    """
+    forward, a = read_itk_displacement(warp)
+    backward, b = read_itk_displacement(inverse)
+    if forward.shape != backward.shape or not np.allclose(a, b, rtol=1e-6, atol=1e-5):
+        raise ImageReadError(f"{inverse}: expected the grid of {warp} (shape {tuple(forward.shape[1:])}), got shape {tuple(backward.shape[1:])}" + ("" if forward.shape != backward.shape else " with another affine"))
+    return Deformation(forward[None], backward[None]), a

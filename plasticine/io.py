@@ -49,7 +49,11 @@ identity affine unless one is given); :func:`write_deformation` writes a
 ``velocity``, each ``(N, *S)`` float32 in voxels) or as NIfTI vector images (the forward
 displacement in the named file, the inverse next to it with the suffix ``_inverse``; array shape
 ``(X, Y, Z, 1, N)`` with ``Z = 1`` in 2D, intent ``vector``); :func:`write_trace` writes a JSON
-trace file. Every file is replaced atomically (temporary file in the same folder, then
+trace file. :func:`write_itk_deformation` writes phi and phi^-1 as the ITK / ANTs displacement
+fields ``<prefix>Warp.nii.gz`` and ``<prefix>InverseWarp.nii.gz`` (LPS millimetres on the grid of a
+given affine, see :func:`write_itk_displacement` and :doc:`/conventions`), which
+``ants.apply_transforms``, ``antsApplyTransforms`` and SimpleITK's ``DisplacementFieldTransform``
+apply; :func:`read_itk_deformation` reads them back. Every file is replaced atomically (temporary file in the same folder, then
 :func:`os.replace`).
 
 Every reading error, whatever the library raised, is one line naming the file and what was
@@ -891,7 +895,10 @@ def _itk_affine(affine: Any, n: int, where: str) -> tuple[np.ndarray, np.ndarray
         raise ValueError(f"affine: expected a floating-point 4 x 4 matrix{where}, got dtype {a.dtype}")
     a = a.astype(np.float64)
     if a.shape != (4, 4) or not np.isfinite(a).all():
-        raise ValueError(f"affine: expected a finite 4 x 4 voxel-to-world matrix{where}, got shape {a.shape}" + ("" if a.shape != (4, 4) else " with non-finite values"))
+        raise ValueError(
+            f"affine: expected a finite 4 x 4 voxel-to-world matrix{where}, got shape {a.shape}"
+            + ("" if a.shape != (4, 4) else " with non-finite values")
+        )
     if not np.array_equal(a[3], [0.0, 0.0, 0.0, 1.0]):
         raise ValueError(f"affine: expected the last row (0, 0, 0, 1){where}, got {a[3].tolist()}")
     spacing = np.linalg.norm(a[:3, :n], axis=0)
@@ -900,7 +907,9 @@ def _itk_affine(affine: Any, n: int, where: str) -> tuple[np.ndarray, np.ndarray
     direction = a[:3, :n] / spacing
     gram = direction.T @ direction
     if np.abs(gram - np.eye(n)).max() > 1e-5:
-        raise ValueError(f"affine: ITK images have orthogonal voxel axes (origin, spacing, direction); the affine{where} shears them (cosines {np.round(gram[np.triu_indices(n, 1)], 6).tolist()})")
+        raise ValueError(
+            f"affine: ITK images have orthogonal voxel axes (origin, spacing, direction); the affine{where} shears them (cosines {np.round(gram[np.triu_indices(n, 1)], 6).tolist()})"
+        )
     if n == 2 and np.abs(a[2, :2]).max() > 1e-6 * spacing.max():
         raise ValueError(f"affine: a 2D ITK image lies in the world x-y plane; expected affine[2, :2] = 0{where}, got {a[2, :2].tolist()}")
     if n == 3 and abs(np.linalg.det(a[:3, :3])) == 0:
@@ -1051,9 +1060,7 @@ def _itk_paths(prefix: str | os.PathLike[str]) -> tuple[Path, Path]:
     return Path(prefix + "Warp.nii.gz"), Path(prefix + "InverseWarp.nii.gz")
 
 
-def write_itk_deformation(
-    prefix: str | os.PathLike[str], deformation: Deformation, affine: Any, *, index: int = 0
-) -> tuple[Path, Path]:
+def write_itk_deformation(prefix: str | os.PathLike[str], deformation: Deformation, affine: Any, *, index: int = 0) -> tuple[Path, Path]:
     r"""Write phi and phi^-1 of a deformation as ANTs' ``<prefix>Warp.nii.gz`` and ``<prefix>InverseWarp.nii.gz``.
 
     The ANTs convention: ``Warp`` maps fixed (target) physical points to moving (source) points, so
@@ -1086,7 +1093,10 @@ def write_itk_deformation(
     if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < B:
         raise ValueError(f"index: expected an integer 0 <= index < {B}, got {index!r}")
     warp, inverse = _itk_paths(prefix)
-    arrays = [_itk_array(field[index], affine, name, path) for field, name, path in ((deformation.forward, "forward", warp), (deformation.inverse, "inverse", inverse))]
+    arrays = [
+        _itk_array(field[index], affine, name, path)
+        for field, name, path in ((deformation.forward, "forward", warp), (deformation.inverse, "inverse", inverse))
+    ]
     for path, (array, a) in zip((warp, inverse), arrays):
         _write_nifti(path, array, a, "vector", scanner=True)
     return warp, inverse
@@ -1118,5 +1128,8 @@ def read_itk_deformation(warp: str | os.PathLike[str], inverse: str | os.PathLik
     forward, a = read_itk_displacement(warp)
     backward, b = read_itk_displacement(inverse)
     if forward.shape != backward.shape or not np.allclose(a, b, rtol=1e-6, atol=1e-5):
-        raise ImageReadError(f"{inverse}: expected the grid of {warp} (shape {tuple(forward.shape[1:])}), got shape {tuple(backward.shape[1:])}" + ("" if forward.shape != backward.shape else " with another affine"))
+        raise ImageReadError(
+            f"{inverse}: expected the grid of {warp} (shape {tuple(forward.shape[1:])}), got shape {tuple(backward.shape[1:])}"
+            + ("" if forward.shape != backward.shape else " with another affine")
+        )
     return Deformation(forward[None], backward[None]), a

@@ -17,11 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 nib = pytest.importorskip("nibabel", reason="the io extra (nibabel) is not installed")
-from nibabel.affines import apply_affine  # noqa: E402
+from nibabel.affines import apply_affine
 
-from plasticine.core import Deformation  # noqa: E402
-from plasticine.data.synthetic import random_deformation  # noqa: E402
-from plasticine.io import (  # noqa: E402
+from plasticine.core import Deformation
+from plasticine.data.synthetic import random_deformation
+from plasticine.io import (
     ImageReadError,
     read_itk_deformation,
     read_itk_displacement,
@@ -271,7 +271,9 @@ def test_simpleitk_2d_field_maps_points_as_plasticine(tmp_path):
     affine2[:2, :2], affine2[:2, 2] = affine[:2, :2], affine[:2, 3]
     flip = np.diag([-1.0, -1.0])
     p = sample_points(phi.shape)
-    mapped = apply_affine(np.linalg.inv(affine2), np.array([transform.TransformPoint(tuple(x)) for x in apply_affine(affine2, p) @ flip]) @ flip)
+    mapped = apply_affine(
+        np.linalg.inv(affine2), np.array([transform.TransformPoint(tuple(x)) for x in apply_affine(affine2, p) @ flip]) @ flip
+    )
     assert np.abs(mapped - (p + phi_points(phi.forward, p))).max() < POINT_TOLERANCE
 
 
@@ -351,7 +353,9 @@ def test_ants_syn_files_read_as_the_backend_deformation(monkeypatch):
         pytest.skip(str(err))
     target = ndimage.zoom(volume.astype(np.float64), 1 / 6, order=1)
     target /= target.max()
-    source = ndimage.map_coordinates(target, np.indices(target.shape) + 1.5 * np.sin(np.indices(target.shape) / 5.0), order=1, mode="nearest")
+    source = ndimage.map_coordinates(
+        target, np.indices(target.shape) + 1.5 * np.sin(np.indices(target.shape) / 5.0), order=1, mode="nearest"
+    )
     runs = []
     registration = ants.registration
 

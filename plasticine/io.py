@@ -97,6 +97,7 @@ __all__ = [
     "read_itk_displacement",
     "write_itk_deformation",
     "read_itk_deformation",
+    "ItkFormat",
 ]
 
 Normalization = Literal["percentile", "minmax", "zscore", "none"]
@@ -126,7 +127,8 @@ def _import(module: str, what: str) -> Any:
         return importlib.import_module(module)
     except ImportError as err:
         package = {"PIL": "pillow"}.get(module, module)
-        raise ImportError(f"{what} needs the {package} package: {_EXTRA} (or pip install {package})") from err
+        extra = _EXTRA if module != "SimpleITK" else "pip install 'plasticine[itk]'"
+        raise ImportError(f"{what} needs the {package} package: {extra} (or pip install {package})") from err
 
 
 def image_format(path: str | os.PathLike[str]) -> Format:
@@ -930,7 +932,7 @@ def _itk_array(displacement: torch.Tensor, affine: Any, name: str, path: Path) -
 
 
 def write_itk_displacement(path: str | os.PathLike[str], displacement: torch.Tensor, affine: Any) -> Path:
-    r"""Write a voxel displacement as an ITK displacement field (NIfTI, as ANTs' ``*Warp.nii.gz``).
+    r"""Write a voxel displacement as an ITK displacement field (NIfTI as ANTs' ``*Warp.nii.gz``, or ``.h5``).
 
     The field stays on the grid of ``affine`` (the reference, *fixed* image of ITK); each vector
     becomes the physical displacement of the point, in millimetres in ITK's LPS space. With ``A``
@@ -952,11 +954,16 @@ def write_itk_displacement(path: str | os.PathLike[str], displacement: torch.Ten
     code 1007 (``vector``), the affine as sform and qform (code 1, scanner), units mm. A 2D field is
     ITK's 2D equivalent, ``(X, Y, 1, 1, 2)`` with the in-plane LPS components
     :math:`F_{:2,:2} A_{:2,:2}\, u`; its affine must keep the two voxel axes in the world x-y plane.
-    ITK holds no shear: the voxel axes of ``affine`` must be orthogonal. The file is replaced
-    atomically.
+    ITK holds no shear: the voxel axes of ``affine`` must be orthogonal.
+
+    A name ending in ``.h5`` writes an ITK transform file instead, through SimpleITK (the ``itk``
+    extra): one ``DisplacementFieldTransform`` whose field holds the same vectors in float64, with
+    the grid as ITK's origin :math:`F A_{:N,N}`, spacing (the column lengths of
+    :math:`A_{:N,:N}`) and direction; a 2D field keeps only the in-plane part of the affine. The
+    file is replaced atomically.
 
     Args:
-        path: a ``.nii`` or ``.nii.gz`` file.
+        path: a ``.nii``, ``.nii.gz`` or ``.h5`` file.
         displacement: the displacement in voxels, channel ``i`` along tensor axis ``i`` (the
             tensor's axes are the NIfTI array axes, as :func:`read_image` gives them).
         affine: the ``(4, 4)`` voxel-to-world (RAS, mm) matrix of the grid, numpy or torch,
@@ -968,6 +975,7 @@ def write_itk_displacement(path: str | os.PathLike[str], displacement: torch.Ten
     Raises:
         ValueError: for a bad shape or ending, a non-finite displacement, or an affine that is not a
             finite floating 4 x 4 matrix with orthogonal voxel axes (in the x-y plane in 2D).
+        ImportError: when nibabel (NIfTI) or SimpleITK (``.h5``) is not installed.
 
     Shape:
         displacement: ``(N, *S)`` with ``N = 2`` or ``3``; the file ``(X, Y, Z, 1, N)`` (``Z = 1``
@@ -982,11 +990,71 @@ def write_itk_displacement(path: str | os.PathLike[str], displacement: torch.Ten
         True
     """
     path = Path(path)
-    if not _is_nifti(path):
-        raise ValueError(f"{path}: expected an ITK displacement file name ending in .nii or .nii.gz")
+    if not (_is_nifti(path) or _is_h5(path)):
+        raise ValueError(f"{path}: expected an ITK displacement file name ending in .nii, .nii.gz or .h5")
     array, a = _itk_array(displacement, affine, "displacement", path)
-    _write_nifti(path, array, a, "vector", scanner=True)
+    _write_itk_file(path, array, a)
     return path
+
+
+def _is_h5(path: Path) -> bool:
+    return path.name.lower().endswith(".h5")
+
+
+def _write_itk_file(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
+    """Write the ITK array ``(X, Y, Z, 1, N)`` as NIfTI, or as an ITK transform file (``.h5``) through SimpleITK."""
+    if _is_nifti(path):
+        _write_nifti(path, array, affine, "vector", scanner=True)
+        return
+    if not np.isfinite(array).all():
+        raise ValueError(f"{path}: expected finite vectors, found {int((~np.isfinite(array)).sum())} beyond the float64 range")
+    sitk = _import("SimpleITK", f"writing {path.name}")
+    n = array.shape[-1]
+    vectors = array[:, :, 0, 0, :] if n == 2 else array[:, :, :, 0, :]
+    field = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(vectors, tuple(range(n))[::-1] + (n,))), isVector=True)
+    lps = _RAS_TO_LPS[:n, :n] @ affine[:n, :n]
+    spacing = np.linalg.norm(lps, axis=0)
+    field.SetSpacing(spacing.tolist())
+    field.SetOrigin((_RAS_TO_LPS[:n, :n] @ affine[:n, 3]).tolist())
+    field.SetDirection((lps / spacing).ravel().tolist())
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.sitk.h5")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        sitk.WriteTransform(sitk.DisplacementFieldTransform(field), str(temporary))
+        data = temporary.read_bytes()
+    finally:
+        temporary.unlink(missing_ok=True)
+    _atomic_bytes(path, data)
+
+
+def _read_itk_h5(sitk: Any, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The vectors ``(*S, N)`` (LPS mm) and the voxel-to-RAS affine of an ITK transform file holding one displacement field."""
+    try:
+        transform = sitk.ReadTransform(str(path))
+        name = transform.GetName()
+        if name == "CompositeTransform":
+            composite = sitk.CompositeTransform(transform)
+            parts = [composite.GetNthTransform(i).GetName() for i in range(composite.GetNumberOfTransforms())]
+            if parts != ["DisplacementFieldTransform"]:
+                raise ImageReadError(f"{path}: expected one ITK DisplacementFieldTransform, got a CompositeTransform of {parts}")
+            transform = composite.GetNthTransform(0)
+        elif name != "DisplacementFieldTransform":
+            raise ImageReadError(f"{path}: expected an ITK DisplacementFieldTransform, got a {name}")
+        field = sitk.DisplacementFieldTransform(transform).GetDisplacementField()
+        n = field.GetDimension()
+        vectors = np.transpose(sitk.GetArrayFromImage(field), tuple(range(n))[::-1] + (n,)).astype(np.float64)
+        direction = np.asarray(field.GetDirection(), dtype=np.float64).reshape(n, n)
+        spacing, origin = np.asarray(field.GetSpacing(), dtype=np.float64), np.asarray(field.GetOrigin(), dtype=np.float64)
+    except ImageReadError:
+        raise
+    except Exception as err:  # HDF5, an unknown transform type...
+        raise ImageReadError(f"{path}: cannot read the ITK transform ({type(err).__name__}: {_one_line(err)})") from err
+    if n not in (2, 3) or vectors.shape[-1] != n:
+        raise ImageReadError(f"{path}: expected a 2D or 3D displacement field with as many components as dimensions, got {vectors.shape}")
+    affine = np.eye(4)
+    affine[:n, :n] = _RAS_TO_LPS[:n, :n] @ direction @ np.diag(spacing)
+    affine[:n, 3] = _RAS_TO_LPS[:n, :n] @ origin
+    return vectors, affine
 
 
 def read_itk_displacement(path: str | os.PathLike[str]) -> tuple[torch.Tensor, np.ndarray]:
@@ -994,10 +1062,14 @@ def read_itk_displacement(path: str | os.PathLike[str]) -> tuple[torch.Tensor, n
 
     The inverse of :func:`write_itk_displacement`: with ``A`` the file's voxel-to-world (RAS)
     affine and ``d(p)`` the stored LPS vectors, :math:`u(p) = (F A_{:N,:N})^{-1} d(p)`. Reads the
-    fields that ITK, SimpleITK and ANTs write (``*Warp.nii.gz``, ``*InverseWarp.nii.gz``).
+    fields that ITK, SimpleITK and ANTs write (``*Warp.nii.gz``, ``*InverseWarp.nii.gz``), and
+    ITK transform files (``.h5``, through SimpleITK) that hold one ``DisplacementFieldTransform``
+    (alone or as the only member of a ``CompositeTransform``); their affine is built from the
+    field's origin ``o``, spacing ``s`` and direction ``D`` as :math:`A_{:N,:N} = F D\,
+    \mathrm{diag}(s)`, :math:`A_{:N,N} = F o` (the identity along z in 2D).
 
     Args:
-        path: a ``.nii`` or ``.nii.gz`` displacement field.
+        path: a ``.nii``, ``.nii.gz`` or ``.h5`` displacement field.
 
     Returns:
         ``(displacement, affine)``: float32 voxel displacement in tensor axis order (the NIfTI array
@@ -1007,17 +1079,20 @@ def read_itk_displacement(path: str | os.PathLike[str]) -> tuple[torch.Tensor, n
         ImageReadError: one line naming the file, for a missing or unreadable file, an intent code
             other than 1007 (``vector``) or 1006 (``dispvect``), a shape other than
             ``(X, Y, Z, 1, 3)`` or ``(X, Y, 1, 1, 2)``, spatial units other than mm, an affine ITK
-            cannot hold, or non-finite vectors.
-        ImportError: when nibabel is not installed.
+            cannot hold, non-finite vectors, or an ``.h5`` file that holds another transform.
+        ImportError: when nibabel (NIfTI) or SimpleITK (``.h5``) is not installed.
 
     Shape:
         displacement: ``(N, *S)``, ``S = (X, Y, Z)`` or ``(X, Y)``; affine: ``(4, 4)``.
     """
     path = Path(path)
-    if not _is_nifti(path):
-        raise ImageReadError(f"{path}: expected an ITK displacement field ending in .nii or .nii.gz")
+    if not (_is_nifti(path) or _is_h5(path)):
+        raise ImageReadError(f"{path}: expected an ITK displacement field ending in .nii, .nii.gz or .h5")
     if not path.is_file():
         raise ImageReadError(f"{path}: no such file")
+    if _is_h5(path):
+        d, affine = _read_itk_h5(_import("SimpleITK", f"reading {path.name}"), path)
+        return _itk_voxels(path, d, affine)
     nib = _import("nibabel", f"reading {path.name}")
     try:
         img = nib.load(str(path))
@@ -1038,13 +1113,17 @@ def read_itk_displacement(path: str | os.PathLike[str]) -> tuple[torch.Tensor, n
         raise ImageReadError(f"{path}: expected real vector components, got dtype {raw.dtype}")
     if units not in ("mm", "unknown"):
         raise ImageReadError(f"{path}: expected spatial units of mm, got {units}")
-    n = shape[4]
+    d = np.asarray(raw, dtype=np.float64)
+    return _itk_voxels(path, d[:, :, 0, 0, :] if shape[4] == 2 else d[:, :, :, 0, :], affine)
+
+
+def _itk_voxels(path: Path, d: np.ndarray, affine: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+    """LPS millimetre vectors ``(*S, N)`` on the grid of ``affine`` as a float32 voxel displacement ``(N, *S)``."""
+    n = d.shape[-1]
     try:
         _, m = _itk_affine(affine, n, "")
     except ValueError as err:
         raise ImageReadError(f"{path}: {err}") from None
-    d = np.asarray(raw, dtype=np.float64)
-    d = d[:, :, 0, 0, :] if n == 2 else d[:, :, :, 0, :]
     if not np.isfinite(d).all():
         raise ImageReadError(f"{path}: expected finite vectors, found {int((~np.isfinite(d)).sum())} NaN or infinite value(s)")
     u = np.tensordot(np.linalg.inv(m), np.moveaxis(d, -1, 0), axes=(1, 0))
@@ -1055,12 +1134,13 @@ def read_itk_displacement(path: str | os.PathLike[str]) -> tuple[torch.Tensor, n
     return torch.from_numpy(u32), affine
 
 
-def _itk_paths(prefix: str | os.PathLike[str]) -> tuple[Path, Path]:
-    prefix = os.fspath(prefix)
-    return Path(prefix + "Warp.nii.gz"), Path(prefix + "InverseWarp.nii.gz")
+ItkFormat = Literal["nifti", "h5"]
+_ITK_ENDINGS = {"nifti": ".nii.gz", "h5": ".h5"}
 
 
-def write_itk_deformation(prefix: str | os.PathLike[str], deformation: Deformation, affine: Any, *, index: int = 0) -> tuple[Path, Path]:
+def write_itk_deformation(
+    prefix: str | os.PathLike[str], deformation: Deformation, affine: Any, *, index: int = 0, format: ItkFormat = "nifti"
+) -> tuple[Path, Path]:
     r"""Write phi and phi^-1 of a deformation as ANTs' ``<prefix>Warp.nii.gz`` and ``<prefix>InverseWarp.nii.gz``.
 
     The ANTs convention: ``Warp`` maps fixed (target) physical points to moving (source) points, so
@@ -1071,20 +1151,24 @@ def write_itk_deformation(prefix: str | os.PathLike[str], deformation: Deformati
     ``affine`` (plasticine's source and target share it) and are written by
     :func:`write_itk_displacement` (LPS millimetres, see there). Apply them with
     ``antsApplyTransforms -t <prefix>Warp.nii.gz`` (``ants.apply_transforms(fixed, moving,
-    [warp])``) or SimpleITK's ``DisplacementFieldTransform``. The velocity, if any, is not written
-    (ITK holds the displacements). Both arrays are checked before either file is written.
+    [warp])``) or SimpleITK's ``DisplacementFieldTransform``. With ``format="h5"`` the two files
+    are ITK transform files, ``<prefix>Warp.h5`` and ``<prefix>InverseWarp.h5`` (through
+    SimpleITK). The velocity, if any, is not written (ITK holds the displacements). Both arrays are
+    checked before either file is written.
 
     Args:
         prefix: the path prefix, e.g. ``"out/case1_"`` (folders are created).
         deformation: the deformation.
         affine: the ``(4, 4)`` voxel-to-world (RAS, mm) matrix of its grid.
         index: the batch item.
+        format: ``"nifti"`` (``.nii.gz``, needs nibabel) or ``"h5"`` (needs SimpleITK).
 
     Returns:
         ``(warp, inverse_warp)``: the two paths.
 
     Raises:
-        ValueError: for a bad index, a non-finite field or an affine ITK cannot hold.
+        ValueError: for a bad index or format, a non-finite field or an affine ITK cannot hold.
+        ImportError: when the package of the format is not installed.
 
     Shape:
         deformation fields: ``(B, N, *S)``; files ``(X, Y, Z, 1, N)`` (``Z = 1`` in 2D).
@@ -1092,13 +1176,16 @@ def write_itk_deformation(prefix: str | os.PathLike[str], deformation: Deformati
     B = deformation.forward.shape[0]
     if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < B:
         raise ValueError(f"index: expected an integer 0 <= index < {B}, got {index!r}")
-    warp, inverse = _itk_paths(prefix)
+    if format not in _ITK_ENDINGS:
+        raise ValueError(f"format: expected one of {sorted(_ITK_ENDINGS)}, got {format!r}")
+    prefix, ending = os.fspath(prefix), _ITK_ENDINGS[format]
+    warp, inverse = Path(prefix + "Warp" + ending), Path(prefix + "InverseWarp" + ending)
     arrays = [
         _itk_array(field[index], affine, name, path)
         for field, name, path in ((deformation.forward, "forward", warp), (deformation.inverse, "inverse", inverse))
     ]
     for path, (array, a) in zip((warp, inverse), arrays):
-        _write_nifti(path, array, a, "vector", scanner=True)
+        _write_itk_file(path, array, a)
     return warp, inverse
 
 

@@ -376,3 +376,55 @@ def test_ants_syn_files_read_as_the_backend_deformation(monkeypatch):
     assert float(read.forward.abs().max()) > 0.5  # SyN moved something
     assert (read.forward - ours.forward.float()).abs().max() < 1e-4
     assert (read.inverse - ours.inverse.float()).abs().max() < 1e-4
+
+
+def test_h5_transform_files_hold_the_same_field(tmp_path, case):
+    # format="h5": one DisplacementFieldTransform per file through SimpleITK, read back as the NIfTI
+    # pair is, applied by SimpleITK and by ANTs exactly as the NIfTI fields
+    sitk = pytest.importorskip("SimpleITK", reason="SimpleITK is not installed (pip install 'plasticine[itk]')")
+    phi, affine = case["phi"], case["affine"]
+    warp, inverse = write_itk_deformation(tmp_path / "case_", phi, affine, format="h5")
+    assert (warp.name, inverse.name) == ("case_Warp.h5", "case_InverseWarp.h5")
+    back, back_affine = read_itk_deformation(warp, inverse)
+    assert np.allclose(back_affine, affine, atol=1e-9)
+    assert (back.forward.double() - phi.forward).abs().max() < 1e-5
+    assert (back.inverse.double() - phi.inverse).abs().max() < 1e-5
+    transform = sitk.ReadTransform(str(warp))
+    assert transform.GetName() == "DisplacementFieldTransform"
+    p = sample_points(phi.shape, seed=7)
+    mapped = from_lps([transform.TransformPoint(tuple(x)) for x in to_lps(p, affine)], affine)
+    assert np.abs(mapped - (p + phi_points(phi.forward, p))).max() < POINT_TOLERANCE
+    # a composite of that one field reads the same; a composite of two transforms is refused
+    composite = tmp_path / "composite.h5"
+    sitk.WriteTransform(sitk.CompositeTransform([transform]), str(composite))
+    assert torch.equal(read_itk_displacement(composite)[0], back.forward[0])
+    pair = tmp_path / "pair.h5"
+    sitk.WriteTransform(sitk.CompositeTransform([sitk.AffineTransform(3), transform]), str(pair))
+    one_line_error(
+        lambda: read_itk_displacement(pair), str(pair), "CompositeTransform of ['AffineTransform', 'DisplacementFieldTransform']"
+    )
+    rigid = tmp_path / "rigid.h5"
+    sitk.WriteTransform(sitk.Euler3DTransform(), str(rigid))
+    one_line_error(lambda: read_itk_displacement(rigid), str(rigid), "DisplacementFieldTransform", "Euler3DTransform")
+    one_line_error(lambda: write_itk_deformation(tmp_path / "x_", phi, affine, format="mat"), "format", "'mat'")
+    # 2D: the in-plane grid survives
+    flat = np.eye(4)
+    flat[:2, :2] = rotation((0.0, 0.0, 30.0))[:2, :2] @ np.diag([0.6, 1.1])
+    flat[:2, 3] = (3.0, -8.0)
+    u = torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    u2, a2 = read_itk_displacement(write_itk_displacement(tmp_path / "flat.h5", u, flat))
+    assert np.allclose(a2, flat) and (u2.double() - u).abs().max() < 1e-5
+    ants = pytest.importorskip("ants", reason="antspyx is not installed (pip install 'plasticine[ants]')")
+    image = ants.image_read(str(case["image_path"]))
+    for h5, nifti in ((warp, case["warp"]), (inverse, case["inverse"])):
+        a, b = (
+            ants.apply_transforms(fixed=image, moving=image, transformlist=[str(f)], interpolator="linear").numpy() for f in (h5, nifti)
+        )
+        assert np.abs(a - b).max() < 1e-5
+
+
+def test_h5_without_simpleitk_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "SimpleITK", None)  # import SimpleITK now fails
+    with pytest.raises(ImportError, match=r"plasticine\[itk\]"):
+        write_itk_displacement(tmp_path / "Warp.h5", torch.zeros(3, 4, 4, 4), np.eye(4))
+    assert not list(tmp_path.iterdir())

@@ -914,8 +914,6 @@ def _itk_affine(affine: Any, n: int, where: str) -> tuple[np.ndarray, np.ndarray
         )
     if n == 2 and np.abs(a[2, :2]).max() > 1e-6 * spacing.max():
         raise ValueError(f"affine: a 2D ITK image lies in the world x-y plane; expected affine[2, :2] = 0{where}, got {a[2, :2].tolist()}")
-    if n == 3 and abs(np.linalg.det(a[:3, :3])) == 0:
-        raise ValueError(f"affine: expected an invertible matrix{where}")
     return a, _RAS_TO_LPS[:n, :n] @ a[:n, :n]
 
 

@@ -903,14 +903,14 @@ def _itk_affine(affine: Any, n: int, where: str) -> tuple[np.ndarray, np.ndarray
         )
     if not np.array_equal(a[3], [0.0, 0.0, 0.0, 1.0]):
         raise ValueError(f"affine: expected the last row (0, 0, 0, 1){where}, got {a[3].tolist()}")
-    spacing = np.linalg.norm(a[:3, :n], axis=0)
+    spacing = np.linalg.norm(a[:3, :3], axis=0)  # all three columns: ITK reads the file's 3 x 3 direction also in 2D
     if spacing.min() <= 0:
         raise ValueError(f"affine: expected voxel axes of non-zero length{where}, got spacings {spacing.tolist()}")
-    direction = a[:3, :n] / spacing
+    direction = a[:3, :3] / spacing
     gram = direction.T @ direction
-    if np.abs(gram - np.eye(n)).max() > 1e-5:
+    if np.abs(gram - np.eye(3)).max() > 1e-5:
         raise ValueError(
-            f"affine: ITK images have orthogonal voxel axes (origin, spacing, direction); the affine{where} shears them (cosines {np.round(gram[np.triu_indices(n, 1)], 6).tolist()})"
+            f"affine: ITK images have orthogonal voxel axes (origin, spacing, direction); the affine{where} shears them (cosines {np.round(gram[np.triu_indices(3, 1)], 6).tolist()})"
         )
     if n == 2 and np.abs(a[2, :2]).max() > 1e-6 * spacing.max():
         raise ValueError(f"affine: a 2D ITK image lies in the world x-y plane; expected affine[2, :2] = 0{where}, got {a[2, :2].tolist()}")

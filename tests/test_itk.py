@@ -165,6 +165,9 @@ def test_affines_itk_cannot_hold_are_refused(tmp_path):
     one_line_error(lambda: write_itk_displacement(tmp_path / "a.nii.gz", u, shear), "affine", "orthogonal")
     one_line_error(lambda: write_itk_displacement(tmp_path / "a.nii.gz", u, np.eye(4, dtype=int)), "affine", "floating", "int")
     one_line_error(lambda: write_itk_displacement(tmp_path / "a.nii.gz", u, np.eye(3)), "affine", "4 x 4", "(3, 3)")
+    sheared_z = np.eye(4)
+    sheared_z[0, 2] = 0.3  # a 2D field's third voxel axis still has to be orthogonal: ITK reads the 3 x 3 direction
+    one_line_error(lambda: write_itk_displacement(tmp_path / "a.nii.gz", torch.zeros(2, 4, 4), sheared_z), "affine", "orthogonal")
     tilted = np.eye(4)
     tilted[:3, :3] = rotation((30.0, 0.0, 0.0))
     one_line_error(lambda: write_itk_displacement(tmp_path / "a.nii.gz", torch.zeros(2, 4, 4), tilted), "affine", "x-y plane")

@@ -49,7 +49,11 @@ identity affine unless one is given); :func:`write_deformation` writes a
 ``velocity``, each ``(N, *S)`` float32 in voxels) or as NIfTI vector images (the forward
 displacement in the named file, the inverse next to it with the suffix ``_inverse``; array shape
 ``(X, Y, Z, 1, N)`` with ``Z = 1`` in 2D, intent ``vector``); :func:`write_trace` writes a JSON
-trace file. Every file is replaced atomically (temporary file in the same folder, then
+trace file. :func:`write_itk_deformation` writes phi and phi^-1 as the ITK / ANTs displacement
+fields ``<prefix>Warp.nii.gz`` and ``<prefix>InverseWarp.nii.gz`` (LPS millimetres on the grid of a
+given affine, see :func:`write_itk_displacement` and :doc:`/conventions`), which
+``ants.apply_transforms``, ``antsApplyTransforms`` and SimpleITK's ``DisplacementFieldTransform``
+apply; :func:`read_itk_deformation` reads them back. Every file is replaced atomically (temporary file in the same folder, then
 :func:`os.replace`).
 
 Every reading error, whatever the library raised, is one line naming the file and what was
@@ -75,20 +79,25 @@ from .core.deformation import Deformation
 from .core.shapes import check_shape
 
 __all__ = [
-    "Normalization",
-    "ImageReadError",
     "SUFFIXES",
+    "TRACE_FORMAT",
+    "ImageFolder",
+    "ImageReadError",
+    "ItkFormat",
+    "Normalization",
+    "UnpairedImages",
     "image_format",
     "normalize_intensity",
-    "read_image",
-    "ImageFolder",
-    "UnpairedImages",
-    "write_image",
-    "write_deformation",
     "read_deformation",
-    "write_trace",
+    "read_image",
+    "read_itk_deformation",
+    "read_itk_displacement",
     "read_points",
-    "TRACE_FORMAT",
+    "write_deformation",
+    "write_image",
+    "write_itk_deformation",
+    "write_itk_displacement",
+    "write_trace",
 ]
 
 Normalization = Literal["percentile", "minmax", "zscore", "none"]
@@ -118,7 +127,8 @@ def _import(module: str, what: str) -> Any:
         return importlib.import_module(module)
     except ImportError as err:
         package = {"PIL": "pillow"}.get(module, module)
-        raise ImportError(f"{what} needs the {package} package: {_EXTRA} (or pip install {package})") from err
+        extra = _EXTRA if module != "SimpleITK" else "pip install 'plasticine[itk]'"
+        raise ImportError(f"{what} needs the {package} package: {extra} (or pip install {package})") from err
 
 
 def image_format(path: str | os.PathLike[str]) -> Format:
@@ -504,7 +514,8 @@ def _is_nifti(path: Path) -> bool:
     return path.name.lower().endswith((".nii", ".nii.gz"))
 
 
-def _write_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None, intent: str | None = None) -> None:
+def _write_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None, intent: str | None = None, *, scanner: bool = False) -> None:
+    """Write a float32 NIfTI atomically; ``scanner`` also stores the affine as the qform (both codes 1, units mm), as ITK does."""
     nib = _import("nibabel", f"writing {path.name}")
     with np.errstate(over="ignore"):
         data32 = np.asarray(array, dtype=np.float32)
@@ -517,6 +528,10 @@ def _write_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None, inten
     img = nib.Nifti1Image(data32, np.eye(4) if affine is None else affine)
     if intent is not None:
         img.header.set_intent(intent)
+    if scanner:
+        img.set_sform(affine, code="scanner")
+        img.set_qform(affine, code="scanner")
+        img.header.set_xyzt_units("mm", "sec")
     data = img.to_bytes()
     if path.name.lower().endswith(".gz"):
         import gzip
@@ -856,3 +871,350 @@ def _points(path: Path, rows: Any) -> torch.Tensor:
     if not bool(torch.isfinite(pts).all()) or bool((pts.abs() > torch.finfo(torch.float32).max).any()):
         raise ImageReadError(f"{path}: coordinates must be finite float32 numbers")
     return pts.to(torch.float32)
+
+
+# -- ITK / ANTs displacement fields ---------------------------------------------------------------
+
+_ITK_INTENTS = {1007: "vector", 1006: "dispvect"}
+"""NIfTI intent codes read as a displacement field (ITK and ANTs write 1007)."""
+
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+"""NIfTI world (RAS) to ITK physical space (LPS): x and y change sign; its own inverse."""
+
+
+def _itk_affine(affine: Any, n: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """The checked 4 x 4 voxel -> RAS affine and ``M``, the ``(n, n)`` matrix voxel vector -> LPS mm.
+
+    ITK stores an image's geometry as origin, spacing and a direction matrix, so the voxel axes must
+    be orthogonal (no shear); a 2D ITK image lies in the world x-y plane.
+    """
+    if isinstance(affine, torch.Tensor):
+        if not affine.is_floating_point():
+            raise ValueError(f"affine: expected a floating-point 4 x 4 matrix{where}, got dtype {affine.dtype}")
+        affine = affine.detach().to("cpu", torch.float64).numpy()
+    a = np.asarray(affine)
+    if a.dtype.kind != "f":
+        raise ValueError(f"affine: expected a floating-point 4 x 4 matrix{where}, got dtype {a.dtype}")
+    a = a.astype(np.float64)
+    if a.shape != (4, 4) or not np.isfinite(a).all():
+        raise ValueError(
+            f"affine: expected a finite 4 x 4 voxel-to-world matrix{where}, got shape {a.shape}"
+            + ("" if a.shape != (4, 4) else " with non-finite values")
+        )
+    if not np.array_equal(a[3], [0.0, 0.0, 0.0, 1.0]):
+        raise ValueError(f"affine: expected the last row (0, 0, 0, 1){where}, got {a[3].tolist()}")
+    spacing = np.linalg.norm(a[:3, :3], axis=0)  # all three columns: ITK reads the file's 3 x 3 direction also in 2D
+    if spacing.min() <= 0:
+        raise ValueError(f"affine: expected voxel axes of non-zero length{where}, got spacings {spacing.tolist()}")
+    direction = a[:3, :3] / spacing
+    gram = direction.T @ direction
+    if np.abs(gram - np.eye(3)).max() > 1e-5:
+        raise ValueError(
+            f"affine: ITK images have orthogonal voxel axes (origin, spacing, direction); the affine{where} shears them (cosines {np.round(gram[np.triu_indices(3, 1)], 6).tolist()})"
+        )
+    if n == 2 and np.abs(a[2, :2]).max() > 1e-6 * spacing.max():
+        raise ValueError(f"affine: a 2D ITK image lies in the world x-y plane; expected affine[2, :2] = 0{where}, got {a[2, :2].tolist()}")
+    return a, _RAS_TO_LPS[:n, :n] @ a[:n, :n]
+
+
+def _itk_array(displacement: torch.Tensor, affine: Any, name: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A voxel displacement ``(N, *S)`` as the ITK array ``(X, Y, Z, 1, N)`` of LPS mm vectors, and the affine."""
+    dims = check_shape(displacement, "N *S", name, floating=True)
+    a, m = _itk_affine(affine, dims["N"], f" of {path.name}")
+    u = displacement.detach().to("cpu", torch.float64).numpy()
+    if not np.isfinite(u).all():
+        raise ValueError(f"{path}: {name}: expected finite displacements, found {int((~np.isfinite(u)).sum())} NaN or infinite value(s)")
+    d = np.moveaxis(np.tensordot(m, u, axes=(1, 0)), 0, -1)  # (*S, N): d(p) = M u(p)
+    spatial = d.shape[:-1] + ((1,) if dims["N"] == 2 else ())
+    return d.reshape(spatial + (1, dims["N"])), a
+
+
+def write_itk_displacement(path: str | os.PathLike[str], displacement: torch.Tensor, affine: Any) -> Path:
+    r"""Write a voxel displacement as an ITK displacement field (NIfTI as ANTs' ``*Warp.nii.gz``, or ``.h5``).
+
+    The field stays on the grid of ``affine`` (the reference, *fixed* image of ITK); each vector
+    becomes the physical displacement of the point, in millimetres in ITK's LPS space. With ``A``
+    the voxel-to-world (RAS) affine, :math:`A_{:3,:3}` its linear part, :math:`F = \mathrm{diag}(-1,
+    -1, 1)` the change RAS -> LPS and :math:`\phi(p) = p + u(p)` the map in voxels,
+
+    .. math::
+
+       d(p) = F\,\bigl(A\,\phi(p) - A\,p\bigr) = F A_{:3,:3}\, u(p),
+
+    stored at voxel ``p``, whose ITK physical position is :math:`F A p` (ITK reads origin, spacing
+    and direction from the affine and turns them into LPS the same way). ITK's
+    ``DisplacementFieldTransform`` maps a physical point ``x`` to ``x + d(x)``; resampling a moving
+    image through it reads the image at that point. So a field written from the ``forward``
+    displacement of a :class:`~plasticine.core.Deformation` pulls the source (moving) image into the
+    target (fixed) geometry, as :meth:`~plasticine.core.Deformation.to_target` does.
+
+    The file: float32, shape ``(X, Y, Z, 1, 3)`` (the fifth NIfTI dimension holds the vector), intent
+    code 1007 (``vector``), the affine as sform and qform (code 1, scanner), units mm. A 2D field is
+    ITK's 2D equivalent, ``(X, Y, 1, 1, 2)`` with the in-plane LPS components
+    :math:`F_{:2,:2} A_{:2,:2}\, u`; its affine must keep the two voxel axes in the world x-y plane.
+    ITK holds no shear: the voxel axes of ``affine`` must be orthogonal.
+
+    A name ending in ``.h5`` writes an ITK transform file instead, through SimpleITK (the ``itk``
+    extra): one ``DisplacementFieldTransform`` whose field holds the same vectors in float64, with
+    the grid as ITK's origin :math:`F A_{:N,N}`, spacing (the column lengths of
+    :math:`A_{:N,:N}`) and direction; a 2D field keeps only the in-plane part of the affine. The
+    file is replaced atomically.
+
+    Args:
+        path: a ``.nii``, ``.nii.gz`` or ``.h5`` file.
+        displacement: the displacement in voxels, channel ``i`` along tensor axis ``i`` (the
+            tensor's axes are the NIfTI array axes, as :func:`read_image` gives them).
+        affine: the ``(4, 4)`` voxel-to-world (RAS, mm) matrix of the grid, numpy or torch,
+            floating.
+
+    Returns:
+        The path.
+
+    Raises:
+        ValueError: for a bad shape or ending, a non-finite displacement, or an affine that is not a
+            finite floating 4 x 4 matrix with orthogonal voxel axes (in the x-y plane in 2D).
+        ImportError: when nibabel (NIfTI) or SimpleITK (``.h5``) is not installed.
+
+    Shape:
+        displacement: ``(N, *S)`` with ``N = 2`` or ``3``; the file ``(X, Y, Z, 1, N)`` (``Z = 1``
+        in 2D).
+
+    Example:
+        >>> import numpy as np, tempfile, torch
+        >>> u = torch.zeros(3, 4, 5, 6); u[0] = 1.0           # one voxel along axis 0
+        >>> path = write_itk_displacement(tempfile.mkdtemp() + "/Warp.nii.gz", u, np.diag([-2.0, 2, 2, 1]))
+        >>> v, a = read_itk_displacement(path)
+        >>> bool(torch.equal(v, u))
+        True
+    """
+    path = Path(path)
+    if not (_is_nifti(path) or _is_h5(path)):
+        raise ValueError(f"{path}: expected an ITK displacement file name ending in .nii, .nii.gz or .h5")
+    array, a = _itk_array(displacement, affine, "displacement", path)
+    _write_itk_file(path, array, a)
+    return path
+
+
+def _is_h5(path: Path) -> bool:
+    return path.name.lower().endswith(".h5")
+
+
+def _write_itk_file(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
+    """Write the ITK array ``(X, Y, Z, 1, N)`` as NIfTI, or as an ITK transform file (``.h5``) through SimpleITK."""
+    if _is_nifti(path):
+        _write_nifti(path, array, affine, "vector", scanner=True)
+        return
+    if not np.isfinite(array).all():
+        raise ValueError(f"{path}: expected finite vectors, found {int((~np.isfinite(array)).sum())} beyond the float64 range")
+    sitk = _import("SimpleITK", f"writing {path.name}")
+    n = array.shape[-1]
+    vectors = array[:, :, 0, 0, :] if n == 2 else array[:, :, :, 0, :]
+    field = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(vectors, tuple(range(n))[::-1] + (n,))), isVector=True)
+    lps = _RAS_TO_LPS[:n, :n] @ affine[:n, :n]
+    spacing = np.linalg.norm(lps, axis=0)
+    field.SetSpacing(spacing.tolist())
+    field.SetOrigin((_RAS_TO_LPS[:n, :n] @ affine[:n, 3]).tolist())
+    field.SetDirection((lps / spacing).ravel().tolist())
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.sitk.h5")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        sitk.WriteTransform(sitk.DisplacementFieldTransform(field), str(temporary))
+        data = temporary.read_bytes()
+    finally:
+        temporary.unlink(missing_ok=True)
+    _atomic_bytes(path, data)
+
+
+def _read_itk_h5(sitk: Any, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The vectors ``(*S, N)`` (LPS mm) and the voxel-to-RAS affine of an ITK transform file holding one displacement field."""
+    try:
+        transform = sitk.ReadTransform(str(path))
+        name = transform.GetName()
+        if name == "CompositeTransform":
+            composite = sitk.CompositeTransform(transform)
+            parts = [composite.GetNthTransform(i).GetName() for i in range(composite.GetNumberOfTransforms())]
+            if parts != ["DisplacementFieldTransform"]:
+                raise ImageReadError(f"{path}: expected one ITK DisplacementFieldTransform, got a CompositeTransform of {parts}")
+            transform = composite.GetNthTransform(0)
+        elif name != "DisplacementFieldTransform":
+            raise ImageReadError(f"{path}: expected an ITK DisplacementFieldTransform, got a {name}")
+        field = sitk.DisplacementFieldTransform(transform).GetDisplacementField()
+        n = field.GetDimension()
+        vectors = np.transpose(sitk.GetArrayFromImage(field), tuple(range(n))[::-1] + (n,)).astype(np.float64)
+        direction = np.asarray(field.GetDirection(), dtype=np.float64).reshape(n, n)
+        spacing, origin = np.asarray(field.GetSpacing(), dtype=np.float64), np.asarray(field.GetOrigin(), dtype=np.float64)
+    except ImageReadError:
+        raise
+    except Exception as err:  # HDF5, an unknown transform type...
+        raise ImageReadError(f"{path}: cannot read the ITK transform ({type(err).__name__}: {_one_line(err)})") from err
+    if n not in (2, 3) or vectors.shape[-1] != n:
+        raise ImageReadError(f"{path}: expected a 2D or 3D displacement field with as many components as dimensions, got {vectors.shape}")
+    affine = np.eye(4)
+    affine[:n, :n] = _RAS_TO_LPS[:n, :n] @ direction @ np.diag(spacing)
+    affine[:n, 3] = _RAS_TO_LPS[:n, :n] @ origin
+    return vectors, affine
+
+
+def read_itk_displacement(path: str | os.PathLike[str]) -> tuple[torch.Tensor, np.ndarray]:
+    r"""Read an ITK displacement field (NIfTI) as a voxel displacement on its grid, and its affine.
+
+    The inverse of :func:`write_itk_displacement`: with ``A`` the file's voxel-to-world (RAS)
+    affine and ``d(p)`` the stored LPS vectors, :math:`u(p) = (F A_{:N,:N})^{-1} d(p)`. Reads the
+    fields that ITK, SimpleITK and ANTs write (``*Warp.nii.gz``, ``*InverseWarp.nii.gz``), and
+    ITK transform files (``.h5``, through SimpleITK) that hold one ``DisplacementFieldTransform``
+    (alone or as the only member of a ``CompositeTransform``); their affine is built from the
+    field's origin ``o``, spacing ``s`` and direction ``D`` as :math:`A_{:N,:N} = F D\,
+    \mathrm{diag}(s)`, :math:`A_{:N,N} = F o` (the identity along z in 2D).
+
+    Args:
+        path: a ``.nii``, ``.nii.gz`` or ``.h5`` displacement field.
+
+    Returns:
+        ``(displacement, affine)``: float32 voxel displacement in tensor axis order (the NIfTI array
+        axes), and the float64 ``(4, 4)`` voxel-to-world affine of the grid.
+
+    Raises:
+        ImageReadError: one line naming the file, for a missing or unreadable file, an intent code
+            other than 1007 (``vector``) or 1006 (``dispvect``), a shape other than
+            ``(X, Y, Z, 1, 3)`` or ``(X, Y, 1, 1, 2)``, spatial units other than mm, an affine ITK
+            cannot hold, non-finite vectors, or an ``.h5`` file that holds another transform.
+        ImportError: when nibabel (NIfTI) or SimpleITK (``.h5``) is not installed.
+
+    Shape:
+        displacement: ``(N, *S)``, ``S = (X, Y, Z)`` or ``(X, Y)``; affine: ``(4, 4)``.
+    """
+    path = Path(path)
+    if not (_is_nifti(path) or _is_h5(path)):
+        raise ImageReadError(f"{path}: expected an ITK displacement field ending in .nii, .nii.gz or .h5")
+    if not path.is_file():
+        raise ImageReadError(f"{path}: no such file")
+    if _is_h5(path):
+        d, affine = _read_itk_h5(_import("SimpleITK", f"reading {path.name}"), path)
+        return _itk_voxels(path, d, affine)
+    nib = _import("nibabel", f"reading {path.name}")
+    try:
+        img = nib.load(str(path))
+        header = img.header
+        intent = int(header["intent_code"])
+        units = header.get_xyzt_units()[0]
+        affine = np.asarray(img.affine, dtype=np.float64)
+        shape = tuple(img.shape)
+        if intent in _ITK_INTENTS and len(shape) == 5:
+            raw = np.asanyarray(img.dataobj)
+    except Exception as err:  # gzip, header, truncated data...
+        raise ImageReadError(f"{path}: cannot read the displacement field ({type(err).__name__}: {_one_line(err)})") from err
+    if intent not in _ITK_INTENTS:
+        raise ImageReadError(f"{path}: expected an ITK displacement field with NIfTI intent code 1007 (vector), got intent code {intent}")
+    if len(shape) != 5 or shape[3] != 1 or shape[4] not in (2, 3) or (shape[4] == 2 and shape[2] != 1):
+        raise ImageReadError(f"{path}: expected an ITK displacement field of shape (X, Y, Z, 1, 3) or (X, Y, 1, 1, 2), got {shape}")
+    if raw.dtype.kind not in "iuf":
+        raise ImageReadError(f"{path}: expected real vector components, got dtype {raw.dtype}")
+    if units not in ("mm", "unknown"):
+        raise ImageReadError(f"{path}: expected spatial units of mm, got {units}")
+    d = np.asarray(raw, dtype=np.float64)
+    return _itk_voxels(path, d[:, :, 0, 0, :] if shape[4] == 2 else d[:, :, :, 0, :], affine)
+
+
+def _itk_voxels(path: Path, d: np.ndarray, affine: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+    """LPS millimetre vectors ``(*S, N)`` on the grid of ``affine`` as a float32 voxel displacement ``(N, *S)``."""
+    n = d.shape[-1]
+    try:
+        _, m = _itk_affine(affine, n, "")
+    except ValueError as err:
+        raise ImageReadError(f"{path}: {err}") from None
+    if not np.isfinite(d).all():
+        raise ImageReadError(f"{path}: expected finite vectors, found {int((~np.isfinite(d)).sum())} NaN or infinite value(s)")
+    u = np.tensordot(np.linalg.inv(m), np.moveaxis(d, -1, 0), axes=(1, 0))
+    with np.errstate(over="ignore"):
+        u32 = np.ascontiguousarray(u, dtype=np.float32)
+    if not np.isfinite(u32).all():
+        raise ImageReadError(f"{path}: the displacement in voxels exceeds the float32 range")
+    return torch.from_numpy(u32), affine
+
+
+ItkFormat = Literal["nifti", "h5"]
+_ITK_ENDINGS = {"nifti": ".nii.gz", "h5": ".h5"}
+
+
+def write_itk_deformation(
+    prefix: str | os.PathLike[str], deformation: Deformation, affine: Any, *, index: int = 0, format: ItkFormat = "nifti"
+) -> tuple[Path, Path]:
+    r"""Write phi and phi^-1 of a deformation as ANTs' ``<prefix>Warp.nii.gz`` and ``<prefix>InverseWarp.nii.gz``.
+
+    The ANTs convention: ``Warp`` maps fixed (target) physical points to moving (source) points, so
+    resampling the source through it gives the source in the target geometry
+    (:meth:`~plasticine.core.Deformation.to_target`); ``InverseWarp`` maps source points to target
+    points and pulls a target image into the source geometry
+    (:meth:`~plasticine.core.Deformation.to_source`). Both fields lie on the one grid of
+    ``affine`` (plasticine's source and target share it) and are written by
+    :func:`write_itk_displacement` (LPS millimetres, see there). Apply them with
+    ``antsApplyTransforms -t <prefix>Warp.nii.gz`` (``ants.apply_transforms(fixed, moving,
+    [warp])``) or SimpleITK's ``DisplacementFieldTransform``. With ``format="h5"`` the two files
+    are ITK transform files, ``<prefix>Warp.h5`` and ``<prefix>InverseWarp.h5`` (through
+    SimpleITK). The velocity, if any, is not written (ITK holds the displacements). Both arrays are
+    checked before either file is written.
+
+    Args:
+        prefix: the path prefix, e.g. ``"out/case1_"`` (folders are created).
+        deformation: the deformation.
+        affine: the ``(4, 4)`` voxel-to-world (RAS, mm) matrix of its grid.
+        index: the batch item.
+        format: ``"nifti"`` (``.nii.gz``, needs nibabel) or ``"h5"`` (needs SimpleITK).
+
+    Returns:
+        ``(warp, inverse_warp)``: the two paths.
+
+    Raises:
+        ValueError: for a bad index or format, a non-finite field or an affine ITK cannot hold.
+        ImportError: when the package of the format is not installed.
+
+    Shape:
+        deformation fields: ``(B, N, *S)``; files ``(X, Y, Z, 1, N)`` (``Z = 1`` in 2D).
+    """
+    B = deformation.forward.shape[0]
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < B:
+        raise ValueError(f"index: expected an integer 0 <= index < {B}, got {index!r}")
+    if format not in _ITK_ENDINGS:
+        raise ValueError(f"format: expected one of {sorted(_ITK_ENDINGS)}, got {format!r}")
+    prefix, ending = os.fspath(prefix), _ITK_ENDINGS[format]
+    warp, inverse = Path(prefix + "Warp" + ending), Path(prefix + "InverseWarp" + ending)
+    arrays = [
+        _itk_array(field[index], affine, name, path)
+        for field, name, path in ((deformation.forward, "forward", warp), (deformation.inverse, "inverse", inverse))
+    ]
+    for path, (array, a) in zip((warp, inverse), arrays):
+        _write_itk_file(path, array, a)
+    return warp, inverse
+
+
+def read_itk_deformation(warp: str | os.PathLike[str], inverse: str | os.PathLike[str]) -> tuple[Deformation, np.ndarray]:
+    """Read a deformation from an ITK/ANTs ``Warp`` field and its ``InverseWarp`` (see :func:`write_itk_deformation`).
+
+    ``warp`` (fixed -> moving points) becomes ``forward``, ``inverse`` becomes ``inverse``; the
+    target is ITK's fixed image, the source its moving image. For ANTs' SyN outputs pass
+    ``<prefix>1Warp.nii.gz`` and ``<prefix>1InverseWarp.nii.gz``; an affine stage that ANTs
+    keeps in a separate ``.mat`` file is not part of these fields.
+
+    Args:
+        warp: the forward field file.
+        inverse: the inverse field file.
+
+    Returns:
+        ``(deformation, affine)``: the float32 :class:`~plasticine.core.Deformation` (batch of one)
+        and the float64 ``(4, 4)`` voxel-to-world affine of its grid.
+
+    Raises:
+        ImageReadError: for a file :func:`read_itk_displacement` refuses, or two fields on
+            different grids, naming the files.
+
+    Shape:
+        deformation fields: ``(1, N, *S)``; affine: ``(4, 4)``.
+    """
+    forward, a = read_itk_displacement(warp)
+    backward, b = read_itk_displacement(inverse)
+    if forward.shape != backward.shape or not np.allclose(a, b, rtol=1e-6, atol=1e-5):
+        raise ImageReadError(
+            f"{inverse}: expected the grid of {warp} (shape {tuple(forward.shape[1:])}), got shape {tuple(backward.shape[1:])}"
+            + ("" if forward.shape != backward.shape else " with another affine")
+        )
+    return Deformation(forward[None], backward[None]), a

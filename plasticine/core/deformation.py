@@ -24,6 +24,10 @@ class Deformation:
     :math:`\phi^{-1}(p)` in the target (:meth:`points_to_target`), a target point ``q`` at
     :math:`\phi(q)` in the source (:meth:`points_to_source`).
 
+    :func:`plasticine.io.write_itk_deformation` writes phi and phi^-1 as the ITK / ANTs
+    displacement fields ``Warp`` / ``InverseWarp`` that ANTs and SimpleITK apply, and
+    :func:`plasticine.io.read_itk_deformation` reads them (see :doc:`/conventions`).
+
     Construction is a boundary of the library (see :doc:`/conventions`): the fields must be
     floating and finite; a NaN or an infinity raises :class:`~plasticine.core.NonFiniteError` (a
     ``ValueError``) naming the field. The check reads one flag per field from the device.
@@ -68,7 +72,7 @@ class Deformation:
         """Number of spatial dimensions N."""
         return self.forward.shape[1]
 
-    def to(self, *args, **kwargs) -> "Deformation":
+    def to(self, *args, **kwargs) -> Deformation:
         """Move or cast every field (arguments as :meth:`torch.Tensor.to`).
 
         Returns:
@@ -77,7 +81,7 @@ class Deformation:
         v = None if self.velocity is None else self.velocity.to(*args, **kwargs)
         return Deformation(self.forward.to(*args, **kwargs), self.inverse.to(*args, **kwargs), v)
 
-    def inverted(self) -> "Deformation":
+    def inverted(self) -> Deformation:
         """The deformation of :math:`\\phi^{-1}` (fields swapped, velocity negated).
 
         Returns:

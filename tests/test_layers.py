@@ -6,7 +6,7 @@ same part of the package, or along one of the few sideways edges listed in SIDEW
 high (a higher rank may import a lower one):
 
 * 0 ``core``: conventions, grids, warps, deformations, protocols (imports no other part);
-* 1 ``losses``, ``segmentation``;
+* 1 ``losses``, ``segmentation``, ``metrics`` (image comparison);
 * 2 ``diffusion``, ``registration`` (same rank, no edge between them: they meet only in the
   translator; registration optimises the losses below it);
 * 3 ``data`` (synthetic deformations are integrated velocity fields);
@@ -31,6 +31,7 @@ RANKS = {
     "core": 0,
     "losses": 1,
     "segmentation": 1,
+    "metrics": 1,
     "diffusion": 2,
     "registration": 2,
     "data": 3,

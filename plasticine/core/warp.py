@@ -102,8 +102,43 @@ class NormalisedFrame:
         shape = tuple(like.shape[2:])
         self.mode = _torch_mode(mode, padding, len(shape))
         self.padding = padding
-        self.identity = _normalised_identity(shape, like.dtype, like.device)
+        self.shape = shape
+        n = len(shape)
+        lines = [torch.linspace(-1.0, 1.0, k, dtype=like.dtype, device=like.device) if k > 1 else torch.zeros(1, dtype=like.dtype, device=like.device) for k in shape]
+        # channel c of the grid is the coordinate along axis n - 1 - c, broadcast over the others
+        self._lines = [lines[n - 1 - c].view([-1 if d == n - 1 - c else 1 for d in range(n)]) for c in range(n)]
         self.scale = _normalised_scale(shape, like, size_one=1.0)
+
+    @property
+    def identity(self) -> torch.Tensor:
+        """The normalised identity, ``(1, N, *S)`` (built on each access; :meth:`grid` does not need it)."""
+        return _normalised_identity(self.shape, self.scale.dtype, self.scale.device)
+
+    def grid(self, w: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        """The ``grid_sample`` grid ``identity + w``, channel last and contiguous.
+
+        Each channel is written as ``w`` plus the broadcast coordinate line of its axis, so no
+        identity field is stored (outside autograd the sums go straight into the grid).
+
+        Args:
+            w: the field in normalised units.
+            rows: only these positions along the first spatial axis (``w`` is the whole field);
+                None for all.
+
+        Shape:
+            w: ``(B, N, *S)``; out: ``(B, *S, N)`` (first spatial axis cut to ``rows``).
+        """
+        lines = self._lines
+        if rows is not None:
+            w = w[:, :, rows]
+            n = len(self.shape)
+            lines = [line[rows] if c == n - 1 else line for c, line in enumerate(lines)]
+        if torch.is_grad_enabled() and w.requires_grad:
+            return torch.stack([w[:, c] + line for c, line in enumerate(lines)], dim=-1)
+        out = torch.empty(*w.shape[:1], *w.shape[2:], w.shape[1], dtype=w.dtype, device=w.device)
+        for c, line in enumerate(lines):
+            torch.add(w[:, c], line, out=out[..., c])
+        return out
 
     def to_grid(self, u: torch.Tensor) -> torch.Tensor:
         """A displacement in voxels (axis order) in normalised units (reversed channel order).
@@ -127,7 +162,7 @@ class NormalisedFrame:
         Shape:
             field: ``(B or 1, C, *S)``; w: ``(B, N, *S)``; out: ``(B, C, *S)``.
         """
-        grid = (self.identity + w).movedim(1, -1)
+        grid = self.grid(w)
         if field.shape[0] != grid.shape[0]:
             field = field.expand(grid.shape[0], *field.shape[1:])
         return _grid_sample(field, grid, self.mode, self.padding)

@@ -368,12 +368,10 @@ def _inverted_volume(r: torch.Tensor) -> torch.Tensor:
 class FoldingReport(NamedTuple):
     r"""Folding of a displacement by three definitions, each ``(B,)`` (see :func:`folding_report`).
 
-    Attributes:
-        central: fraction of voxels with central-difference :math:`\det J \le 0`
-            (:func:`folding_fraction`).
-        one_sided: fraction of voxels where some one-sided stencil has :math:`r \le 0`
-            (:func:`one_sided_jacobian_determinants`).
-        non_diffeomorphic_volume: the NDV fraction (:func:`non_diffeomorphic_volume`).
+    Fields: ``central``, the fraction of voxels with central-difference :math:`\det J \le 0`
+    (:func:`folding_fraction`); ``one_sided``, the fraction of voxels where some one-sided
+    stencil has :math:`r \le 0` (:func:`one_sided_jacobian_determinants`);
+    ``non_diffeomorphic_volume``, the NDV fraction (:func:`non_diffeomorphic_volume`).
     """
 
     central: torch.Tensor

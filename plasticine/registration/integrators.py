@@ -12,8 +12,11 @@ share the :class:`~plasticine.core.Integrator` protocol:
 All compose with linear interpolation and, by default, border padding (the field is extended by
 its edge values; on a smooth 40-voxel field on 256 x 256 this is 8 to 12 times more
 inverse-consistent than zero padding, see :class:`ScalingAndSquaring`). The work happens in
-``grid_sample``'s normalised units: the velocity is converted once, the identity grid is built
-once, and every step is one ``grid_sample`` and one addition. With a fixed number of steps
+``grid_sample``'s normalised units: the velocity is converted once, the coordinate lines are
+built once, and every step is one ``grid_sample`` and one addition. Scaling and squaring
+differentiates with a lean backward by default (``memory="lean"``: the per-step fields kept,
+each step's ``grid_sample`` backward run from them one step at a time), which needs about half the
+peak memory of plain autograd for forward+backward. With a fixed number of steps
 nothing synchronises with the host; ``steps="auto"`` reads :math:`\max|v|` once.
 
 Errors follow :doc:`/conventions`: the velocity must be a floating ``(B, N, *S)`` tensor with
@@ -131,23 +134,25 @@ def scaling_and_squaring(
     return frame.from_grid(w)
 
 
-_LEAN_PIECES = 4
-"""Pieces (along the first spatial axis) in which the lean backward pulls a gradient through a step."""
+_LEAN_RECOMPUTED = 3
+"""The first fields :math:`w_0, \dots` that the lean forward does not keep (recomputed from :math:`v` in the backward)."""
 
 
 class _LeanSquaring(torch.autograd.Function):
     r"""The ``T`` squarings from the velocity, with a backward that keeps only the per-step fields.
 
     Forward: :math:`w_0 = \mathrm{to\_grid}(v) / 2^T`, :math:`w_{i+1} = w_i + w_i \circ (\mathrm{Id} + w_i)`
-    (one ``grid_sample`` and one addition each), keeping :math:`w_2, \dots, w_{T-1}` and no graph;
-    :math:`w_0` is recomputed from :math:`v` (which the caller holds anyway) and :math:`w_1` from
-    :math:`w_0` (one more ``grid_sample``) when the backward reaches them. Backward, from the last
+    (one ``grid_sample`` and one addition each), keeping :math:`w_3, \dots, w_{T-1}` and no graph
+    (:data:`_LEAN_RECOMPUTED`); when the backward reaches them, :math:`w_0` is recomputed from
+    :math:`v` (which the caller holds anyway) and :math:`w_1, w_2` from :math:`w_0` (two more
+    ``grid_sample`` calls). Backward, from the last
     step to the first: the incoming gradient :math:`g` is pulled through the step by
     ``grid_sample``'s own backward, :math:`g \leftarrow g + \partial_{\text{image}} + \partial_{\text{grid}}`
-    (the image and the grid of the step are both :math:`w_i`), in :data:`_LEAN_PIECES` pieces of
-    the sampling grid :math:`\mathrm{Id} + w_i`, each rebuilt from :math:`w_i` when needed. These
-    are the terms plain autograd adds (in another order, so the result agrees to rounding);
-    autograd keeps every step's grid and input instead.
+    (the image and the grid of the step are both :math:`w_i`), with the sampling grid
+    :math:`\mathrm{Id} + w_i` rebuilt from :math:`w_i`. These are the terms plain autograd adds,
+    added in its order, so the gradient is the same to the bit; autograd keeps every step's grid
+    (a strided view, whose ``grid_sample`` backward is slower than on the contiguous one here) and
+    input instead.
 
     Shape:
         velocity: ``(B, N, *S)`` in voxels; out: ``(B, N, *S)`` in normalised units.
@@ -155,11 +160,11 @@ class _LeanSquaring(torch.autograd.Function):
 
     @staticmethod
     def squarings(velocity: torch.Tensor, frame: NormalisedFrame, steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        r"""The last field :math:`w_T` and the kept :math:`[w_2, \dots, w_{T-1}]`, without a graph."""
+        r"""The last field :math:`w_T` and the kept :math:`[w_3, \dots, w_{T-1}]`, without a graph."""
         w = frame.to_grid(velocity) * (0.5**steps)
         kept = []
         for i in range(steps):
-            if i > 1:
+            if i >= _LEAN_RECOMPUTED:
                 kept.append(w)
             w = frame.sample(w, w).add_(w)
         return w, kept
@@ -188,25 +193,20 @@ class _LeanSquaring(torch.autograd.Function):
         n = velocity.dim() - 2
         sampler_backward = torch.ops.aten.grid_sampler_2d_backward if n == 2 else torch.ops.aten.grid_sampler_3d_backward
         padding = ("zeros", "border", "reflection").index(frame.padding)
-        rows = velocity.shape[2]
-        size = -(-rows // min(_LEAN_PIECES, rows))
         for i in reversed(range(steps)):
-            if i > 1:
-                w = kept.pop()
-            else:  # w_0 from v, w_1 from w_0: recomputed, not kept
+            if not kept:  # the first fields, w_0 (from v) to w_i: recomputed, not kept
                 w = frame.to_grid(velocity).mul_(0.5**steps)
-                if i == 1:
+                for _ in range(i):
+                    kept.append(w)
                     w = frame.sample(w, w).add_(w)
-            acc = None
-            for start in range(0, rows, size):
-                piece = slice(start, min(start + size, rows))
-                g_image, g_grid = sampler_backward(grad[:, :, piece], w, frame.grid(w, piece), 0, padding, True, [True, True])
-                acc = g_image if acc is None else acc.add_(g_image)
-                del g_image
-                acc[:, :, piece].add_(g_grid.movedim(-1, 1))
-                del g_grid
-            grad = acc.add_(grad)
-            del w, acc
+            else:
+                w = kept.pop()
+            grid = frame.grid(w)
+            g_image, g_grid = sampler_backward(grad, w, grid, 0, padding, True, [True, True])
+            del grid, w
+            # the terms in autograd's order: (from the addition + from the image) + from the grid
+            grad = g_image.add_(grad).add_(g_grid.movedim(-1, 1))
+            del g_image, g_grid
         # w_0 = flip(v) * scale / 2^T, so dL/dv = flip(scale * g) / 2^T
         return grad.mul_(frame.scale).mul_(0.5**steps).flip(1), None, None
 

@@ -7,7 +7,13 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .jacobian import FoldingReport, folding_fraction, folding_report, inverse_consistency_error, jacobian_determinant
+from .jacobian import (
+    FoldingReport,
+    folding_fraction,
+    folding_report,
+    inverse_consistency_error,
+    jacobian_determinant,
+)
 from .shapes import check_finite, check_shape
 from .warp import Mode, Padding, sample_at_points, warp
 
@@ -68,7 +74,7 @@ class Deformation:
         """Number of spatial dimensions N."""
         return self.forward.shape[1]
 
-    def to(self, *args, **kwargs) -> "Deformation":
+    def to(self, *args, **kwargs) -> Deformation:
         """Move or cast every field (arguments as :meth:`torch.Tensor.to`).
 
         Returns:
@@ -77,7 +83,7 @@ class Deformation:
         v = None if self.velocity is None else self.velocity.to(*args, **kwargs)
         return Deformation(self.forward.to(*args, **kwargs), self.inverse.to(*args, **kwargs), v)
 
-    def inverted(self) -> "Deformation":
+    def inverted(self) -> Deformation:
         """The deformation of :math:`\\phi^{-1}` (fields swapped, velocity negated).
 
         Returns:

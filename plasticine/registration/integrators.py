@@ -99,10 +99,11 @@ def scaling_and_squaring(
         steps: number of squarings ``T`` (``0`` returns ``v`` itself), or ``"auto"`` for
             :func:`auto_squaring_steps` (one host synchronisation).
         padding: extension of the field outside the grid during composition.
-        memory: what the backward keeps. ``"lean"``: only the ``T`` per-step fields, each
-            step's ``grid_sample`` recomputed in the backward, one step at a time (about half the
-            peak memory of ``"autograd"`` for forward+backward, the same gradient; a second
-            derivative is refused). ``"autograd"``: plain autograd, which keeps every step's
+        memory: what the backward keeps. ``"lean"``: only per-step fields, each step's
+            ``grid_sample`` backward run from them in the backward, one step at a time (about half
+            the peak memory of ``"autograd"`` for forward+backward, bitwise the same gradient; a
+            second backward through the graph recomputes the fields; a second derivative is
+            refused). ``"autograd"``: plain autograd, which keeps every step's
             sampling grid too and supports ``create_graph=True``. Without a gradient both run the
             same loop.
 
@@ -135,7 +136,7 @@ def scaling_and_squaring(
 
 
 _LEAN_RECOMPUTED = 3
-"""The first fields :math:`w_0, \dots` that the lean forward does not keep (recomputed from :math:`v` in the backward)."""
+r"""The first fields :math:`w_0, \dots` that the lean forward does not keep (recomputed from :math:`v` in the backward)."""
 
 
 class _LeanSquaring(torch.autograd.Function):
@@ -317,6 +318,14 @@ class ScalingAndSquaring(Configurable, torch.nn.Module):
     Border padding is 8.6 (7 steps) to 11.5 (12 steps) times more inverse-consistent than zero
     padding over the whole image, the same inside; 12 steps instead of 7 divide the interior error
     by 6.
+
+    **Memory (measured, ``python benchmarks/primitives.py --only scaling_and_squaring --threads 1``).**
+    ``memory="lean"`` (the default) gives the same output and, to the bit, the same gradient as
+    ``memory="autograd"``. Peak memory of one forward+backward, 7 steps, float32, one CPU thread:
+    1x3x96x96x96, 91 MB (9 fields) against 182 MB for autograd (0.50x; MONAI, voxelmorph and
+    torchreg 182 MB, deepali 172 MB), at 1.05x autograd's time (median; 1.02x by the fastest
+    call); 1x2x256x256, 5.3 against 9.7 MB (0.55x) at 1.09x (0.99x by the fastest call). The
+    fields kept are :math:`w_3, \dots, w_{T-1}`; :math:`w_0` to :math:`w_2` are recomputed.
 
     Args:
         steps: number of squarings ``T`` or ``"auto"`` (:func:`auto_squaring_steps`).

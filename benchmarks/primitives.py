@@ -43,6 +43,8 @@ SHAPES: dict[int, tuple[int, ...]] = {2: (256, 256), 3: (96, 96, 96)}
 """Spatial size per number of dimensions (1x2x256x256 in 2D, 1x3x96x96x96 in 3D)."""
 
 SQUARING_STEPS = 7
+AUTOGRAD_VARIANT = "plasticine-autograd"
+"""plasticine's scaling and squaring with ``memory='autograd'``: a row of its own, not a peer."""
 LNCC_WINDOW = 9
 SLOW_CALL_S = 1.0
 """A primitive whose forward takes longer than this (seconds) gets no warm-up of its backward."""
@@ -308,6 +310,12 @@ def _sas_plasticine(inp, p):
     return Bound(lambda: f(v, p["steps"]), [v])
 
 
+def _sas_plasticine_autograd(inp, p):
+    f = plasticine_fn("plasticine.registration", "scaling_and_squaring")
+    v = leaf(inp["v"])
+    return Bound(lambda: f(v, p["steps"], memory="autograd"), [v])
+
+
 def _sas_monai(inp, p):
     blocks = peer("monai.networks.blocks")
     with warnings.catch_warnings():
@@ -557,7 +565,8 @@ PRIMITIVES: tuple[Primitive, ...] = (
         backward=True,
         params={"steps": SQUARING_STEPS},
         impls=(
-            Impl("plasticine", _sas_plasticine, note="border padding"),
+            Impl("plasticine", _sas_plasticine, note="border padding, memory='lean' (the default: per-step fields kept, grid_sample backward step by step)"),
+            Impl(AUTOGRAD_VARIANT, _sas_plasticine_autograd, note="memory='autograd': plain autograd through the 7 steps (not a peer: the row shows lean / autograd)"),
             Impl("monai", _sas_monai, note="DVF2DDF(padding_mode='border')"),
             Impl("voxelmorph", _sas_voxelmorph, note="IntegrateVelocityField: zeros padding (fixed)"),
             Impl("deepali", _sas_deepali, note="expv on normalised coordinates, border padding"),
@@ -886,7 +895,7 @@ def _fastest_peer(results: list[Result], key: Callable[[Result], float | None]) 
     best: tuple[float | None, str] = (None, "")
     for r in results:
         v = key(r)
-        if r.library != "plasticine" and r.status == "ok" and v is not None and (best[0] is None or v < best[0]):
+        if r.library not in ("plasticine", AUTOGRAD_VARIANT) and r.status == "ok" and v is not None and (best[0] is None or v < best[0]):
             best = (v, r.library)
     return best
 
@@ -932,6 +941,27 @@ def ratios(results: list[Result]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def variant_ratios(results: list[Result]) -> dict[str, float | None]:
+    """plasticine's default / its ``memory='autograd'`` variant of one size and device (scaling and squaring).
+
+    Args:
+        results: the results of one primitive, size and device.
+
+    Returns:
+        ``{"fwdbwd", "fwdbwd_min", "memory"}`` ratios (None where either side is missing).
+    """
+    own = next((r for r in results if r.library == "plasticine" and r.status == "ok"), None)
+    other = next((r for r in results if r.library == AUTOGRAD_VARIANT and r.status == "ok"), None)
+    if own is None or other is None:
+        return {"fwdbwd": None, "fwdbwd_min": None, "memory": None}
+    return {k: T.ratio(RATIO_KEYS[k](own), RATIO_KEYS[k](other)) for k in ("fwdbwd", "fwdbwd_min", "memory")}
+
+
+def _variant_cell(rat: dict[str, float | None]) -> str:
+    return (f"lean / this: f+b {T.format_ratio(rat['fwdbwd'])} (by min {T.format_ratio(rat['fwdbwd_min'])}), "
+            f"mem {T.format_ratio(rat['memory'])}")
+
+
 def _output_cell(r: Result) -> str:
     if r.value is not None:
         return f"{r.value:.4g}"
@@ -975,10 +1005,11 @@ def render_table(prim: Primitive, device: str, by_size: dict[int, list[Result]])
             if r.status != "ok":
                 rows.append([r.library, r.size, r.status, "", "", "", r.reason[:90]])
                 continue
+            last = (_ratio_cell(rat, prim.backward) if r.library == "plasticine"
+                    else _variant_cell(variant_ratios(results)) if r.library == AUTOGRAD_VARIANT else r.reason[:90])
             rows.append([
                 r.library, r.size, cell(r.fwd), cell(r.fwdbwd) if prim.backward else "n/a",
-                T.format_mb(_peak(r)), _output_cell(r),
-                _ratio_cell(rat, prim.backward) if r.library == "plasticine" else r.reason[:90],
+                T.format_mb(_peak(r)), _output_cell(r), last,
             ])
     title = f"== {prim.title} [{prim.name}] on {device} =="
     table = T.format_table(headers, rows, align=["<", "<", ">", ">", ">", ">", "<"])
@@ -1109,7 +1140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     compare_with_plasticine(results)
                     by_size[ndim] = results
                     rat = ratios(results)
-                    all_ratios.append({"primitive": prim.name, "ndim": ndim, "device": str(device), **rat})
+                    all_ratios.append({"primitive": prim.name, "ndim": ndim, "device": str(device), **rat,
+                                       "plasticine_over_autograd": variant_ratios(results)})
                     for key in ("fwd", "fwdbwd"):
                         q, qm = rat[key], rat[key + "_min"]
                         if q["ratio"] is not None and q["ratio"] > 1.0:

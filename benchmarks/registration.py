@@ -8,7 +8,8 @@ compared with the same labels traced by the true phi. 3D: Colin27 at 2 mm as sou
 second contrast (random piecewise-linear intensity map) of it warped by a known 3D field as target.
 
 Per backend and case: endpoint error inside the brain (mean, 95th percentile, voxels), mean AAL Dice,
-ventricle Dice, folding fraction (det J <= 0), inverse consistency (voxels) and seconds per pair.
+ventricle Dice, folding fraction (central-difference det J <= 0, and over all one-sided stencils)
+and the non-diffeomorphic volume (``plasticine.core.folding_report``), inverse consistency (voxels) and seconds per pair.
 
     python benchmarks/registration.py               # 5 cases 2D + 1 case 3D, every available backend
     python benchmarks/registration.py --quick       # 2 small 2D cases (CI)
@@ -104,6 +105,14 @@ def backends(names: list[str], quick: bool, learned=None):
     return out
 
 
+COLUMNS = ("epe", "epe95", "aal", "vent", "fold", "fold1", "ndv", "ic", "sec")
+"""Row keys in table order; ``fold`` central-difference, ``fold1`` one-sided folding fraction, ``ndv`` the NDV fraction."""
+
+
+def _cell(key: str, value: float) -> str:
+    return f"{value:.2e}" if key in ("fold1", "ndv") else f"{value:.3f}"
+
+
 def score(est: Deformation, truth: Deformation, brain: torch.Tensor, labels: dict[str, torch.Tensor]) -> dict[str, float]:
     err = (est.forward - truth.forward).norm(dim=1, keepdim=True)[brain]
     row = {"epe": float(err.mean()), "epe95": float(torch.quantile(err, 0.95))}
@@ -112,7 +121,10 @@ def score(est: Deformation, truth: Deformation, brain: torch.Tensor, labels: dic
         ref = truth.labels_to_target(lab, k)
         got = est.labels_to_target(lab, k)
         row[name] = float(dice(got, ref, num_classes=k, include_background=False).mean())
-    row["fold"] = float(est.folding_fraction())
+    rep = est.folding_report()
+    row["fold"] = float(rep.central)
+    row["fold1"] = float(rep.one_sided)
+    row["ndv"] = float(rep.non_diffeomorphic_volume)
     row["ic"] = float(est.inverse_consistency())
     return row
 
@@ -153,14 +165,14 @@ def run(args) -> None:
             sec = time.perf_counter() - t
             r = score(est, truth, brain, labs) | {"sec": sec}
             summary.setdefault((name, dim), []).append(r)
-            rows.append([name, dim, str(seed)] + [f"{r.get(k, float('nan')):.3f}" for k in ("epe", "epe95", "aal", "vent", "fold", "ic", "sec")])
-    head = ["backend", "dim", "case", "EPE mean", "EPE p95", "AAL Dice", "vent Dice", "folding", "inv.cons.", "s/pair"]
-    print(format_table(head, rows, ["<", "<", ">"] + [">"] * 7))
+            rows.append([name, dim, str(seed)] + [_cell(k, r.get(k, float("nan"))) for k in COLUMNS])
+    head = ["backend", "dim", "case", "EPE mean", "EPE p95", "AAL Dice", "vent Dice", "folding", "fold 1-sided", "NDV", "inv.cons.", "s/pair"]
+    print(format_table(head, rows, ["<", "<", ">"] + [">"] * len(COLUMNS)))
     print("\nmeans over cases")
     mrows = []
     for (name, dim), rs in summary.items():
-        mrows.append([name, dim, str(len(rs))] + [f"{np.mean([r.get(k, np.nan) for r in rs]):.3f}" for k in ("epe", "epe95", "aal", "vent", "fold", "ic", "sec")])
-    print(format_table(["backend", "dim", "n"] + head[3:], mrows, ["<", "<", ">"] + [">"] * 7))
+        mrows.append([name, dim, str(len(rs))] + [_cell(k, np.mean([r.get(k, np.nan) for r in rs])) for k in COLUMNS])
+    print(format_table(["backend", "dim", "n"] + head[3:], mrows, ["<", "<", ">"] + [">"] * len(COLUMNS)))
 
 
 def main() -> None:

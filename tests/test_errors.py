@@ -37,6 +37,7 @@ NOT_CALLABLE = {
         "ConditionEncoder", "Denoiser", "Integrator", "NoiseSchedule", "RegistrationBackend", "Sampler",
         "SimilarityLoss", "StructureExtractor", "Warper")},
     "core.NonFiniteError": "the exception class the boundaries raise",
+    "core.FoldingReport": "a NamedTuple of folding_report's results",
     **{f"core.{n}": "configuration of components, no tensors (tests in test_core_config.py)" for n in (
         "Config", "ConfigError", "Configurable", "from_json", "register_settings", "registered_classes", "to_json")},
     "translator.COMPONENTS": "a tuple of names",
@@ -161,6 +162,9 @@ CASES: dict[str, Case] = {
     "core.displacement_to_grid": Case(core.displacement_to_grid, disp),
     "core.displacement_to_world": Case(core.displacement_to_world, lambda b: {"displacement": field_(b), "affine": torch.eye(3)}),
     "core.folding_fraction": Case(core.folding_fraction, disp),
+    "core.folding_report": Case(core.folding_report, disp),
+    "core.non_diffeomorphic_volume": Case(core.non_diffeomorphic_volume, disp),
+    "core.one_sided_jacobian_determinants": Case(core.one_sided_jacobian_determinants, disp),
     "core.gaussian_smooth": Case(lambda x: core.gaussian_smooth(x, 1.0), lambda b: {"x": image(b)}),
     "core.grid_to_displacement": Case(core.grid_to_displacement, lambda b: {"grid": core.displacement_to_grid(field_(1)).expand(b, -1, -1, -1).contiguous()}),
     "core.identity_grid": Case(

@@ -16,7 +16,17 @@ from .grid import (
     voxel_to_world,
     world_to_voxel,
 )
-from .jacobian import folding_fraction, inverse_consistency_error, jacobian_determinant, jacobian_matrix, spatial_gradient
+from .jacobian import (
+    FoldingReport,
+    folding_fraction,
+    folding_report,
+    inverse_consistency_error,
+    jacobian_determinant,
+    jacobian_matrix,
+    non_diffeomorphic_volume,
+    one_sided_jacobian_determinants,
+    spatial_gradient,
+)
 from .protocols import (
     ConditionEncoder,
     Denoiser,
@@ -39,6 +49,7 @@ __all__ = [
     "Configurable",
     "Deformation",
     "Denoiser",
+    "FoldingReport",
     "GridSampleWarper",
     "Integrator",
     "NoiseSchedule",
@@ -59,6 +70,7 @@ __all__ = [
     "displacement_to_grid",
     "displacement_to_world",
     "folding_fraction",
+    "folding_report",
     "from_json",
     "gaussian_smooth",
     "grid_to_displacement",
@@ -66,6 +78,8 @@ __all__ = [
     "inverse_consistency_error",
     "jacobian_determinant",
     "jacobian_matrix",
+    "non_diffeomorphic_volume",
+    "one_sided_jacobian_determinants",
     "register_settings",
     "registered_classes",
     "resize",

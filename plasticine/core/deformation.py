@@ -7,7 +7,13 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .jacobian import folding_fraction, inverse_consistency_error, jacobian_determinant
+from .jacobian import (
+    FoldingReport,
+    folding_fraction,
+    folding_report,
+    inverse_consistency_error,
+    jacobian_determinant,
+)
 from .shapes import check_finite, check_shape
 from .warp import Mode, Padding, sample_at_points, warp
 
@@ -231,6 +237,22 @@ class Deformation:
             mask: ``(B, 1, *S)`` or None; out: ``(B,)``.
         """
         return folding_fraction(self.forward, mask)
+
+    def folding_report(self, mask: torch.Tensor | None = None) -> FoldingReport:
+        """Central-difference folding beside the one-sided count and the non-diffeomorphic volume of phi.
+
+        See :func:`plasticine.core.folding_report`.
+
+        Args:
+            mask: optional region to count in.
+
+        Returns:
+            A :class:`~plasticine.core.FoldingReport` of three ``(B,)`` fractions.
+
+        Shape:
+            mask: ``(B, 1, *S)`` or None; out: three ``(B,)``.
+        """
+        return folding_report(self.forward, mask)
 
     def inverse_consistency(self, mask: torch.Tensor | None = None, reduction: Literal["mean", "max"] = "mean") -> torch.Tensor:
         """Mean (or max) distance of phi o phi^-1 and phi^-1 o phi from the identity, in voxels.

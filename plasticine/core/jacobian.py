@@ -9,21 +9,37 @@ Definitions (fixed, so counts are reproducible):
   the components ``i``, columns the axes ``j``, both in tensor axis order.
 * ``folding_fraction`` is the fraction of voxels with :math:`\det J \le 0` (**non-positive**,
   so a voxel that collapses to zero volume counts as folded).
+* ``one_sided_jacobian_determinants`` / ``non_diffeomorphic_volume`` / ``folding_report``: the
+  Jacobian determinants of every one-sided difference stencil (the simplices of each pixel or voxel
+  cell) and the non-diffeomorphic volume of the LUMIR challenge (Liu et al. 2022), see
+  :func:`one_sided_jacobian_determinants`.
 * ``inverse_consistency_error`` is the Euclidean norm of :math:`\phi \circ \phi^{-1} - \mathrm{Id}`
   (and of :math:`\phi^{-1} \circ \phi - \mathrm{Id}`), in voxels, averaged over both directions.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+import itertools
+from typing import Literal, NamedTuple, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .grid import constant_vector, _vector_length
 from .shapes import check_shape, spacing_tuple
 from .warp import compose
 
-__all__ = ["spatial_gradient", "jacobian_matrix", "jacobian_determinant", "folding_fraction", "inverse_consistency_error"]
+__all__ = [
+    "spatial_gradient",
+    "jacobian_matrix",
+    "jacobian_determinant",
+    "folding_fraction",
+    "one_sided_jacobian_determinants",
+    "non_diffeomorphic_volume",
+    "FoldingReport",
+    "folding_report",
+    "inverse_consistency_error",
+]
 
 Reduction = Literal["mean", "max", "none"]
 
@@ -211,6 +227,192 @@ def folding_fraction(displacement: torch.Tensor, mask: torch.Tensor | None = Non
     det = jacobian_determinant(displacement)
     folded = (det <= 0).to(det.dtype).add_(det, alpha=0.0)  # NaN where det is not finite
     return _reduce(folded, mask, "mean")
+
+
+def _stencils(n: int) -> list[tuple[tuple[int, ...], ...]]:
+    """The edge offsets of every one-sided stencil, in the order of :func:`one_sided_jacobian_determinants`."""
+    eye = [tuple(int(i == j) for i in range(n)) for j in range(n)]
+    out = [tuple(tuple(s * e for e in eye[j]) for j, s in enumerate(signs)) for signs in itertools.product((1, -1), repeat=n)]
+    if n == 3:  # the central tetrahedra of the two five-tetrahedron splits of a cube
+        out.append(((-1, -1, 0), (-1, 0, -1), (0, -1, -1)))
+        out.append(((1, 1, 0), (0, 1, 1), (1, 0, 1)))
+    return out
+
+
+def one_sided_jacobian_determinants(displacement: torch.Tensor) -> torch.Tensor:
+    r"""Jacobian determinant of :math:`\phi = \mathrm{Id} + u` on every simplex that meets a voxel.
+
+    The definition of Liu et al. (the non-diffeomorphic volume of the LUMIR challenge). For a
+    stencil of edge offsets :math:`o_1, \dots, o_N` (integer vectors) the simplex
+    :math:`\{p, p + o_1, \dots, p + o_N\}` is mapped linearly by the piecewise-linear interpolant
+    of :math:`\phi`, with Jacobian determinant
+
+    .. math::
+
+        r = \frac{\det\bigl[\phi(p + o_1) - \phi(p), \dots, \phi(p + o_N) - \phi(p)\bigr]}
+                 {\det\bigl[o_1, \dots, o_N\bigr]},
+
+    the signed volume ratio of the simplex (so :math:`r = 1` for the identity and
+    :math:`r = \det A` on every stencil for an affine map :math:`p \mapsto A p + b`). The stencils:
+
+    * 2D, ``K = 4``: forward or backward differences per axis, channel ``k`` for the signs
+      ``(+, +), (+, -), (-, +), (-, -)`` (axis order); these are the four triangles of the two
+      diagonal splits of each pixel square.
+    * 3D, ``K = 10``: the eight sign combinations ``(+, +, +), (+, +, -), ..., (-, -, -)`` (the
+      corner tetrahedra) and the two central tetrahedra of the two five-tetrahedron splits of a
+      voxel cube, with offsets :math:`(-1,-1,0), (-1,0,-1), (0,-1,-1)` (Liu et al.'s
+      :math:`J_1^*`) and :math:`(1,1,0), (0,1,1), (1,0,1)` (:math:`J_2^*`).
+
+    As in the reference implementation (``digital_diffeomorphism``), the displacement is extended
+    by one voxel with its edge values (so an offset that leaves the grid sees the identity there).
+    A voxel is diffeomorphic in the digital sense when every :math:`r > 0`.
+
+    Reference: Y. Liu, J. Chen, S. Wei, A. Carass, J. Prince, "On finite difference Jacobian
+    computation in deformable image registration", International Journal of Computer Vision
+    (2024), arXiv:2212.06060.
+
+    Args:
+        displacement: ``u`` in voxels, channel ``i`` along axis ``i`` (2D or 3D).
+
+    Returns:
+        :math:`r` per stencil (channel) and voxel.
+
+    Raises:
+        ValueError: for a displacement that is not a floating 2D or 3D field.
+
+    Shape:
+        displacement: ``(B, N, *S)`` with ``N`` 2 or 3; out: ``(B, K, *S)``, ``K`` = 4 (2D) or 10 (3D).
+
+    Example:
+        >>> u = torch.zeros(1, 2, 3, 3); u[0, 0, 1, 1] = 1.5  # one pixel pushed past its neighbour
+        >>> one_sided_jacobian_determinants(u)[0, :, 1, 1]
+        tensor([-0.5000, -0.5000,  2.5000,  2.5000])
+    """
+    n = check_shape(displacement, "B N *S", "displacement", floating=True)["N"]
+    if n not in (2, 3):
+        raise ValueError(f"displacement: expected a 2D or 3D field (N = 2 or 3 channels), got N = {n}")
+    shape = displacement.shape[2:]
+    padded = F.pad(displacement, [1, 1] * n, mode="replicate")
+    centre = padded[(slice(None), slice(None)) + tuple(slice(1, 1 + k) for k in shape)]
+
+    def edge(o: tuple[int, ...]) -> list[torch.Tensor]:
+        # phi(p + o) - phi(p), one tensor (B, *S) per component
+        d = padded[(slice(None), slice(None)) + tuple(slice(1 + a, 1 + a + k) for a, k in zip(o, shape))] - centre
+        return [d[:, i] + o[i] if o[i] else d[:, i] for i in range(n)]
+
+    dets = []
+    for offsets in _stencils(n):
+        cols = [edge(o) for o in offsets]  # cols[j][i] = entry (i, j)
+        a = [[cols[j][i] for j in range(n)] for i in range(n)]
+        if n == 2:
+            det = a[0][0] * a[1][1] - a[0][1] * a[1][0]
+        else:
+            det = (
+                a[0][0] * (a[1][1] * a[2][2] - a[1][2] * a[2][1])
+                - a[0][1] * (a[1][0] * a[2][2] - a[1][2] * a[2][0])
+                + a[0][2] * (a[1][0] * a[2][1] - a[1][1] * a[2][0])
+            )
+        reference = round(float(torch.linalg.det(torch.tensor(offsets, dtype=torch.float64).T)))
+        dets.append(det if reference == 1 else det / reference)
+    return torch.stack(dets, dim=1)
+
+
+def _simplex_volumes(n: int) -> list[float]:
+    """Volume of each stencil's simplex in voxels (the order of :func:`_stencils`)."""
+    return [0.5] * 4 if n == 2 else [1.0 / 6.0] * 8 + [1.0 / 3.0] * 2
+
+
+def non_diffeomorphic_volume(displacement: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    r"""Non-diffeomorphic volume (NDV, area in 2D) as a fraction of the voxels, per batch element.
+
+    With :math:`r_k(p)` from :func:`one_sided_jacobian_determinants` and :math:`V_k` the volume of
+    stencil :math:`k`'s simplex in voxels (2D: :math:`\tfrac12` each; 3D: :math:`\tfrac16` for the
+    corner and :math:`\tfrac13` for the central tetrahedra),
+
+    .. math::
+
+        \mathrm{NDV} = \frac{1}{|M|} \sum_{p \in M} \sum_k \tfrac12 V_k \max(-r_k(p), 0),
+
+    the inverted volume of the piecewise-linear interpolant of :math:`\phi`, averaged over the two
+    ways of splitting each cell into simplices (each split's simplices cover the cell once, hence
+    the :math:`\tfrac12`), over the voxels of the mask :math:`M` (all voxels without one). This is
+    Liu et al.'s NDV/NDA divided by the voxel count; the LUMIR challenge reports it in percent
+    (100 times this). It is 0 exactly when no simplex is inverted, and grows with how much volume
+    folds, not only with how many voxels.
+
+    Reference: Y. Liu et al., "On finite difference Jacobian computation in deformable image
+    registration", IJCV 2024, arXiv:2212.06060.
+
+    Args:
+        displacement: ``u`` in voxels (2D or 3D).
+        mask: optional region; the sum runs over its non-zero voxels and is divided by their number.
+
+    Returns:
+        The NDV fraction per batch element (in voxels per voxel, ``>= 0``).
+
+    Shape:
+        displacement: ``(B, N, *S)``; mask: ``(B, 1, *S)`` or None; out: ``(B,)``.
+    """
+    r = one_sided_jacobian_determinants(displacement)
+    _check_reduction("mean", mask, displacement)
+    return _reduce(_inverted_volume(r), mask, "mean")
+
+
+def _inverted_volume(r: torch.Tensor) -> torch.Tensor:
+    """``sum_k V_k max(-r_k, 0) / 2`` per voxel from ``(B, K, *S)`` determinants, ``(B, 1, *S)``."""
+    n = r.dim() - 2
+    weights = constant_vector([0.5 * v for v in _simplex_volumes(n)], r, n)
+    return (torch.clamp(-r, min=0.0) * weights).sum(1, keepdim=True)
+
+
+class FoldingReport(NamedTuple):
+    r"""Folding of a displacement by three definitions, each ``(B,)`` (see :func:`folding_report`).
+
+    Fields: ``central``, the fraction of voxels with central-difference :math:`\det J \le 0`
+    (:func:`folding_fraction`); ``one_sided``, the fraction of voxels where some one-sided
+    stencil has :math:`r \le 0` (:func:`one_sided_jacobian_determinants`);
+    ``non_diffeomorphic_volume``, the NDV fraction (:func:`non_diffeomorphic_volume`).
+    """
+
+    central: torch.Tensor
+    one_sided: torch.Tensor
+    non_diffeomorphic_volume: torch.Tensor
+
+
+def folding_report(displacement: torch.Tensor, mask: torch.Tensor | None = None) -> FoldingReport:
+    r"""The central-difference folding count beside the one-sided (digital diffeomorphism) measures.
+
+    The central difference :math:`(u(p + e_j) - u(p - e_j)) / 2` skips the voxel itself, so it
+    can miss a fold (a voxel pushed past its neighbours keeps :math:`\det J = 1`) and flag voxels
+    of a map whose piecewise-linear interpolant is invertible. The one-sided stencils test every
+    simplex of the interpolant (Liu et al. 2022, arXiv:2212.06060): the map is a digital
+    diffeomorphism when ``one_sided`` and ``non_diffeomorphic_volume`` are 0.
+
+    Args:
+        displacement: ``u`` in voxels (2D or 3D).
+        mask: optional region to count in.
+
+    Returns:
+        A :class:`FoldingReport` of three ``(B,)`` fractions; NaN where the field is not finite.
+
+    Shape:
+        displacement: ``(B, N, *S)``; mask: ``(B, 1, *S)`` or None; out: three ``(B,)``.
+
+    Example:
+        >>> u = torch.zeros(1, 2, 5, 5); u[0, 0, 2, 2] = 1.5
+        >>> rep = folding_report(u)
+        >>> float(rep.central), float(rep.one_sided), round(float(rep.non_diffeomorphic_volume), 4)
+        (0.0, 0.08, 0.02)
+    """
+    r = one_sided_jacobian_determinants(displacement)
+    _check_reduction("mean", mask, displacement)
+    low = r.amin(1, keepdim=True)
+    folded = (low <= 0).to(r.dtype).add_(low, alpha=0.0)
+    return FoldingReport(
+        central=folding_fraction(displacement, mask),
+        one_sided=_reduce(folded, mask, "mean"),
+        non_diffeomorphic_volume=_reduce(_inverted_volume(r), mask, "mean"),
+    )
 
 
 def inverse_consistency_error(

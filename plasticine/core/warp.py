@@ -81,9 +81,10 @@ class NormalisedFrame:
     """Repeated warps of one spatial size in ``grid_sample``'s normalised units.
 
     Iterative schemes (scaling and squaring, Euler, RK4) warp fields by fields many times. Here
-    the normalised identity is built once; a displacement ``u`` (voxels, axis order) is converted
-    once to ``w = to_grid(u)`` (normalised units, reversed (x, y[, z]) channel order) and every
-    warp is one ``grid_sample`` at ``identity + w``. A field sampled this way stays in the units
+    the normalised coordinate lines are built once; a displacement ``u`` (voxels, axis order) is
+    converted once to ``w = to_grid(u)`` (normalised units, reversed (x, y[, z]) channel order)
+    and every warp is one ``grid_sample`` at ``identity + w`` (:meth:`grid` writes that sum
+    channel by channel, so no identity field is held). A field sampled this way stays in the units
     it has, so a field ``w`` warped by itself is again in normalised units. On an axis of size 1
     the scale is 1 (the component is carried along; ``grid_sample`` reads the only voxel there).
     Shared by the integrators of :mod:`plasticine.registration.integrators`.
@@ -102,8 +103,41 @@ class NormalisedFrame:
         shape = tuple(like.shape[2:])
         self.mode = _torch_mode(mode, padding, len(shape))
         self.padding = padding
-        self.identity = _normalised_identity(shape, like.dtype, like.device)
+        self.shape = shape
+        n = len(shape)
+        lines = [torch.linspace(-1.0, 1.0, k, dtype=like.dtype, device=like.device) if k > 1 else torch.zeros(1, dtype=like.dtype, device=like.device) for k in shape]
+        # channel c of the grid is the coordinate along axis n - 1 - c, broadcast over the others
+        self._lines = [lines[n - 1 - c].view([-1 if d == n - 1 - c else 1 for d in range(n)]) for c in range(n)]
         self.scale = _normalised_scale(shape, like, size_one=1.0)
+        self._identity: torch.Tensor | None = None
+
+    @property
+    def identity(self) -> torch.Tensor:
+        """The normalised identity, ``(1, N, *S)`` (built on each access)."""
+        return _normalised_identity(self.shape, self.scale.dtype, self.scale.device)
+
+    def grid(self, w: torch.Tensor) -> torch.Tensor:
+        """The ``grid_sample`` grid ``identity + w``, channel last.
+
+        Outside autograd each channel is written as ``w`` plus the broadcast coordinate line of
+        its axis, straight into a contiguous grid, so no identity field is stored; under autograd
+        (``w`` requiring grad) it is ``identity + w`` with the identity built once per frame,
+        channel last as a view.
+
+        Args:
+            w: the field in normalised units.
+
+        Shape:
+            w: ``(B, N, *S)``; out: ``(B, *S, N)``.
+        """
+        if torch.is_grad_enabled() and w.requires_grad:
+            if self._identity is None:
+                self._identity = self.identity
+            return (self._identity + w).movedim(1, -1)
+        out = torch.empty(w.shape[0], *self.shape, len(self.shape), dtype=w.dtype, device=w.device)
+        for c, line in enumerate(self._lines):
+            torch.add(w[:, c], line, out=out[..., c])
+        return out
 
     def to_grid(self, u: torch.Tensor) -> torch.Tensor:
         """A displacement in voxels (axis order) in normalised units (reversed channel order).
@@ -127,7 +161,7 @@ class NormalisedFrame:
         Shape:
             field: ``(B or 1, C, *S)``; w: ``(B, N, *S)``; out: ``(B, C, *S)``.
         """
-        grid = (self.identity + w).movedim(1, -1)
+        grid = self.grid(w)
         if field.shape[0] != grid.shape[0]:
             field = field.expand(grid.shape[0], *field.shape[1:])
         return _grid_sample(field, grid, self.mode, self.padding)

@@ -1,15 +1,18 @@
 r"""Unpaired MR -> CT translation on real images, scored by the paper's traced-segmentation protocol.
 
-The case is :func:`plasticine.data.crossmodal.crossmodal_case`: MNI152 T1 axial slices (source,
-skull-stripped) and axial slices of a real head CT (target), 128 x 128 at 1.5 mm, unpaired. Every
+The case is :func:`plasticine.data.crossmodal.crossmodal_case`: Colin27 T1 axial slices of a whole
+head (source) and axial slices of a real head CT (target), 128 x 128 at 1.625 mm, unpaired. Every
 fourth slice of each domain (``i % 4 == 2``) is held out; the rest train.
 
 1. A segmentation U-Net (:class:`plasticine.segmentation.SegmentationUNet`) is trained on the
    training CT slices and their intracranial masks; its Dice on the held-out CT slices is reported.
-2. The translator is the default of ``plasticine train`` (:func:`plasticine.recipes.build_translator`),
-   trained by :func:`plasticine.recipes.train_translator` on the training MR slices (source) and
-   the training CT slices (target), unpaired, with fewer steps than the command's default so that
-   the benchmark fits its time (the counts are printed and written).
+2. The translator is the default of ``plasticine train`` (:func:`plasticine.recipes.build_translator`:
+   the filled head mask as the structure map, x0 prediction on data mapped to [-1, 1] and clipped
+   there, generation from pure noise in the warped source's geometry), trained by
+   :func:`plasticine.recipes.train_translator` (Algorithm 2: the denoiser on the CT slices
+   conditioned on their own maps, the registration on unpaired pairs) on the training MR slices
+   (source) and the training CT slices (target), with fewer steps than the command's default so
+   that the benchmark fits its time (the counts are printed and written).
 3. Each method turns every held-out MR slice into an image for the CT network, which segments it;
    the mask is brought back to the MR's geometry and scored against the MR brain mask (Dice of
    the brain, mean IoU over background and brain, pixel accuracy; mean and standard deviation over
@@ -21,7 +24,7 @@ fourth slice of each domain (``i % 4 == 2``) is held out; the rest train.
      (:func:`histogram_match`), zero outside;
    * ``intensity inversion``: ``(1 - x) * head`` (:func:`invert_inside`);
    * ``plasticine, phi = identity``: the translator with a registration that returns the identity
-     (:class:`IdentityRegistration`, through :meth:`~plasticine.translator.TraceableTranslator.replace`):
+     (:class:`~plasticine.registration.IdentityRegistration`, through :meth:`~plasticine.translator.TraceableTranslator.replace`):
      translate, segment, no tracing;
    * ``register, then translate``: the paper's "combination": the source warped by the learned
      phi first, translated with phi = identity, the mask traced back with phi^-1;
@@ -39,6 +42,17 @@ fourth slice of each domain (``i % 4 == 2``) is held out; the rest train.
 Also recorded: the fraction of folded pixels (det J <= 0) of phi and its inverse consistency
 (voxels), the training losses, and the time of each stage.
 
+5. **The T1 -> PD case, trained unpaired** (``--part t1pd`` or ``all``): the demo's task
+   (:mod:`plasticine.demo`: the real BrainWeb T1 slice deformed per subject, targets in a PD-like
+   contrast with enlarged ventricles, exact truth), but trained as Algorithm 2 is written: the
+   denoiser on the targets conditioned on the targets' own structure maps, the registration on
+   unpaired (source, target) pairs; no paired information. The translator is
+   :func:`~plasticine.recipes.build_translator` with ``structure="foreground+mind"`` (both are MR:
+   their internal structure corresponds, which MIND-SSC carries). Scored on the demo's 4 test
+   subjects: translation MAE and SSIM (:func:`plasticine.metrics.ssim`, Gaussian window 1.5) inside
+   the brain against the true PD-like target, traced ventricle Dice against the truly enlarged
+   mask, endpoint error, folding; next to the same for phi = identity.
+
 Outputs (``--output``, default ``crossmodal-results``): ``results.json`` (settings, seeds, every
 number, per-slice scores), ``case.png`` (8 MR and 8 CT slices with their mask contours),
 ``examples.png`` (held-out MR slices, each method's image with its predicted mask, and the mask
@@ -50,7 +64,8 @@ every parallel operation wait for a busy core (a training step measured 6.5 s wi
 
 Usage::
 
-    python benchmarks/crossmodal.py                  # the full run (about 15 minutes on 2 cores)
+    python benchmarks/crossmodal.py                  # both cases (about 25 minutes on 2 cores)
+    python benchmarks/crossmodal.py --part mr-ct     # the MR -> CT case only
     python benchmarks/crossmodal.py --quick          # smoke run: 64 x 64, few slices, tiny steps (about a minute)
     python benchmarks/crossmodal.py --diffusion-steps 2000 --registration-steps 2000 --output runs/xmod
 """
@@ -74,6 +89,7 @@ from _timing import format_table, machine_summary  # noqa: E402  (benchmarks/ is
 from plasticine.core import Deformation, folding_fraction, inverse_consistency_error  # noqa: E402
 from plasticine.data.crossmodal import CrossModalCase, crossmodal_case  # noqa: E402
 from plasticine.recipes import TrainingRecipe, build_translator, train_translator  # noqa: E402
+from plasticine.registration import IdentityRegistration  # noqa: E402
 from plasticine.segmentation import SegmentationUNet, SegmentationUNetConfig, dice, iou, pixel_accuracy, train_segmentation  # noqa: E402
 
 METHODS = (
@@ -91,11 +107,14 @@ class Settings:
     """Everything that decides the numbers of a run.
 
     Attributes:
-        size: slice side in pixels (field of view 192 mm).
+        size: slice side in pixels (field of view 208 mm).
         slice_every: keep every ``slice_every``-th slice of each domain (1: all).
         holdout_every: hold out slice ``i`` when ``i % holdout_every == holdout_every // 2``.
         diffusion_steps: denoiser training steps (stage 1 of the recipe).
         registration_steps: registration training steps (stage 2).
+        learning_rate: Adam's, both stages.
+        pd_diffusion_steps: stage 1 of the T1 -> PD case.
+        pd_registration_steps: stage 2 of the T1 -> PD case.
         segmentation_steps: training steps of the CT segmentation network.
         segmentation_width: its first-level channels (depth 4).
         batch_size: batch of every training.
@@ -111,8 +130,11 @@ class Settings:
     size: int = 128
     slice_every: int = 1
     holdout_every: int = 4
-    diffusion_steps: int = 600
-    registration_steps: int = 400
+    diffusion_steps: int = 400
+    registration_steps: int = 300
+    learning_rate: float = 1e-3
+    pd_diffusion_steps: int = 400
+    pd_registration_steps: int = 600
     segmentation_steps: int = 400
     segmentation_width: int = 16
     batch_size: int = 4
@@ -121,7 +143,8 @@ class Settings:
     threads: int = 1
 
 
-QUICK = dict(size=64, slice_every=3, diffusion_steps=20, registration_steps=10, segmentation_steps=30, segmentation_width=8)
+QUICK = dict(size=64, slice_every=3, diffusion_steps=20, registration_steps=10, segmentation_steps=30, segmentation_width=8, pd_diffusion_steps=4, pd_registration_steps=4)
+STEP_OPTIONS = ("diffusion_steps", "registration_steps", "segmentation_steps", "pd_diffusion_steps", "pd_registration_steps")
 
 
 # -- baselines and scores -----------------------------------------------------------------------
@@ -235,26 +258,6 @@ def bhattacharyya_distance(p: np.ndarray, q: np.ndarray) -> float:
     return float("inf") if coefficient == 0.0 else float(-np.log(min(coefficient, 1.0)))
 
 
-class IdentityRegistration:
-    """A registration backend that returns the identity (phi = Id): the phi = identity baseline.
-
-    Satisfies :class:`plasticine.core.RegistrationBackend`; use it with
-    ``translator.replace(registration=IdentityRegistration())``.
-
-    Shape:
-        source: ``(B, C, *S)``; the deformation's fields: ``(B, N, *S)``, all zero.
-    """
-
-    def register(self, source: torch.Tensor, target: torch.Tensor | None = None, *, cue: torch.Tensor | None = None) -> Deformation:
-        """The identity deformation on the source's grid.
-
-        Shape:
-            source: ``(B, C, *S)``; fields: ``(B, N, *S)``.
-        """
-        zero = source.new_zeros(source.shape[0], source.dim() - 2, *source.shape[2:])
-        return Deformation(zero, zero)
-
-
 def segmentation_scores(prediction: torch.Tensor, truth: torch.Tensor) -> dict[str, list[float]]:
     """Per-slice Dice of the foreground, mean IoU (background and foreground) and pixel accuracy.
 
@@ -346,6 +349,7 @@ def run(settings: Settings, output: Path) -> dict[str, Any]:
         diffusion_steps=settings.diffusion_steps,
         registration_steps=settings.registration_steps,
         batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
         seed=settings.seed,
         checkpoint_every=0,
         progress="none",
@@ -409,7 +413,7 @@ def run(settings: Settings, output: Path) -> dict[str, Any]:
             "ct_train": ct_train,
             "ct_held_out": ct_test,
         },
-        "segmentation": {"ct_held_out": _summary(ct_scores), "ct_per_slice": ct_scores, "final_loss": seg_losses[-1], "config": asdict(seg.config) if hasattr(seg, "config") else None},
+        "segmentation": {"ct_held_out": _summary(ct_scores), "ct_per_slice": ct_scores, "final_loss": seg_losses[-1], "config": asdict(seg.settings)},
         "methods": methods,
         "intensity": {
             "histogram": f"{settings.bins} equal bins on [0, 1] plus one below 0 and one above 1",
@@ -432,6 +436,89 @@ def run(settings: Settings, output: Path) -> dict[str, Any]:
     (output / "results.json").write_text(json.dumps(results, indent=1))
     save_examples(case, mr_test, images, predicted, in_source, truth, output / "examples.png")
     return results
+
+
+def run_t1_pd(settings: Settings, output: Path) -> dict[str, Any]:
+    """The T1 -> PD case trained unpaired: write ``t1pd.json`` and ``t1pd.png`` into ``output``, return the results.
+
+    Shape:
+        Not applicable.
+    """
+    from plasticine.demo import QUICK as DEMO_QUICK
+    from plasticine.demo import DemoConfig, evaluate, make_cohort
+    from plasticine.metrics import mae, ssim
+
+    torch.set_num_threads(settings.threads)
+    output.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    config = DEMO_QUICK if settings.pd_diffusion_steps < 20 else DemoConfig()
+    train = make_cohort(config, config.train_subjects, config.seed + 1, include_real=False)
+    test = make_cohort(config, config.test_subjects, config.seed, include_real=True)
+    translator = build_translator(2, 1, structure="foreground+mind", seed=settings.seed)
+    recipe = TrainingRecipe(
+        diffusion_steps=settings.pd_diffusion_steps,
+        registration_steps=settings.pd_registration_steps,
+        batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        seed=settings.seed,
+        checkpoint_every=0,
+        progress="none",
+    )
+    losses = train_translator(translator, train.sources, train.targets, recipe)
+    train_s = time.perf_counter() - t0
+    _log(f"T1 -> PD translator trained unpaired: {recipe.diffusion_steps} + {recipe.registration_steps} steps ({train_s:.0f} s)")
+    rows: dict[str, Any] = {}
+    brain = test.brain
+    images = {}
+    for name, model in (("plasticine, traced", translator), ("plasticine, phi = identity", translator.replace(registration=IdentityRegistration()).eval())):
+        metrics, result = evaluate(model, test, seed=settings.seed + 20)
+        images[name] = result.image
+        rows[name] = {
+            "mae_in_brain": mae(result.image, test.targets, brain).tolist(),
+            "ssim_in_brain": ssim(result.image, test.targets, 1.0, brain).tolist(),
+            **{k: metrics["per_subject"][k] for k in ("ventricle_dice", "endpoint_error", "landmark_error", "folding_fraction")},
+        }
+    rows["no translation"] = {
+        "mae_in_brain": mae(test.sources, test.targets, brain).tolist(),
+        "ssim_in_brain": ssim(test.sources, test.targets, 1.0, brain).tolist(),
+        "ventricle_dice": metrics["per_subject"]["ventricle_dice_identity"],
+        "endpoint_error": metrics["per_subject"]["endpoint_error_identity"],
+        "landmark_error": metrics["per_subject"]["landmark_error_identity"],
+        "folding_fraction": [0.0] * len(test),
+    }
+    results = {
+        "settings": {"demo": asdict(config), "recipe": asdict(recipe), "structure": "foreground+mind"},
+        "translator": repr(translator),
+        "methods": {name: {**{f"{k}_mean": float(np.mean(v)) for k, v in row.items()}, "per_subject": row} for name, row in rows.items()},
+        "test_subjects": len(test),
+        "training_losses": losses,
+        "time_s": time.perf_counter() - t0,
+    }
+    (output / "t1pd.json").write_text(json.dumps(results, indent=1))
+    save_t1_pd(test, images, output / "t1pd.png")
+    return results
+
+
+def save_t1_pd(test: Any, images: dict[str, torch.Tensor], path: Path) -> None:
+    """A PNG: per test subject, the T1 source, each translation and the true PD-like target.
+
+    Shape:
+        Not applicable.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = [("T1 source", test.sources), *images.items(), ("true PD-like target", test.targets)]
+    fig, axes = plt.subplots(len(test), len(columns), figsize=(2.2 * len(columns), 2.6 * len(test)), squeeze=False, layout="constrained")
+    for r in range(len(test)):
+        for c, (name, stack) in enumerate(columns):
+            axes[r, c].imshow(stack[r, 0].numpy(), cmap="gray", vmin=0, vmax=1)
+            axes[r, c].set_title(name, fontsize=7)
+            axes[r, c].axis("off")
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 # -- pictures -----------------------------------------------------------------------------------
@@ -494,6 +581,19 @@ def save_examples(case, held_out, images, predicted, in_source, truth, path: Pat
     plt.close(fig)
 
 
+def t1_pd_table(results: dict[str, Any]) -> str:
+    """The T1 -> PD results as text.
+
+    Shape:
+        Not applicable.
+    """
+    rows = []
+    for name, m in results["methods"].items():
+        rows.append([name, f"{m['mae_in_brain_mean']:.3f}", f"{m['ssim_in_brain_mean']:.3f}", f"{m['ventricle_dice_mean']:.3f}", f"{m['endpoint_error_mean']:.3f}", f"{m['landmark_error_mean']:.3f}", f"{m['folding_fraction_mean']:.4f}"])
+    headers = ["method", "MAE in brain", "SSIM in brain", "traced ventricle Dice", "endpoint error", "landmark error", "folded"]
+    return format_table(headers, rows, ["<", ">", ">", ">", ">", ">", ">"])
+
+
 def table(results: dict[str, Any]) -> str:
     """The results table as text.
 
@@ -519,36 +619,46 @@ def table(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse the options, run, print the table."""
+    """Parse the options, run, print the tables."""
     defaults = Settings()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke run: 64 x 64, every third slice, tiny step counts")
-    p.add_argument("--output", type=Path, default=Path("crossmodal-results"), help="folder for results.json and the PNGs")
+    p.add_argument("--part", choices=("all", "mr-ct", "t1pd"), default="all", help="which case to run (default: both)")
+    p.add_argument("--output", type=Path, default=Path("crossmodal-results"), help="folder for results.json, t1pd.json and the PNGs")
     p.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads (default 1, see the module notes)")
     p.add_argument("--seed", type=int, default=defaults.seed)
-    for name in ("diffusion_steps", "registration_steps", "segmentation_steps"):
+    for name in STEP_OPTIONS:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None, help=f"default {getattr(defaults, name)} ({QUICK[name]} with --quick)")
     args = p.parse_args(argv)
     chosen = dict(QUICK) if args.quick else {}
-    for name in ("diffusion_steps", "registration_steps", "segmentation_steps"):
+    for name in STEP_OPTIONS:
         if getattr(args, name) is not None:
             chosen[name] = getattr(args, name)
-    for name, value in {**chosen, "threads": args.threads}.items():
+    for name, value in {**{k: chosen[k] for k in STEP_OPTIONS if k in chosen}, "threads": args.threads}.items():
         if value < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected an int >= 1, got {value}")
     settings = Settings(**chosen, threads=args.threads, seed=args.seed)
-    results = run(settings, args.output)
-    s, seg = results["settings"], results["segmentation"]["ct_held_out"]
-    print(
-        f"MR -> CT, unpaired, {s['size']} x {s['size']} at {results['case']['pixel_mm']} mm; {len(results['case']['mr_held_out'])} held-out MR slices; "
-        f"translator: build_translator defaults, {s['diffusion_steps']} + {s['registration_steps']} training steps; "
-        f"CT segmentation: {s['segmentation_steps']} steps, held-out CT Dice {seg['dice_mean']:.3f}"
-    )
-    print(table(results))
-    d = results["deformation"]
-    print(f"phi: folded fraction {d['folded_fraction_max']:.4f} (max over slices), inverse consistency {d['inverse_consistency_voxels']:.3f} voxel, max |u| {d['max_displacement_voxels']:.1f} voxels")
-    print(f"real CT mean inside the head {results['intensity']['ct_mean_inside_head']:.3f}, inside the skull {results['intensity']['ct_mean_inside_intracranial']:.3f}")
-    print(f"time: {results['time']['total_s']:.0f} s ({json.dumps({k: round(v) for k, v in results['time'].items()})}); written to {args.output}")
+    start = time.perf_counter()
+    if args.part in ("all", "mr-ct"):
+        results = run(settings, args.output)
+        s, seg = results["settings"], results["segmentation"]["ct_held_out"]
+        print(
+            f"MR -> CT, unpaired, {s['size']} x {s['size']} at {results['case']['pixel_mm']} mm; {len(results['case']['mr_held_out'])} held-out MR slices; "
+            f"translator: build_translator defaults, {s['diffusion_steps']} + {s['registration_steps']} training steps; "
+            f"CT segmentation: {s['segmentation_steps']} steps, held-out CT Dice {seg['dice_mean']:.3f}"
+        )
+        print(table(results))
+        d = results["deformation"]
+        print(f"phi: folded fraction {d['folded_fraction_max']:.4f} (max over slices), inverse consistency {d['inverse_consistency_voxels']:.3f} voxel, max |u| {d['max_displacement_voxels']:.1f} voxels")
+        print(f"real CT mean inside the head {results['intensity']['ct_mean_inside_head']:.3f}, inside the skull {results['intensity']['ct_mean_inside_intracranial']:.3f}")
+        print(f"time: {results['time']['total_s']:.0f} s ({json.dumps({k: round(v) for k, v in results['time'].items()})})")
+    if args.part in ("all", "t1pd"):
+        pd = run_t1_pd(settings, args.output)
+        r = pd["settings"]["recipe"]
+        print(f"\nT1 -> PD (the demo's task), trained unpaired: build_translator(structure='foreground+mind'), {r['diffusion_steps']} + {r['registration_steps']} training steps; {pd['test_subjects']} test subjects")
+        print(t1_pd_table(pd))
+        print(f"time: {pd['time_s']:.0f} s")
+    print(f"total time: {time.perf_counter() - start:.0f} s; written to {args.output}")
 
 
 if __name__ == "__main__":

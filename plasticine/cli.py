@@ -10,8 +10,8 @@ Run ``plasticine <command> --help`` for the options of each (``python -m plastic
   options ``--structure``, ``--classes``, ``--mind-sigma``, ``--prediction``, ``--data-range``
   (``--no-data-range``), ``--no-clip``, ``--start``, ``--start-fraction`` and ``--sampler-steps``;
   the training is :class:`~plasticine.recipes.TrainingRecipe` with ``--ema-decay``,
-  ``--augment`` and ``--snr-gamma``. The defaults are those of ``build_translator``: the head mask
-  stacked with MIND-SSC as the structure map, x0 prediction on data mapped to [-1, 1] and clipped
+  ``--augment`` and ``--snr-gamma``. The defaults are those of ``build_translator``: the filled head mask as
+  the structure map, x0 prediction on data mapped to [-1, 1] and clipped
   there at every step, generation from pure noise in the warped source's geometry. Each stage
   writes a training checkpoint next to the output (``model.pt.diffusion-state.pt``,
   ``model.pt.registration-state.pt``) every ``--checkpoint-every`` steps; running the same command
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--diffusion-steps", type=int, default=2000, help="optimizer steps of the denoiser")
     p.add_argument("--registration-steps", type=int, default=2000, help="optimizer steps of the registration network")
     p.add_argument("--batch-size", type=int, default=4, help="images per optimizer step")
-    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--sampler-steps", type=int, default=20, help="DDIM steps at translation")
     p.add_argument("--start-fraction", type=float, default=1.0, help="start step of translate as a fraction of K (1: from pure noise)")
     p.add_argument("--ema-decay", type=float, default=None, help="decay of the denoiser's weight average, whose weights are kept, in [0, 1) (default: none, the last weights)")

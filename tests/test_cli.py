@@ -217,7 +217,7 @@ def test_resume_refuses_a_changed_learning_rate(folders, model, tmp_path, capsys
     args = ["train", "--source", str(folders / "src"), "--target", str(folders / "tgt"), "--output", str(tmp_path / "m.pt")]
     assert main(args + ["--diffusion-steps", "3", "--registration-steps", "2", "--batch-size", "2", "--quiet", "--lr", "0.5"]) == 1
     err = capsys.readouterr().err
-    assert "lr" in err and "0.002" in err and "0.5" in err and err.count("\n") == 1, err
+    assert "lr" in err and "0.001" in err and "0.5" in err and err.count("\n") == 1, err
 
 
 def test_translate_refuses_a_non_finite_result(folders, model, tmp_path, capsys, monkeypatch):

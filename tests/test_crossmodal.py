@@ -19,7 +19,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy import ndimage as ndi
 
-from plasticine.core import RegistrationBackend
 from plasticine.data import crossmodal as cm
 from plasticine.data import crossmodal_case
 from plasticine.data.system import MRICRON_DIR
@@ -218,13 +217,6 @@ def test_bhattacharyya_distance_by_hand():
     assert bench.bhattacharyya_distance([1.0, 0.0], [0.0, 1.0]) == math.inf
     with pytest.raises(ValueError, match="summing to 1"):
         bench.bhattacharyya_distance([0.5, 0.6], [0.5, 0.5])
-
-
-def test_identity_registration_is_a_backend_returning_the_identity():
-    reg = bench.IdentityRegistration()
-    assert isinstance(reg, RegistrationBackend)
-    phi = reg.register(torch.rand(3, 1, 8, 6))
-    assert phi.forward.shape == (3, 2, 8, 6) and not phi.forward.any() and not phi.inverse.any()
 
 
 def test_split_holds_out_every_fourth_slice():

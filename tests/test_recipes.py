@@ -61,13 +61,15 @@ def test_augmented_training_is_seeded_and_differs_from_plain():
     assert any(not torch.equal(a[k], plain[k]) for k in a if k.startswith("denoiser"))
 
 
-def test_the_default_translator_generates_in_the_warped_geometry_from_a_mask_and_mind_condition():
-    from plasticine.segmentation import ForegroundExtractor, MINDExtractor, StackedExtractor
+def test_the_default_translator_generates_in_the_warped_geometry_from_a_head_mask_condition():
+    from plasticine.segmentation import ForegroundExtractor, MINDExtractor
 
     t = build_translator(2, 1)
-    assert isinstance(t.structure, StackedExtractor)
-    fg, mind = t.structure.extractors
+    assert isinstance(t.structure, ForegroundExtractor)
+    assert t.structure.config["fraction"] == 0.05 and t.structure.config["closing"] == 3
+    fg, mind = build_translator(2, 1, structure="foreground+mind").structure.extractors
     assert isinstance(fg, ForegroundExtractor) and isinstance(mind, MINDExtractor) and mind.sigma == 2.5
+    assert fg.config == t.structure.config
     assert t.sampler.config["prediction"] == "x0" and t.sampler.config["clip"] == (-1.0, 1.0) and t.sampler.config["steps"] == 20
     assert t.data_range == (0.0, 1.0) and t.start == "warped" and t.start_fraction == 1.0
 

@@ -6,12 +6,24 @@ import math
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from plasticine.data import brainweb_slices
-from plasticine.metrics import mae, psnr, ssim
+from plasticine.metrics import (
+    RandomFeatures,
+    bhattacharyya_distance,
+    frechet_distance,
+    image_features,
+    intensity_histogram,
+    mae,
+    normalized_mutual_information,
+    psnr,
+    simplified_frechet_distance,
+    ssim,
+)
 
 skimage_metrics = pytest.importorskip("skimage.metrics", reason="scikit-image is the reference (pip install scikit-image)")
 
@@ -130,3 +142,119 @@ def test_ssim_refuses_bad_input(slices):
         mae(x, x, mask=torch.zeros_like(border))
     with pytest.raises(ValueError, match="b"):
         mae(x, x[..., :-1])
+
+
+# --- histograms and the Bhattacharyya distance --------------------------------------------------
+
+
+def test_intensity_histogram_counts_out_of_range_values_apart():
+    h = intensity_histogram(np.array([-0.5, 0.0, 0.5, 1.0, 1.5]), bins=2)
+    assert h.tolist() == [0.2, 0.4, 0.2, 0.2]
+    with pytest.raises(ValueError, match="finite"):
+        intensity_histogram(np.array([0.5, np.nan]), bins=2)
+
+
+def test_bhattacharyya_distance_by_hand():
+    assert bhattacharyya_distance([0.5, 0.5], [1.0, 0.0]) == pytest.approx(0.5 * math.log(2))
+    assert bhattacharyya_distance([0.25, 0.75], [0.75, 0.25]) == pytest.approx(-math.log(2 * math.sqrt(0.1875)))
+    assert bhattacharyya_distance([0.2, 0.3, 0.5], [0.2, 0.3, 0.5]) == 0.0
+    assert bhattacharyya_distance([1.0, 0.0], [0.0, 1.0]) == math.inf
+    with pytest.raises(ValueError, match="summing to 1"):
+        bhattacharyya_distance([0.5, 0.6], [0.5, 0.5])
+
+
+# --- normalised mutual information --------------------------------------------------------------
+
+
+def test_nmi_by_hand_2x2():
+    # a: 0 0 1 1, b: 0 1 1 1 with 2 bins: joint counts [[1, 1], [0, 2]] / 4
+    a = _t([[0.0, 0.0], [1.0, 1.0]])[None, None]
+    b = _t([[0.0, 1.0], [1.0, 1.0]])[None, None]
+    h = lambda *p: -sum(x * math.log(x) for x in p)  # noqa: E731
+    expected = (h(0.5, 0.5) + h(0.25, 0.75)) / h(0.25, 0.25, 0.5)
+    assert normalized_mutual_information(a, b, bins=2).item() == pytest.approx(expected)
+    assert normalized_mutual_information(a, a, bins=2).item() == pytest.approx(2.0)
+    # any one-to-one remapping of the bins leaves it unchanged
+    assert normalized_mutual_information(1.0 - 3.0 * a, b, bins=2).item() == pytest.approx(expected)
+
+
+def test_nmi_matches_scikit_image(slices):
+    t1, pd = slices
+    for bins in (2, 17, 100):
+        ref = skimage_metrics.normalized_mutual_information(t1, pd, bins=bins)
+        assert normalized_mutual_information(_t(t1)[None, None], _t(pd)[None, None], bins).item() == pytest.approx(ref, rel=1e-12)
+    va, vb = _volume(t1), _volume(pd)
+    ref = skimage_metrics.normalized_mutual_information(va, vb, bins=32)
+    assert normalized_mutual_information(_t(va)[None, None], _t(vb)[None, None], 32).item() == pytest.approx(ref, rel=1e-12)
+    head = t1 > 0.1
+    ref = skimage_metrics.normalized_mutual_information(t1[head], pd[head], bins=50)
+    got = normalized_mutual_information(_t(t1)[None, None], _t(pd)[None, None], 50, mask=torch.from_numpy(head)[None, None])
+    assert got.item() == pytest.approx(ref, rel=1e-12)
+    flat = torch.ones(1, 1, 4, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="constant"):
+        normalized_mutual_information(flat, flat, 8)
+
+
+# --- Frechet distances --------------------------------------------------------------------------
+
+
+def _scipy_frechet(a: np.ndarray, b: np.ndarray) -> float:
+    """The reference FID formula (pytorch-fid): scipy.linalg.sqrtm of the covariance product."""
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * root))
+
+
+def test_frechet_distance_1d_closed_form():
+    # two 1D samples with exact means and (unbiased) standard deviations: d^2 = (m1 - m2)^2 + (s1 - s2)^2
+    x = np.array([-1.0, 1.0])  # mean 0, unbiased variance 2
+    a = _t(3.0 + 2.0 * x)[:, None]  # mean 3, sd 2 sqrt 2
+    b = _t(-1.0 + 0.5 * x)[:, None]  # mean -1, sd sqrt(2) / 2
+    expected = 16.0 + (2 * math.sqrt(2) - math.sqrt(2) / 2) ** 2
+    assert frechet_distance(a, b) == pytest.approx(expected)
+    assert simplified_frechet_distance(a, b) == pytest.approx(expected)
+
+
+def test_frechet_distance_against_scipy_and_properties():
+    rng = np.random.default_rng(1)
+    mix = rng.normal(size=(5, 5))
+    a = rng.normal(size=(200, 5)) @ mix
+    b = rng.normal(size=(150, 5)) @ (mix + 0.3 * rng.normal(size=(5, 5))) + 0.5
+    d = frechet_distance(_t(a), _t(b))
+    assert d == pytest.approx(_scipy_frechet(a, b), rel=1e-8)
+    assert d == pytest.approx(frechet_distance(_t(b), _t(a)), rel=1e-10)
+    assert frechet_distance(_t(a), _t(a)) == pytest.approx(0.0, abs=1e-9)
+    assert simplified_frechet_distance(_t(a), _t(a)) == 0.0
+    # the simplified distance is the full one of the diagonal-covariance Gaussians
+    sa, sb = a.std(0, ddof=1), b.std(0, ddof=1)
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + ((sa - sb) ** 2).sum()
+    assert simplified_frechet_distance(_t(a), _t(b)) == pytest.approx(expected)
+    assert simplified_frechet_distance(_t(b), _t(a)) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="feats_b"):
+        frechet_distance(_t(a), _t(b[:, :4]))
+    with pytest.raises(ValueError, match="at least 2"):
+        simplified_frechet_distance(_t(a[:1]), _t(b))
+
+
+# --- random features ----------------------------------------------------------------------------
+
+
+def test_random_features_are_fixed_and_separate_contrasts(slices):
+    t1, pd = slices
+    net = RandomFeatures(width=4, depth=3, seed=3)
+    x = torch.from_numpy(np.stack([t1, pd])).float()[:, None]
+    f = net(x)
+    assert f.shape == (2, net.num_features) == (2, 2 * 4 * 7)
+    assert torch.equal(f, RandomFeatures(width=4, depth=3, seed=3)(x))  # one seed, one network
+    assert not torch.equal(f, RandomFeatures(width=4, depth=3, seed=4)(x))
+    assert not any(p.requires_grad for p in net.parameters()) and len(list(net.parameters())) == 0
+    # batching does not change the features
+    assert torch.allclose(image_features(x, net, batch_size=1), f, atol=1e-6)
+    # a T1 set and its noisy copies are closer to each other than to the PD set
+    rng = np.random.default_rng(2)
+    noisy = lambda img: np.stack([img + rng.normal(0, 0.02, img.shape) for _ in range(6)])  # noqa: E731
+    t1a, t1b, pds = (torch.from_numpy(noisy(i)).float()[:, None] for i in (t1, t1, pd))
+    fa, fb, fp = (image_features(s, net) for s in (t1a, t1b, pds))
+    assert simplified_frechet_distance(fa, fb) < simplified_frechet_distance(fa, fp)
+    with pytest.raises(ValueError, match="images"):
+        net(x[..., :4, :4])

@@ -170,7 +170,7 @@ def test_nmi_by_hand_2x2():
     # a: 0 0 1 1, b: 0 1 1 1 with 2 bins: joint counts [[1, 1], [0, 2]] / 4
     a = _t([[0.0, 0.0], [1.0, 1.0]])[None, None]
     b = _t([[0.0, 1.0], [1.0, 1.0]])[None, None]
-    h = lambda *p: -sum(x * math.log(x) for x in p)  # noqa: E731
+    h = lambda *p: -sum(x * math.log(x) for x in p)
     expected = (h(0.5, 0.5) + h(0.25, 0.75)) / h(0.25, 0.25, 0.5)
     assert normalized_mutual_information(a, b, bins=2).item() == pytest.approx(expected)
     assert normalized_mutual_information(a, a, bins=2).item() == pytest.approx(2.0)
@@ -252,7 +252,7 @@ def test_random_features_are_fixed_and_separate_contrasts(slices):
     assert torch.allclose(image_features(x, net, batch_size=1), f, atol=1e-6)
     # a T1 set and its noisy copies are closer to each other than to the PD set
     rng = np.random.default_rng(2)
-    noisy = lambda img: np.stack([img + rng.normal(0, 0.02, img.shape) for _ in range(6)])  # noqa: E731
+    noisy = lambda img: np.stack([img + rng.normal(0, 0.02, img.shape) for _ in range(6)])
     t1a, t1b, pds = (torch.from_numpy(noisy(i)).float()[:, None] for i in (t1, t1, pd))
     fa, fb, fp = (image_features(s, net) for s in (t1a, t1b, pds))
     assert simplified_frechet_distance(fa, fb) < simplified_frechet_distance(fa, fp)

@@ -176,6 +176,13 @@ def _features(f: torch.Tensor, name: str, bindings: dict) -> torch.Tensor:
     return f.double()
 
 
+def _feature_pair(feats_a: torch.Tensor, feats_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both feature sets checked (same ``F``) and in float64."""
+    bindings: dict = {}
+    a = _features(feats_a, "feats_a", bindings)
+    return a, _features(feats_b, "feats_b", {"F": bindings["F"]})
+
+
 def _symmetric_sqrt(m: torch.Tensor) -> torch.Tensor:
     """Square root of a symmetric positive semi-definite matrix by its eigendecomposition."""
     w, v = torch.linalg.eigh(m)
@@ -211,9 +218,7 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
     Shape:
         feats_a: ``(N, F)``; feats_b: ``(M, F)``.
     """
-    bindings: dict = {}
-    a = _features(feats_a, "feats_a", bindings)
-    b = _features(feats_b, "feats_b", {"F": bindings["F"]})
+    a, b = _feature_pair(feats_a, feats_b)
     cov_a, cov_b = torch.cov(a.T).reshape(a.shape[1], a.shape[1]), torch.cov(b.T).reshape(b.shape[1], b.shape[1])
     root_a = _symmetric_sqrt(cov_a)
     inner = root_a @ cov_b @ root_a
@@ -237,19 +242,18 @@ def simplified_frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) ->
     paper's "simplified Frechet distance" implemented here: the paper does not spell out its formula.
 
     Args:
-        feats_a: one set of feature vectors (finite, at least 2).
-        feats_b: the other, with the same number of features (finite, at least 2).
+        feats_a: the first set, ``N >= 2`` finite vectors.
+        feats_b: the second set, ``M >= 2`` finite vectors of the same length ``F``.
 
     Returns:
-        :math:`d^2 \ge 0`.
+        The squared distance (non-negative), symmetric in the two sets.
 
     Raises:
-        ValueError: for a wrong shape, fewer than 2 vectors or non-finite features.
+        ValueError: for sets that are not ``(N, F)`` matrices of one ``F``, have a single vector
+            or hold a NaN or an infinity.
 
     Shape:
         feats_a: ``(N, F)``; feats_b: ``(M, F)``.
     """
-    bindings: dict = {}
-    a = _features(feats_a, "feats_a", bindings)
-    b = _features(feats_b, "feats_b", {"F": bindings["F"]})
+    a, b = _feature_pair(feats_a, feats_b)
     return float(((a.mean(0) - b.mean(0)) ** 2).sum() + ((a.std(0) - b.std(0)) ** 2).sum())

@@ -25,7 +25,11 @@ from plasticine.metrics import (
     ssim,
 )
 
-skimage_metrics = pytest.importorskip("skimage.metrics", reason="scikit-image is the reference (pip install scikit-image)")
+
+@pytest.fixture(scope="module")
+def skm():
+    """scikit-image's metrics, the reference of SSIM and NMI (the other tests run without it)."""
+    return pytest.importorskip("skimage.metrics", reason="scikit-image is the reference (pip install scikit-image)")
 
 
 def _t(x: np.ndarray) -> torch.Tensor:
@@ -85,44 +89,44 @@ def test_mae_psnr_match_numpy(xs, ys):
 # --- SSIM against scikit-image ------------------------------------------------------------------
 
 
-def _skimage_ssim(a: np.ndarray, b: np.ndarray, data_range: float, sigma: float = 1.5, full: bool = False):
-    return skimage_metrics.structural_similarity(
+def _skimage_ssim(skm, a: np.ndarray, b: np.ndarray, data_range: float, sigma: float = 1.5, full: bool = False):
+    return skm.structural_similarity(
         a, b, data_range=data_range, gaussian_weights=True, sigma=sigma, use_sample_covariance=False, full=full
     )
 
 
-def test_ssim_matches_scikit_image_2d(slices):
+def test_ssim_matches_scikit_image_2d(skm, slices):
     t1, pd = slices
     got = ssim(_t(np.stack([t1, t1]))[:, None], _t(np.stack([pd, t1]))[:, None], 1.0)
-    assert got[0].item() == pytest.approx(_skimage_ssim(t1, pd, 1.0), abs=1e-10)
+    assert got[0].item() == pytest.approx(_skimage_ssim(skm, t1, pd, 1.0), abs=1e-10)
     assert got[1].item() == pytest.approx(1.0, abs=1e-12)
     noisy = t1 + np.random.default_rng(0).normal(0, 0.05, t1.shape)
     assert ssim(_t(t1)[None, None], _t(noisy)[None, None], 1.0, sigma=2.0).item() == pytest.approx(
-        _skimage_ssim(t1, noisy, 1.0, sigma=2.0), abs=1e-10
+        _skimage_ssim(skm, t1, noisy, 1.0, sigma=2.0), abs=1e-10
     )
 
 
-def test_ssim_matches_scikit_image_3d_and_channels(slices):
+def test_ssim_matches_scikit_image_3d_and_channels(skm, slices):
     t1, pd = slices
     va, vb = _volume(t1), _volume(pd)
-    assert ssim(_t(va)[None, None], _t(vb)[None, None], 1.0).item() == pytest.approx(_skimage_ssim(va, vb, 1.0), abs=1e-10)
+    assert ssim(_t(va)[None, None], _t(vb)[None, None], 1.0).item() == pytest.approx(_skimage_ssim(skm, va, vb, 1.0), abs=1e-10)
     two_a, two_b = np.stack([t1, pd]), np.stack([pd, 1.0 - t1])
-    ref = skimage_metrics.structural_similarity(
+    ref = skm.structural_similarity(
         two_a, two_b, data_range=1.0, channel_axis=0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
     )
     assert ssim(_t(two_a)[None], _t(two_b)[None], 1.0).item() == pytest.approx(ref, abs=1e-10)
 
 
-def test_masked_ssim_is_the_mean_of_the_map_over_the_mask(slices):
+def test_masked_ssim_is_the_mean_of_the_map_over_the_mask(skm, slices):
     t1, pd = slices
-    _, smap = _skimage_ssim(t1, pd, 1.0, full=True)
+    _, smap = _skimage_ssim(skm, t1, pd, 1.0, full=True)
     head = t1 > 0.1
     interior = np.zeros_like(head)
     interior[5:-5, 5:-5] = True  # radius int(3.5 * 1.5 + 0.5) = 5
     got = ssim(_t(t1)[None, None], _t(pd)[None, None], 1.0, mask=torch.from_numpy(head)[None, None])
     assert got.item() == pytest.approx(smap[head & interior].mean(), abs=1e-10)
     # the mask changes the score: the head alone is not the whole image
-    assert abs(got.item() - _skimage_ssim(t1, pd, 1.0)) > 1e-3
+    assert abs(got.item() - _skimage_ssim(skm, t1, pd, 1.0)) > 1e-3
 
 
 def test_ssim_refuses_bad_input(slices):
@@ -178,16 +182,16 @@ def test_nmi_by_hand_2x2():
     assert normalized_mutual_information(1.0 - 3.0 * a, b, bins=2).item() == pytest.approx(expected)
 
 
-def test_nmi_matches_scikit_image(slices):
+def test_nmi_matches_scikit_image(skm, slices):
     t1, pd = slices
     for bins in (2, 17, 100):
-        ref = skimage_metrics.normalized_mutual_information(t1, pd, bins=bins)
+        ref = skm.normalized_mutual_information(t1, pd, bins=bins)
         assert normalized_mutual_information(_t(t1)[None, None], _t(pd)[None, None], bins).item() == pytest.approx(ref, rel=1e-12)
     va, vb = _volume(t1), _volume(pd)
-    ref = skimage_metrics.normalized_mutual_information(va, vb, bins=32)
+    ref = skm.normalized_mutual_information(va, vb, bins=32)
     assert normalized_mutual_information(_t(va)[None, None], _t(vb)[None, None], 32).item() == pytest.approx(ref, rel=1e-12)
     head = t1 > 0.1
-    ref = skimage_metrics.normalized_mutual_information(t1[head], pd[head], bins=50)
+    ref = skm.normalized_mutual_information(t1[head], pd[head], bins=50)
     got = normalized_mutual_information(_t(t1)[None, None], _t(pd)[None, None], 50, mask=torch.from_numpy(head)[None, None])
     assert got.item() == pytest.approx(ref, rel=1e-12)
     flat = torch.ones(1, 1, 4, 4, dtype=torch.float64)
@@ -258,3 +262,15 @@ def test_random_features_are_fixed_and_separate_contrasts(slices):
     assert simplified_frechet_distance(fa, fb) < simplified_frechet_distance(fa, fp)
     with pytest.raises(ValueError, match="images"):
         net(x[..., :4, :4])
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.floats(0.5, 2.0))
+def test_ssim_is_symmetric_and_at_most_one(seed, sigma):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.rand(2, 1, 16, 16, generator=g, dtype=torch.float64)
+    b = a + 0.2 * torch.rand(2, 1, 16, 16, generator=g, dtype=torch.float64)
+    s = ssim(a, b, 1.2, sigma=min(sigma, 2.0))
+    assert torch.equal(s, ssim(b, a, 1.2, sigma=min(sigma, 2.0)))
+    assert (s <= 1.0).all() and (s > -1.0).all()
+    assert torch.allclose(ssim(a, a, 1.2, sigma=sigma), torch.ones(2, dtype=torch.float64))

@@ -88,6 +88,7 @@ from _timing import format_table, machine_summary  # noqa: E402  (benchmarks/ is
 
 from plasticine.core import Deformation, folding_fraction, inverse_consistency_error  # noqa: E402
 from plasticine.data.crossmodal import CrossModalCase, crossmodal_case  # noqa: E402
+from plasticine.metrics import bhattacharyya_distance, intensity_histogram  # noqa: E402
 from plasticine.recipes import TrainingRecipe, build_translator, train_translator  # noqa: E402
 from plasticine.registration import IdentityRegistration  # noqa: E402
 from plasticine.segmentation import SegmentationUNet, SegmentationUNetConfig, dice, iou, pixel_accuracy, train_segmentation  # noqa: E402
@@ -199,63 +200,6 @@ def invert_inside(image: np.ndarray, head: np.ndarray) -> np.ndarray:
     return ((1.0 - image) * head).astype(np.float32)
 
 
-def intensity_histogram(values: np.ndarray, bins: int, value_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
-    """Normalised histogram: ``bins`` equal bins on ``value_range``, then one bin below it and one above.
-
-    Values outside the range are counted in the two extra bins (not clipped into the edge bins).
-
-    Args:
-        values: the intensities (finite).
-        bins: number of bins on the range.
-        value_range: ``(lo, hi)``; the last range bin includes ``hi``.
-
-    Returns:
-        float64 probabilities summing to 1: ``[bins on the range..., below, above]``.
-
-    Raises:
-        ValueError: for no values, non-finite values or a bad range.
-
-    Shape:
-        values: any; out: ``(bins + 2,)``.
-    """
-    v = np.asarray(values, dtype=np.float64).ravel()
-    lo, hi = value_range
-    if v.size == 0 or not np.isfinite(v).all():
-        raise ValueError(f"values: expected finite intensities, got {v.size} values, {int((~np.isfinite(v)).sum())} non-finite")
-    if not lo < hi:
-        raise ValueError(f"value_range: expected lo < hi, got {value_range}")
-    inside = (v >= lo) & (v <= hi)
-    counts = np.histogram(v[inside], bins=bins, range=(lo, hi))[0]
-    out = np.concatenate([counts, [(v < lo).sum(), (v > hi).sum()]]).astype(np.float64)
-    return out / v.size
-
-
-def bhattacharyya_distance(p: np.ndarray, q: np.ndarray) -> float:
-    r"""Bhattacharyya distance :math:`-\ln \sum_i \sqrt{p_i q_i}` of two normalised histograms.
-
-    0 for equal histograms, ``inf`` for disjoint ones.
-
-    Args:
-        p: probabilities (non-negative, summing to 1).
-        q: the same, on the same bins.
-
-    Returns:
-        The distance.
-
-    Raises:
-        ValueError: for shapes that differ or histograms that are not normalised.
-
-    Shape:
-        p, q: ``(bins,)``.
-    """
-    p, q = np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)
-    if p.shape != q.shape:
-        raise ValueError(f"q: expected the shape of p {p.shape}, got {q.shape}")
-    for name, h in (("p", p), ("q", q)):
-        if (h < 0).any() or not np.isclose(h.sum(), 1.0):
-            raise ValueError(f"{name}: expected non-negative probabilities summing to 1, got sum {h.sum()}")
-    coefficient = float(np.sqrt(p * q).sum())
-    return float("inf") if coefficient == 0.0 else float(-np.log(min(coefficient, 1.0)))
 
 
 def segmentation_scores(prediction: torch.Tensor, truth: torch.Tensor) -> dict[str, list[float]]:

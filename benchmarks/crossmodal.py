@@ -86,7 +86,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import format_table, machine_summary  # noqa: E402  (benchmarks/ is a folder of scripts)
 
-from plasticine.core import Deformation, folding_fraction, inverse_consistency_error  # noqa: E402
+from plasticine.core import folding_fraction, inverse_consistency_error  # noqa: E402
 from plasticine.data.crossmodal import CrossModalCase, crossmodal_case  # noqa: E402
 from plasticine.metrics import bhattacharyya_distance, intensity_histogram  # noqa: E402
 from plasticine.recipes import TrainingRecipe, build_translator, train_translator  # noqa: E402
@@ -135,7 +135,7 @@ class Settings:
     registration_steps: int = 300
     learning_rate: float = 1e-3
     pd_diffusion_steps: int = 400
-    pd_registration_steps: int = 600
+    pd_registration_steps: int = 300
     segmentation_steps: int = 400
     segmentation_width: int = 16
     batch_size: int = 4

@@ -261,11 +261,11 @@ def _train_args(folders, out):
 
 def test_the_default_model_is_the_default_recipe(model):
     from plasticine.checkpoint import load_translator
-    from plasticine.segmentation import ForegroundExtractor, MINDExtractor, StackedExtractor
+    from plasticine.recipes import build_translator
+    from plasticine.segmentation import ForegroundExtractor
 
     t = load_translator(model)
-    assert isinstance(t.structure, StackedExtractor)
-    assert [type(p) for p in t.structure.extractors] == [ForegroundExtractor, MINDExtractor] and t.structure.extractors[1].sigma == 2.5
+    assert isinstance(t.structure, ForegroundExtractor) and t.structure.config == build_translator(2, 1).structure.config
     assert t.sampler.config["prediction"] == "x0" and t.sampler.config["clip"] == (-1.0, 1.0)
     assert t.data_range == (0.0, 1.0) and t.start == "warped" and t.start_fraction == 1.0
 

@@ -1,4 +1,4 @@
-"""The ``plasticine`` command line: ``train``, ``translate``, ``trace`` and ``demo``.
+"""The ``plasticine`` command line: ``train``, ``translate``, ``trace``, ``demo`` and ``view``.
 
 Run ``plasticine <command> --help`` for the options of each (``python -m plasticine`` is the same).
 
@@ -33,6 +33,10 @@ Run ``plasticine <command> --help`` for the options of each (``python -m plastic
   source into the translation (mask o phi, points phi^-1(p)), ``to-source`` back (mask o phi^-1,
   points phi(q)).
 * ``plasticine demo`` runs :func:`plasticine.demo.run_demo` (offline, on the shipped real MR slice).
+* ``plasticine view X_trace.json --output page.html`` writes the interactive tracing viewer
+  (:func:`plasticine.viewer.write_viewer`) of one result of translate: source and translation side
+  by side, pointer tracking through phi and phi^-1, ``--labels`` (a label image of the source)
+  traced into the translation, the deformation grid and the Jacobian map, in one HTML file.
 
 Every option is checked before any work starts. Bad input (a missing or unreadable file, mismatched
 shapes, a bad option) prints one line ``plasticine <command>: error: ...`` to stderr and exits with
@@ -93,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``plasticine`` command.
 
     Returns:
-        The parser with the ``train``, ``translate``, ``trace`` and ``demo`` subcommands.
+        The parser with the ``train``, ``translate``, ``trace``, ``demo`` and ``view`` subcommands.
 
     Shape:
         Not applicable.
@@ -108,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         formatter_class=_HelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,translate,trace,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,translate,trace,demo,view}")
     kinds = dict(parents=[common], formatter_class=_HelpFormatter)
 
     p = sub.add_parser("train", **kinds, help="train a translator on unpaired source and target images", description="Train a translator on unpaired source and target images (resumable).")
@@ -171,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--direction", choices=("to-target", "to-source"), default="to-target", help="to-target: source -> translation; to-source: back")
     p.add_argument("--which", choices=("source", "target"), default=None, help="side of a trace file to read (default: the side the direction starts from)")
     p.add_argument("--output", required=True, help="output: a mask image (.png, .nii, .nii.gz) with --mask, a trace file (.json) with --points")
+
+    p = sub.add_parser("view", **kinds, help="write the interactive tracing viewer of a translation", description="Write one self-contained HTML page (no server, no network) showing the source and its translation side by side, with pointer tracking through phi and phi^-1, traced regions, the deformation grid and the Jacobian map.")
+    p.add_argument("result", help="<name>_trace.json written by translate for one input (it names the source, the translation and the deformation)")
+    p.add_argument("--output", required=True, help="HTML file to write")
+    p.add_argument("--source", default=None, help="source image file (default: the input the trace file names, read as translate read it)")
+    p.add_argument("--labels", default=None, help="label image (PNG or NIfTI, integer labels) in the source geometry, traced into the translation")
 
     p = sub.add_parser("demo", **kinds, help="the offline demo on real MR anatomy", description="Translate the shipped real T1 slice into an enlarged-ventricle PD-like domain and score the tracing against exact truth.")
     p.add_argument("--output", default="plasticine-demo", help="output folder")
@@ -477,7 +487,46 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text} (an unexpected error: run with --debug for the traceback and report it)"
 
 
-_COMMANDS = {"train": _train, "translate": _translate, "trace": _trace, "demo": _demo}
+def _view(args: argparse.Namespace) -> int:
+    import json
+
+    from .io import TRACE_FORMAT, ImageFolder, read_deformation, read_image
+    from .viewer import write_viewer
+
+    out, result = Path(args.output), Path(args.result)
+    if not out.name.lower().endswith((".html", ".htm")):
+        raise ValueError(f"--output: {out}: the viewer is one HTML page; expected a name ending in .html")
+    try:
+        doc = json.loads(result.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{result}: cannot read the trace file ({_one_line(err)})") from err
+    keys = ("input", "translated", "deformation", "normalization")
+    if not isinstance(doc, dict) or doc.get("format") != TRACE_FORMAT or not all(isinstance(doc.get(k), str) for k in keys):
+        raise ValueError(f"{result}: expected a trace file written by plasticine translate (format {TRACE_FORMAT!r} naming {', '.join(keys)})")
+    where = result.parent
+    source_file = Path(args.source if args.source is not None else doc["input"])
+    if args.source is None and not source_file.is_absolute() and not source_file.exists() and (where / source_file).exists():
+        source_file = where / source_file  # the input was named relative to the trace file's folder
+    slice_index = doc.get("slice")
+    slices = None if slice_index is None else (slice_index, slice_index + 1)  # the 2D slice of a volume that translate read
+    source = ImageFolder(source_file, axis=None if slices is None else doc.get("axis"), slices=slices, normalization=doc["normalization"])[0]
+    translation = read_image(where / doc["translated"], normalization="none")
+    deformation = read_deformation(where / doc["deformation"])
+    labels = None
+    if args.labels is not None:
+        mask = read_image(args.labels, normalization="none")
+        if mask.shape[0] != 1 or not bool((mask == mask.round()).all()):
+            raise ValueError(f"{args.labels}: expected a single-channel image of integer labels, got {mask.shape[0]} channel(s)" + ("" if mask.shape[0] != 1 else " with non-integer values"))
+        labels = mask.round().long()
+    for name, image in (("source", source), ("translation", translation), ("--labels", labels)):
+        if image is not None and tuple(image.shape[1:]) != deformation.shape:
+            raise ValueError(f"{name}: spatial size {tuple(image.shape[1:])}, the deformation {deformation.shape}")
+    write_viewer(out, source, translation, deformation, source_labels=labels, title=f"plasticine: {source_file.name} -> {doc['translated']}")
+    print(f"{result} -> {out}")
+    return 0
+
+
+_COMMANDS = {"train": _train, "translate": _translate, "trace": _trace, "demo": _demo, "view": _view}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -105,9 +105,9 @@ def _grid_lines(shape: tuple[int, ...], spacing: int) -> torch.Tensor:
 
 
 def _grid_colours(g: torch.Tensor) -> np.ndarray:
-    """``(1, 1, *S)`` grid in [0, 1] -> ``(3, *S)`` uint8 yellow lines on black (shown with a screen blend)."""
+    """``(1, 1, *S)`` grid in [0, 1] -> ``(3, *S)`` uint8 green lines on black (shown with a screen blend)."""
     a = g[0, 0].clamp(0, 1).numpy()
-    return np.round(np.stack([a, a, 0.0 * a]) * 255.0).astype(np.uint8)
+    return np.round(np.stack([0.3 * a, a, 0.3 * a]) * 255.0).astype(np.uint8)
 
 
 def _labels(source_labels: Any, shape: tuple[int, ...], deformation: Deformation) -> dict[str, Any]:
@@ -125,14 +125,8 @@ def _labels(source_labels: Any, shape: tuple[int, ...], deformation: Deformation
 
 
 def write_viewer(
-    path: str | os.PathLike[str],
-    source: torch.Tensor,
-    translation: torch.Tensor,
-    deformation: Deformation,
-    *,
-    source_labels: torch.Tensor | None = None,
-    title: str = "plasticine tracing viewer",
-    grid_spacing: int = 8,
+    path: str | os.PathLike[str], source: torch.Tensor, translation: torch.Tensor, deformation: Deformation, *,
+    source_labels: torch.Tensor | None = None, title: str = "plasticine tracing viewer", grid_spacing: int = 8,
 ) -> Path:
     r"""Write the interactive tracing viewer of one translation as one self-contained HTML file.
 
@@ -253,7 +247,7 @@ figcaption { margin-bottom: 4px; }
 <div id="readout">move the pointer over an image</div>
 <div class="legend">a source point p sits at phi^-1(p) in the translation, a translation point q at phi(q) in the source.
 Jacobian determinant: blue below 1 (shrinks), red above 1 (grows), black at or below 0 (folds); the source shows det J of phi^-1, the translation det J of phi.
-Click a labelled region to highlight it and its traced region.</div>
+Click a labelled region to highlight it and its traced region (yellow); the grid is green, the marker cyan.</div>
 <script id="viewer-data" type="application/json">__DATA__</script>
 <script>
 __SCRIPT__

@@ -25,7 +25,7 @@ from plasticine.cli import main
 from plasticine.core import Deformation, resize
 from plasticine.data import brainweb_slices
 from plasticine.data.synthetic import random_deformation
-from plasticine.io import write_deformation, write_image, write_trace
+from plasticine.io import _png_bytes, write_deformation, write_image, write_trace
 from plasticine.viewer import write_viewer
 
 SHAPE_2D = (72, 60)
@@ -324,3 +324,30 @@ def test_view_command_reads_a_translate_result(tmp_path, capsys):
     assert "--output" in capsys.readouterr().err
     assert main(["view", str(out / "case_translated.png"), "--output", str(page)]) == 1
     assert "cannot read the trace file" in capsys.readouterr().err
+
+
+def test_view_reads_what_translate_wrote(tmp_path, capsys):
+    """Train two steps, translate, view: the page holds the written deformation and the input as translate read it."""
+    from plasticine.io import ImageFolder, read_deformation, read_image
+
+    g = torch.Generator().manual_seed(0)
+    for i in range(2):
+        x = torch.rand(1, 16, 12, generator=g)
+        write_image(tmp_path / "src" / f"a{i}.png", x)
+        write_image(tmp_path / "tgt" / f"b{i}.png", 1.0 - x)
+    model, out = tmp_path / "model.pt", tmp_path / "out"
+    common = ["--threads", "1"]
+    assert main([*common, "train", "--source", str(tmp_path / "src"), "--target", str(tmp_path / "tgt"), "--output", str(model), "--diffusion-steps", "2", "--registration-steps", "2", "--batch-size", "2", "--quiet"]) == 0
+    assert main([*common, "translate", "--model", str(model), "--input", str(tmp_path / "src" / "a1.png"), "--output", str(out), "--start-step", "20"]) == 0
+    page = tmp_path / "view.html"
+    assert main([*common, "view", str(out / "a1_trace.json"), "--output", str(page)]) == 0
+    assert f"-> {page}" in capsys.readouterr().out
+    data = _embedded(page)
+    d = read_deformation(out / "a1_deformation.npz")
+    np.testing.assert_array_equal(_decode(data["forward"], "<f4", (2, 16, 12)), d.forward[0].numpy())
+    source = ImageFolder(tmp_path / "src" / "a1.png")[0]  # percentile, translate's default
+    source_png = base64.b64decode(data["images"]["source"][0].split(",", 1)[1])
+    a = source[0].double().numpy()
+    expected = np.round((a - a.min()) / (a.max() - a.min()) * 255.0).astype(np.uint8)
+    assert source_png == _png_bytes(expected)
+    assert read_image(out / "a1_translated.png", normalization="none").shape == (1, 16, 12)

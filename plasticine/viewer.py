@@ -116,7 +116,7 @@ def _labels(source_labels: Any, shape: tuple[int, ...], deformation: Deformation
     if source_labels.is_floating_point() or source_labels.is_complex() or source_labels.dtype == torch.bool:
         raise ValueError(f"source_labels: expected an integer tensor, got {source_labels.dtype}")
     values, index = torch.unique(source_labels.to("cpu", torch.int64), return_inverse=True)
-    traced = deformation.to("cpu", torch.float64).labels_to_target(index[None], len(values))[0, 0]
+    traced = deformation.labels_to_target(index[None], len(values))[0, 0]
     return {
         "values": values.tolist(),
         "source": _b64(index[0].numpy(), "<i4"),
@@ -175,7 +175,8 @@ def write_viewer(
     grid_spacing = check_int(grid_spacing, "grid_spacing", minimum=2)
     if not isinstance(title, str):
         raise ValueError(f"title: expected a string, got {type(title).__name__}")
-    d64 = deformation.to("cpu", torch.float64)
+    deformation = Deformation(deformation.forward.detach().cpu(), deformation.inverse.detach().cpu())  # no autograd
+    d64 = deformation.to(torch.float64)
     grid = _grid_lines(shape, grid_spacing)
     longest = max(shape[-2:])
     scale = float(_DISPLAY_PIXELS // longest) if longest <= _DISPLAY_PIXELS else _DISPLAY_PIXELS / longest
@@ -183,8 +184,8 @@ def write_viewer(
         "shape": list(shape),
         "scale": scale,
         "title": title,
-        "forward": _b64(deformation.forward[0].detach().cpu().numpy(), "<f4"),
-        "inverse": _b64(deformation.inverse[0].detach().cpu().numpy(), "<f4"),
+        "forward": _b64(deformation.forward[0].numpy(), "<f4"),
+        "inverse": _b64(deformation.inverse[0].numpy(), "<f4"),
         "images": {"source": _slices(_display(source)), "translation": _slices(_display(translation))},
         "grid": {"source": _slices(_grid_colours(grid)), "translation": _slices(_grid_colours(d64.to_target(grid)))},
         "jacobian": {

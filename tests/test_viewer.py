@@ -363,7 +363,7 @@ def test_view_reads_what_translate_wrote(tmp_path, capsys):
         write_image(tmp_path / "tgt" / f"b{i}.png", 1.0 - x)
     model, out = tmp_path / "model.pt", tmp_path / "out"
     common = ["--threads", "1"]
-    assert main([*common, "train", "--source", str(tmp_path / "src"), "--target", str(tmp_path / "tgt"), "--output", str(model), "--diffusion-steps", "2", "--registration-steps", "2", "--batch-size", "2", "--quiet"]) == 0
+    assert main([*common, "train", "--source", str(tmp_path / "src"), "--target", str(tmp_path / "tgt"), "--output", str(model), "--diffusion-steps", "1", "--registration-steps", "1", "--batch-size", "2", "--sampler-steps", "2", "--quiet"]) == 0
     assert main([*common, "translate", "--model", str(model), "--input", str(tmp_path / "src" / "a1.png"), "--output", str(out), "--start-step", "20"]) == 0
     page = tmp_path / "view.html"
     assert main([*common, "view", str(out / "a1_trace.json"), "--output", str(page)]) == 0

@@ -14,7 +14,7 @@ from plasticine.cli import main
 from plasticine.io import read_deformation, read_itk_deformation, write_image
 
 nib = pytest.importorskip("nibabel", reason="the io extra (nibabel) is not installed")
-from nibabel.affines import apply_affine  # noqa: E402
+from nibabel.affines import apply_affine
 
 
 def _oblique(tilt: float = 0.0) -> np.ndarray:
@@ -29,8 +29,8 @@ def _oblique(tilt: float = 0.0) -> np.ndarray:
     return a
 
 
-def _translate(src, out, model, *extra):
-    args = ["--threads", "1", "translate", "--model", str(model), "--input", str(src), "--output", str(out), "--start-step", "5"]
+def _translate(src, out, translator, *extra):
+    args = ["--threads", "1", "translate", "--model", str(translator), "--input", str(src), "--output", str(out), "--start-step", "5"]
     return main(args + list(extra))
 
 

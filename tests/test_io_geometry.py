@@ -12,7 +12,7 @@ from plasticine.core import Deformation
 from plasticine.io import ImageFolder, ImageReadError, read_affine, read_points, write_deformation, write_image, write_trace
 
 nib = pytest.importorskip("nibabel", reason="the io extra (nibabel) is not installed")
-from nibabel.affines import apply_affine  # noqa: E402
+from nibabel.affines import apply_affine
 
 
 def _oblique() -> np.ndarray:

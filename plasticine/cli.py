@@ -350,7 +350,7 @@ def _check_unique_names(images: Any) -> None:
 
 def _translate(args: argparse.Namespace) -> int:
     from .checkpoint import load_translator
-    from .io import read_points, write_deformation, write_image, write_itk_deformation, write_trace
+    from .io import check_itk_affine, read_points, write_deformation, write_image, write_itk_deformation, write_trace
 
     if args.samples < 1:
         raise ValueError(f"--samples: expected an integer >= 1, got {args.samples}")
@@ -365,6 +365,12 @@ def _translate(args: argparse.Namespace) -> int:
     images = _load_images(args, args.input)
     _check_unique_names(images)
     affines = [images.affine(i) for i in range(len(images))]
+    for i, affine in enumerate(affines if args.deformation_format == "itk" else []):
+        item = images.items[i]
+        try:
+            check_itk_affine(affine, images[i].dim() - 1)
+        except ValueError as err:
+            raise ValueError(f"--deformation-format itk: {item.path}{'' if item.slice is None else f' slice {item.slice}'}: {err}") from err
     points: list[torch.Tensor | None] = [None] * len(images)
     if args.points is not None and args.points_space == "voxel":
         points = [read_points(args.points)] * len(images)
@@ -407,10 +413,7 @@ def _translate(args: argparse.Namespace) -> int:
         image_file = floats if floats is not None else preview
         deformation = r.deformation.to("cpu")
         if args.deformation_format == "itk":
-            try:
-                def_files = list(write_itk_deformation(out / name, deformation, affine))
-            except ValueError as err:
-                raise ValueError(f"--deformation-format itk: {images.items[i].path}: {err}") from err
+            def_files = list(write_itk_deformation(out / name, deformation, affine))
         else:
             def_files = [out / f"{name}_deformation.{args.deformation_format}"]
             write_deformation(def_files[0], deformation, affine=affine if args.deformation_format == "nii.gz" else None)

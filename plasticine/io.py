@@ -97,6 +97,7 @@ __all__ = [
     "ItkFormat",
     "Normalization",
     "UnpairedImages",
+    "check_itk_affine",
     "image_format",
     "normalize_intensity",
     "read_affine",
@@ -1118,6 +1119,32 @@ def _itk_affine(affine: Any, n: int, where: str) -> tuple[np.ndarray, np.ndarray
     if n == 2 and np.abs(a[2, :2]).max() > 1e-6 * spacing.max():
         raise ValueError(f"affine: a 2D ITK image lies in the world x-y plane; expected affine[2, :2] = 0{where}, got {a[2, :2].tolist()}")
     return a, _RAS_TO_LPS[:n, :n] @ a[:n, :n]
+
+
+def check_itk_affine(affine: Any, ndim: int) -> np.ndarray:
+    """Check that an ITK image can hold the grid of ``affine`` (see :func:`write_itk_displacement`).
+
+    ITK stores a grid as origin, spacing and direction, so the voxel axes must be orthogonal (any
+    rotation, mirroring and anisotropic spacing is fine), and a 2D ITK image lies in the world x-y
+    plane (``affine[2, :2] = 0``). Use it to refuse a grid before any work is done.
+
+    Args:
+        affine: the ``(4, 4)`` voxel-to-world (RAS, mm) matrix, numpy or torch, floating.
+        ndim: the spatial dimensions of the grid, 2 or 3.
+
+    Returns:
+        The affine as float64.
+
+    Raises:
+        ValueError: for a bad ``ndim``, or an affine that is not a finite floating 4 x 4 matrix with
+            orthogonal voxel axes (in the x-y plane in 2D), saying which.
+
+    Shape:
+        affine: ``(4, 4)``.
+    """
+    if ndim not in (2, 3) or isinstance(ndim, bool):
+        raise ValueError(f"ndim: expected 2 or 3, got {ndim!r}")
+    return _itk_affine(affine, ndim, "")[0]
 
 
 def _itk_array(displacement: torch.Tensor, affine: Any, name: str, path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -128,7 +128,8 @@ def test_bad_world_points_and_affines_fail_in_one_line(model, tmp_path, capsys):
     for rows, needle in (([[3.0, 4.0]], "3 RAS coordinates"), ((on_plane + 2.0 * a[:3, 0]).tolist(), "off the plane")):
         (tmp_path / "p.json").write_text(json.dumps(rows))
         _fails_in_one_line(capsys, base + ["--points", str(tmp_path / "p.json"), "--points-space", "world"], "--points-space world", needle)
-    _fails_in_one_line(capsys, base + ["--deformation-format", "itk"], "--deformation-format itk", "x-y plane")
+    _fails_in_one_line(capsys, base + ["--deformation-format", "itk"], "--deformation-format itk", "slice 0", "x-y plane")
+    assert not (tmp_path / "o").exists()  # refused before any work
     # the same slices are fine as NIfTI voxel displacements, with the slice's affine (sliced axis third)
     assert main(base + ["--slices", "2", "3", "--deformation-format", "nii.gz"]) == 0
     expected = nib.load(tmp_path / "vol.nii.gz").slicer[2:3].affine[:, [1, 2, 0, 3]]

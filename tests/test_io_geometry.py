@@ -152,3 +152,21 @@ def test_points_and_affine_errors(tmp_path):
     write_deformation(tmp_path / "d.nii.gz", Deformation(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4)), affine=a)
     for f in ("d.nii.gz", "d_inverse.nii.gz"):
         np.testing.assert_allclose(nib.load(tmp_path / f).affine, a, atol=1e-5)
+
+
+def test_check_itk_affine():
+    from plasticine.io import check_itk_affine
+
+    a = _oblique()  # tilted about x: its first two axes leave the world x-y plane
+    np.testing.assert_array_equal(check_itk_affine(torch.from_numpy(a), 3), a)
+    with pytest.raises(ValueError, match=r"x-y plane; expected affine\[2, :2\] = 0"):
+        check_itk_affine(a, 2)
+    c, s = math.cos(0.3), math.sin(0.3)
+    flat = np.array([[-1.2 * c, 0.8 * s, 0, 4.0], [-1.2 * s, -0.8 * c, 0, -2.0], [0, 0, 2.0, 9.0], [0, 0, 0, 1]])  # mirrored, rotated in-plane
+    np.testing.assert_array_equal(check_itk_affine(flat, 2), flat)
+    sheared = np.eye(4)
+    sheared[0, 1] = 0.5
+    with pytest.raises(ValueError, match="shears them"):
+        check_itk_affine(sheared, 3)
+    with pytest.raises(ValueError, match="ndim: expected 2 or 3, got 4"):
+        check_itk_affine(a, 4)

@@ -364,6 +364,8 @@ def _translate(args: argparse.Namespace) -> int:
         translator = translator.replace(registration=IdentityRegistration()).eval()
     images = _load_images(args, args.input)
     _check_unique_names(images)
+    if args.points is None and args.points_space != "voxel":
+        raise ValueError(f"--points-space {args.points_space}: expected --points (the file whose coordinates it describes), got none")
     affines = [images.affine(i) for i in range(len(images))]
     for i, affine in enumerate(affines if args.deformation_format == "itk" else []):
         item = images.items[i]

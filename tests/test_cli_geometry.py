@@ -134,5 +134,6 @@ def test_bad_world_points_and_affines_fail_in_one_line(model, tmp_path, capsys):
     assert main(base + ["--slices", "2", "3", "--deformation-format", "nii.gz"]) == 0
     expected = nib.load(tmp_path / "vol.nii.gz").slicer[2:3].affine[:, [1, 2, 0, 3]]
     assert np.allclose(nib.load(tmp_path / "o" / "vol_s0002_deformation_inverse.nii.gz").affine, expected, atol=1e-5)
+    _fails_in_one_line(capsys, base + ["--points-space", "world"], "--points-space world: expected --points")
     with pytest.raises(SystemExit):
         main(base + ["--points-space", "mm"])

@@ -37,7 +37,8 @@ Run ``plasticine <command> --help`` for the options of each (``python -m plastic
 * ``plasticine trace --deformation X_deformation.npz --mask M --output OUT`` (or ``--points P``)
   carries a mask or points through a saved result: ``--direction to-target`` (default) from the
   source into the translation (mask o phi, points phi^-1(p)), ``to-source`` back (mask o phi^-1,
-  points phi(q)); a traced mask keeps the affine of the ``--mask`` file.
+  points phi(q)); a traced mask keeps the affine of the ``--mask`` file, and traced points of a
+  NIfTI deformation are also written in world millimetres through the affine of its header.
 * ``plasticine demo`` runs :func:`plasticine.demo.run_demo` (offline, on the shipped real MR slice).
 
 Every option is checked before any work starts. Bad input (a missing or unreadable file, mismatched
@@ -468,7 +469,9 @@ def _trace(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.points}: points have {p.shape[1]} coordinates, the deformation {d.ndim} spatial dimensions")
         q = (d.points_to_target(p[None]) if to_target else d.points_to_source(p[None]))[0]
         src, tgt = (p, q) if to_target else (q, p)
-        write_trace(out, src, tgt, deformation=str(args.deformation), direction=args.direction, points_file=str(args.points))
+        nifti = str(args.deformation).lower().endswith((".nii", ".nii.gz"))  # its header holds the grid's affine
+        affine = read_affine(args.deformation) if nifti else None
+        write_trace(out, src, tgt, affine=affine, deformation=str(args.deformation), direction=args.direction, points_file=str(args.points))
         print(f"{len(p)} point(s) -> {out}")
         return 0
     mask = read_image(args.mask, normalization="none")

@@ -108,6 +108,12 @@ def test_sliced_volume_outputs_world_points_and_traced_masks(model, tmp_path):  
     trace = ["trace", "--deformation", str(tmp_path / "nii" / f"vol_s{k:04d}_deformation.nii.gz"), "--mask", str(tmp_path / "mask.nii.gz")]
     assert main(trace + ["--output", str(tmp_path / "m.nii.gz")]) == 0
     assert np.allclose(nib.load(tmp_path / "m.nii.gz").affine, other, atol=1e-5)
+    # points traced through the NIfTI deformation are written in world millimetres too
+    back = ["trace", "--deformation", trace[2], "--points", str(out / f"vol_s{k:04d}_trace.json"), "--direction", "to-source"]
+    assert main(back + ["--output", str(tmp_path / "back.json")]) == 0
+    doc = json.loads((tmp_path / "back.json").read_text())
+    np.testing.assert_allclose(doc["affine"], expected, atol=1e-5)
+    np.testing.assert_allclose([p["target"] for p in doc["world_points"]], apply_affine(expected, np.c_[target, np.zeros(2)]), atol=1e-3)
 
 
 def _fails_in_one_line(capsys, args, *needles):

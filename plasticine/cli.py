@@ -24,14 +24,21 @@ Run ``plasticine <command> --help`` for the options of each (``python -m plastic
   nibabel, without it a note is printed and only the preview is written), for 2D images of 1 or 3
   channels an 8-bit preview ``<name>_translated.png`` (values outside [0, 1] are clipped there,
   and the count is printed), ``<name>_deformation.npz`` (phi and phi^-1, see
-  :func:`plasticine.io.write_deformation`) and ``<name>_trace.json`` (a trace file: the
-  ``--points`` carried into the translation, and how the output was made).
+  :func:`plasticine.io.write_deformation`; ``--deformation-format nii.gz`` writes NIfTI voxel
+  displacements, ``itk`` ANTs' ``<name>Warp.nii.gz`` and ``<name>InverseWarp.nii.gz``, see
+  :func:`plasticine.io.write_itk_deformation`) and ``<name>_trace.json`` (a trace file: the
+  ``--points`` carried into the translation in voxels and in world millimetres, the affine, the
+  files written, and how the output was made). Every NIfTI output carries the input's
+  voxel-to-world affine (:meth:`plasticine.io.ImageFolder.affine`: the file's, or the slice's with
+  ``--axis``): the translation and phi live on the source's voxel grid, so they overlay the input
+  in a viewer. ``--points-space world`` reads ``--points`` as RAS millimetres.
   ``--no-registration`` translates with phi = identity
   (:class:`~plasticine.registration.IdentityRegistration`), the baseline without a deformation.
 * ``plasticine trace --deformation X_deformation.npz --mask M --output OUT`` (or ``--points P``)
   carries a mask or points through a saved result: ``--direction to-target`` (default) from the
   source into the translation (mask o phi, points phi^-1(p)), ``to-source`` back (mask o phi^-1,
-  points phi(q)).
+  points phi(q)); a traced mask keeps the affine of the ``--mask`` file, and traced points of a
+  NIfTI deformation are also written in world millimetres through the affine of its header.
 * ``plasticine demo`` runs :func:`plasticine.demo.run_demo` (offline, on the shipped real MR slice).
 * ``plasticine view X_trace.json --output page.html`` writes the interactive tracing viewer
   (:func:`plasticine.viewer.write_viewer`) of one result of translate: source and translation side
@@ -162,8 +169,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start-step", type=int, default=None, help="start step k0 (default: the translator's)")
     p.add_argument("--samples", type=int, default=1, help="draws per image (their mean is written)")
     p.add_argument("--seed", type=int, default=0, help="seed of item i is seed + i")
-    p.add_argument("--points", default=None, help="points file (JSON or CSV, source voxel coordinates) to carry into every translation")
-    p.add_argument("--deformation-format", choices=("npz", "nii.gz"), default="npz", help="file format of phi and phi^-1")
+    p.add_argument("--points", default=None, help="points file (JSON or CSV, source coordinates) to carry into every translation")
+    p.add_argument(
+        "--points-space",
+        choices=("voxel", "world"),
+        default="voxel",
+        help="coordinates of --points: voxels in tensor axis order, or world x y z in mm (RAS, through the input's affine; on a 2D image or slice within half a voxel of its plane)",
+    )
+    p.add_argument(
+        "--deformation-format",
+        choices=("npz", "nii.gz", "itk"),
+        default="npz",
+        help="file format of phi and phi^-1: npz or NIfTI voxel displacements, or itk: <name>Warp.nii.gz and <name>InverseWarp.nii.gz (ANTs/ITK, LPS mm)",
+    )
     p.add_argument("--no-registration", action="store_true", help="translate without a deformation (phi = identity): the baseline that changes intensities only")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
 
@@ -343,7 +361,7 @@ def _check_unique_names(images: Any) -> None:
 
 def _translate(args: argparse.Namespace) -> int:
     from .checkpoint import load_translator
-    from .io import read_points, write_deformation, write_image, write_trace
+    from .io import check_itk_affine, read_points, write_deformation, write_image, write_itk_deformation, write_trace
 
     if args.samples < 1:
         raise ValueError(f"--samples: expected an integer >= 1, got {args.samples}")
@@ -357,15 +375,34 @@ def _translate(args: argparse.Namespace) -> int:
         translator = translator.replace(registration=IdentityRegistration()).eval()
     images = _load_images(args, args.input)
     _check_unique_names(images)
-    points = None if args.points is None else read_points(args.points)
+    if args.points is None and args.points_space != "voxel":
+        raise ValueError(f"--points-space {args.points_space}: expected --points (the file whose coordinates it describes), got none")
+    affines = [images.affine(i) for i in range(len(images))]
+    for i, affine in enumerate(affines if args.deformation_format == "itk" else []):
+        item = images.items[i]
+        try:
+            check_itk_affine(affine, images[i].dim() - 1)
+        except ValueError as err:
+            raise ValueError(f"--deformation-format itk: {item.path}{'' if item.slice is None else f' slice {item.slice}'}: {err}") from err
+    points: list[torch.Tensor | None] = [None] * len(images)
+    if args.points is not None and args.points_space == "voxel":
+        points = [read_points(args.points)] * len(images)
+    elif args.points is not None:
+        for i, affine in enumerate(affines):
+            item = images.items[i]
+            try:
+                points[i] = read_points(args.points, space="world", affine=affine, ndim=images[i].dim() - 1)
+            except ValueError as err:
+                raise ValueError(f"--points-space world: {err} ({item.path}{'' if item.slice is None else f' slice {item.slice}'})") from err
     has_nibabel = importlib.util.find_spec("nibabel") is not None
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     noted = False
     for i in range(len(images)):
         x = images[i][None].to(device)
-        if points is not None and points.shape[1] != x.dim() - 2:
-            raise ValueError(f"{args.points}: points have {points.shape[1]} coordinates, the images {x.dim() - 2} spatial dimensions")
+        affine, pts = affines[i], points[i]
+        if pts is not None and pts.shape[1] != x.dim() - 2:
+            raise ValueError(f"{args.points}: points have {pts.shape[1]} coordinates, the images {x.dim() - 2} spatial dimensions")
         name = images.name(i)
         g = torch.Generator(device).manual_seed(args.seed + i)
         try:
@@ -383,19 +420,27 @@ def _translate(args: argparse.Namespace) -> int:
             kept = f"; the values are kept in {floats.name}" if floats is not None else ""
             print(f"plasticine translate: {preview.name}: {clipped} of {y.numel()} values outside [0, 1] clipped for the 8-bit PNG preview{kept}", file=sys.stderr)
         if floats is not None:
-            write_image(floats, y)
+            write_image(floats, y, affine=affine)
         if preview is not None:
             write_image(preview, y.clamp(0, 1) if clipped else y)
         image_file = floats if floats is not None else preview
-        def_file = out / f"{name}_deformation.{args.deformation_format}"
-        write_deformation(def_file, r.deformation.to("cpu"))
-        src = torch.empty(0, x.dim() - 2) if points is None else points
-        tgt = src if points is None else r.deformation.points_to_target(points[None].to(device))[0].cpu()
+        deformation = r.deformation.to("cpu")
+        if args.deformation_format == "itk":
+            def_files = list(write_itk_deformation(out / name, deformation, affine))
+        else:
+            def_files = [out / f"{name}_deformation.{args.deformation_format}"]
+            write_deformation(def_files[0], deformation, affine=affine if args.deformation_format == "nii.gz" else None)
+            if args.deformation_format == "nii.gz":
+                def_files.append(def_files[0].with_name(f"{name}_deformation_inverse.nii.gz"))
+        src = torch.empty(0, x.dim() - 2) if pts is None else pts
+        tgt = src if pts is None else r.deformation.points_to_target(pts[None].to(device))[0].cpu()
         item = images.items[i]
+        files = [f.name for f in (floats, preview, *def_files) if f is not None]
         write_trace(
             out / f"{name}_trace.json",
             src,
             tgt,
+            affine=affine,
             input=str(item.path),
             slice=item.slice,
             axis=images.axis,
@@ -403,7 +448,10 @@ def _translate(args: argparse.Namespace) -> int:
             translated=image_file.name,
             preview=None if preview is None else preview.name,
             registration="identity" if args.no_registration else "model",
-            deformation=def_file.name,
+            deformation=def_files[0].name,
+            deformation_format=args.deformation_format,
+            files=files,
+            points_space=args.points_space,
             start_step=r.start_step,
             samples=args.samples,
             seed=args.seed + i,
@@ -415,7 +463,7 @@ def _translate(args: argparse.Namespace) -> int:
 
 
 def _trace(args: argparse.Namespace) -> int:
-    from .io import read_deformation, read_image, read_points, write_image, write_trace
+    from .io import read_affine, read_deformation, read_image, read_points, write_image, write_trace
 
     out = Path(args.output)
     if args.points is not None and not out.name.lower().endswith(".json"):
@@ -431,7 +479,9 @@ def _trace(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.points}: points have {p.shape[1]} coordinates, the deformation {d.ndim} spatial dimensions")
         q = (d.points_to_target(p[None]) if to_target else d.points_to_source(p[None]))[0]
         src, tgt = (p, q) if to_target else (q, p)
-        write_trace(out, src, tgt, deformation=str(args.deformation), direction=args.direction, points_file=str(args.points))
+        nifti = str(args.deformation).lower().endswith((".nii", ".nii.gz"))  # its header holds the grid's affine
+        affine = read_affine(args.deformation) if nifti else None
+        write_trace(out, src, tgt, affine=affine, deformation=str(args.deformation), direction=args.direction, points_file=str(args.points))
         print(f"{len(p)} point(s) -> {out}")
         return 0
     mask = read_image(args.mask, normalization="none")
@@ -449,7 +499,7 @@ def _trace(args: argparse.Namespace) -> int:
         if float(values.min()) < 0 or float(values.max()) > 255:
             raise ValueError(f"{out}: a PNG holds labels 0..255, the mask has {float(values.min())}..{float(values.max())} (write .nii.gz)")
         result = result / 255.0
-    write_image(out, result)
+    write_image(out, result, affine=read_affine(args.mask))
     print(f"{args.mask} -> {out}")
     return 0
 

@@ -27,9 +27,20 @@ Memory: reading gives a float32 array in C order in one pass from the file's dat
 Fortran order), and the percentiles partition one copy of it (:func:`numpy.percentile`, no size
 limit); the peak is about twice the float32 result plus the file's own array.
 
+**Geometry.** :func:`read_affine` gives the ``(4, 4)`` voxel-to-world (RAS, mm) affine of a file in
+the tensor axis order of :func:`read_image` (which never reorders axes): the NIfTI header's affine,
+DICOM's position, orientation and spacing (LPS turned into RAS), the identity for PNG. A 2D image
+keeps a 4 x 4 affine whose third column is the axis across its plane. :meth:`ImageFolder.affine`
+gives the affine of each item (of each slice: see below); :func:`write_image`,
+:func:`write_deformation` and :func:`write_itk_deformation` write it, :func:`write_trace` records it
+with the points in world coordinates, and :func:`read_points` reads world points back to voxels.
+
 **2D slices of 3D volumes.** With ``axis`` (0, 1 or 2, a spatial axis of the volume) every slice
 along that axis is an item of :class:`ImageFolder`; ``slices=(start, stop)`` keeps the slices
-``start <= i < stop`` (Python ``range`` semantics, negative values count from the end).
+``start <= i < stop`` (Python ``range`` semantics, negative values count from the end). The affine
+of slice ``i`` along axis ``a`` is the volume's affine ``A`` restricted to the two kept axes, in
+order, with the sliced axis as its third column and the origin moved onto the slice:
+``[A[:, k0], A[:, k1], A[:, a], A[:, 3] + i A[:, a]]``, so the slice sits where it was in the volume.
 
 **Intensity normalisation** (:func:`normalize_intensity`), per image and channel:
 
@@ -86,8 +97,10 @@ __all__ = [
     "ItkFormat",
     "Normalization",
     "UnpairedImages",
+    "check_itk_affine",
     "image_format",
     "normalize_intensity",
+    "read_affine",
     "read_deformation",
     "read_image",
     "read_itk_deformation",
@@ -336,6 +349,84 @@ def read_image(path: str | os.PathLike[str], *, normalization: Normalization = "
         raise ImageReadError(f"{path}: cannot normalise ({normalization!r}): {type(err).__name__}: {_one_line(err)}") from err
 
 
+def _check_file_affine(path: Path, a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64)
+    if a.shape != (4, 4) or not np.isfinite(a).all() or abs(np.linalg.det(a[:3, :3])) < 1e-12:
+        raise ImageReadError(f"{path}: expected a finite, invertible 4 x 4 voxel-to-world affine in the header, got {np.round(a, 6).tolist()}")
+    return a
+
+
+def _dicom_affine(pydicom: Any, path: Path) -> np.ndarray:
+    """Voxel -> RAS of a DICOM file, in the axis order of :func:`_read_dicom`: (row, column) or (frame, row, column)."""
+    ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+    spacing = [float(v) for v in ds.get("PixelSpacing", [1.0, 1.0])]
+    across = float(ds.get("SpacingBetweenSlices", ds.get("SliceThickness", 1.0)) or 1.0)
+    if len(spacing) != 2 or min(spacing) <= 0 or across <= 0:
+        raise ImageReadError(f"{path}: expected PixelSpacing of two values > 0 and a slice spacing > 0, got {spacing} and {across}")
+    iop, ipp = ds.get("ImageOrientationPatient"), ds.get("ImagePositionPatient")
+    frames = int(ds.get("NumberOfFrames", 1) or 1) > 1
+    if iop is None or ipp is None:  # no geometry: the identity scaled by the spacings
+        return np.diag(([across] if frames else []) + spacing + ([] if frames else [across]) + [1.0])
+    row, col = np.array([float(v) for v in iop[:3]]), np.array([float(v) for v in iop[3:]])  # row: along a row (column index grows)
+    rows, cols, normal = col * spacing[0], row * spacing[1], np.cross(row, col) * across  # the row index moves along the column direction
+    lps = np.eye(4)
+    lps[:3, :3] = np.stack([normal, rows, cols] if frames else [rows, cols, normal], axis=1)
+    lps[:3, 3] = [float(v) for v in ipp]
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
+def read_affine(path: str | os.PathLike[str]) -> np.ndarray:
+    r"""The voxel-to-world (RAS, millimetres) affine of an image file, in :func:`read_image`'s axis order.
+
+    :math:`x = A_{:3,:3}\, p + A_{:3,3}` is the world position of voxel ``p`` (tensor axis order,
+    padded with a 0 for 2D images). NIfTI: the header's affine (sform, else qform, else the voxel
+    sizes, as nibabel's ``img.affine``); :func:`read_image` keeps the file's array axes, so the
+    columns need no reordering. DICOM: ``ImagePositionPatient`` (origin), ``ImageOrientationPatient``
+    (row and column directions), ``PixelSpacing`` and ``SpacingBetweenSlices`` (else
+    ``SliceThickness``, else 1) along the normal, turned from LPS to RAS; a multi-frame file has the
+    frame axis first, along the normal; without position and orientation, the identity scaled by the
+    spacings. PNG and the other Pillow formats: the identity. Only the header is read.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The float64 affine.
+
+    Raises:
+        ImageReadError: for a missing or unsupported file, or a header without a finite,
+            invertible affine, naming the file.
+        ImportError: when the package of the format is not installed.
+
+    Shape:
+        out: ``(4, 4)``; a 2D image's third column is the axis across its plane.
+    """
+    path = Path(path)
+    fmt = image_format(path)
+    if not path.is_file():
+        raise ImageReadError(f"{path}: no such file")
+    if fmt == "pillow":
+        return np.eye(4)
+    module = _import(_READERS[fmt][0], f"reading {path.name}")
+    try:
+        a = module.load(str(path)).affine if fmt == "nifti" else _dicom_affine(module, path)
+    except ImageReadError:
+        raise
+    except Exception as err:  # every library raises its own types
+        raise ImageReadError(f"{path}: cannot read the affine of this {fmt} file ({type(err).__name__}: {_one_line(err)})") from err
+    return _check_file_affine(path, a)
+
+
+def _slice_affine(affine: np.ndarray, axis: int, index: int) -> np.ndarray:
+    """The 4 x 4 affine of slice ``index`` along spatial ``axis`` of a volume: kept axes first, the sliced axis third."""
+    kept = [k for k in range(3) if k != axis]
+    a = np.array(affine, dtype=np.float64)
+    out = np.eye(4)
+    out[:3, :3] = a[:3, [kept[0], kept[1], axis]]
+    out[:3, 3] = a[:3, 3] + index * a[:3, axis]
+    return out
+
+
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
@@ -388,6 +479,7 @@ class ImageFolder(torch.utils.data.Dataset):
         self.axis, self.slice_range, self.normalization = axis, slices, normalization
         self.items: list[_Item] = []
         self._images: list[torch.Tensor] = []
+        self._affines: dict[Path, np.ndarray] = {}
         for path in self.files:
             image = read_image(path, normalization=normalization)
             if axis is None or image.dim() == 3:
@@ -436,6 +528,31 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return self._images[index]
+
+    def affine(self, index: int) -> np.ndarray:
+        """The voxel-to-world (RAS, mm) affine of item ``index``: its file's (:func:`read_affine`) or its slice's.
+
+        A slice ``i`` along ``axis`` gets the volume's affine with the two kept axes as its first
+        columns, the sliced axis as the third and the origin moved onto the slice (see the module
+        docstring). The file's header is read at the first call.
+
+        Args:
+            index: the item.
+
+        Returns:
+            The float64 affine.
+
+        Raises:
+            ImageReadError: when the file's header holds no usable affine.
+
+        Shape:
+            out: ``(4, 4)``.
+        """
+        item = self.items[index]
+        if item.path not in self._affines:
+            self._affines[item.path] = read_affine(item.path)
+        a = self._affines[item.path]
+        return a.copy() if item.slice is None else _slice_affine(a, self.axis, item.slice)
 
     def name(self, index: int) -> str:
         """A file-name stem for item ``index``: the file name without its ending, plus ``_s<slice>``.
@@ -616,13 +733,19 @@ def _inverse_path(path: Path) -> Path:
     raise ValueError(f"{path}: not a NIfTI name")
 
 
-def write_deformation(path: str | os.PathLike[str], deformation: Deformation, *, index: int = 0) -> Path:
+def write_deformation(path: str | os.PathLike[str], deformation: Deformation, *, index: int = 0, affine: np.ndarray | None = None) -> Path:
     """Write batch item ``index`` of a deformation as ``.npz`` or NIfTI (see the module docstring).
+
+    The displacements stay in voxels (tensor axis order) in both formats; ``affine`` is the header
+    of the NIfTI files (the grid's place in the world, for viewers), not a change of units. For
+    fields that other tools apply, see :func:`write_itk_deformation`.
 
     Args:
         path: ``.npz``, ``.nii`` or ``.nii.gz``.
         deformation: the deformation.
         index: the batch item.
+        affine: ``(4, 4)`` voxel-to-world affine of the NIfTI files (identity by default; an
+            ``.npz`` file holds no affine and refuses one).
 
     Returns:
         The path (of the forward field for NIfTI).
@@ -646,6 +769,8 @@ def write_deformation(path: str | os.PathLike[str], deformation: Deformation, *,
     for key, a in arrays.items():
         if not np.isfinite(a).all():
             raise ValueError(f"{path}: the {key} field has {int((~np.isfinite(a)).sum())} NaN, infinite or beyond-float32 value(s); refusing to write it")
+    if affine is not None and not _is_nifti(path):
+        raise ValueError(f"affine: {path.name} holds voxel displacements without a header; give an affine only for .nii or .nii.gz")
     if path.name.lower().endswith(".npz"):
         import io as _io
 
@@ -657,7 +782,7 @@ def write_deformation(path: str | os.PathLike[str], deformation: Deformation, *,
         for target, key in ((path, "forward"), (_inverse_path(path), "inverse")):
             a = np.moveaxis(arrays[key], 0, -1)
             spatial = a.shape[:-1] + ((1,) if a.ndim == 3 else ())  # 2D fields get a Z axis of size 1
-            _write_nifti(target, a.reshape(spatial + (1, a.shape[-1])), None, "vector")
+            _write_nifti(target, a.reshape(spatial + (1, a.shape[-1])), affine, "vector")
         return path
     raise ValueError(f"{path}: expected a file name ending in .npz, .nii or .nii.gz")
 
@@ -730,18 +855,25 @@ def write_trace(
     path: str | os.PathLike[str],
     source_points: torch.Tensor,
     target_points: torch.Tensor,
+    *,
+    affine: np.ndarray | None = None,
     **metadata: Any,
 ) -> Path:
-    """Write a trace file: corresponding points in the source and in the translation, as JSON.
+    r"""Write a trace file: corresponding points in the source and in the translation, as JSON.
 
     The file is ``{"format": "plasticine-trace", "version": 1, "units": "voxel", "axis_order":
     "tensor", "points": [{"source": [...], "target": [...]}, ...], **metadata}``, written
-    atomically (temporary file in the same folder, then :func:`os.replace`).
+    atomically (temporary file in the same folder, then :func:`os.replace`). With ``affine`` (the
+    voxel-to-world matrix of the grid both sides lie on) it also holds ``"affine"`` (the 4 x 4 as
+    lists), ``"world_units": "mm RAS"`` and ``"world_points": [{"source": [x, y, z], "target":
+    [x, y, z]}, ...]``, :math:`x = A_{:3,:3}\, p + A_{:3,3}` (a 2D point padded with a 0 across
+    its plane), which :func:`read_points` reads with ``space="world"``.
 
     Args:
         path: the file.
         source_points: voxel coordinates in the source, tensor axis order.
         target_points: the same points in the target.
+        affine: ``(4, 4)`` voxel-to-world (RAS, mm) affine of the grid, or None.
         **metadata: JSON values stored alongside (input file, start step, seed...).
 
     Returns:
@@ -758,7 +890,7 @@ def write_trace(
     for name, p in (("source_points", source_points), ("target_points", target_points)):
         if not bool(torch.isfinite(p).all()):
             raise ValueError(f"{name}: expected finite coordinates")
-    reserved = {"format", "version", "units", "axis_order", "points"} & set(metadata)
+    reserved = {"format", "version", "units", "axis_order", "points", "affine", "world_units", "world_points"} & set(metadata)
     if reserved:
         raise ValueError(f"metadata: the keys {sorted(reserved)} are reserved")
     doc = {
@@ -767,8 +899,12 @@ def write_trace(
         "units": "voxel",
         "axis_order": "tensor",
         "points": [{"source": s, "target": t} for s, t in zip(source_points.tolist(), target_points.tolist())],
-        **metadata,
     }
+    if affine is not None:
+        a = _point_affine(affine, dims["N"])
+        worlds = [_voxel_to_world(p, a).tolist() for p in (source_points, target_points)]
+        doc.update(affine=a.tolist(), world_units="mm RAS", world_points=[{"source": s, "target": t} for s, t in zip(*worlds)])
+    doc.update(metadata)
     try:
         text = json.dumps(doc, indent=1)
     except TypeError as err:
@@ -778,8 +914,15 @@ def write_trace(
     return path
 
 
-def read_points(path: str | os.PathLike[str], *, which: Literal["source", "target"] = "source") -> torch.Tensor:
-    """Read points: a trace file, a JSON list of coordinate lists, or a CSV/text table.
+def read_points(
+    path: str | os.PathLike[str],
+    *,
+    which: Literal["source", "target"] = "source",
+    space: Literal["voxel", "world"] = "voxel",
+    affine: np.ndarray | None = None,
+    ndim: int | None = None,
+) -> torch.Tensor:
+    r"""Read points: a trace file, a JSON list of coordinate lists, or a CSV/text table.
 
     Accepted: a trace file of :func:`write_trace` (version 1; its ``which`` side); JSON
     ``[[...], ...]`` or ``{"points": [[...], ...]}``; ``.csv``/``.txt`` with one point per line,
@@ -787,22 +930,81 @@ def read_points(path: str | os.PathLike[str], *, which: Literal["source", "targe
     before the first point are skipped). The file is UTF-8 text; coordinates are numbers (not
     booleans), voxels in tensor axis order.
 
+    With ``space="world"`` the coordinates are world positions ``(x, y, z)`` in millimetres (RAS,
+    the space of a NIfTI affine; a trace file's ``world_points``) and come back as voxels of the
+    grid of ``affine``, :math:`p = A^{-1} x`. For a 2D grid (``ndim=2``) the third voxel coordinate
+    is the distance across the plane: a point more than half a voxel off the plane is refused (it
+    does not lie in the image), one within it gets the first two coordinates.
+
     Args:
         path: the file.
         which: the side of a trace file to read, ``"source"`` or ``"target"``.
+        space: ``"voxel"`` (tensor axis order) or ``"world"`` (RAS mm).
+        affine: ``(4, 4)`` voxel-to-world affine of the grid; needed with ``space="world"``.
+        ndim: spatial dimensions of the grid with ``space="world"`` (default 3).
 
     Returns:
-        float32 points.
+        float32 points in voxels.
 
     Raises:
-        ValueError: for a bad ``which``.
-        ImageReadError: for a missing or malformed file, naming it.
+        ValueError: for a bad ``which``, ``space``, ``affine`` or ``ndim``.
+        ImageReadError: for a missing or malformed file, or world points that are not 3
+            coordinates or lie off a 2D grid's plane, naming it.
 
     Shape:
-        out: ``(P, N)`` with ``P >= 1`` and ``N`` = 2 or 3.
+        out: ``(P, N)`` with ``P >= 1`` and ``N`` = 2 or 3 (``ndim`` with ``space="world"``).
     """
     if which not in ("source", "target"):
         raise ValueError(f"which: expected 'source' or 'target', got {which!r}")
+    if space not in ("voxel", "world"):
+        raise ValueError(f"space: expected 'voxel' or 'world', got {space!r}")
+    if space == "voxel":
+        if affine is not None or ndim is not None:
+            raise ValueError("affine, ndim: only with space='world' (voxel points need no affine)")
+        return _read_point_rows(Path(path), which, "points")
+    if affine is None:
+        raise ValueError("affine: world points need the voxel-to-world affine of the grid, got None")
+    n = 3 if ndim is None else ndim
+    if n not in (2, 3):
+        raise ValueError(f"ndim: expected 2 or 3, got {ndim!r}")
+    path = Path(path)
+    world = _read_point_rows(path, which, "world_points")
+    if world.shape[1] != 3:
+        raise ImageReadError(f"{path}: world points are 3 RAS coordinates (x, y, z) in mm, got {world.shape[1]} per point")
+    a = _point_affine(affine, n)
+    voxels = torch.from_numpy(np.linalg.solve(a[:3, :3], (world.double().numpy() - a[:3, 3]).T).T)
+    if n == 2:
+        off = voxels[:, 2].abs()
+        if bool((off > 0.5).any()):
+            i = int(off.argmax())
+            raise ImageReadError(
+                f"{path}: world point {i} {world[i].tolist()} lies {float(voxels[i, 2]):.4g} voxels off the plane of the 2D image (expected within 0.5)"
+            )
+        voxels = voxels[:, :2]
+    return voxels.to(torch.float32)
+
+
+def _point_affine(affine: Any, n: int) -> np.ndarray:
+    """A checked finite, invertible float64 ``(4, 4)`` voxel-to-world affine for ``n``-D points."""
+    if isinstance(affine, torch.Tensor):
+        affine = affine.detach().to("cpu", torch.float64).numpy()
+    a = np.asarray(affine, dtype=np.float64) if np.asarray(affine).dtype.kind in "iuf" else None
+    if a is None or a.shape != (4, 4) or not np.isfinite(a).all() or not np.array_equal(a[3], [0.0, 0.0, 0.0, 1.0]):
+        raise ValueError(f"affine: expected a finite 4 x 4 voxel-to-world matrix with last row (0, 0, 0, 1), got {_brief(np.asarray(affine).tolist())}")
+    if abs(np.linalg.det(a[:3, :3])) < 1e-12:
+        raise ValueError(f"affine: expected an invertible matrix, got {_brief(a.tolist())}")
+    return a
+
+
+def _voxel_to_world(points: torch.Tensor, a: np.ndarray) -> np.ndarray:
+    """``(P, N)`` voxel points (a 2D point padded with 0 across its plane) as ``(P, 3)`` RAS mm."""
+    p = points.detach().to("cpu", torch.float64).numpy()
+    p = np.concatenate([p, np.zeros((len(p), 3 - p.shape[1]))], axis=1)
+    return p @ a[:3, :3].T + a[:3, 3]
+
+
+def _read_point_rows(path: Path, which: str, key: str) -> torch.Tensor:
+    """The ``(P, N)`` rows of a points file; ``key`` is the list of a trace file to read."""
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"{path}: no such file")
@@ -821,9 +1023,11 @@ def read_points(path: str | os.PathLike[str], *, which: Literal["source", "targe
         if isinstance(doc, dict) and doc.get("format") == TRACE_FORMAT:
             if doc.get("version") != 1:
                 raise ImageReadError(f"{path}: expected trace file version 1, got {_brief(doc.get('version'))}")
-            pairs = doc.get("points")
+            if key != "points" and key not in doc:
+                raise ImageReadError(f"{path}: the trace file holds no {key!r} (it was written without an affine)")
+            pairs = doc.get(key)
             if not isinstance(pairs, list) or not all(isinstance(p, dict) and which in p for p in pairs):
-                raise ImageReadError(f"{path}: expected the trace file's 'points' to be a list of {{'source': [...], 'target': [...]}} objects, got {_brief(pairs)}")
+                raise ImageReadError(f"{path}: expected the trace file's {key!r} to be a list of {{'source': [...], 'target': [...]}} objects, got {_brief(pairs)}")
             rows = [p[which] for p in pairs]
         elif isinstance(doc, dict):
             if "points" not in doc:
@@ -915,6 +1119,32 @@ def _itk_affine(affine: Any, n: int, where: str) -> tuple[np.ndarray, np.ndarray
     if n == 2 and np.abs(a[2, :2]).max() > 1e-6 * spacing.max():
         raise ValueError(f"affine: a 2D ITK image lies in the world x-y plane; expected affine[2, :2] = 0{where}, got {a[2, :2].tolist()}")
     return a, _RAS_TO_LPS[:n, :n] @ a[:n, :n]
+
+
+def check_itk_affine(affine: Any, ndim: int) -> np.ndarray:
+    """Check that an ITK image can hold the grid of ``affine`` (see :func:`write_itk_displacement`).
+
+    ITK stores a grid as origin, spacing and direction, so the voxel axes must be orthogonal (any
+    rotation, mirroring and anisotropic spacing is fine), and a 2D ITK image lies in the world x-y
+    plane (``affine[2, :2] = 0``). Use it to refuse a grid before any work is done.
+
+    Args:
+        affine: the ``(4, 4)`` voxel-to-world (RAS, mm) matrix, numpy or torch, floating.
+        ndim: the spatial dimensions of the grid, 2 or 3.
+
+    Returns:
+        The affine as float64.
+
+    Raises:
+        ValueError: for a bad ``ndim``, or an affine that is not a finite floating 4 x 4 matrix with
+            orthogonal voxel axes (in the x-y plane in 2D), saying which.
+
+    Shape:
+        affine: ``(4, 4)``.
+    """
+    if ndim not in (2, 3) or isinstance(ndim, bool):
+        raise ValueError(f"ndim: expected 2 or 3, got {ndim!r}")
+    return _itk_affine(affine, ndim, "")[0]
 
 
 def _itk_array(displacement: torch.Tensor, affine: Any, name: str, path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -243,6 +243,23 @@ def _summary(per_slice: dict[str, list[float]]) -> dict[str, float]:
     return out
 
 
+def _recipe(settings: Settings, diffusion_steps: int, registration_steps: int) -> TrainingRecipe:
+    """The benchmark's training recipe: the settings' batch, rate and seed, no checkpoints, quiet.
+
+    Shape:
+        Not applicable.
+    """
+    return TrainingRecipe(
+        diffusion_steps=diffusion_steps,
+        registration_steps=registration_steps,
+        batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        seed=settings.seed,
+        checkpoint_every=0,
+        progress="none",
+    )
+
+
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -289,15 +306,7 @@ def run(settings: Settings, output: Path) -> dict[str, Any]:
     # 2. the translator, the default recipe with fewer steps
     t = time.perf_counter()
     translator = build_translator(2, 1, seed=settings.seed)
-    recipe = TrainingRecipe(
-        diffusion_steps=settings.diffusion_steps,
-        registration_steps=settings.registration_steps,
-        batch_size=settings.batch_size,
-        learning_rate=settings.learning_rate,
-        seed=settings.seed,
-        checkpoint_every=0,
-        progress="none",
-    )
+    recipe = _recipe(settings, settings.diffusion_steps, settings.registration_steps)
     train_losses = train_translator(translator, mr[mr_train], ct[ct_train], recipe)
     clock["translator_training_s"] = time.perf_counter() - t
     _log(f"translator trained: {settings.diffusion_steps} + {settings.registration_steps} steps ({clock['translator_training_s']:.0f} s); losses {train_losses}")
@@ -399,15 +408,7 @@ def run_t1_pd(settings: Settings, output: Path) -> dict[str, Any]:
     train = make_cohort(config, config.train_subjects, config.seed + 1, include_real=False)
     test = make_cohort(config, config.test_subjects, config.seed, include_real=True)
     translator = build_translator(2, 1, structure="foreground+mind", seed=settings.seed)
-    recipe = TrainingRecipe(
-        diffusion_steps=settings.pd_diffusion_steps,
-        registration_steps=settings.pd_registration_steps,
-        batch_size=settings.batch_size,
-        learning_rate=settings.learning_rate,
-        seed=settings.seed,
-        checkpoint_every=0,
-        progress="none",
-    )
+    recipe = _recipe(settings, settings.pd_diffusion_steps, settings.pd_registration_steps)
     losses = train_translator(translator, train.sources, train.targets, recipe)
     train_s = time.perf_counter() - t0
     _log(f"T1 -> PD translator trained unpaired: {recipe.diffusion_steps} + {recipe.registration_steps} steps ({train_s:.0f} s)")

@@ -100,6 +100,7 @@ __all__ = [
     "check_itk_affine",
     "image_format",
     "normalize_intensity",
+    "png_bytes",
     "read_affine",
     "read_deformation",
     "read_image",
@@ -664,8 +665,18 @@ def _atomic_bytes(path: Path, data: bytes) -> None:
     atomic_write(path, data)
 
 
-def _png_bytes(u8: np.ndarray) -> bytes:
-    """An 8-bit PNG of an ``(H, W)`` grey or ``(H, W, 3)`` RGB ``uint8`` array (zlib, no filter, no Pillow)."""
+def png_bytes(u8: np.ndarray) -> bytes:
+    """The bytes of an 8-bit PNG of a ``uint8`` array (built-in encoder: zlib, no filter, no Pillow).
+
+    Args:
+        u8: grey or RGB pixels.
+
+    Returns:
+        The PNG file's bytes (what :func:`write_image` writes for a PNG).
+
+    Shape:
+        u8: ``(H, W)`` grey or ``(H, W, 3)`` RGB.
+    """
 
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
@@ -721,7 +732,7 @@ def write_image(path: str | os.PathLike[str], image: torch.Tensor, *, affine: np
     if lo < 0.0 or hi > 1.0:
         raise ValueError(f"{path}: a PNG holds values in [0, 1], the image has [{lo:.6g}, {hi:.6g}] (clamp or normalise it first)")
     u8 = np.round(arr * 255.0).astype(np.uint8)
-    _atomic_bytes(path, _png_bytes(u8[0] if dims["C"] == 1 else np.moveaxis(u8, 0, -1)))
+    _atomic_bytes(path, png_bytes(u8[0] if dims["C"] == 1 else np.moveaxis(u8, 0, -1)))
     return path
 
 

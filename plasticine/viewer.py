@@ -52,7 +52,8 @@ import numpy as np
 import torch
 
 from .core import Deformation, check_int, check_shape, jacobian_determinant
-from .io import _atomic_bytes, _png_bytes
+from .checkpoint import atomic_write
+from .io import png_bytes
 
 __all__ = ["write_viewer"]
 
@@ -65,7 +66,7 @@ def _b64(array: np.ndarray, dtype: str) -> str:
 
 
 def _png_uri(u8: np.ndarray) -> str:
-    return "data:image/png;base64," + base64.b64encode(_png_bytes(u8)).decode("ascii")
+    return "data:image/png;base64," + base64.b64encode(png_bytes(u8)).decode("ascii")
 
 
 def _slices(u8: np.ndarray) -> list[str]:
@@ -198,7 +199,8 @@ def write_viewer(
     parts = {"__TITLE__": html.escape(title), "__DATA__": payload, "__SCRIPT__": _SCRIPT}
     page = re.sub("__TITLE__|__DATA__|__SCRIPT__", lambda m: parts[m.group(0)], _PAGE)  # one pass: nothing inserted is substituted again
     path = Path(path)
-    _atomic_bytes(path, page.encode("utf-8"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, page.encode("utf-8"))
     return path
 
 

@@ -25,7 +25,7 @@ from plasticine.cli import main
 from plasticine.core import Deformation, resize
 from plasticine.data import brainweb_slices
 from plasticine.data.synthetic import random_deformation
-from plasticine.io import _png_bytes, write_deformation, write_image, write_trace
+from plasticine.io import png_bytes, write_deformation, write_image, write_trace
 from plasticine.viewer import write_viewer
 
 SHAPE_2D = (72, 60)
@@ -303,7 +303,7 @@ def test_slice_sliders_show_their_slice(browser, tmp_path):
     png = base64.b64decode(data["images"]["source"][3].split(",", 1)[1])
     a = x[0, 3].numpy()
     lo, hi = float(x.min()), float(x.max())  # the volume is scaled as a whole, not per slice
-    assert png == _png_bytes(np.round((a - lo) / (hi - lo) * 255.0).astype(np.uint8))
+    assert png == png_bytes(np.round((a - lo) / (hi - lo) * 255.0).astype(np.uint8))
 
 
 def test_view_help_lists_its_options(capsys):
@@ -375,5 +375,5 @@ def test_view_reads_what_translate_wrote(tmp_path, capsys):
     source_png = base64.b64decode(data["images"]["source"][0].split(",", 1)[1])
     a = source[0].double().numpy()
     expected = np.round((a - a.min()) / (a.max() - a.min()) * 255.0).astype(np.uint8)
-    assert source_png == _png_bytes(expected)
+    assert source_png == png_bytes(expected)
     assert read_image(out / "a1_translated.png", normalization="none").shape == (1, 16, 12)

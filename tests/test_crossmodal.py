@@ -37,6 +37,7 @@ bench = _load_benchmark()
 
 _ct_missing = [] if cm.CT_PATH.is_file() else [f"{cm.CT_PATH} is missing (apt-get install invesalius-examples)"]
 _missing = _ct_missing + ([] if (MRICRON_DIR / "ch2.nii.gz").is_file() else [f"{MRICRON_DIR / 'ch2.nii.gz'} is missing (apt-get install mricron-data)"])
+_missing += [] if importlib.util.find_spec("nibabel") is not None else ["nibabel is not installed (Colin27 is NIfTI: pip install 'plasticine[io]')"]
 _mni_missing = _ct_missing + ([] if importlib.util.find_spec("nilearn") is not None else ["nilearn is not installed (pip install nilearn)"])
 needs_data = pytest.mark.skipif(bool(_missing), reason="; ".join(_missing) or "data present")
 needs_mni = pytest.mark.skipif(bool(_mni_missing), reason="; ".join(_mni_missing) or "data present")

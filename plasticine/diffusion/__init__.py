@@ -1,12 +1,13 @@
 """Noise schedules, samplers, the noise-prediction loss and the weight average of the diffusion model.
 
-See :mod:`plasticine.diffusion.schedules`, :mod:`plasticine.diffusion.samplers`, :mod:`plasticine.diffusion.prediction` and
-:mod:`plasticine.diffusion.training`.
+See :mod:`plasticine.diffusion.schedules`, :mod:`plasticine.diffusion.samplers`, :mod:`plasticine.diffusion.prediction`,
+:mod:`plasticine.diffusion.training` and :mod:`plasticine.diffusion.ddib` (the DDIB translation baseline).
 """
 
 from .conditioning import ConcatConditioning, LearnedConditioning, structure_condition
+from .ddib import DDIBTranslator
 from .prediction import Prediction, min_snr_weight, prediction_target, split_prediction, threshold_x0
-from .samplers import AncestralSampler, DDIMSampler, DPMSolverPP, PlanSampler, SampleResult, Spacing, step_plan
+from .samplers import AncestralSampler, DDIMSampler, DPMSolverPP, PlanSampler, SampleResult, Spacing, ddim_encode, step_plan
 from .schedules import CosineSchedule, DiscreteSchedule, LinearSchedule, ScheduleFromBetas, noise_like
 from .training import EMA, NoisePredictionLoss, noise_prediction_loss
 from .unet import ConditionalUNet, UNetConfig, log_snr, noise_level_embedding
@@ -16,6 +17,7 @@ __all__ = [
     "ConcatConditioning",
     "ConditionalUNet",
     "CosineSchedule",
+    "DDIBTranslator",
     "DDIMSampler",
     "DPMSolverPP",
     "DiscreteSchedule",
@@ -29,6 +31,7 @@ __all__ = [
     "ScheduleFromBetas",
     "Spacing",
     "UNetConfig",
+    "ddim_encode",
     "log_snr",
     "min_snr_weight",
     "noise_level_embedding",

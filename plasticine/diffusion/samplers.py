@@ -12,7 +12,8 @@ clipping, are the paper's). Notation: :math:`\gamma = \gamma_k`,
 
 * :class:`AncestralSampler`: the paper's Algorithm 1 (DDPM, eq. 5);
 * :class:`DDIMSampler`: DDIM with stochasticity ``eta``, plus a deterministic
-  :meth:`~DDIMSampler.encode` / :meth:`~DDIMSampler.decode` pair (DDIB-style translation);
+  :meth:`~DDIMSampler.encode` / :meth:`~DDIMSampler.decode` pair (DDIB-style translation; the
+  function :func:`ddim_encode` and :class:`~plasticine.diffusion.DDIBTranslator`);
 * :class:`DPMSolverPP`: DPM-Solver++ (2M), a second-order multistep solver for few steps.
 
 **The plan.** :func:`step_plan` turns a start step ``k0`` and a number of steps into the list of
@@ -71,6 +72,7 @@ __all__ = [
     "PlanSampler",
     "AncestralSampler",
     "DDIMSampler",
+    "ddim_encode",
     "DPMSolverPP",
 ]
 
@@ -649,6 +651,86 @@ class DDIMSampler(PlanSampler):
 
     def __repr__(self) -> str:
         return f"DDIMSampler(steps={self.steps}, eta={self.eta!r}, spacing={self.spacing!r}{self._options_repr()})"
+
+
+def ddim_encode(
+    denoiser: Denoiser,
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    condition: torch.Tensor | None = None,
+    *,
+    steps: int,
+    end_step: int | torch.Tensor | None = None,
+    prediction: Prediction = "eps",
+    spacing: Spacing = "trailing",
+    clip: tuple[float, float] | None = None,
+    iterations: int = 0,
+) -> torch.Tensor:
+    r"""Run the deterministic DDIM ODE forwards: clean images :math:`x_0` to their latents at ``end_step``.
+
+    The reverse of ``DDIMSampler(steps, eta=0, spacing)``: the same plan
+    :math:`[(k_0, k_1), \dots, (k_{n-1}, 0)]` of :func:`step_plan` (``k0 = end_step``), run from
+    the last pair to the first. The decoding step ``k -> k'`` (``k' < k``) of :class:`DDIMSampler`
+    with ``eta = 0`` is
+
+    .. math::
+
+        y_{k'} = \sqrt{\gamma'}\,\hat y_0 + \sqrt{1-\gamma'}\,\hat\epsilon
+        = \sqrt{\gamma'/\gamma}\,y_k + \big(\sqrt{1-\gamma'} - \sqrt{\gamma'/\gamma}\sqrt{1-\gamma}\big)
+        \,\hat\epsilon(y_k, \gamma),
+
+    a first-order step of the probability-flow ODE :math:`d\bar y / d\sigma = \hat\epsilon` in
+    :math:`\bar y = y/\sqrt\gamma`, :math:`\sigma = \sqrt{(1-\gamma)/\gamma}`. Solving it for
+    :math:`y_k` with the noise prediction taken at the known end, :math:`\hat\epsilon \approx
+    \hat\epsilon(y_{k'}, \gamma')`, gives the encoding step
+
+    .. math::
+
+        y_k = \sqrt{\gamma/\gamma'}\,y_{k'} + \big(\sqrt{1-\gamma} - \sqrt{\gamma/\gamma'}\sqrt{1-\gamma'}\big)
+        \,\hat\epsilon(y_{k'}, \gamma'),
+
+    the same ODE run the other way (:math:`\hat\epsilon = 0` from the clean image, :math:`\gamma' = 1`).
+    The two differ only in where :math:`\hat\epsilon` is read, so ``decode(encode(x))`` returns
+    ``x`` up to an error that is first order in the step size; ``iterations`` fixed-point
+    refinements (:math:`\hat\epsilon \leftarrow \hat\epsilon(y_k, \gamma)`) make each step the
+    exact inverse of the decoding step when they converge. The prediction conversion and ``clip``
+    are those of the samplers (``PlanSampler._predict``); this is :meth:`DDIMSampler.encode` of
+    ``DDIMSampler(steps, 0.0, spacing, prediction=prediction, clip=clip)``.
+
+    Args:
+        denoiser: ``(noisy, gamma, condition) -> output`` read as ``prediction``.
+        schedule: the noise schedule the denoiser was trained with.
+        x0: clean images.
+        condition: passed to the denoiser unchanged, or None (an unconditional model).
+        steps: the number of steps ``n`` (at least 1; fewer when ``end_step`` is smaller).
+        end_step: the latent's step, an int in ``[0, K]`` or a ``(B,)`` integer tensor; None
+            (the default) is ``K``, the full inversion to the noise end.
+        prediction: what the denoiser returns, ``"eps"``, ``"x0"`` or ``"v"``.
+        spacing: how the levels are spread (see :func:`step_plan`).
+        clip: ``(low, high)`` for the data prediction before every step, or None.
+        iterations: fixed-point refinements per step (``>= 0``; each costs one denoiser call).
+
+    Returns:
+        The latents :math:`y_{k_0}`, in the dtype and on the device of ``x0``.
+
+    Example:
+        >>> import torch
+        >>> from plasticine.diffusion import LinearSchedule
+        >>> s = LinearSchedule(1e-4, 2e-2, 100)
+        >>> y = torch.ones(1, 1, 2, 2, dtype=torch.float64)
+        >>> point = lambda x, g, c: (x - g.view(-1, 1, 1, 1).sqrt() * y) / (1 - g.view(-1, 1, 1, 1)).sqrt()
+        >>> z = ddim_encode(point, s, y, steps=10)
+        >>> torch.allclose(DDIMSampler(10).decode(point, s, None, z, 100), y)
+        True
+
+    Shape:
+        x0: ``(B, C, *S)``; condition: ``(B, Cc, *S)`` or None; end_step: an int or ``(B,)``;
+        out: ``(B, C, *S)``.
+    """
+    sampler = DDIMSampler(steps, 0.0, spacing, prediction=prediction, clip=clip)
+    if end_step is None:
+        end_step = len(_gammas_of(schedule)) - 1
+    return sampler.encode(denoiser, schedule, condition, x0, end_step, iterations)
 
 
 class DPMSolverPP(PlanSampler):

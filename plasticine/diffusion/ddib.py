@@ -123,18 +123,8 @@ class DDIBTranslator(Configurable, nn.Module):
         Shape:
             x: ``(B, C, *S)``; out: ``(B, C, *S)``.
         """
-        return ddim_encode(
-            self.source_denoiser,
-            self.schedule,
-            x,
-            None,
-            steps=self.steps,
-            end_step=self.end_step,
-            prediction=self.prediction,
-            spacing=self.spacing,
-            clip=self.clip,
-            iterations=self.iterations,
-        )
+        options = {"prediction": self.prediction, "spacing": self.spacing, "clip": self.clip, "iterations": self.iterations}
+        return ddim_encode(self.source_denoiser, self.schedule, x, None, steps=self.steps, end_step=self.end_step, **options)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """The target model's image of a latent at ``end_step`` (DDIM, ``eta = 0``).
@@ -155,7 +145,7 @@ class DDIBTranslator(Configurable, nn.Module):
 
         Args:
             x: source-domain images (floating).
-            generator: accepted for the translators' common signature; unused, DDIB draws nothing.
+            generator: accepted where a seeded translation is expected (a Generator or None); unused, DDIB draws nothing.
 
         Returns:
             The translations, in the dtype and on the device of ``x``.

@@ -69,7 +69,9 @@ def _resolve(obj: Any, key: str | None, name: str) -> tuple[Any, str | None]:
         if isinstance(obj, tio.Subject):
             images = list(obj.get_images_dict(intensity_only=False))
             if key is None or key not in images:
-                raise ValueError(f"key: expected the name of an image of the torchio.Subject given as {name} ({', '.join(map(repr, images)) or 'none'}), got {key!r}")
+                raise ValueError(
+                    f"key: expected the name of an image of the torchio.Subject given as {name} ({', '.join(map(repr, images)) or 'none'}), got {key!r}"
+                )
             return obj[key], package
         if not isinstance(obj, tio.Image):
             raise ValueError(f"{name}: expected {_EXPECTED}, got {type(obj).__name__}")

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .core.shapes import check_shape
+from .core.shapes import check_finite, check_shape
 from .io import Normalization, normalize_intensity
 
 if TYPE_CHECKING:
@@ -116,8 +116,9 @@ def to_tensor(obj: Any, *, key: str | None = None, normalization: Normalization 
 
     Raises:
         ValueError: naming the argument, for another type, a missing or unexpected key, a shape
-            without a channel axis and 2 or 3 spatial axes, or an affine that is not finite and
-            invertible.
+            without a channel axis and 2 or 3 spatial axes (a batched ``MetaTensor`` included),
+            non-finite values (:class:`~plasticine.core.NonFiniteError`), or an affine that is not
+            finite and invertible.
 
     Shape:
         obj: ``(C, *S)`` (torchio: ``(C, W, H, D)``); image: ``(1, C, *S)``; affine: ``(4, 4)``.
@@ -126,6 +127,8 @@ def to_tensor(obj: Any, *, key: str | None = None, normalization: Normalization 
     if package == "torchio":
         data, affine = image.data, _ras(image.affine, "RAS", "obj")
     elif package == "monai":
+        if image.is_batch or image.affine.ndim != 2:
+            raise ValueError(f"obj: expected one channel-first MetaTensor (C, *S), got a batch of shape {tuple(image.shape)} (pass one item, obj[i])")
         data = image.as_tensor()
         affine = _ras(image.affine, str(image.meta.get("space", "RAS")).upper(), "obj")
     else:
@@ -134,7 +137,9 @@ def to_tensor(obj: Any, *, key: str | None = None, normalization: Normalization 
     check_shape(data, "C *S", "obj", spatial=(2, 3))
     if data.ndim == 4 and data.shape[-1] == 1:
         data = data[..., 0]
-    data = normalize_intensity(data.detach().to(torch.float32), normalization).to(torch.float32)
+    data = data.detach().to(torch.float32)
+    check_finite(data, "obj")
+    data = normalize_intensity(data, normalization).to(torch.float32)
     return data[None].contiguous(), affine
 
 

@@ -128,6 +128,17 @@ def test_bad_inputs_name_the_argument() -> None:
         to_tensor(torch.zeros(4, 4))
     with pytest.raises(ValueError, match=r"^tensor"):
         from_tensor(torch.zeros(1, 1, 4, 5), torch.zeros(1, 4, 4))
+    x = torch.rand(1, 4, 4, 4)
+    x[0, 1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"^obj: expected finite values"):
+        to_tensor(x)
+
+
+def test_a_batched_metatensor_is_refused() -> None:
+    data = monai_data()
+    batch = data.list_data_collate([data.MetaTensor(torch.rand(1, 4, 4, 4)), data.MetaTensor(torch.rand(1, 4, 4, 4))])
+    with pytest.raises(ValueError, match=r"^obj: expected one channel-first MetaTensor .*got a batch"):
+        to_tensor(batch)
 
 
 def test_translation_keeps_the_geometry_of_a_2d_torchio_image() -> None:

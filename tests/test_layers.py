@@ -12,7 +12,7 @@ high (a higher rank may import a lower one):
 * 3 ``data`` (synthetic deformations are integrated velocity fields);
 * 4 ``translator``;
 * 5 ``checkpoint``, ``io`` (persistence; ``io`` writes atomically through ``checkpoint``);
-* 6 ``training``, ``viewer`` (no edge between them); 7 ``recipes``; 8 ``demo``; 9 ``cli``; 10 ``__main__``.
+* 6 ``training``, ``viewer``, ``interop`` (torchio and MONAI images; no edge between them); 7 ``recipes``; 8 ``demo``; 9 ``cli``; 10 ``__main__``.
 
 KNOWN_UPWARD lists the upward imports that exist today, each with the change that removes it; the
 test fails for any other upward import and for an entry that no longer exists (remove it then).
@@ -40,6 +40,7 @@ RANKS = {
     "io": 5,
     "training": 6,
     "viewer": 6,
+    "interop": 6,
     "recipes": 7,
     "demo": 8,
     "cli": 9,

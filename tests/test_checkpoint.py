@@ -18,7 +18,7 @@ import plasticine
 from plasticine import checkpoint as ck
 from plasticine.checkpoint import CheckpointError, atomic_write, load_component, load_state, load_tensors, load_translator, save_component, save_state
 from plasticine.core import Config, Configurable, registered_classes, to_json
-from plasticine.diffusion import AncestralSampler, CosineSchedule, DDIMSampler, DPMSolverPP, LinearSchedule, ScheduleFromBetas
+from plasticine.diffusion import AncestralSampler, CosineSchedule, DDIBTranslator, DDIMSampler, DPMSolverPP, LinearSchedule, ScheduleFromBetas
 from plasticine.diffusion.conditioning import ConcatConditioning, LearnedConditioning
 from plasticine.diffusion.schedules import DiscreteSchedule
 from plasticine.diffusion.unet import ConditionalUNet, UNetConfig
@@ -156,6 +156,13 @@ def _reg_net():
     return RegistrationNet(RegistrationNetConfig(spatial_dims=3, cue_channels=1, features=4, encoder=(4, 8), inverse="learned", norm_groups=2), velocity_level=1)
 
 
+def _ddib():
+    def unet(seed):
+        return ConditionalUNet(UNetConfig(cond_channels=0, base_channels=4, channel_mults=(1,), attention_levels=(), norm_groups=2), generator=make_generator(seed))
+
+    return DDIBTranslator(unet(11), unet(12), LinearSchedule(1e-3, 0.2, num_steps=20), steps=4, prediction="x0", clip=(-1.0, 1.0))
+
+
 #: class -> (a component with settings other than the defaults, what it computes). A component
 #: class that is registered but has no case here fails test_every_component_has_a_case.
 CASES = {
@@ -210,6 +217,7 @@ CASES = {
         lambda n: n(_image(2, 1, 9, 10)),
     ),
     TraceableTranslator: (_translator_downsampled, _translate),
+    DDIBTranslator: (_ddib, lambda t: t.translate(_image(2, 1, 8, 8))),
 }
 
 

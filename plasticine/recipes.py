@@ -129,11 +129,15 @@ def build_translator(
     check_number(start_fraction, "start_fraction", 0, 1)
     check_int(sampler_steps, "sampler_steps", 1)
     check_int(seed, "seed")
+
+    def head() -> ForegroundExtractor:
+        return ForegroundExtractor(fraction=0.05, closing=3)
+
     parts = {
         "kmeans": lambda: KMeansExtractor(classes, max_iter=50),
-        "foreground": lambda: ForegroundExtractor(fraction=0.05, closing=3),
+        "foreground": lambda: head(),
         "mind": lambda: MINDExtractor(sigma=mind_sigma),
-        "foreground+mind": lambda: StackedExtractor([ForegroundExtractor(fraction=0.05, closing=3), MINDExtractor(sigma=mind_sigma)]),
+        "foreground+mind": lambda: StackedExtractor([head(), MINDExtractor(sigma=mind_sigma)]),
         "potts": lambda: PottsExtractor(),
     }
     extractor = parts[structure]()

@@ -87,6 +87,3 @@ class StackedExtractor(Configurable, nn.Module):
         """Stacked map of ``image`` ``(B, C, *S)`` -> ``(B, L_1 + ... + L_m, *S)``."""
         check_shape(image, "B C *S", "image", floating=True)
         return torch.cat([part(image) for part in self.extractors], 1)
-
-    def extra_repr(self) -> str:
-        return ""

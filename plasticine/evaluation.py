@@ -56,7 +56,8 @@ its HD95 alone.
   images and those of the target images, from the ``extractor`` passed in; the default is
   :class:`~plasticine.metrics.RandomFeatures` (a fixed random-weight network, seed 0: no trained
   weights, so comparable only between runs with the same extractor, not with published FIDs).
-  Single-channel 2D images only (``null`` otherwise);
+  Single-channel 2D images only, at least 2 of each (a covariance), of at least 16 pixels per axis
+  for the default (``null`` otherwise);
 * with a paired ``truth`` (the true target-domain image of each source, in the geometry the
   translation should have): ``mae``, ``psnr`` (peak: the width of ``value_range``) and ``ssim``
   (:func:`~plasticine.metrics.mae`, :func:`~plasticine.metrics.psnr`,
@@ -553,7 +554,15 @@ def distribution_metrics(
         "fraction_outside_range": float(hist[-2:].sum()),
         "nmi": _number(normalized_mutual_information(sources, images, bins, heads).mean()),
     }
-    if images.dim() == 4 and images.shape[1] == 1:
+    if extractor is None and images.dim() == 4:
+        from .metrics import RandomFeatures
+
+        default = RandomFeatures().to(images.device)
+        extractor = default if min(*images.shape[2:], *targets.shape[2:]) >= 2**default.depth else None
+        usable = extractor is not None
+    else:
+        usable = True
+    if usable and images.dim() == 4 and images.shape[1] == 1 and min(len(images), len(targets)) >= 2:
         fa, fb = image_features(images, extractor), image_features(targets, extractor)
         out["frechet"] = _number(frechet_distance(fa, fb))
         out["simplified_frechet"] = _number(simplified_frechet_distance(fa, fb))

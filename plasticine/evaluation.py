@@ -815,7 +815,7 @@ def evaluate_translation(
     else:
         made = {"trained": False}
     segmenter.eval()
-    held = segment(segmenter, target)
+    held = torch.cat([segment(segmenter, target[i : i + settings.batch_size]) for i in range(0, len(target), settings.batch_size)])
     made["dice_on_target_training_images"] = summarize(segmentation_scores(held, target_labels, num_classes))["mean"]["dice"]
     if ddib is None and settings.ddib_steps > 0:
         ddib = train_ddib(translator, source, target, settings)

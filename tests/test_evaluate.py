@@ -262,3 +262,38 @@ def test_evaluate_refuses_bad_input(data, tmp_path, capsys, monkeypatch):
     assert "matplotlib" in _error(capsys, _args(data, out))
     assert not out.exists()  # nothing written before the inputs were checked
 
+
+
+def test_translation_figure_2d_and_3d(tmp_path):
+    pytest.importorskip("matplotlib", reason="the plot extra (matplotlib) is not installed")
+    from plasticine.core import Deformation
+    from plasticine.evaluation import translation_figure
+
+    for shape in ((20, 18), (6, 20, 18)):
+        n = len(shape)
+        u = 0.5 * torch.randn(1, n, *shape, generator=torch.Generator().manual_seed(n))
+        d = Deformation(forward=u, inverse=-u)
+        labels = torch.randint(0, 3, (1, *shape), generator=torch.Generator().manual_seed(0))
+        path = translation_figure(tmp_path / f"f{n}.png", torch.rand(1, *shape), d, torch.rand(1, *shape), labels, source_labels=labels, title="t")
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f2.png", "f3.png"]  # no temporary left
+
+
+def test_train_ddib_builds_two_condition_free_models_of_the_denoisers_architecture():
+    from plasticine.diffusion import DDIBTranslator
+    from plasticine.evaluation import train_ddib
+
+    t = build_translator(2, 1, sampler_steps=2, seed=0).eval()
+    x = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    settings = EvaluationSettings(ddib_steps=1, ddib_sampler_steps=2, batch_size=2, progress=False)
+    ddib = train_ddib(t, x, 1 - x, settings)
+    assert isinstance(ddib, DDIBTranslator) and ddib.steps == 2 and ddib.clip == t.sampler.clip
+    for model in (ddib.source_denoiser, ddib.target_denoiser):
+        assert model.settings.cond_channels == 0 and model.settings.base_channels == t.denoiser.settings.base_channels
+    assert not torch.equal(next(ddib.source_denoiser.parameters()), next(ddib.target_denoiser.parameters()))
+    again = train_ddib(t, x, 1 - x, settings)  # seeded: the same weights
+    assert all(torch.equal(a, b) for a, b in zip(ddib.state_dict().values(), again.state_dict().values()))
+    with pytest.raises(ValueError, match="fewer than the batch size"):
+        train_ddib(t, x[:1], x, settings)
+    with pytest.raises(ValueError, match="ddib_steps"):
+        train_ddib(t, x, x, EvaluationSettings(ddib_steps=0))

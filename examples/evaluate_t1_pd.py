@@ -11,14 +11,16 @@ labels 0 background, 1 ventricles; needs nibabel), then runs the command on them
   segmentation U-Net is trained;
 * the translator: the shipped demo checkpoint.
 
-Usage::
+Run (any other option is passed on to ``plasticine evaluate``)::
 
-    python examples/evaluate_t1_pd.py OUTPUT [extra options of plasticine evaluate]
-    python examples/evaluate_t1_pd.py t1pd-eval --segmentation-steps 300 --ddib-steps 300
+    python examples/evaluate_t1_pd.py --outdir t1pd-eval                       # 400 segmentation and 400 DDIB steps
+    python examples/evaluate_t1_pd.py --small --outdir t1pd-eval               # 8 training targets, 20 segmentation steps, no DDIB
+    python examples/evaluate_t1_pd.py --outdir t1pd-eval --threads 2 --seed 1
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -27,10 +29,10 @@ from plasticine.demo import DemoConfig, make_cohort, shipped_checkpoint
 from plasticine.io import write_image
 
 
-def write_case(root: Path, config: DemoConfig = DemoConfig()) -> None:
+def write_case(root: Path, train_subjects: int, config: DemoConfig = DemoConfig()) -> None:
     """Write the T1 -> PD case as folders of NIfTI images and labels under ``root``."""
     test = make_cohort(config, config.test_subjects, config.seed, include_real=True)
-    train = make_cohort(config, config.train_subjects, config.seed + 1, include_real=False)
+    train = make_cohort(config, train_subjects, config.seed + 1, include_real=False)
     for i in range(len(test)):
         write_image(root / "source" / f"subject{i}.nii.gz", test.sources[i])
         write_image(root / "source_labels" / f"subject{i}.nii.gz", test.source_masks[i].float())
@@ -41,12 +43,14 @@ def write_case(root: Path, config: DemoConfig = DemoConfig()) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit(__doc__)
-    out = Path(sys.argv[1])
-    write_case(out / "data")
-    d = out / "data"
+    parser = argparse.ArgumentParser(description="plasticine evaluate on the demo's T1 -> PD case")
+    parser.add_argument("--outdir", type=Path, default=Path("t1pd-evaluation"), help="folder for the data and the evaluation")
+    parser.add_argument("--small", action="store_true", help="8 training targets, 20 segmentation steps, no DDIB: a quick check")
+    options, passed = parser.parse_known_args()
+    d = options.outdir / "data"
+    write_case(d, 8 if options.small else DemoConfig().train_subjects)
     args = ["evaluate", "--source", str(d / "source"), "--source-labels", str(d / "source_labels"), "--truth", str(d / "truth")]
-    args += ["--target", str(d / "target"), "--target-labels", str(d / "target_labels"), "--normalization", "none"]
-    args += ["--model", str(shipped_checkpoint()), "--output", str(out / "evaluation"), "--classes", "2", *sys.argv[2:]]
-    sys.exit(main(args))
+    args += ["--target", str(d / "target"), "--target-labels", str(d / "target_labels"), "--normalization", "none", "--classes", "2"]
+    args += ["--model", str(shipped_checkpoint()), "--output", str(options.outdir / "evaluation")]
+    args += ["--segmentation-steps", "20", "--no-ddib", "--quiet"] if options.small else ["--segmentation-steps", "400", "--ddib-steps", "400"]
+    sys.exit(main(args + passed))

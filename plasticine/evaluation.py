@@ -534,44 +534,32 @@ def distribution_metrics(
         images, sources, truth: ``(B, C, *S)``; heads, truth_heads: ``(B, 1, *S)``; targets:
         ``(M, C, *S')``; target_heads: ``(M, 1, *S')``.
     """
-    from .metrics import (
-        bhattacharyya_distance,
-        frechet_distance,
-        image_features,
-        intensity_histogram,
-        mae,
-        normalized_mutual_information,
-        psnr,
-        simplified_frechet_distance,
-        ssim,
-    )
+    from . import metrics as m
 
     lo, hi = value_range
-    hist = intensity_histogram(images[heads.expand_as(images)].cpu().numpy(), bins, value_range)
-    ref = intensity_histogram(targets[target_heads.expand_as(targets)].cpu().numpy(), bins, value_range)
+    hist = m.intensity_histogram(images[heads.expand_as(images)].cpu().numpy(), bins, value_range)
+    ref = m.intensity_histogram(targets[target_heads.expand_as(targets)].cpu().numpy(), bins, value_range)
     out: dict[str, Any] = {
-        "bhattacharyya": _number(bhattacharyya_distance(hist, ref)),
+        "bhattacharyya": _number(m.bhattacharyya_distance(hist, ref)),
         "fraction_outside_range": float(hist[-2:].sum()),
-        "nmi": _number(normalized_mutual_information(sources, images, bins, heads).mean()),
+        "nmi": _number(m.normalized_mutual_information(sources, images, bins, heads).mean()),
     }
     if extractor is None and images.dim() == 4:
-        from .metrics import RandomFeatures
-
-        default = RandomFeatures().to(images.device)
+        default = m.RandomFeatures().to(images.device)
         extractor = default if min(*images.shape[2:], *targets.shape[2:]) >= 2**default.depth else None
         usable = extractor is not None
     else:
         usable = True
     if usable and images.dim() == 4 and images.shape[1] == 1 and min(len(images), len(targets)) >= 2:
-        fa, fb = image_features(images, extractor), image_features(targets, extractor)
-        out["frechet"] = _number(frechet_distance(fa, fb))
-        out["simplified_frechet"] = _number(simplified_frechet_distance(fa, fb))
+        fa, fb = m.image_features(images, extractor), m.image_features(targets, extractor)
+        out["frechet"] = _number(m.frechet_distance(fa, fb))
+        out["simplified_frechet"] = _number(m.simplified_frechet_distance(fa, fb))
     else:
         out["frechet"] = out["simplified_frechet"] = None
     if truth is not None:
-        out["mae"] = _number(mae(images, truth, truth_heads).mean())
-        out["psnr"] = _number(psnr(images, truth, hi - lo, truth_heads).mean())
-        out["ssim"] = _number(ssim(images, truth, hi - lo, truth_heads).mean())
+        out["mae"] = _number(m.mae(images, truth, truth_heads).mean())
+        out["psnr"] = _number(m.psnr(images, truth, hi - lo, truth_heads).mean())
+        out["ssim"] = _number(m.ssim(images, truth, hi - lo, truth_heads).mean())
     return out
 
 

@@ -1,6 +1,6 @@
 """``plasticine evaluate`` on the demo's T1 -> PD case, with the shipped translator.
 
-The demo's task (:mod:`plasticine.demo`): the real BrainWeb T1 slice deformed per subject, its
+The demo's case (:mod:`plasticine.demo`): the real BrainWeb T1 slice deformed per subject, its
 PD-like targets with enlarged ventricles. The script writes image and label folders as a user would
 have them (NIfTI, float32, so that the intensities are read back exactly with ``--normalization none``;
 labels 0 background, 1 ventricles; needs nibabel), then runs the command on them:

@@ -88,6 +88,7 @@ from _timing import format_table, machine_summary  # noqa: E402  (benchmarks/ is
 
 from plasticine.core import folding_fraction, inverse_consistency_error  # noqa: E402
 from plasticine.data.crossmodal import CrossModalCase, crossmodal_case  # noqa: E402
+from plasticine.evaluation import segment, translate_methods  # noqa: E402
 from plasticine.metrics import bhattacharyya_distance, intensity_histogram  # noqa: E402
 from plasticine.recipes import TrainingRecipe, build_translator, train_translator  # noqa: E402
 from plasticine.registration import IdentityRegistration  # noqa: E402
@@ -230,11 +231,6 @@ def _tensor(a: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a)).to(dtype)[:, None]
 
 
-def _segment(net: SegmentationUNet, images: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return net(images).argmax(1, keepdim=True)
-
-
 def _summary(per_slice: dict[str, list[float]]) -> dict[str, float]:
     out: dict[str, float] = {}
     for key, values in per_slice.items():
@@ -299,7 +295,7 @@ def run(settings: Settings, output: Path) -> dict[str, Any]:
     seg = SegmentationUNet(1, 2, 2, SegmentationUNetConfig(depth=4, base_width=settings.segmentation_width), generator=gen)
     seg_losses = train_segmentation(seg, ct[ct_train], ct_ic[ct_train], settings.segmentation_steps, gen, batch_size=settings.batch_size)
     seg.eval()
-    ct_scores = segmentation_scores(_segment(seg, ct[ct_test]), ct_ic[ct_test])
+    ct_scores = segmentation_scores(segment(seg, ct[ct_test]), ct_ic[ct_test])
     clock["segmentation_training_s"] = time.perf_counter() - t
     _log(f"segmentation: held-out CT Dice {np.mean(ct_scores['dice']):.3f} ({clock['segmentation_training_s']:.0f} s)")
 
@@ -322,18 +318,15 @@ def run(settings: Settings, output: Path) -> dict[str, Any]:
         "intensity inversion": _tensor(invert_inside(case.source[mr_test], head[mr_test])),
     }
     heads: dict[str, torch.Tensor] = {name: head_x for name in images}
-    identity = translator.replace(registration=IdentityRegistration())
     seed = settings.seed + 20
-    images["plasticine, phi = identity"] = identity.translate(x, generator=torch.Generator().manual_seed(seed)).image
-    heads["plasticine, phi = identity"] = head_x
-    result = translator.translate(x, generator=torch.Generator().manual_seed(seed))
-    phi = result.deformation
+    composed = translate_methods(translator, x, seed=seed)  # the composed baselines of plasticine.evaluation, without DDIB
+    phi = composed["plasticine, traced"].deformation
     warped_head = (phi.to_target(head_x) > 0.5).float()
-    images["register, then translate"] = identity.translate(phi.to_target(x), generator=torch.Generator().manual_seed(seed)).image
-    images["plasticine, traced"] = result.image
-    heads["register, then translate"] = heads["plasticine, traced"] = warped_head
-    traced = {"register, then translate", "plasticine, traced"}
-    predicted = {name: _segment(seg, image) for name, image in images.items()}
+    traced = {name for name, o in composed.items() if o.deformation is not None}
+    for name in METHODS[3:]:
+        images[name] = composed[name].image
+        heads[name] = warped_head if name in traced else head_x
+    predicted = {name: segment(seg, image) for name, image in images.items()}
     in_source = {name: phi.labels_to_source(p, 2) if name in traced else p for name, p in predicted.items()}
     clock["translation_and_scoring_s"] = time.perf_counter() - t
 

@@ -1,4 +1,4 @@
-"""The ``plasticine`` command line: ``train``, ``translate``, ``trace``, ``demo`` and ``view``.
+"""The ``plasticine`` command line: ``train``, ``translate``, ``trace``, ``evaluate``, ``demo`` and ``view``.
 
 Run ``plasticine <command> --help`` for the options of each (``python -m plasticine`` is the same).
 
@@ -39,6 +39,18 @@ Run ``plasticine <command> --help`` for the options of each (``python -m plastic
   source into the translation (mask o phi, points phi^-1(p)), ``to-source`` back (mask o phi^-1,
   points phi(q)); a traced mask keeps the affine of the ``--mask`` file, and traced points of a
   NIfTI deformation are also written in world millimetres through the affine of its header.
+* ``plasticine evaluate --source S --source-labels SL --target T --target-labels TL --model model.pt
+  --output OUT`` runs the paper's evaluation (:func:`plasticine.evaluation.evaluate_translation`):
+  a segmentation U-Net trained on the targets (``--segmentation-steps``; or loaded with
+  ``--segmentation``, written with ``--save-segmentation``), every source translated by the
+  translator and each composed baseline (no translation, phi = identity, register then translate,
+  DDIB with ``--ddib-steps`` per model unless ``--no-ddib``), segmented and traced back with
+  phi^-1, scored against the source labels. Labels are integer images read with the same
+  ``--axis``/``--slices`` and no normalisation, paired with the images by sorted name. It prints
+  Table I (accuracy, Dice, IoU, HD95 per class and averaged) and the distribution metrics
+  (Bhattacharyya, NMI, Frechet on fixed random features; MAE, PSNR, SSIM with ``--truth``) and
+  writes ``evaluation.json`` (every number, the settings and seeds), ``table1.csv``,
+  ``distribution.csv`` and ``figures/<name>.png`` per source (matplotlib; ``--no-figures`` to skip).
 * ``plasticine demo`` runs :func:`plasticine.demo.run_demo` (offline, on the shipped real MR slice).
 * ``plasticine view X_trace.json --output page.html`` writes the interactive tracing viewer
   (:func:`plasticine.viewer.write_viewer`) of one result of translate: source and translation side
@@ -104,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``plasticine`` command.
 
     Returns:
-        The parser with the ``train``, ``translate``, ``trace``, ``demo`` and ``view`` subcommands.
+        The parser with the ``train``, ``translate``, ``trace``, ``evaluate``, ``demo`` and ``view`` subcommands.
 
     Shape:
         Not applicable.
@@ -119,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         formatter_class=_HelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,translate,trace,demo,view}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,translate,trace,evaluate,demo,view}")
     kinds = dict(parents=[common], formatter_class=_HelpFormatter)
 
     p = sub.add_parser("train", **kinds, help="train a translator on unpaired source and target images", description="Train a translator on unpaired source and target images (resumable).")
@@ -199,6 +211,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="HTML file to write")
     p.add_argument("--source", default=None, help="source image file (default: the input the trace file names, read as translate read it)")
     p.add_argument("--labels", default=None, help="label image (PNG or NIfTI, integer labels) in the source geometry, traced into the translation")
+
+    p = sub.add_parser(
+        "evaluate",
+        **kinds,
+        help="the paper's evaluation: traced segmentation (Table I) and distribution metrics of a translator and its baselines",
+        description="Train (or load) a segmentation U-Net on the target images, translate the sources with the translator and each composed baseline "
+        "(no translation, phi = identity, register then translate, DDIB), segment, trace the masks back with phi^-1 and score them against the "
+        "source labels; print the tables and write evaluation.json, table1.csv, distribution.csv and one figure per source.",
+    )
+    p.add_argument("--source", required=True, help="folder (or file) of source-domain images")
+    p.add_argument("--source-labels", required=True, help="folder (or file) of their integer label images, paired by sorted name")
+    p.add_argument("--target", required=True, help="folder (or file) of target-domain images (the segmentation network's training set)")
+    p.add_argument("--target-labels", required=True, help="folder (or file) of their integer label images, paired by sorted name")
+    p.add_argument("--model", required=True, help="translator file written by train")
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--truth", default=None, help="folder (or file) of the true target-domain image of each source (paired by sorted name): adds MAE, PSNR and SSIM")
+    _add_data_options(p)
+    p.add_argument("--classes", type=int, default=None, help="number of label classes, background 0 included (default: 1 + the largest label in the target labels)")
+    p.add_argument("--segmentation", default=None, help="segmentation network file to load (written by --save-segmentation) instead of training one")
+    p.add_argument("--segmentation-steps", type=int, default=400, help="training steps of the segmentation U-Net")
+    p.add_argument("--segmentation-width", type=int, default=16, help="its first-level channels")
+    p.add_argument("--segmentation-depth", type=int, default=4, help="its number of poolings")
+    p.add_argument("--save-segmentation", default=None, help="write the trained segmentation network to this file (.pt or .safetensors)")
+    p.add_argument("--ddib-steps", type=int, default=400, help="training steps of each of the two condition-free DDIB models")
+    p.add_argument("--ddib-sampler-steps", type=int, default=20, help="DDIM steps each way of the DDIB translation")
+    p.add_argument("--no-ddib", action="store_true", help="skip the DDIB baseline")
+    p.add_argument("--batch-size", type=int, default=4, help="images per training step (segmentation and DDIB)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (segmentation and DDIB)")
+    p.add_argument("--bins", type=int, default=64, help="histogram bins of the Bhattacharyya distance and NMI")
+    p.add_argument("--value-range", type=float, nargs=2, metavar=("LOW", "HIGH"), default=(0.0, 1.0), help="histogram range and PSNR peak (its width)")
+    p.add_argument("--spacing", type=float, nargs="+", default=None, help="voxel size in mm per spatial axis (array order) for HD95 in mm (default: HD95 in voxels only)")
+    p.add_argument("--seed", type=int, default=0, help="base seed: segmentation seed + 10, translation of case i seed + 20 + i, DDIB seed + 30 and + 31")
+    p.add_argument("--no-figures", action="store_true", help="do not write the per-source figures (they need matplotlib)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
 
     p = sub.add_parser("demo", **kinds, help="the offline demo on real MR anatomy", description="Translate the shipped real T1 slice into an enlarged-ventricle PD-like domain and score the tracing against exact truth.")
     p.add_argument("--output", default="plasticine-demo", help="output folder")
@@ -527,6 +574,165 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_labels(args: argparse.Namespace, path: str, option: str, images: Any) -> torch.Tensor:
+    """Integer label images read as the images were (same slicing, no normalisation), one per image."""
+    from .io import ImageFolder
+
+    labels = ImageFolder(path, axis=args.axis, slices=None if args.slices is None else tuple(args.slices), normalization="none")
+    if len(labels) != len(images):
+        raise ValueError(f"{option}: {path}: {len(labels)} label image(s) for {len(images)} image(s); expected one per image, paired by sorted name")
+    out = []
+    for i in range(len(labels)):
+        lab, where = labels[i], labels.items[i].path
+        if lab.shape[0] != 1:
+            raise ValueError(f"{option}: {where}: expected a single-channel label image, got {lab.shape[0]} channels")
+        if tuple(lab.shape[1:]) != tuple(images[i].shape[1:]):
+            raise ValueError(f"{option}: {where}: spatial size {tuple(lab.shape[1:])}, its image {images.items[i].path} {tuple(images[i].shape[1:])}")
+        if not bool((lab == lab.round()).all()) or float(lab.min()) < 0:
+            raise ValueError(f"{option}: {where}: expected integer labels >= 0, found values in [{float(lab.min())}, {float(lab.max())}] that are not")
+        out.append(lab.round().to(torch.int64))
+    return torch.stack(out)
+
+
+def _stack(images: Any, option: str) -> torch.Tensor:
+    shapes = {tuple(images[i].shape) for i in range(len(images))}
+    if len(shapes) != 1:
+        raise ValueError(f"{option}: the images have shapes {sorted(shapes)}; expected one shape (C, *S): resample them to one size")
+    return images.stack()
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import csv
+    import io as _io
+    import json
+
+    from .checkpoint import atomic_write, load_component, load_translator, save_component
+    from .evaluation import EvaluationSettings, evaluate_translation, format_tables
+
+    for name in ("segmentation_steps", "segmentation_width", "segmentation_depth", "ddib_sampler_steps", "batch_size", "bins"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
+    if args.ddib_steps < 1 and not args.no_ddib:
+        raise ValueError(f"--ddib-steps: expected a positive integer (or --no-ddib), got {args.ddib_steps}")
+    if args.classes is not None and args.classes < 2:
+        raise ValueError(f"--classes: expected an integer >= 2 (background and one class at least), got {args.classes}")
+    _check_option_number("--lr", args.lr, "a finite learning rate > 0", args.lr > 0)
+    lo, hi = args.value_range
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"--value-range: expected finite LOW < HIGH, got {lo} {hi}")
+    if args.spacing is not None and not all(math.isfinite(v) and v > 0 for v in args.spacing):
+        raise ValueError(f"--spacing: expected positive voxel sizes in mm, got {args.spacing}")
+    if args.save_segmentation is not None:
+        _check_checkpoint_name("--save-segmentation", args.save_segmentation)
+        if args.segmentation is not None:
+            raise ValueError("--save-segmentation and --segmentation: a loaded network is not trained again; give one of the two")
+    if not args.no_figures and importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("the figures need matplotlib (pip install 'plasticine[plot]'); or pass --no-figures")
+    device = _device(args.device)
+    translator = load_translator(args.model, map_location=device).eval()
+    sources, targets = _load_images(args, args.source), _load_images(args, args.target)
+    _check_unique_names(sources)
+    xs, ys = _stack(sources, "--source"), _stack(targets, "--target")
+    if xs.dim() != ys.dim() or xs.shape[1] != ys.shape[1]:
+        raise ValueError(f"--source images have shape {tuple(xs.shape[1:])} (C, *S), --target images {tuple(ys.shape[1:])}: expected the same channels and dimensions")
+    xl = _read_labels(args, args.source_labels, "--source-labels", sources)
+    yl = _read_labels(args, args.target_labels, "--target-labels", targets)
+    classes = args.classes if args.classes is not None else int(yl.max()) + 1
+    if classes < 2:
+        raise ValueError(f"--target-labels: {args.target_labels}: every label is 0; expected at least one foreground class")
+    for option, labels in (("--source-labels", xl), ("--target-labels", yl)):
+        if int(labels.max()) >= classes:
+            raise ValueError(f"{option}: labels up to {int(labels.max())}, but {classes} classes ({'--classes' if args.classes is not None else 'from the target labels'}): expected labels in [0, {classes - 1}]")
+    truth = None
+    if args.truth is not None:
+        truth_images = _load_images(args, args.truth)
+        truth = _stack(truth_images, "--truth")
+        if truth.shape != xs.shape:
+            raise ValueError(f"--truth: {len(truth_images)} image(s) of shape {tuple(truth.shape[1:])}; expected one per source of shape {tuple(xs.shape[1:])}")
+    if args.spacing is not None and len(args.spacing) != xs.dim() - 2:
+        raise ValueError(f"--spacing: expected {xs.dim() - 2} voxel sizes (one per spatial axis), got {len(args.spacing)}")
+    segmenter = None
+    if args.segmentation is not None:
+        from .segmentation import SegmentationUNet
+
+        segmenter = load_component(args.segmentation, map_location=device, expected=SegmentationUNet)
+        if segmenter.num_classes != classes or segmenter.in_channels != xs.shape[1] or segmenter.spatial_dims != xs.dim() - 2:
+            raise ValueError(
+                f"--segmentation: {args.segmentation}: a network for {segmenter.in_channels} channel(s), {segmenter.num_classes} classes, {segmenter.spatial_dims}D; "
+                f"the data has {xs.shape[1]} channel(s), {classes} classes, {xs.dim() - 2}D"
+            )
+    settings = EvaluationSettings(
+        segmentation_steps=args.segmentation_steps,
+        segmentation_width=args.segmentation_width,
+        segmentation_depth=args.segmentation_depth,
+        ddib_steps=0 if args.no_ddib else args.ddib_steps,
+        ddib_sampler_steps=args.ddib_sampler_steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        seed=args.seed,
+        bins=args.bins,
+        value_range=(lo, hi),
+        spacing=None if args.spacing is None else tuple(args.spacing),
+        progress=not args.quiet,
+    )
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [sources.name(i) for i in range(len(sources))]
+    evaluation = evaluate_translation(
+        translator,
+        xs.to(device),
+        xl.to(device),
+        ys.to(device),
+        yl.to(device),
+        classes,
+        settings,
+        segmenter=segmenter,
+        truth=None if truth is None else truth.to(device),
+        names=names,
+        figures=None if args.no_figures else out / "figures",
+    )
+    results = evaluation.results
+    results["inputs"] = {
+        "model": str(args.model),
+        "source": [str(item.path) + ("" if item.slice is None else f" slice {item.slice}") for item in sources.items],
+        "target": len(targets),
+        "normalization": args.normalization,
+        "classes_from": "--classes" if args.classes is not None else "1 + the largest target label",
+    }
+    if args.save_segmentation is not None:
+        save_component(evaluation.segmenter, args.save_segmentation)
+        results["segmentation"]["file"] = str(args.save_segmentation)
+    elif args.segmentation is not None:
+        results["segmentation"]["file"] = str(args.segmentation)
+    atomic_write(out / "evaluation.json", (json.dumps(results, indent=1, allow_nan=False) + "\n").encode())
+    mm = settings.spacing is not None
+    table = _io.StringIO()
+    w = csv.writer(table, lineterminator="\n")
+    w.writerow(["method", "class", "accuracy", "dice", "iou", "hd95_voxels"] + (["hd95_mm"] if mm else []) + ["hd95_undefined", "cases"])
+    dist = _io.StringIO()
+    d = csv.writer(dist, lineterminator="\n")
+    dist_keys = list(next(iter(results["methods"].values()))["distribution"])
+    d.writerow(["method", *dist_keys])
+
+    def cell(v: Any) -> str:
+        return "" if v is None else repr(v) if isinstance(v, float) else str(v)
+
+    for name, m in results["methods"].items():
+        mean, cases = m["table"]["mean"], m["table"]["cases"]
+        w.writerow([name, "mean", cell(mean["accuracy"]), cell(mean["dice"]), cell(mean["mean_iou"]), cell(mean.get("hd95"))] + ([cell(mean.get("hd95_mm"))] if mm else []) + [mean["hd95_undefined"], cases])
+        for c, r in m["table"]["per_class"].items():
+            w.writerow([name, c, cell(r["accuracy"]), cell(r["dice"]), cell(r["iou"]), cell(r["hd95"])] + ([cell(r.get("hd95_mm"))] if mm else []) + [r["hd95_undefined"], cases])
+        d.writerow([name, *(cell(m["distribution"][k]) for k in dist_keys)])
+    atomic_write(out / "table1.csv", table.getvalue().encode())
+    atomic_write(out / "distribution.csv", dist.getvalue().encode())
+    seeds = results["seeds"]
+    print(f"{len(sources)} source and {len(targets)} target image(s), {classes} classes; seeds: segmentation {seeds['segmentation']}, translation of case i {seeds['translation_of_case_0']} + i" + ("" if evaluation.ddib is None else f", DDIB {seeds['ddib_source']} and {seeds['ddib_target']}"))
+    print(format_tables(results))
+    written = ["evaluation.json", "table1.csv", "distribution.csv"] + ([] if args.no_figures else [f"figures/ ({len(names)} PNG)"])
+    print(f"wrote {', '.join(written)} to {out}")
+    return 0
+
+
 def _one_line(err: BaseException) -> str:
     """The message of an error on one line; errors that are not about the input also name their type."""
     text = " ".join(str(err).split()) or "no message"
@@ -576,7 +782,7 @@ def _view(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"train": _train, "translate": _translate, "trace": _trace, "demo": _demo, "view": _view}
+_COMMANDS = {"train": _train, "translate": _translate, "trace": _trace, "evaluate": _evaluate, "demo": _demo, "view": _view}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -472,19 +472,9 @@ def evaluate(translator: TraceableTranslator, cohort: DemoCohort, *, seed: int =
     return metrics, result
 
 
-def _grid_lines(ax: Any, u: torch.Tensor, step: int, color: str) -> None:
-    """Draw the image of a regular grid under p -> p + u(p) (u: (2, H, W), rows then columns)."""
-    H, W = u.shape[1:]
-    rows = torch.arange(H, dtype=u.dtype)[:, None] + u[0]
-    cols = torch.arange(W, dtype=u.dtype)[None, :] + u[1]
-    for r in range(0, H, step):
-        ax.plot(cols[r].numpy(), rows[r].numpy(), color=color, lw=0.6)
-    for c in range(0, W, step):
-        ax.plot(cols[:, c].numpy(), rows[:, c].numpy(), color=color, lw=0.6)
-
-
 def _write_outputs(out: Path, cohort: DemoCohort, result: Any, metrics: dict[str, Any], *, figures: bool) -> list[str]:
     """Images, deformations, masks, landmarks, metrics and figures of the demo; returns notes."""
+    from .evaluation import draw_grid
     from .io import write_deformation, write_image, write_trace
 
     notes: list[str] = []
@@ -522,7 +512,7 @@ def _write_outputs(out: Path, cohort: DemoCohort, result: Any, metrics: dict[str
         fig, axes = plt.subplots(1, 2, figsize=(7, 4.2))
         for ax, u, title, color in ((axes[0], d.forward[i], "estimated phi", "tab:orange"), (axes[1], cohort.field.forward[0].float(), "true phi_E", "tab:green")):
             ax.imshow(result.image[i, 0].clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
-            _grid_lines(ax, u, step, color)
+            draw_grid(ax, u, step, color)
             ax.set_title(title)
             ax.axis("off")
         fig.tight_layout()
@@ -542,7 +532,7 @@ def _write_outputs(out: Path, cohort: DemoCohort, result: Any, metrics: dict[str
         row[2].contour(cohort.target_masks[i, 0].numpy(), levels=[0.5], colors="tab:green", linewidths=0.8)
         row[2].plot(cohort.target_landmarks[i, :, 1].numpy(), cohort.target_landmarks[i, :, 0].numpy(), ".", color="tab:green", ms=4)
         row[3].imshow(result.image[i, 0].clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
-        _grid_lines(row[3], d.forward[i], step, "tab:orange")
+        draw_grid(row[3], d.forward[i], step, "tab:orange")
         err = (d.forward[i] - cohort.field.forward[0].float()).norm(dim=0)
         im = row[4].imshow(err.numpy(), cmap="magma", vmin=0, vmax=max(1.0, float(cohort.field.forward.norm(dim=1).max())))
         fig.colorbar(im, ax=row[4], fraction=0.04)

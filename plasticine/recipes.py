@@ -22,18 +22,39 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .training import Augmentation, Progress, ShuffledBatches, TrainConfig, Trainer, deformation_objective, diffusion_objective
 from .translator import TraceableTranslator
 
-__all__ = ["STRUCTURES", "TrainingRecipe", "build_translator", "train_translator"]
+if TYPE_CHECKING:
+    from .segmentation import ForegroundExtractor
+
+__all__ = ["STRUCTURES", "TrainingRecipe", "build_translator", "head_extractor", "train_translator"]
 
 
 #: The structure maps :func:`build_translator` offers (``structure=``), see its docstring.
 STRUCTURES: tuple[str, ...] = ("foreground", "foreground+mind", "mind", "kmeans", "potts")
+
+
+def head_extractor() -> ForegroundExtractor:
+    """The head-mask extractor of the ``"foreground"`` structure map and of the evaluation's masks.
+
+    :class:`~plasticine.segmentation.ForegroundExtractor` with ``fraction=0.05, closing=3``: the
+    filled largest component above 5 % of the image's robust range, closed by 3 voxels. On the
+    MR -> CT case it found the heads of both domains best (Dice 0.98 MR, 0.99 CT).
+
+    Returns:
+        A new extractor; channel 1 of its output is the head.
+
+    Shape:
+        image: ``(B, C, *S)``; out: ``(B, 2, *S)``.
+    """
+    from .segmentation import ForegroundExtractor
+
+    return ForegroundExtractor(fraction=0.05, closing=3)
 
 
 def build_translator(
@@ -113,7 +134,7 @@ def build_translator(
     from .diffusion.unet import ConditionalUNet, UNetConfig
     from .registration import ScalingAndSquaring
     from .registration.network import LearnedRegistration, RegistrationNet, RegistrationNetConfig
-    from .segmentation import ForegroundExtractor, KMeansExtractor, MINDExtractor, PottsExtractor, StackedExtractor
+    from .segmentation import KMeansExtractor, MINDExtractor, PottsExtractor, StackedExtractor
 
     if ndim not in (2, 3) or isinstance(ndim, bool):
         raise ValueError(f"ndim: expected 2 or 3, got {ndim!r}")
@@ -130,14 +151,11 @@ def build_translator(
     check_int(sampler_steps, "sampler_steps", 1)
     check_int(seed, "seed")
 
-    def head() -> ForegroundExtractor:
-        return ForegroundExtractor(fraction=0.05, closing=3)
-
     parts = {
         "kmeans": lambda: KMeansExtractor(classes, max_iter=50),
-        "foreground": lambda: head(),
+        "foreground": head_extractor,
         "mind": lambda: MINDExtractor(sigma=mind_sigma),
-        "foreground+mind": lambda: StackedExtractor([head(), MINDExtractor(sigma=mind_sigma)]),
+        "foreground+mind": lambda: StackedExtractor([head_extractor(), MINDExtractor(sigma=mind_sigma)]),
         "potts": lambda: PottsExtractor(),
     }
     extractor = parts[structure]()

@@ -98,6 +98,14 @@ def test_runs_on_every_device_with_a_cpu_generator(device):
     assert len(history) == 2 and all(math.isfinite(v) for v in history)
 
 
+def test_training_reports_every_step_to_the_callback():
+    net = SegmentationUNet(1, 2, 2, TINY, generator=make_generator(20))
+    x = torch.rand(3, 1, 8, 8, generator=make_generator(21))
+    calls = []
+    history = train_segmentation(net, x, (x > 0.5).long(), 3, make_generator(22), batch_size=2, callback=lambda step, loss: calls.append((step, loss)))
+    assert calls == list(enumerate(history, start=1))
+
+
 def test_network_errors():
     net = SegmentationUNet(1, 2, 2, TINY)
     with pytest.raises(ValueError, match="2 spatial dimensions"):

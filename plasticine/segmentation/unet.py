@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -431,6 +432,7 @@ def train_segmentation(
     lr: float = 1e-3,
     flips: bool = True,
     loss: nn.Module | None = None,
+    callback: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Fit a segmentation network to a small in-memory training set with Adam.
 
@@ -452,6 +454,8 @@ def train_segmentation(
         lr: Adam learning rate.
         flips: random flips along every spatial axis as augmentation.
         loss: the objective ``loss(logits, labels) -> scalar``.
+        callback: called after every step as ``callback(step, loss)`` (steps from 1), e.g. to
+            report progress; None for none.
 
     Returns:
         The loss of every step, in order.
@@ -493,6 +497,8 @@ def train_segmentation(
             value.backward()
             optimizer.step()
             history.append(float(value.detach()))
+            if callback is not None:
+                callback(len(history), history[-1])
     finally:
         model.train(was_training)
     return history

@@ -58,6 +58,7 @@ import argparse
 import importlib.util
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -156,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema-decay", type=float, default=None, help="decay of the denoiser's weight average, whose weights are kept, in [0, 1) (default: none, the last weights)")
     p.add_argument("--augment", action="store_true", help="random flips, small affine maps and intensity jitter of every training batch")
     p.add_argument("--snr-gamma", type=float, default=None, help="min-SNR loss weighting cap of the denoiser's training, > 0 (default: none, unweighted)")
+    p.add_argument(
+        "--patch",
+        type=int,
+        nargs="+",
+        metavar="P",
+        default=None,
+        help="train on one random patch of this size per image and step (one size, or one per spatial axis), for volumes too large for a whole-image batch (default: whole images)",
+    )
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between training checkpoints")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights, the batches and the noise")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -183,7 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="file format of phi and phi^-1: npz or NIfTI voxel displacements, or itk: <name>Warp.nii.gz and <name>InverseWarp.nii.gz (ANTs/ITK, LPS mm)",
     )
     p.add_argument("--no-registration", action="store_true", help="translate without a deformation (phi = identity): the baseline that changes intensities only")
+    p.add_argument(
+        "--patch",
+        type=int,
+        nargs="+",
+        metavar="P",
+        default=None,
+        help="run the networks on overlapping patches of this size (one size, or one per spatial axis), stitched with blending weights, for volumes too large to translate at once (default: whole images)",
+    )
+    p.add_argument("--overlap", type=int, nargs="+", metavar="O", default=None, help="with --patch: voxels shared by neighbouring patches, at most half the patch (default: a quarter of the patch)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress output for volumes")
 
     p = sub.add_parser("trace", **kinds, help="carry a mask or points through a saved deformation", description="Carry a mask or points through a deformation written by translate.")
     p.add_argument("--deformation", required=True, help="<name>_deformation.npz (or .nii.gz) written by translate")
@@ -246,6 +265,39 @@ def _check_option_number(option: str, value: float | None, what: str, ok: bool) 
         raise ValueError(f"{option}: expected {what}, got {value}")
 
 
+def _patch_option(option: str, values: list[int] | None, ndim: int) -> tuple[int, ...] | None:
+    """``--patch`` / ``--overlap`` as one value per spatial axis (None: not given)."""
+    if values is None:
+        return None
+    if len(values) not in (1, ndim):
+        raise ValueError(f"{option}: expected 1 or {ndim} sizes (one per spatial axis of the {ndim}D images), got {len(values)}: {' '.join(map(str, values))}")
+    return tuple(values) * ndim if len(values) == 1 else tuple(values)
+
+
+def _check_patch(images: Any, patch: tuple[int, ...] | None, overlap: tuple[int, ...] | None = None) -> None:
+    """Refuse a ``--patch`` (and ``--overlap``) that does not fit every image, naming the file."""
+    from .core.patches import patch_grid
+
+    if patch is None:
+        return
+    if any(p < 1 for p in patch):
+        raise ValueError(f"--patch: expected sizes >= 1, got {' '.join(map(str, patch))}")
+    for i in range(len(images)):
+        shape = tuple(images[i].shape[1:])
+        try:
+            patch_grid(shape, patch, overlap)
+        except ValueError as err:
+            item = images.items[i]
+            option = "--patch" if str(err).startswith("patch") else "--overlap"
+            where = f"{item.path}{'' if item.slice is None else f' slice {item.slice}'}"
+            raise ValueError(f"{option}: {where} has spatial size {shape}: {str(err).split(': ', 1)[1]}") from err
+
+
+def _translator_ndim(translator: Any) -> int | None:
+    """Spatial dimensions of a translator's denoiser (None when it does not say)."""
+    return getattr(getattr(translator.denoiser, "settings", None), "ndim", None)
+
+
 def _losses_file(output: Path) -> Path:
     """``<output stem>.losses.json`` beside the translator file."""
     return output.with_name(output.name[: -len(output.suffix)] + ".losses.json")
@@ -285,6 +337,10 @@ def _train(args: argparse.Namespace) -> int:
     for name, n in (("source", len(source)), ("target", len(target))):
         if n < args.batch_size:
             raise ValueError(f"--{name}: {n} image(s), fewer than --batch-size {args.batch_size}")
+    ndim = xs.dim() - 2
+    patch = _patch_option("--patch", args.patch, ndim)
+    _check_patch(source, patch)
+    _check_patch(target, patch)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     built = {
@@ -299,7 +355,7 @@ def _train(args: argparse.Namespace) -> int:
         "sampler_steps": args.sampler_steps,
         "seed": args.seed,
     }
-    translator = build_translator(xs.dim() - 2, xs.shape[1], **built).to(device)
+    translator = build_translator(ndim, xs.shape[1], **built).to(device)
     recipe = TrainingRecipe(
         diffusion_steps=args.diffusion_steps,
         registration_steps=args.registration_steps,
@@ -311,9 +367,12 @@ def _train(args: argparse.Namespace) -> int:
         progress="none" if args.quiet else "auto",
         augmentation=Augmentation() if args.augment else None,
         snr_gamma=args.snr_gamma,
+        patch_size=patch,
     )
     if not args.quiet:
-        print(f"plasticine train: {len(source)} source and {len(target)} target image(s) of shape {tuple(xs.shape[1:])}", file=sys.stderr)
+        kind = "volume(s)" if ndim == 3 else "image(s)"
+        on = "whole images" if patch is None else f"random {' x '.join(map(str, patch))} patches"
+        print(f"plasticine train: {len(source)} source and {len(target)} target {kind} of shape {tuple(xs.shape[1:])}, a {ndim}D translator trained on {on}", file=sys.stderr)
     losses = train_translator(translator, source, target, recipe, checkpoint_prefix=out)
     save_component(translator, out)
     settings = {
@@ -326,6 +385,8 @@ def _train(args: argparse.Namespace) -> int:
         "ema_decay": args.ema_decay,
         "augment": args.augment,
         "snr_gamma": args.snr_gamma,
+        "ndim": ndim,
+        "patch": None if patch is None else list(patch),
         "normalization": args.normalization,
         "source": str(args.source),
         "target": str(args.target),
@@ -375,6 +436,19 @@ def _translate(args: argparse.Namespace) -> int:
         translator = translator.replace(registration=IdentityRegistration()).eval()
     images = _load_images(args, args.input)
     _check_unique_names(images)
+    ndim = _translator_ndim(translator)
+    for i in range(len(images)):
+        n = images[i].dim() - 1
+        if ndim is not None and n != ndim:
+            item = images.items[i]
+            hint = "translate its slices with --axis" if n == 3 else "train a 2D translator for 2D images, or give volumes"
+            raise ValueError(f"{item.path}: a {n}D image of spatial size {tuple(images[i].shape[1:])}, the translator {args.model} is {ndim}D: {hint}")
+    n_spatial = images[0].dim() - 1
+    if args.overlap is not None and args.patch is None:
+        raise ValueError(f"--overlap {' '.join(map(str, args.overlap))}: expected --patch (the patches that overlap), got none")
+    patch = _patch_option("--patch", args.patch, n_spatial)
+    overlap = _patch_option("--overlap", args.overlap, n_spatial)
+    _check_patch(images, patch, overlap)
     if args.points is None and args.points_space != "voxel":
         raise ValueError(f"--points-space {args.points_space}: expected --points (the file whose coordinates it describes), got none")
     affines = [images.affine(i) for i in range(len(images))]
@@ -398,8 +472,33 @@ def _translate(args: argparse.Namespace) -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     noted = False
+    calls = [0]
+    live = sys.stderr.isatty()
+
+    def count_call(done: int, total: int) -> None:
+        if done == total:
+            calls[0] += 1
+            if live and not args.quiet:
+                print(f"\r  denoiser call {calls[0]} ({total} patches)", end="", file=sys.stderr, flush=True)
+
+    if patch is not None:
+        from .diffusion import PatchwiseDenoiser
+        from .registration import LearnedRegistration, PatchwiseRegistration
+
+        from .core.patches import patch_grid
+
+        parts: dict[str, Any] = {"denoiser": PatchwiseDenoiser(translator.denoiser, patch, overlap=overlap, progress=count_call)}
+        if isinstance(translator.registration, LearnedRegistration) and translator.registration.downsample == 1:
+            parts["registration"] = PatchwiseRegistration(translator.registration, patch, overlap=overlap)
+        translator = translator.replace(**parts).eval()
     for i in range(len(images)):
         x = images[i][None].to(device)
+        volume = x.dim() == 5
+        started = time.perf_counter()
+        if volume and not args.quiet:
+            where = "whole" if patch is None else f"{parts['denoiser'].patches(x.shape[2:])} patches of {' x '.join(map(str, patch))} per network call"
+            print(f"plasticine translate: volume {i + 1}/{len(images)} {images.items[i].path.name} {tuple(x.shape[2:])}: {where}", file=sys.stderr, flush=True)
+        calls[0] = 0
         affine, pts = affines[i], points[i]
         if pts is not None and pts.shape[1] != x.dim() - 2:
             raise ValueError(f"{args.points}: points have {pts.shape[1]} coordinates, the images {x.dim() - 2} spatial dimensions")
@@ -457,7 +556,11 @@ def _translate(args: argparse.Namespace) -> int:
             seed=args.seed + i,
             normalization=images.normalization,
             clipped_values=clipped,
+            patch=None if patch is None else list(patch),
+            overlap=None if patch is None else list(patch_grid(tuple(x.shape[2:]), patch, overlap)[2]),
         )
+        if volume and not args.quiet:
+            print(f"{chr(13) if live else ''}plasticine translate: volume {i + 1}/{len(images)} done in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
         print(f"{item.path}{'' if item.slice is None else f' slice {item.slice}'} -> {image_file}")
     return 0
 

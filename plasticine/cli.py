@@ -3,7 +3,9 @@
 Run ``plasticine <command> --help`` for the options of each (``python -m plasticine`` is the same).
 
 * ``plasticine train --source SRC --target TGT --output model.pt`` trains a translator on two
-  unpaired image folders (PNG, NIfTI or DICOM; ``--axis`` slices 3D volumes into 2D images): the
+  unpaired image folders (PNG, NIfTI or DICOM; ``--axis`` slices 3D volumes into 2D images, without
+  it a folder of volumes trains a 3D translator, on random ``--patch`` patches where whole volumes
+  do not fit a batch): the
   denoiser first (the paper's Algorithm 2, :func:`~plasticine.training.diffusion_objective`), then
   the registration network (:func:`~plasticine.training.deformation_objective` on unpaired
   source/target pairs). The translator is :func:`plasticine.recipes.build_translator` with the
@@ -34,12 +36,20 @@ Run ``plasticine <command> --help`` for the options of each (``python -m plastic
   in a viewer. ``--points-space world`` reads ``--points`` as RAS millimetres.
   ``--no-registration`` translates with phi = identity
   (:class:`~plasticine.registration.IdentityRegistration`), the baseline without a deformation.
+  ``--patch`` (and ``--overlap``) runs the networks on overlapping patches of each image, stitched
+  with blending weights (:class:`~plasticine.diffusion.PatchwiseDenoiser`,
+  :class:`~plasticine.registration.PatchwiseRegistration`: the velocity is stitched, then integrated
+  once); each volume's progress goes to stderr (``--quiet`` silences it). The translator's
+  dimensionality must match the input's (a volume given to a 2D translator is refused: use ``--axis``).
 * ``plasticine trace --deformation X_deformation.npz --mask M --output OUT`` (or ``--points P``)
   carries a mask or points through a saved result: ``--direction to-target`` (default) from the
   source into the translation (mask o phi, points phi^-1(p)), ``to-source`` back (mask o phi^-1,
   points phi(q)); a traced mask keeps the affine of the ``--mask`` file, and traced points of a
   NIfTI deformation are also written in world millimetres through the affine of its header.
-* ``plasticine demo`` runs :func:`plasticine.demo.run_demo` (offline, on the shipped real MR slice).
+* ``plasticine demo`` runs :func:`plasticine.demo.run_demo` (offline, on the shipped real MR slice);
+  ``plasticine demo --3d`` runs :func:`plasticine.demo.run_demo_3d` on a real volume (Colin27, from
+  Debian's ``mricron-data``; without it the command says how to install it), training a 3D
+  translator on patches first.
 * ``plasticine view X_trace.json --output page.html`` writes the interactive tracing viewer
   (:func:`plasticine.viewer.write_viewer`) of one result of translate: source and translation side
   by side, pointer tracking through phi and phi^-1, ``--labels`` (a label image of the source)
@@ -101,6 +111,10 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_patch_option(p: argparse.ArgumentParser, text: str) -> None:
+    p.add_argument("--patch", type=int, nargs="+", metavar="P", default=None, help=text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``plasticine`` command.
 
@@ -157,14 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema-decay", type=float, default=None, help="decay of the denoiser's weight average, whose weights are kept, in [0, 1) (default: none, the last weights)")
     p.add_argument("--augment", action="store_true", help="random flips, small affine maps and intensity jitter of every training batch")
     p.add_argument("--snr-gamma", type=float, default=None, help="min-SNR loss weighting cap of the denoiser's training, > 0 (default: none, unweighted)")
-    p.add_argument(
-        "--patch",
-        type=int,
-        nargs="+",
-        metavar="P",
-        default=None,
-        help="train on one random patch of this size per image and step (one size, or one per spatial axis), for volumes too large for a whole-image batch (default: whole images)",
-    )
+    _add_patch_option(p, "train on one random patch of this size per image and step (one size, or one per spatial axis), for volumes too large for a whole-image batch (default: whole images)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between training checkpoints")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights, the batches and the noise")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -192,14 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="file format of phi and phi^-1: npz or NIfTI voxel displacements, or itk: <name>Warp.nii.gz and <name>InverseWarp.nii.gz (ANTs/ITK, LPS mm)",
     )
     p.add_argument("--no-registration", action="store_true", help="translate without a deformation (phi = identity): the baseline that changes intensities only")
-    p.add_argument(
-        "--patch",
-        type=int,
-        nargs="+",
-        metavar="P",
-        default=None,
-        help="run the networks on overlapping patches of this size (one size, or one per spatial axis), stitched with blending weights, for volumes too large to translate at once (default: whole images)",
-    )
+    _add_patch_option(p, "run the networks on overlapping patches of this size (one size, or one per spatial axis), stitched with blending weights, for volumes too large to translate at once (default: whole images)")
     p.add_argument("--overlap", type=int, nargs="+", metavar="O", default=None, help="with --patch: voxels shared by neighbouring patches, at most half the patch (default: a quarter of the patch)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--quiet", action="store_true", help="no progress output for volumes")
@@ -228,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--registration-steps", type=int, default=None, help="with --retrain: optimizer steps of the registration network")
     p.add_argument("--seed", type=int, default=None, help="seed of the task and the training")
     p.add_argument("--no-figures", action="store_true", help="skip the matplotlib figures")
+    p.add_argument(
+        "--3d",
+        dest="volume",
+        action="store_true",
+        help="the demo on a real volume (Colin27 from Debian's mricron-data at 6 mm): trains a 3D translator on patches (about 1-2 minutes on 2 cores), translates by stitched patches, prints the traced scores",
+    )
     return parser
 
 
@@ -610,9 +616,11 @@ def _trace(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .demo import QUICK, DemoConfig, run_demo
+    from .demo import DEMO_3D, QUICK, DemoConfig, run_demo, run_demo_3d
 
-    config = QUICK if (args.quick and args.retrain) else DemoConfig()
+    if args.volume and args.quick:
+        raise ValueError("--quick and --3d: the 3D demo has its own quick settings; give one of the two")
+    config = DEMO_3D if args.volume else QUICK if (args.quick and args.retrain) else DemoConfig()
     changes: dict[str, Any] = {}
     if args.diffusion_steps is not None:
         changes["diffusion_iterations"] = args.diffusion_steps
@@ -620,12 +628,16 @@ def _demo(args: argparse.Namespace) -> int:
         changes["registration_iterations"] = args.registration_steps
     if args.seed is not None:
         changes["seed"] = args.seed
-    if changes and not args.retrain and set(changes) != {"seed"}:
+    if changes and not (args.retrain or args.volume) and set(changes) != {"seed"}:
         raise ValueError("--diffusion-steps and --registration-steps need --retrain")
     for key in ("diffusion_iterations", "registration_iterations"):
         if key in changes and changes[key] < 1:
             raise ValueError(f"--{key.split('_')[0]}-steps: expected an integer >= 1, got {changes[key]}")
     config = replace(config, **changes)
+    if args.volume:
+        output = "plasticine-demo-3d" if args.output == "plasticine-demo" else args.output
+        run_demo_3d(output, config=config, checkpoint=args.checkpoint)
+        return 0
     run_demo(args.output, retrain=args.retrain, quick=args.quick, checkpoint=args.checkpoint, config=config, figures=not args.no_figures)
     return 0
 

@@ -39,8 +39,8 @@ def model3d(volumes):
     return out
 
 
-def _translate(volumes, model, out, *extra):
-    args = ["--threads", "1", "translate", "--model", str(model), "--input", str(volumes / "src" / "v0.nii.gz"), "--output", str(out), "--start-step", "5"]
+def _translate(volumes, translator, out, *extra):
+    args = ["--threads", "1", "translate", "--model", str(translator), "--input", str(volumes / "src" / "v0.nii.gz"), "--output", str(out), "--start-step", "5"]
     return main(args + list(extra))
 
 

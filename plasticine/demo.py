@@ -790,6 +790,8 @@ def make_cohort_3d(config: DemoConfig, num_subjects: int, seed: int, *, include_
 
     t1 = (grid(np.where(brain1, volume * slope + offset, 0.0)) / 255.0).clamp(0, 1)
     vent = (grid(vent1) > 0.5).to(torch.float64)
+    if int(vent.sum()) < 8:
+        raise ValueError(f"config.shape: the grid {shape} is too coarse for the ventricles ({int(vent.sum())} voxel(s) of the mask, expected at least 8); use a finer grid such as {DEMO_3D.shape}")
     brain = (grid(brain1) > 0.5).to(torch.float64)
     c = torch.tensor([s / 8 for s in shape], dtype=torch.float64)
     ring = torch.cat([torch.diag(c), -torch.diag(c)])

@@ -226,7 +226,8 @@ def train_translator(
     image together with its structure map, computed once on the *whole* image (or with its given
     condition), so the denoiser learns the condition that :class:`~plasticine.diffusion.PatchwiseDenoiser`
     hands it at translation, a patch of the whole image's map; stage 2 cuts source and target at
-    the same corner (corresponding anatomy of roughly aligned volumes).
+    the same corner (corresponding anatomy of roughly aligned volumes; the noise cue of a target
+    patch is computed on the patch, and translation does not use it).
 
     Args:
         translator: the translator to train (its denoiser and registration network).

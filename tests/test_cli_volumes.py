@@ -15,6 +15,7 @@ from plasticine.cli import main
 from plasticine.io import read_deformation, read_image, read_itk_deformation
 
 nib = pytest.importorskip("nibabel", reason="the io extra (nibabel) is not installed")
+from nibabel.affines import apply_affine
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +70,22 @@ def test_translate_volumes_by_patches_keeps_the_affine(volumes, model3d, tmp_pat
     back, affine = read_itk_deformation(tmp_path / "itk" / "v0Warp.nii.gz", tmp_path / "itk" / "v0InverseWarp.nii.gz")
     np.testing.assert_allclose(affine, a, atol=1e-5)
     torch.testing.assert_close(back.forward, ref.forward, atol=1e-5, rtol=1e-5)
+    # world points in and out, and a 3D mask traced through the NIfTI deformation keeps its own affine
+    world = apply_affine(a, [[3.0, 4.0, 5.0], [10.5, 7.25, 12.0]])
+    (tmp_path / "w.json").write_text(json.dumps(world.tolist()))
+    assert _translate(volumes, model3d, tmp_path / "pts", "--patch", "12", "--points", str(tmp_path / "w.json"), "--points-space", "world") == 0
+    doc = json.loads((tmp_path / "pts" / "v0_trace.json").read_text())
+    np.testing.assert_allclose([p["source"] for p in doc["points"]], [[3.0, 4.0, 5.0], [10.5, 7.25, 12.0]], atol=1e-6)
+    target = np.array([p["target"] for p in doc["points"]])
+    np.testing.assert_allclose([p["target"] for p in doc["world_points"]], apply_affine(a, target), atol=1e-4)
+    mask = np.zeros((16, 16, 16), np.float32)
+    mask[4:10, 5:11, 3:9] = 1
+    other = _oblique(tilt=45.0)
+    nib.save(nib.Nifti1Image(mask, other), tmp_path / "mask.nii.gz")
+    trace = ["trace", "--deformation", str(tmp_path / "nii" / "v0_deformation.nii.gz"), "--mask", str(tmp_path / "mask.nii.gz"), "--output", str(tmp_path / "m.nii.gz")]
+    assert main(trace) == 0
+    traced = nib.load(tmp_path / "m.nii.gz")
+    assert traced.shape == (16, 16, 16) and np.allclose(traced.affine, other, atol=1e-5)
     # the whole volume at once (the network is fully convolutional) is also a valid translation
     assert _translate(volumes, model3d, tmp_path / "whole", "--deformation-format", "nii.gz") == 0
     _check_outputs(tmp_path / "whole", "v0", a)

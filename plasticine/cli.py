@@ -3,7 +3,9 @@
 Run ``plasticine <command> --help`` for the options of each (``python -m plasticine`` is the same).
 
 * ``plasticine train --source SRC --target TGT --output model.pt`` trains a translator on two
-  unpaired image folders (PNG, NIfTI or DICOM; ``--axis`` slices 3D volumes into 2D images): the
+  unpaired image folders (PNG, NIfTI or DICOM; ``--axis`` slices 3D volumes into 2D images, without
+  it a folder of volumes trains a 3D translator, on random ``--patch`` patches where whole volumes
+  do not fit a batch): the
   denoiser first (the paper's Algorithm 2, :func:`~plasticine.training.diffusion_objective`), then
   the registration network (:func:`~plasticine.training.deformation_objective` on unpaired
   source/target pairs). The translator is :func:`plasticine.recipes.build_translator` with the
@@ -34,6 +36,11 @@ Run ``plasticine <command> --help`` for the options of each (``python -m plastic
   in a viewer. ``--points-space world`` reads ``--points`` as RAS millimetres.
   ``--no-registration`` translates with phi = identity
   (:class:`~plasticine.registration.IdentityRegistration`), the baseline without a deformation.
+  ``--patch`` (and ``--overlap``) runs the networks on overlapping patches of each image, stitched
+  with blending weights (:class:`~plasticine.diffusion.PatchwiseDenoiser`,
+  :class:`~plasticine.registration.PatchwiseRegistration`: the velocity is stitched, then integrated
+  once); each volume's progress goes to stderr (``--quiet`` silences it). The translator's
+  dimensionality must match the input's (a volume given to a 2D translator is refused: use ``--axis``).
 * ``plasticine trace --deformation X_deformation.npz --mask M --output OUT`` (or ``--points P``)
   carries a mask or points through a saved result: ``--direction to-target`` (default) from the
   source into the translation (mask o phi, points phi^-1(p)), ``to-source`` back (mask o phi^-1,
@@ -51,7 +58,10 @@ Run ``plasticine <command> --help`` for the options of each (``python -m plastic
   (Bhattacharyya, NMI, Frechet on fixed random features; MAE, PSNR, SSIM with ``--truth``) and
   writes ``evaluation.json`` (every number, the settings and seeds), ``table1.csv``,
   ``distribution.csv`` and ``figures/<name>.png`` per source (matplotlib; ``--no-figures`` to skip).
-* ``plasticine demo`` runs :func:`plasticine.demo.run_demo` (offline, on the shipped real MR slice).
+* ``plasticine demo`` runs :func:`plasticine.demo.run_demo` (offline, on the shipped real MR slice);
+  ``plasticine demo --3d`` runs :func:`plasticine.demo.run_demo_3d` on a real volume (Colin27, from
+  Debian's ``mricron-data``; without it the command says how to install it), training a 3D
+  translator on patches first.
 * ``plasticine view X_trace.json --output page.html`` writes the interactive tracing viewer
   (:func:`plasticine.viewer.write_viewer`) of one result of translate: source and translation side
   by side, pointer tracking through phi and phi^-1, ``--labels`` (a label image of the source)
@@ -70,6 +80,7 @@ import argparse
 import importlib.util
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -110,6 +121,10 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
         default="percentile",
         help="intensity normalisation per image (default: clip to the 1st-99th percentiles, map to [0, 1])",
     )
+
+
+def _add_patch_option(p: argparse.ArgumentParser, text: str) -> None:
+    p.add_argument("--patch", type=int, nargs="+", metavar="P", default=None, help=text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema-decay", type=float, default=None, help="decay of the denoiser's weight average, whose weights are kept, in [0, 1) (default: none, the last weights)")
     p.add_argument("--augment", action="store_true", help="random flips, small affine maps and intensity jitter of every training batch")
     p.add_argument("--snr-gamma", type=float, default=None, help="min-SNR loss weighting cap of the denoiser's training, > 0 (default: none, unweighted)")
+    _add_patch_option(p, "train on one random patch of this size per image and step (one size, or one per spatial axis), for volumes too large for a whole-image batch (default: whole images)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between training checkpoints")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights, the batches and the noise")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -195,7 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="file format of phi and phi^-1: npz or NIfTI voxel displacements, or itk: <name>Warp.nii.gz and <name>InverseWarp.nii.gz (ANTs/ITK, LPS mm)",
     )
     p.add_argument("--no-registration", action="store_true", help="translate without a deformation (phi = identity): the baseline that changes intensities only")
+    _add_patch_option(p, "run the networks on overlapping patches of this size (one size, or one per spatial axis), stitched with blending weights, for volumes too large to translate at once (default: whole images)")
+    p.add_argument("--overlap", type=int, nargs="+", metavar="O", default=None, help="with --patch: voxels shared by neighbouring patches, at most half the patch (default: a quarter of the patch)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress output for volumes")
 
     p = sub.add_parser("trace", **kinds, help="carry a mask or points through a saved deformation", description="Carry a mask or points through a deformation written by translate.")
     p.add_argument("--deformation", required=True, help="<name>_deformation.npz (or .nii.gz) written by translate")
@@ -256,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--registration-steps", type=int, default=None, help="with --retrain: optimizer steps of the registration network")
     p.add_argument("--seed", type=int, default=None, help="seed of the task and the training")
     p.add_argument("--no-figures", action="store_true", help="skip the matplotlib figures")
+    p.add_argument(
+        "--3d",
+        dest="volume",
+        action="store_true",
+        help="the demo on a real volume (Colin27 from Debian's mricron-data at 6 mm): trains a 3D translator on patches (about 1-2 minutes on 2 cores), translates by stitched patches, prints the traced scores",
+    )
     return parser
 
 
@@ -291,6 +316,39 @@ def _check_option_number(option: str, value: float | None, what: str, ok: bool) 
     """Refuse a numeric option outside its range, naming it (None: not given, nothing to check)."""
     if value is not None and not (math.isfinite(value) and ok):
         raise ValueError(f"{option}: expected {what}, got {value}")
+
+
+def _patch_option(option: str, values: list[int] | None, ndim: int) -> tuple[int, ...] | None:
+    """``--patch`` / ``--overlap`` as one value per spatial axis (None: not given)."""
+    if values is None:
+        return None
+    if len(values) not in (1, ndim):
+        raise ValueError(f"{option}: expected 1 or {ndim} sizes (one per spatial axis of the {ndim}D images), got {len(values)}: {' '.join(map(str, values))}")
+    return tuple(values) * ndim if len(values) == 1 else tuple(values)
+
+
+def _check_patch(images: Any, patch: tuple[int, ...] | None, overlap: tuple[int, ...] | None = None) -> None:
+    """Refuse a ``--patch`` (and ``--overlap``) that does not fit every image, naming the file."""
+    from .core.patches import patch_grid
+
+    if patch is None:
+        return
+    if any(p < 1 for p in patch):
+        raise ValueError(f"--patch: expected sizes >= 1, got {' '.join(map(str, patch))}")
+    for i in range(len(images)):
+        shape = tuple(images[i].shape[1:])
+        try:
+            patch_grid(shape, patch, overlap)
+        except ValueError as err:
+            item = images.items[i]
+            option = "--patch" if str(err).startswith("patch") else "--overlap"
+            where = f"{item.path}{'' if item.slice is None else f' slice {item.slice}'}"
+            raise ValueError(f"{option}: {where} has spatial size {shape}: {str(err).split(': ', 1)[1]}") from err
+
+
+def _translator_ndim(translator: Any) -> int | None:
+    """Spatial dimensions of a translator's denoiser (None when it does not say)."""
+    return getattr(getattr(translator.denoiser, "settings", None), "ndim", None)
 
 
 def _losses_file(output: Path) -> Path:
@@ -332,6 +390,10 @@ def _train(args: argparse.Namespace) -> int:
     for name, n in (("source", len(source)), ("target", len(target))):
         if n < args.batch_size:
             raise ValueError(f"--{name}: {n} image(s), fewer than --batch-size {args.batch_size}")
+    ndim = xs.dim() - 2
+    patch = _patch_option("--patch", args.patch, ndim)
+    _check_patch(source, patch)
+    _check_patch(target, patch)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     built = {
@@ -346,7 +408,7 @@ def _train(args: argparse.Namespace) -> int:
         "sampler_steps": args.sampler_steps,
         "seed": args.seed,
     }
-    translator = build_translator(xs.dim() - 2, xs.shape[1], **built).to(device)
+    translator = build_translator(ndim, xs.shape[1], **built).to(device)
     recipe = TrainingRecipe(
         diffusion_steps=args.diffusion_steps,
         registration_steps=args.registration_steps,
@@ -358,9 +420,12 @@ def _train(args: argparse.Namespace) -> int:
         progress="none" if args.quiet else "auto",
         augmentation=Augmentation() if args.augment else None,
         snr_gamma=args.snr_gamma,
+        patch_size=patch,
     )
     if not args.quiet:
-        print(f"plasticine train: {len(source)} source and {len(target)} target image(s) of shape {tuple(xs.shape[1:])}", file=sys.stderr)
+        kind = "volume(s)" if ndim == 3 else "image(s)"
+        on = "whole images" if patch is None else f"random {' x '.join(map(str, patch))} patches"
+        print(f"plasticine train: {len(source)} source and {len(target)} target {kind} of shape {tuple(xs.shape[1:])}, a {ndim}D translator trained on {on}", file=sys.stderr)
     losses = train_translator(translator, source, target, recipe, checkpoint_prefix=out)
     save_component(translator, out)
     settings = {
@@ -373,6 +438,8 @@ def _train(args: argparse.Namespace) -> int:
         "ema_decay": args.ema_decay,
         "augment": args.augment,
         "snr_gamma": args.snr_gamma,
+        "ndim": ndim,
+        "patch": None if patch is None else list(patch),
         "normalization": args.normalization,
         "source": str(args.source),
         "target": str(args.target),
@@ -422,6 +489,19 @@ def _translate(args: argparse.Namespace) -> int:
         translator = translator.replace(registration=IdentityRegistration()).eval()
     images = _load_images(args, args.input)
     _check_unique_names(images)
+    ndim = _translator_ndim(translator)
+    for i in range(len(images)):
+        n = images[i].dim() - 1
+        if ndim is not None and n != ndim:
+            item = images.items[i]
+            hint = "translate its slices with --axis" if n == 3 else "train a 2D translator for 2D images, or give volumes"
+            raise ValueError(f"{item.path}: a {n}D image of spatial size {tuple(images[i].shape[1:])}, the translator {args.model} is {ndim}D: {hint}")
+    n_spatial = images[0].dim() - 1
+    if args.overlap is not None and args.patch is None:
+        raise ValueError(f"--overlap {' '.join(map(str, args.overlap))}: expected --patch (the patches that overlap), got none")
+    patch = _patch_option("--patch", args.patch, n_spatial)
+    overlap = _patch_option("--overlap", args.overlap, n_spatial)
+    _check_patch(images, patch, overlap)
     if args.points is None and args.points_space != "voxel":
         raise ValueError(f"--points-space {args.points_space}: expected --points (the file whose coordinates it describes), got none")
     affines = [images.affine(i) for i in range(len(images))]
@@ -445,8 +525,33 @@ def _translate(args: argparse.Namespace) -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     noted = False
+    calls = [0]
+    live = sys.stderr.isatty()
+
+    def count_call(done: int, total: int) -> None:
+        if done == total:
+            calls[0] += 1
+            if live and not args.quiet:
+                print(f"\r  denoiser call {calls[0]} ({total} patches)", end="", file=sys.stderr, flush=True)
+
+    if patch is not None:
+        from .diffusion import PatchwiseDenoiser
+        from .registration import LearnedRegistration, PatchwiseRegistration
+
+        from .core.patches import patch_grid
+
+        parts: dict[str, Any] = {"denoiser": PatchwiseDenoiser(translator.denoiser, patch, overlap=overlap, progress=count_call)}
+        if isinstance(translator.registration, LearnedRegistration) and translator.registration.downsample == 1:
+            parts["registration"] = PatchwiseRegistration(translator.registration, patch, overlap=overlap)
+        translator = translator.replace(**parts).eval()
     for i in range(len(images)):
         x = images[i][None].to(device)
+        volume = x.dim() == 5
+        started = time.perf_counter()
+        if volume and not args.quiet:
+            where = "whole" if patch is None else f"{parts['denoiser'].patches(x.shape[2:])} patches of {' x '.join(map(str, patch))} per network call"
+            print(f"plasticine translate: volume {i + 1}/{len(images)} {images.items[i].path.name} {tuple(x.shape[2:])}: {where}", file=sys.stderr, flush=True)
+        calls[0] = 0
         affine, pts = affines[i], points[i]
         if pts is not None and pts.shape[1] != x.dim() - 2:
             raise ValueError(f"{args.points}: points have {pts.shape[1]} coordinates, the images {x.dim() - 2} spatial dimensions")
@@ -504,7 +609,11 @@ def _translate(args: argparse.Namespace) -> int:
             seed=args.seed + i,
             normalization=images.normalization,
             clipped_values=clipped,
+            patch=None if patch is None else list(patch),
+            overlap=None if patch is None else list(patch_grid(tuple(x.shape[2:]), patch, overlap)[2]),
         )
+        if volume and not args.quiet:
+            print(f"{chr(13) if live else ''}plasticine translate: volume {i + 1}/{len(images)} done in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
         print(f"{item.path}{'' if item.slice is None else f' slice {item.slice}'} -> {image_file}")
     return 0
 
@@ -554,9 +663,11 @@ def _trace(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .demo import QUICK, DemoConfig, run_demo
+    from .demo import DEMO_3D, QUICK, DemoConfig, run_demo, run_demo_3d
 
-    config = QUICK if (args.quick and args.retrain) else DemoConfig()
+    if args.volume and args.quick:
+        raise ValueError("--quick and --3d: the 3D demo has its own quick settings; give one of the two")
+    config = DEMO_3D if args.volume else QUICK if (args.quick and args.retrain) else DemoConfig()
     changes: dict[str, Any] = {}
     if args.diffusion_steps is not None:
         changes["diffusion_iterations"] = args.diffusion_steps
@@ -564,12 +675,16 @@ def _demo(args: argparse.Namespace) -> int:
         changes["registration_iterations"] = args.registration_steps
     if args.seed is not None:
         changes["seed"] = args.seed
-    if changes and not args.retrain and set(changes) != {"seed"}:
+    if changes and not (args.retrain or args.volume) and set(changes) != {"seed"}:
         raise ValueError("--diffusion-steps and --registration-steps need --retrain")
     for key in ("diffusion_iterations", "registration_iterations"):
         if key in changes and changes[key] < 1:
             raise ValueError(f"--{key.split('_')[0]}-steps: expected an integer >= 1, got {changes[key]}")
     config = replace(config, **changes)
+    if args.volume:
+        output = "plasticine-demo-3d" if args.output == "plasticine-demo" else args.output
+        run_demo_3d(output, config=config, checkpoint=args.checkpoint)
+        return 0
     run_demo(args.output, retrain=args.retrain, quick=args.quick, checkpoint=args.checkpoint, config=config, figures=not args.no_figures)
     return 0
 

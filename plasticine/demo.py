@@ -77,6 +77,10 @@ __all__ = [
     "train_demo_translator",
     "evaluate",
     "run_demo",
+    "DEMO_3D",
+    "PATCH_3D",
+    "make_cohort_3d",
+    "run_demo_3d",
 ]
 
 #: File name of the shipped checkpoint inside :mod:`plasticine.data`.
@@ -88,7 +92,7 @@ class DemoConfig:
     """Settings of the demo task, its translator and its training.
 
     Attributes:
-        shape: working grid (the slices are resampled to it).
+        shape: working grid (the slices are resampled to it; 3D for :func:`run_demo_3d`).
         enlargement: largest displacement of the systematic field, in voxels of ``shape``.
         subject_displacement: largest displacement of the random subject deformations.
         train_subjects: generated training pairs.
@@ -105,7 +109,7 @@ class DemoConfig:
         seed: seed of everything.
     """
 
-    shape: tuple[int, int] = (108, 90)
+    shape: tuple[int, ...] = (108, 90)
     enlargement: float = 3.0
     subject_displacement: float = 4.0
     train_subjects: int = 48
@@ -269,7 +273,6 @@ def make_cohort(config: DemoConfig, num_subjects: int, seed: int, *, include_rea
         See :class:`DemoCohort`.
     """
     from .data import brainweb_slices
-    from .data.synthetic import random_deformation
 
     d = brainweb_slices()
     shape = tuple(config.shape)
@@ -278,35 +281,55 @@ def make_cohort(config: DemoConfig, num_subjects: int, seed: int, *, include_rea
     vent = (_resample(d["ventricles"].astype(np.float64), shape) > 0.5).to(torch.float64)
     brain = (_resample(_brain_mask(d["t1"]).astype(np.float64), shape) > 0.5).to(torch.float64)
     scale = shape[0] / d["t1"].shape[0]
+    ang = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
+    ring = torch.tensor([40.0, 20.0], dtype=torch.float64) * scale * torch.stack([torch.sin(ang), torch.cos(ang)], -1)
+    return _cohort(config, t1, vent, brain, table, ring, num_subjects, seed, include_real=include_real)
+
+
+def _cohort(
+    config: DemoConfig,
+    t1: torch.Tensor,
+    vent: torch.Tensor,
+    brain: torch.Tensor,
+    table: np.ndarray,
+    ring: torch.Tensor,
+    num_subjects: int,
+    seed: int,
+    *,
+    include_real: bool,
+) -> DemoCohort:
+    """Subjects of one T1 image (2D or 3D, float64 ``(1, 1, *S)`` in [0, 1]) with its masks, see :func:`make_cohort`."""
+    from .data.synthetic import random_deformation
+
+    shape = tuple(t1.shape[2:])
     field = enlargement_field(vent, config.enlargement)
     g = torch.Generator().manual_seed(seed)
     n_random = num_subjects - (1 if include_real else 0)
+    nd = len(shape)
     if n_random > 0:
         psi = random_deformation(shape, config.subject_displacement, control_points=5, batch=n_random, generator=g, dtype=torch.float64)
         u = psi.forward
         if include_real:
             u = torch.cat([torch.zeros_like(u[:1]), u])
     else:
-        u = torch.zeros((num_subjects, 2, *shape), dtype=torch.float64)
+        u = torch.zeros((num_subjects, nd, *shape), dtype=torch.float64)
     n = num_subjects
-    x = warp(t1.expand(n, -1, -1, -1), u)
-    masks = Deformation(u, u).labels_to_target(vent.expand(n, -1, -1, -1).long(), 2)
-    brains = Deformation(u, u).labels_to_target(brain.expand(n, -1, -1, -1).long(), 2).bool()
+    rep = (-1,) * (nd + 2)
+    x = warp(t1.expand(n, *rep[1:]), u)
+    masks = Deformation(u, u).labels_to_target(vent.expand(n, *rep[1:]).long(), 2)
+    brains = Deformation(u, u).labels_to_target(brain.expand(n, *rep[1:]).long(), 2).bool()
     # the PD-like contrast, by linear interpolation of the table at the T1 values
     pos = (x * 255.0).clamp(0, 255)
     lo = pos.floor().long().clamp(max=254)
     t = pos - lo
     tab = torch.from_numpy(table / 255.0)
     pdlike = tab[lo] * (1 - t) + tab[lo + 1] * t
-    fe = Deformation(field.forward.expand(n, -1, -1, -1), field.inverse.expand(n, -1, -1, -1))
+    fe = Deformation(field.forward.expand(n, *rep[1:]), field.inverse.expand(n, *rep[1:]))
     y = fe.to_target(pdlike)
     target_masks = fe.labels_to_target(masks, 2)
-    # landmarks: the ventricle centroid and 8 points on an ellipse around it (same in every source)
+    # landmarks: the ventricle centroid and points around it (the same in every source)
     c = torch.nonzero(vent[0, 0] > 0).to(torch.float64).mean(0)
-    ang = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
-    radius = torch.tensor([40.0, 20.0], dtype=torch.float64) * scale
-    ring = c + radius * torch.stack([torch.sin(ang), torch.cos(ang)], -1)
-    pts = torch.cat([c[None], ring]).expand(n, -1, -1).contiguous()
+    pts = torch.cat([c[None], c + ring]).expand(n, -1, -1).contiguous()
     target_pts = fe.points_to_target(pts)
     f32 = torch.float32
     return DemoCohort(x.to(f32), y.to(f32), masks, target_masks, brains, field, pts.to(f32), target_pts.to(f32))
@@ -358,7 +381,13 @@ def _say(message: str, verbose: bool) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def train_demo_translator(config: DemoConfig = DemoConfig(), *, verbose: bool = True) -> TraceableTranslator:
+def train_demo_translator(
+    config: DemoConfig = DemoConfig(),
+    *,
+    verbose: bool = True,
+    cohort: DemoCohort | None = None,
+    patch_size: tuple[int, ...] | None = None,
+) -> TraceableTranslator:
     """Train the demo translator with the project's recipe on generated pairs (CPU, deterministic).
 
     Stage 1 trains the denoiser with the paper's L1 noise loss
@@ -372,6 +401,10 @@ def train_demo_translator(config: DemoConfig = DemoConfig(), *, verbose: bool = 
     Args:
         config: the settings.
         verbose: print progress to stderr.
+        cohort: the training pairs (default: :func:`make_cohort` with ``config.train_subjects``
+            subjects; :func:`make_cohort_3d` gives a 3D one, and the translator is then 3D).
+        patch_size: train on random patches of this size
+            (:class:`~plasticine.recipes.TrainingRecipe` ``patch_size``), or None.
 
     Returns:
         The trained translator, in evaluation mode.
@@ -381,14 +414,17 @@ def train_demo_translator(config: DemoConfig = DemoConfig(), *, verbose: bool = 
     """
     from .recipes import TrainingRecipe, train_translator
 
-    cohort = make_cohort(config, config.train_subjects, config.seed + 1, include_real=False)
-    translator = build_demo_translator(config)
+    if cohort is None:
+        cohort = make_cohort(config, config.train_subjects, config.seed + 1, include_real=False)
+    ndim = cohort.sources.dim() - 2
+    translator = build_demo_translator(config, ndim=ndim)
     with torch.no_grad():
         xs = translator.structure_map(cohort.sources)
         n = len(cohort)
-        field = Deformation(*(f.expand(n, -1, -1, -1).to(torch.float32) for f in (cohort.field.forward, cohort.field.inverse)))
+        field = Deformation(*(f.expand(n, *(-1,) * (ndim + 1)).to(torch.float32) for f in (cohort.field.forward, cohort.field.inverse)))
         condition = translator.conditioning(field.to_target(xs))
-    _say(f"training on {n} generated pairs of size {config.shape}: denoiser {config.diffusion_iterations} steps, registration {config.registration_iterations} steps", verbose)
+    on = "" if patch_size is None else f" (random {' x '.join(map(str, patch_size))} patches)"
+    _say(f"training on {n} generated pairs of size {tuple(cohort.sources.shape[2:])}{on}: denoiser {config.diffusion_iterations} steps, registration {config.registration_iterations} steps", verbose)
     recipe = TrainingRecipe(
         diffusion_steps=config.diffusion_iterations,
         registration_steps=config.registration_iterations,
@@ -397,6 +433,7 @@ def train_demo_translator(config: DemoConfig = DemoConfig(), *, verbose: bool = 
         seed=config.seed,
         ema_decay=config.ema_decay,
         progress="print" if verbose else "none",
+        patch_size=patch_size,
     )
     train_translator(translator, cohort.sources, cohort.targets, recipe, conditions=condition, paired=True)
     return translator.eval()
@@ -558,6 +595,17 @@ def _write_outputs(out: Path, cohort: DemoCohort, result: Any, metrics: dict[str
     return notes
 
 
+def _print_scores(metrics: dict[str, Any], *, goals: bool) -> None:
+    """The traced scores of :func:`evaluate` against no registration, with the 2D demo's goals or without."""
+    dice, epe = ("; goal > 0.9", "; goal < 1") if goals else ("", "")
+    print(f"  traced ventricle Dice  {metrics['ventricle_dice']:.3f}   (no registration: {metrics['ventricle_dice_identity']:.3f}{dice})")
+    print(f"  endpoint error, brain  {metrics['endpoint_error']:.3f} voxel (no registration: {metrics['endpoint_error_identity']:.3f}{epe})")
+    print(f"  endpoint error where the true field moves > 0.5 voxel  {metrics['endpoint_error_changed']:.3f} (no registration: {metrics['endpoint_error_changed_identity']:.3f})")
+    print(f"  landmark error         {metrics['landmark_error']:.3f} voxel (no registration: {metrics['landmark_error_identity']:.3f})")
+    print(f"  folded voxels          {100 * metrics['folding_fraction']:.3f} %")
+    print(f"  translation MAE, brain {metrics['translation_mae']:.3f} (source vs target: {metrics['translation_mae_source']:.3f})")
+
+
 def shipped_checkpoint() -> Path:
     """The path of the checkpoint shipped in :mod:`plasticine.data`.
 
@@ -648,13 +696,187 @@ def run_demo(
     atomic_write(out / "metrics.json", json.dumps(metrics, indent=1).encode())
     if verbose:
         print(f"plasticine demo: {len(cohort)} subject(s) on a {config.shape[0]} x {config.shape[1]} grid, checkpoint {ckpt}")
-        print(f"  traced ventricle Dice  {metrics['ventricle_dice']:.3f}   (no registration: {metrics['ventricle_dice_identity']:.3f}; goal > 0.9)")
-        print(f"  endpoint error, brain  {metrics['endpoint_error']:.3f} voxel (no registration: {metrics['endpoint_error_identity']:.3f}; goal < 1)")
-        print(f"  endpoint error where the true field moves > 0.5 voxel  {metrics['endpoint_error_changed']:.3f} (no registration: {metrics['endpoint_error_changed_identity']:.3f})")
-        print(f"  landmark error         {metrics['landmark_error']:.3f} voxel (no registration: {metrics['landmark_error_identity']:.3f})")
-        print(f"  folded voxels          {100 * metrics['folding_fraction']:.3f} %")
-        print(f"  translation MAE, brain {metrics['translation_mae']:.3f} (source vs target: {metrics['translation_mae_source']:.3f})")
+        _print_scores(metrics, goals=True)
         for note in notes:
             print(f"  {note}")
+        print(f"  outputs in {out}/ ({seconds:.1f} s)")
+    return metrics
+
+
+# -- the 3D demo ----------------------------------------------------------------------------------
+
+#: Settings of ``plasticine demo --3d``: Colin27 on a grid of about 6.3 mm, a short training (a minute or two on 2 CPU cores).
+DEMO_3D = DemoConfig(
+    shape=(28, 35, 28),
+    enlargement=2.0,
+    subject_displacement=1.5,
+    train_subjects=4,
+    test_subjects=1,
+    sampler_steps=4,
+    start_fraction=0.3,
+    diffusion_iterations=30,
+    registration_iterations=30,
+    batch_size=2,
+    learning_rate=2e-3,
+)
+
+#: Patch size of the 3D demo: training on random patches, translation on 2 x 2 x 2 overlapping ones, stitched.
+PATCH_3D: tuple[int, int, int] = (16, 20, 16)
+
+
+def make_cohort_3d(config: DemoConfig, num_subjects: int, seed: int, *, include_real: bool) -> tuple[DemoCohort, np.ndarray]:
+    r"""The demo's task on a real volume: Colin27 (``ch2bet``, Debian's ``mricron-data``) on the grid ``config.shape``.
+
+    The same task as :func:`make_cohort`, in 3D: subjects are smooth random deformations of the
+    skull-stripped Colin27 T1 (:func:`plasticine.data.system.colin27`), targets their PD-like
+    contrast after the ventricle enlargement :math:`\phi_E` (:func:`enlargement_field`). The
+    ventricle mask is the largest dark component (T1 < 45) of the brain eroded by 10 mm, found at
+    1 mm and resampled (area average > 0.5); the brain mask is the nonzero region of ``ch2bet``.
+    The contrast :math:`g` is the table of :func:`pd_lookup` from the BrainWeb slice pair, applied
+    after mapping Colin27 onto the BrainWeb T1 scale (the shipped T1 slice is Colin27's axial
+    slice 94: a least-squares line between the two over the head, correlation 0.97). Landmarks are
+    the ventricle centroid and six points at :math:`\pm s_i / 8` along each axis around it.
+
+    Args:
+        config: the task settings (a 3D ``shape``).
+        num_subjects: ``n``.
+        seed: seed of the subject deformations.
+        include_real: subject 0 is the undeformed volume.
+
+    Returns:
+        ``(cohort, affine)``: the :class:`DemoCohort` and the voxel-to-world affine of the working
+        grid (Colin27's, scaled to the grid's voxels).
+
+    Raises:
+        FileNotFoundError: when ``mricron-data`` is not installed (the message says how to get it).
+
+    Shape:
+        images and masks: ``(n, 1, *shape)``; affine: ``(4, 4)``.
+    """
+    from scipy import ndimage
+
+    from .data import brainweb_slices
+    from .data.system import colin27
+
+    if len(config.shape) != 3:
+        raise ValueError(f"config.shape: expected a 3D grid (D, H, W), got {tuple(config.shape)}")
+    volume, affine = colin27("ch2bet.nii.gz")
+    head, _ = colin27("ch2.nii.gz")
+    d = brainweb_slices()
+    table = pd_lookup(d["t1"], d["pd"])
+    ref, mine = d["t1"].astype(np.float64), head[:, :, 94].T.astype(np.float64)
+    inside = ref > 20
+    slope, offset = np.linalg.lstsq(np.c_[mine[inside], np.ones(int(inside.sum()))], ref[inside], rcond=None)[0]
+    brain1 = volume > 0
+    dark = ndimage.binary_erosion(brain1, iterations=10) & (volume < 45)
+    labels, n = ndimage.label(dark)
+    if n == 0:
+        raise RuntimeError("ch2bet.nii.gz: no ventricle found (the installed data changed)")
+    vent1 = labels == 1 + int(np.argmax(ndimage.sum(dark, labels, range(1, n + 1))))
+    shape = tuple(config.shape)
+
+    def grid(a: np.ndarray) -> torch.Tensor:
+        return F.interpolate(torch.from_numpy(np.asarray(a, dtype=np.float64))[None, None], size=shape, mode="area")
+
+    t1 = (grid(np.where(brain1, volume * slope + offset, 0.0)) / 255.0).clamp(0, 1)
+    vent = (grid(vent1) > 0.5).to(torch.float64)
+    if int(vent.sum()) < 8:
+        raise ValueError(f"config.shape: the grid {shape} is too coarse for the ventricles ({int(vent.sum())} voxel(s) of the mask, expected at least 8); use a finer grid such as {DEMO_3D.shape}")
+    brain = (grid(brain1) > 0.5).to(torch.float64)
+    c = torch.tensor([s / 8 for s in shape], dtype=torch.float64)
+    ring = torch.cat([torch.diag(c), -torch.diag(c)])
+    scale = np.diag([*(s / t for s, t in zip(volume.shape, shape)), 1.0])
+    world = affine @ scale
+    world[:3, 3] = affine[:3, :3] @ ((np.array(volume.shape) / np.array(shape) - 1) / 2) + affine[:3, 3]  # voxel centres of the coarse grid
+    return _cohort(config, t1, vent, brain, table, ring, num_subjects, seed, include_real=include_real), world
+
+
+def run_demo_3d(
+    output: str | os.PathLike[str] = "plasticine-demo-3d",
+    *,
+    config: DemoConfig = DEMO_3D,
+    patch: tuple[int, ...] = PATCH_3D,
+    checkpoint: str | os.PathLike[str] | None = None,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    r"""The demo on a real volume: train a 3D translator on patches, translate by stitched patches, score.
+
+    The task is :func:`make_cohort_3d` (Colin27 from ``mricron-data``). The translator is
+    :func:`build_demo_translator` in 3D, trained by :func:`train_demo_translator` on random
+    ``patch``-sized patches (:class:`~plasticine.recipes.TrainingRecipe` ``patch_size``); the
+    evaluation subjects are translated whole, the networks run on overlapping patches and stitched
+    (:class:`~plasticine.diffusion.PatchwiseDenoiser`, :class:`~plasticine.registration.PatchwiseRegistration`),
+    and scored as :func:`evaluate` does. There is no shipped 3D checkpoint: every run trains (the
+    settings of :data:`DEMO_3D` are quick, so the scores show the pipeline, not a trained model's
+    accuracy). Writes ``<output>/metrics.json``, the NIfTI volumes of subject 0 on the working grid's
+    affine (source, translation, true target, traced and true ventricle masks, phi and phi^-1 as
+    NIfTI voxel displacements) and its landmarks as a trace file.
+
+    Args:
+        output: the output folder (created).
+        config: the task and training settings.
+        patch: patch size (training and translation).
+        checkpoint: also write the trained translator there, or None.
+        verbose: print progress and the scores.
+
+    Returns:
+        The metrics.
+
+    Raises:
+        FileNotFoundError: when ``mricron-data`` is not installed.
+
+    Shape:
+        Not applicable.
+    """
+    from .diffusion import PatchwiseDenoiser
+    from .io import write_deformation, write_image, write_trace
+    from .registration import PatchwiseRegistration
+
+    start = time.perf_counter()
+    train_cohort, affine = make_cohort_3d(config, config.train_subjects, config.seed + 1, include_real=False)
+    cohort, _ = make_cohort_3d(config, config.test_subjects, config.seed + 1000, include_real=True)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    translator = train_demo_translator(config, verbose=verbose, cohort=train_cohort, patch_size=patch)
+    train_seconds = time.perf_counter() - start
+    if checkpoint is not None:
+        save_component(translator, checkpoint)
+    stitched = translator.replace(denoiser=PatchwiseDenoiser(translator.denoiser, patch), registration=PatchwiseRegistration(translator.registration, patch)).eval()
+    _say(f"translating {len(cohort)} volume(s) of {tuple(config.shape)} on {stitched.denoiser.patches(config.shape)} overlapping {' x '.join(map(str, patch))} patches", verbose)
+    metrics, result = evaluate(stitched, cohort, seed=config.seed)
+    d = result.deformation
+    write_image(out / "subject0_source.nii.gz", cohort.sources[0], affine=affine)
+    write_image(out / "subject0_translated.nii.gz", result.image[0], affine=affine)
+    write_image(out / "subject0_target_truth.nii.gz", cohort.targets[0], affine=affine)
+    write_image(out / "subject0_mask_traced.nii.gz", d.labels_to_target(cohort.source_masks, 2)[0].float(), affine=affine)
+    write_image(out / "subject0_mask_truth.nii.gz", cohort.target_masks[0].float(), affine=affine)
+    write_deformation(out / "subject0_deformation.nii.gz", d, affine=affine)
+    write_trace(
+        out / "subject0_landmarks.json",
+        cohort.landmarks[0],
+        d.points_to_target(cohort.landmarks)[0],
+        affine=affine,
+        true_target=cohort.target_landmarks[0].tolist(),
+        description="source landmarks (ventricle centroid and six points around it) and their estimated positions in the translation, phi^-1(p); true_target: phi_E^-1(p)",
+    )
+    seconds = time.perf_counter() - start
+    metrics.update(
+        {
+            "subjects": len(cohort),
+            "shape": list(config.shape),
+            "voxel_mm": [float(v) for v in np.linalg.norm(affine[:3, :3], axis=0)],
+            "patch": list(patch),
+            "config": asdict(config),
+            "seconds": seconds,
+            "training_seconds": train_seconds,
+            "threads": torch.get_num_threads(),
+        }
+    )
+    from .checkpoint import atomic_write
+
+    atomic_write(out / "metrics.json", json.dumps(metrics, indent=1).encode())
+    if verbose:
+        print(f"plasticine demo --3d: {len(cohort)} Colin27 volume(s) on a {' x '.join(map(str, config.shape))} grid, trained {train_seconds:.0f} s on {' x '.join(map(str, patch))} patches")
+        _print_scores(metrics, goals=False)
         print(f"  outputs in {out}/ ({seconds:.1f} s)")
     return metrics

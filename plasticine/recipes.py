@@ -198,6 +198,10 @@ class TrainingRecipe:
         snr_gamma: min-SNR loss weighting of stage 1 (:func:`~plasticine.diffusion.noise_prediction_loss`),
             or None (the paper's: unweighted). The data range and the parametrisation are the
             translator's own (its ``data_range`` and its sampler's ``prediction``).
+        patch_size: train on one random patch of this size per image and step
+            (:func:`~plasticine.core.patches.random_patches`; one integer or one per spatial axis),
+            for volumes too large for a whole-image batch; None: whole images. See
+            :func:`train_translator`.
 
     Shape:
         Not applicable.
@@ -213,6 +217,7 @@ class TrainingRecipe:
     progress: Progress = "auto"
     augmentation: Augmentation | None = None
     snr_gamma: float | None = None
+    patch_size: int | tuple[int, ...] | None = None
 
 
 def train_translator(
@@ -234,6 +239,14 @@ def train_translator(
     (source, target) pairs: ``source[i]`` with a target drawn for it by
     :class:`~plasticine.io.UnpairedImages`, or with ``target[i]`` when ``paired``.
 
+    With ``recipe.patch_size``, every step sees one random patch of each image
+    (:func:`~plasticine.core.patches.random_patches`), augmented after cutting. Stage 1 cuts the
+    image together with its structure map, computed once on the *whole* image (or with its given
+    condition), so the denoiser learns the condition that :class:`~plasticine.diffusion.PatchwiseDenoiser`
+    hands it at translation, a patch of the whole image's map; stage 2 cuts source and target at
+    the same corner (corresponding anatomy of roughly aligned volumes; the noise cue of a target
+    patch is computed on the patch, and translation does not use it).
+
     Args:
         translator: the translator to train (its denoiser and registration network).
         source: source-domain images.
@@ -249,7 +262,8 @@ def train_translator(
         translator ends in evaluation mode.
 
     Raises:
-        ValueError: for fewer images than ``batch_size``, or unmatched ``paired`` / ``conditions``.
+        ValueError: for fewer images than ``batch_size``, unmatched ``paired`` / ``conditions``, or
+            a ``patch_size`` larger than an image.
 
     Shape:
         source, target: ``(n, C, *S)`` (or sequences of ``(C, *S)``); conditions: ``(n_target,
@@ -282,14 +296,41 @@ def train_translator(
 
     unet = translator.denoiser
     aug = recipe.augmentation
-    if conditions is None:
+    patch = recipe.patch_size
+    if patch is not None:
+        from .core.patches import patch_grid
+
+        for name, data in (("source", source), ("target", target)):
+            for i in range(len(data)):
+                try:
+                    patch_grid(tuple(data[i].shape[1:]), patch)
+                except ValueError as err:
+                    raise ValueError(f"patch_size: {name}[{i}] of spatial size {tuple(data[i].shape[1:])}: {err}") from err
+        if conditions is None:  # the maps of whole images, cut with them
+            with torch.no_grad():
+                conditions = torch.stack([translator.structure_map(y[None])[0] for y in target])
+            from_maps = True
+        else:
+            from_maps = False
+    if patch is not None:
+        from .core.patches import random_patches
+
+        def objective(m: Any, b: Any, g: torch.Generator) -> torch.Tensor:
+            y, c = random_patches(b[0], patch, g, (b[1],))
+            if aug is not None:
+                y, c = aug(y, g, (c,))
+            condition = translator.conditioning(c) if from_maps else c
+            return diffusion_objective(translator, y, g, denoiser=m, snr_gamma=recipe.snr_gamma, condition=condition)
+
+        items: Any = list(zip(target, conditions))
+    elif conditions is None:
 
         def objective(m: Any, y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
             if aug is not None:
                 (y,) = aug(y, g)
             return diffusion_objective(translator, y, g, denoiser=m, snr_gamma=recipe.snr_gamma)
 
-        items: Any = target
+        items = target
     else:
 
         def objective(m: Any, b: Any, g: torch.Generator) -> torch.Tensor:
@@ -300,6 +341,8 @@ def train_translator(
 
     def registration_objective(m: Any, b: Any, g: torch.Generator) -> Any:
         x, y = b
+        if patch is not None:
+            x, y = random_patches(x, patch, g, (y,))
         if aug is not None:
             (x,), (y,) = aug(x, g), aug(y, g)
         return deformation_objective(translator, x, y, g, network=m)

@@ -1,11 +1,13 @@
 """Noise schedules, samplers, the noise-prediction loss and the weight average of the diffusion model.
 
 See :mod:`plasticine.diffusion.schedules`, :mod:`plasticine.diffusion.samplers`, :mod:`plasticine.diffusion.prediction`,
-:mod:`plasticine.diffusion.training` and :mod:`plasticine.diffusion.ddib` (the DDIB translation baseline).
+:mod:`plasticine.diffusion.training`, :mod:`plasticine.diffusion.ddib` (the DDIB translation baseline) and
+:mod:`plasticine.diffusion.patchwise` (a denoiser run on overlapping patches of large volumes).
 """
 
 from .conditioning import ConcatConditioning, LearnedConditioning, structure_condition
 from .ddib import DDIBTranslator
+from .patchwise import PatchwiseDenoiser
 from .prediction import Prediction, min_snr_weight, prediction_target, split_prediction, threshold_x0
 from .samplers import AncestralSampler, DDIMSampler, DPMSolverPP, PlanSampler, SampleResult, Spacing, ddim_encode, step_plan
 from .schedules import CosineSchedule, DiscreteSchedule, LinearSchedule, ScheduleFromBetas, noise_like
@@ -25,6 +27,7 @@ __all__ = [
     "LearnedConditioning",
     "LinearSchedule",
     "NoisePredictionLoss",
+    "PatchwiseDenoiser",
     "PlanSampler",
     "Prediction",
     "SampleResult",

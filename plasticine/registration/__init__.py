@@ -1,7 +1,8 @@
 """Registration: SVF integrators, the registration network and swappable registration backends.
 
 Backends share :class:`~plasticine.core.RegistrationBackend`: :class:`LearnedRegistration` (the
-paper's network plus an integrator), :class:`IterativeRegistration` (per-pair SVF optimisation by an
+paper's network plus an integrator; :class:`PatchwiseRegistration` runs it on overlapping patches of
+a large volume), :class:`IterativeRegistration` (per-pair SVF optimisation by an
 optimiser strategy: :class:`GradientDescent`, :class:`Adam`, :class:`LBFGS`) and
 :class:`~plasticine.registration.ants.AntsRegistration` (ANTs SyN, optional extra ``ants``; its module
 imports ANTs only when it registers) and :class:`IdentityRegistration` (phi = identity, the baseline
@@ -12,7 +13,7 @@ from .ants import AntsRegistration
 from .identity import IdentityRegistration
 from .integrators import RK4, Euler, ScalingAndSquaring, auto_squaring_steps, integrate_euler, integrate_rk4, scaling_and_squaring
 from .iterative import IterativeConfig, IterativeRegistration
-from .network import LearnedRegistration, RegistrationNet, RegistrationNetConfig, RegistrationOutput, registration_objective
+from .network import LearnedRegistration, PatchwiseRegistration, RegistrationNet, RegistrationNetConfig, RegistrationOutput, registration_objective
 from .optimizers import LBFGS, Adam, GradientDescent, OptimizerStrategy
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "IterativeRegistration",
     "LearnedRegistration",
     "OptimizerStrategy",
+    "PatchwiseRegistration",
     "RegistrationNet",
     "RegistrationNetConfig",
     "RegistrationOutput",

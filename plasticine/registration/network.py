@@ -40,7 +40,7 @@ from ..core.shapes import check_shape
 from ..core.validate import check_int
 from ..core.warp import warp
 
-__all__ = ["RegistrationNetConfig", "RegistrationNet", "RegistrationOutput", "registration_objective", "LearnedRegistration"]
+__all__ = ["RegistrationNetConfig", "RegistrationNet", "RegistrationOutput", "registration_objective", "LearnedRegistration", "PatchwiseRegistration"]
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -332,3 +332,68 @@ class LearnedRegistration(Configurable, nn.Module):
         if small != shape:
             v, v_inv = resize_field(v, shape), resize_field(v_inv, shape)
         return Deformation(self.integrator(v), self.integrator(v_inv), v)
+
+
+class PatchwiseRegistration(nn.Module):
+    r"""A :class:`LearnedRegistration` run on overlapping patches: stitched velocities, integrated once.
+
+    The network predicts :math:`v` (and :math:`v^{-1}`) on overlapping patches of the source (and of
+    the target and the cue, when given); the patch velocities are blended into one field by
+    :func:`~plasticine.core.patches.sliding_window`, and only then integrated over the whole image,
+    :math:`\phi = \exp(v)`, :math:`\phi^{-1} = \exp(v^{-1})`. Stitching the velocity rather than the
+    displacements keeps :math:`\phi` the exponential of one smooth field: diffeomorphic, its inverse
+    exact (with ``inverse="negate"``), and free of the folds that blending two maps can make where
+    patches disagree. (A patch's velocity near its cut lacks the context beyond it; the blending
+    weights give those voxels little or no weight.)
+
+    Args:
+        backend: the learned backend whose network and integrator are used (``downsample=1``).
+        patch: patch size, one integer or one per spatial axis.
+        overlap: overlap of neighbouring patches (default ``patch // 4``).
+        margin: voxels next to a cut given no weight (default ``overlap // 4``).
+
+    Raises:
+        ValueError: for a backend that downsamples, or (at :meth:`register`) a patch larger than
+            the image.
+
+    Shape:
+        source, target: ``(B, C, *S)``; cue: ``(B, Ce, *S)``; out: Deformation with ``(B, N, *S)`` fields.
+    """
+
+    def __init__(
+        self,
+        backend: LearnedRegistration,
+        patch: int | tuple[int, ...],
+        *,
+        overlap: int | tuple[int, ...] | None = None,
+        margin: int | tuple[int, ...] | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(backend, LearnedRegistration):
+            raise ValueError(f"backend: expected a LearnedRegistration (a network and an integrator), got {type(backend).__name__}")
+        if backend.downsample != 1:
+            raise ValueError(f"backend: expected downsample=1 (patches are cut at full resolution), got downsample={backend.downsample}")
+        self.backend = backend
+        self.patch, self.overlap, self.margin = patch, overlap, margin
+
+    def register(self, source: torch.Tensor, target: torch.Tensor | None = None, *, cue: torch.Tensor | None = None) -> Deformation:
+        """Predict phi and phi^-1 for ``source`` (towards ``target`` when given) patch by patch.
+
+        Shape:
+            source, target: ``(B, C, *S)``; cue: ``(B, Ce, *S)``; out: Deformation with ``(B, N, *S)`` fields.
+        """
+        from ..core.patches import sliding_window
+
+        if target is None and cue is not None:
+            raise ValueError("a cue is only used together with a target; pass target= or drop cue=")
+        net = self.backend.network
+
+        def velocities(x: torch.Tensor, y: torch.Tensor | None, c: torch.Tensor | None) -> torch.Tensor:
+            out = net(x, y, c)
+            return torch.cat([out.velocity, out.inverse_velocity], dim=1)
+
+        both = sliding_window(velocities, [source, target, cue], self.patch, overlap=self.overlap, margin=self.margin)
+        n = source.dim() - 2
+        v, v_inv = both[:, :n], both[:, n:]
+        integrate = self.backend.integrator
+        return Deformation(integrate(v), integrate(v_inv), v)

@@ -38,7 +38,7 @@ _BACKTRACK_TOL = 1e-10
 
 
 @numba.njit(cache=True, nogil=True, fastmath=False)
-def _line(s1, s2, cw, weighted, length, gamma, inv, shift, b, alive, seen, bounds, out):  # pragma: no cover - compiled
+def _line(s1, s2, cw, weighted, length, gamma, inv, shift, b, bounds, out):  # pragma: no cover - compiled
     """One line: ``s1 (n + 1, C)``, ``s2 (n + 1,)``, ``cw (n + 1,)``, ``inv[k] = 1 / k``, ``shift (C,)``.
 
     Writes the optimal values ``b (n + 1,)``, the jumps ``bounds (n + 1,)`` and the segment means
@@ -49,7 +49,6 @@ def _line(s1, s2, cw, weighted, length, gamma, inv, shift, b, alive, seen, bound
     b[0] = 0.0
     scale = abs(s2[length]) + abs(gamma)
     margin = _PRUNE_MARGIN * scale
-    k = 0  # live candidates l >= 1, increasing, in alive[:k]
     for r in range(1, length + 1):
         # l = 0 first: the no-jump candidate (P_0 = -gamma, outside the bound below)
         if weighted:
@@ -65,12 +64,7 @@ def _line(s1, s2, cw, weighted, length, gamma, inv, shift, b, alive, seen, bound
                 u = s1[r, h] - s1[0, h]
                 q += u * u
             best = b[0] - q * iw
-        if r >= 2:
-            alive[k] = r - 1
-            k += 1
-        stop = k
-        for j in range(k - 1, -1, -1):
-            l = alive[j]
+        for l in range(r - 1, 0, -1):
             if weighted:
                 iw = 1.0 / max(cw[r] - cw[l], _TINY)
             else:
@@ -87,21 +81,12 @@ def _line(s1, s2, cw, weighted, length, gamma, inv, shift, b, alive, seen, bound
                     q += u * u
                 cand = b[l] - q * iw
                 q = q * iw
-            seen[j] = cand
-            stop = j
             if cand < best:
                 best = cand
-            # d(l, r) + gamma > P_best: every l' <= l is dominated (P_best = best + s2[r])
-            if (s2[r] - s2[l]) - q + gamma > best + s2[r] + margin:
+            # every l' < l has cand(l') >= cand(l) - gamma and cand(l') >= gamma + d(l, r) - s2[r]
+            # (Pottslab's bound); either above the best ends the scan
+            if cand > best + gamma + margin or (s2[r] - s2[l]) - q + gamma > best + s2[r] + margin:
                 break
-        # PELT: P_l + d(l, r) > P_r means l loses to r at every later end, drop it for good
-        drop = best + gamma + margin
-        kept = stop
-        for j in range(stop, k):
-            if seen[j] <= drop:
-                alive[kept] = alive[j]
-                kept += 1
-        k = kept
         b[r] = best + gamma
     top = 0.0
     for r in range(length + 1):
@@ -176,11 +161,9 @@ def _lines(x, w, weighted, lengths, gamma, inv, shift, out):  # pragma: no cover
             if weighted:
                 cw[r + 1] = cw[r] + w[r, i]
         b = np.empty(n + 1, dtype=np.float64)
-        alive = np.empty(n + 1, dtype=np.int64)
-        seen = np.empty(n + 1, dtype=np.float64)
         bounds = np.zeros(n + 1, dtype=np.bool_)
         line = np.empty((n, c), dtype=np.float64)
-        _line(s1, s2, cw, weighted, length, gamma, inv, shift[i], b, alive, seen, bounds, line)
+        _line(s1, s2, cw, weighted, length, gamma, inv, shift[i], b, bounds, line)
         for r in range(n):
             for h in range(c):
                 out[r, i, h] = line[r, h]

@@ -120,17 +120,26 @@ def _solve_lines(
     """Exact 1-D L2-Potts on lines stored as columns, in cache-sized blocks of lines on the CPU.
 
     Lines of different lengths (``lengths``) are sorted by length first, so that each block runs
-    only as many steps as its longest line has positions; the output after a line's end is 0.
-    ``backend`` is a resolved name (:func:`line_backend`); both backends see the same blocks, so
-    that their moments (and hence their results) agree to the last bit.
+    only as many steps as its longest line has positions; the output after a line's end is
+    meaningless. ``backend`` is a resolved name (:func:`line_backend`); ``"numba"`` solves all
+    lines in one call. Each line's centre is computed once for all lines, so that both backends
+    work on the same moments and agree to the last bit.
     """
     n, m = g.shape[:2]
+    if n == 0 or m == 0:
+        return g.clone()
+    wd = None if w is None else w.double()
+    shift = _line_shift(g, wd, lengths)
+    if backend == "numba":
+        return _kernel_fit(g.double(), wd, gamma, lengths, shift).to(g.dtype)
     if g.device.type != "cpu" or (m * n <= _CPU_BLOCK_ELEMENTS and lengths is None):
-        return _solve_line_block(g, w, gamma, lengths, backend)
+        return _solve_line_block(g, wd, gamma, lengths, shift)
     if lengths is None:
         per = max(1, _CPU_BLOCK_ELEMENTS // max(n, 1))
         parts = [
-            _solve_line_block(g[:, i : i + per], None if w is None else w[:, i : i + per], gamma, None, backend)
+            _solve_line_block(
+                g[:, i : i + per], None if wd is None else wd[:, i : i + per], gamma, None, shift[:, i : i + per]
+            )
             for i in range(0, m, per)
         ]
         return torch.cat(parts, 1)
@@ -144,44 +153,43 @@ def _solve_lines(
             j += 1
         top = max(int(sizes[j - 1]), 1)
         idx = order[i:j]
-        same = sizes[i] == top
         sol = _solve_line_block(
-            g[:top, idx], None if w is None else w[:top, idx], gamma, None if same else lengths[idx], backend
+            g[:top, idx], None if wd is None else wd[:top, idx], gamma, lengths[idx], shift[:, idx]
         )
         out[:top, idx] = sol
         i = j
     return out
 
 
+def _line_shift(g: torch.Tensor, wd: torch.Tensor | None, lengths: torch.Tensor | None) -> torch.Tensor:
+    """Centre of each line ``(1, M, C)`` float64: its (weighted) mean over its own positions.
+
+    The minimiser is shift-equivariant and the cumulative sums of centred lines lose less precision.
+    """
+    x = g.double()
+    if lengths is not None:
+        valid = torch.arange(g.shape[0], device=g.device)[:, None] < lengths[None]
+        return (x * valid[..., None]).sum(0, keepdim=True) / lengths.clamp_min(1)[None, :, None]
+    if wd is None:
+        return x.mean(0, keepdim=True)
+    return (x * wd[..., None]).sum(0, keepdim=True) / wd.sum(0)[None, :, None].clamp_min(_TINY)
+
+
 def _solve_line_block(
-    g: torch.Tensor, w: torch.Tensor | None, gamma: float, lengths: torch.Tensor | None = None, backend: str = "torch"
+    g: torch.Tensor, wd: torch.Tensor | None, gamma: float, lengths: torch.Tensor | None, shift: torch.Tensor
 ) -> torch.Tensor:
-    """Exact 1-D L2-Potts on lines stored as columns: ``g (n, M, C)``, ``w (n, M)`` or None (ones).
+    """Exact 1-D L2-Potts on lines stored as columns: ``g (n, M, C)``, ``wd (n, M)`` float64 or None (ones).
 
     ``lengths (M,)``, when given, ends line ``m`` at position ``lengths[m]``: the values after it
-    are ignored and its output there is meaningless. Returns the piecewise-constant minimiser
-    ``(n, M, C)`` in the dtype of ``g``. The recursion runs in float64 whatever the input dtype;
-    ``backend`` ``"numba"`` runs it per line in the compiled loop of
-    :mod:`~plasticine.segmentation.potts_model.line_kernel` (same values, same jumps).
+    are ignored and its output there is meaningless. ``shift (1, M, C)`` is each line's centre
+    (:func:`_line_shift`). Returns the piecewise-constant minimiser ``(n, M, C)`` in the dtype of
+    ``g``. The recursion runs in float64 whatever the input dtype.
     """
     n, m, c = g.shape
     dev = g.device
-    if n == 0 or m == 0:
-        return g.clone()
     x = g.double()
-    wd = None if w is None else w.double()
-    # centre each line: the minimiser is shift-equivariant and the cumulative sums lose less precision
     if lengths is not None:
-        valid = torch.arange(n, device=dev)[:, None] < lengths[None]
-        x = x * valid[..., None]
-        shift = x.sum(0, keepdim=True) / lengths.clamp_min(1)[None, :, None]
-    elif wd is None:
-        shift = x.mean(0, keepdim=True)
-    else:
-        shift = (x * wd[..., None]).sum(0, keepdim=True) / wd.sum(0)[None, :, None].clamp_min(_TINY)
-    if backend == "numba":
-        u = _kernel_fit(g.double(), wd, gamma, lengths, shift)
-        return u.to(g.dtype)
+        x = x * (torch.arange(n, device=dev)[:, None] < lengths[None])[..., None]
     x = x - shift
     wx = x if wd is None else x * wd[..., None]
     s1 = torch.cat([x.new_zeros(1, m, c), wx.cumsum(0)])  # (n+1, M, C)

@@ -1,20 +1,28 @@
 r"""The 1-D L2-Potts dynamic programme as a compiled CPU loop (numba), with the early-termination bound.
 
 This module imports numba at import time; :mod:`~plasticine.segmentation.potts_model.line_solver`
-imports it only when the ``"numba"`` backend runs (``pip install plasticine[numba]``).
+imports it lazily, when a backend is first resolved (``pip install plasticine[numba]``).
 
 Each line is scanned on its own, with the same recursion and the same floating-point expressions as
-the tensor path, so both give bit-identical optimal values and therefore the same jumps. For every
-``r`` the candidates ``l = r - 1, r - 2, ...`` are visited from the right, and the scan stops at the
-first ``l`` whose segment deviation alone already exceeds the best value found (Storath and
-Weinmann's Pottslab, ``minL2Potts``): in energy form :math:`P_r = \min_l P_l + \gamma + d_{l,r}`
-with :math:`P_l \ge 0` for :math:`l \ge 1` and :math:`d_{l,r}` non-decreasing as :math:`l`
-decreases, so once :math:`\gamma + d_{l,r} > P_r^{\text{best}}` no smaller ``l`` can do better. The
-candidate ``l = 0`` (no jump) is taken first. The bound is applied with a margin of
-:math:`10^{-10}` of the line's scale (:math:`\sum w f^2 + \gamma`), far above the rounding of the
-cumulative sums, so that pruning never drops a candidate that the full scan would pick. On piecewise
-constant data a scan reaches back about one segment length, so a line costs about
-:math:`O(n \bar\ell)` instead of :math:`O(n^2)`.
+the tensor path, so both give bit-identical optimal values and therefore the same jumps. In energy
+form :math:`P_r = \min_{l < r} c_l`, :math:`c_l = P_l + \gamma + d_{l,r}` (:math:`P_0 = -\gamma`).
+For every ``r`` the candidate ``l = 0`` (no jump) is taken first, then ``l = r - 1, r - 2, ...``
+from the right, and the scan stops at the first ``l`` after which no smaller ``l'`` can do better
+than the best :math:`P^{\text{best}}` found so far. Two lower bounds hold for all
+:math:`1 \le l' < l`:
+
+* :math:`c_{l'} \ge \gamma + d_{l,r}`, since :math:`P_{l'} \ge 0` and :math:`d_{l',r} \ge d_{l,r}`
+  (Storath and Weinmann's Pottslab, ``minL2Potts``);
+* :math:`c_{l'} \ge c_l - \gamma`, since :math:`P_l \le P_{l'} + \gamma + d_{l',l}` (one more
+  segment) and :math:`d_{l',r} \ge d_{l',l} + d_{l,r}` (splitting a segment never raises its
+  squared deviation); this is the pruning rule of PELT (Killick, Fearnhead and Eckley, 2012),
+  used here as a stop.
+
+The bounds are applied with a margin of :math:`10^{-10}` of the line's scale
+(:math:`\sum w f^2 + \gamma`), far above the rounding of the cumulative sums, so that a stop never
+skips a candidate that the full scan would pick. A scan reaches back about one segment, so a line
+of ``n`` positions costs about :math:`O(n \bar\ell)` instead of :math:`O(n^2)` for segments of
+mean length :math:`\bar\ell`.
 
 The backtracking is the tensor path's (:func:`_backtrack_values` in the line solver): from each
 line's end, the largest ``l`` whose candidate attains the optimum up to a relative
@@ -22,7 +30,9 @@ line's end, the largest ``l`` whose candidate attains the optimum up to a relati
 
 Reference:
     M. Storath, A. Weinmann, "Fast partitioning of vector-valued images", SIAM J. Imaging Sci.
-    7(3), 2014; Pottslab (``minL2Potts``), https://github.com/mstorath/Pottslab.
+    7(3), 2014; Pottslab (``minL2Potts``), https://github.com/mstorath/Pottslab. R. Killick,
+    P. Fearnhead, I. A. Eckley, "Optimal detection of changepoints with a linear computational
+    cost", J. Am. Stat. Assoc. 107(500), 2012.
 """
 
 from __future__ import annotations

@@ -129,9 +129,10 @@ def _solve_lines(
     if n == 0 or m == 0:
         return g.clone()
     wd = None if w is None else w.double()
-    shift = _line_shift(g, wd, lengths)
+    x = g.double()
+    shift = _line_shift(x, wd, lengths)
     if backend == "numba":
-        return _kernel_fit(g.double(), wd, gamma, lengths, shift).to(g.dtype)
+        return _kernel_fit(x, wd, gamma, lengths, shift).to(g.dtype)
     if g.device.type != "cpu" or (m * n <= _CPU_BLOCK_ELEMENTS and lengths is None):
         return _solve_line_block(g, wd, gamma, lengths, shift)
     if lengths is None:
@@ -161,14 +162,13 @@ def _solve_lines(
     return out
 
 
-def _line_shift(g: torch.Tensor, wd: torch.Tensor | None, lengths: torch.Tensor | None) -> torch.Tensor:
-    """Centre of each line ``(1, M, C)`` float64: its (weighted) mean over its own positions.
+def _line_shift(x: torch.Tensor, wd: torch.Tensor | None, lengths: torch.Tensor | None) -> torch.Tensor:
+    """Centre of each line ``(1, M, C)`` of float64 lines ``x``: its (weighted) mean over its own positions.
 
     The minimiser is shift-equivariant and the cumulative sums of centred lines lose less precision.
     """
-    x = g.double()
     if lengths is not None:
-        valid = torch.arange(g.shape[0], device=g.device)[:, None] < lengths[None]
+        valid = torch.arange(x.shape[0], device=x.device)[:, None] < lengths[None]
         return (x * valid[..., None]).sum(0, keepdim=True) / lengths.clamp_min(1)[None, :, None]
     if wd is None:
         return x.mean(0, keepdim=True)

@@ -17,7 +17,10 @@ with jumps below 1e-6 ignored (its split copies agree only up to its stopping to
 Threads: the default is one torch thread. The solver runs many small operations, and on a shared
 machine whose cores are busy, OpenMP's barriers made two threads 50 times slower than one (measured:
 a 128x128 partition took 251 s with 2 threads and 5 s with 1 at a load average of 14 on 2 cores).
-Pottslab uses all cores (rayon) either way.
+Pottslab uses all cores (rayon) either way; so does plasticine's compiled 1-D Potts loop (the
+``numba`` backend, :func:`plasticine.segmentation.line_backend`, used on CPU tensors when numba is
+installed), which hands pieces of lines to helper threads without barriers. ``--backend torch``
+times the tensor path instead. Both backends give the same partitions.
 
 Usage::
 

@@ -191,11 +191,14 @@ def test_lines_of_different_lengths_equal_each_line_alone(monkeypatch, weighted)
     w = torch.rand(n, m, generator=gen, dtype=torch.float64) + 0.1 if weighted else None
     lengths = torch.randint(1, n + 1, (m,), generator=gen)
     lengths[3] = n
-    u = line_solver._solve_lines(f, w, 0.05, lengths)
+    u = line_solver._solve_lines(f, w, 0.05, lengths, "torch")
     for k in range(m):
         ln = int(lengths[k])
-        alone = potts_1d(f[:ln, k, 0][None], 0.05, None if w is None else w[:ln, k][None])[0]
+        alone = potts_1d(f[:ln, k, 0][None], 0.05, None if w is None else w[:ln, k][None], backend="torch")[0]
         torch.testing.assert_close(u[:ln, k, 0], alone, rtol=0, atol=1e-12)
+    if importlib.util.find_spec("numba") is not None:  # the compiled kernel, all lines in one call: the same bits
+        valid = torch.arange(n)[:, None] < lengths[None]
+        assert torch.equal(line_solver._solve_lines(f, w, 0.05, lengths, "numba")[valid], u[valid])
 
 
 def test_potts_1d_limits_and_float32():
@@ -564,20 +567,19 @@ def test_numba_line_kernel_matches_loop_dp_and_zero_weights():
 
 
 @needs_numba
-@pytest.mark.parametrize("weighted", [False, True])
-def test_numba_line_kernel_lines_of_different_lengths(monkeypatch, weighted):
-    """Lines that end early (diagonals): the kernel in one call equals the tensor path's sorted blocks."""
-    monkeypatch.setattr(line_solver, "_CPU_BLOCK_ELEMENTS", 60)
-    gen = make_generator(12)
-    m, n = 31, 17
-    f = torch.rand(n, m, 2, generator=gen, dtype=torch.float64)
-    w = torch.rand(n, m, generator=gen, dtype=torch.float64) + 0.1 if weighted else None
-    lengths = torch.randint(0, n + 1, (m,), generator=gen)
-    lengths[0] = n
-    a = line_solver._solve_lines(f, w, 0.07, lengths, "torch")
-    b = line_solver._solve_lines(f, w, 0.07, lengths, "numba")
-    valid = torch.arange(n)[:, None] < lengths[None]
-    assert torch.equal(a[valid], b[valid])
+def test_numba_line_kernel_threads_give_the_same_bits(monkeypatch):
+    """Lines shared out in pieces over several threads: the same result as one thread and the tensor path."""
+    from plasticine.segmentation.potts_model import line_kernel
+
+    gen = make_generator(13)
+    f = torch.rand(40, 90, generator=gen, dtype=torch.float64).mul(3).round() + 0.01 * torch.rand(40, 90, generator=gen)
+    w = torch.rand(40, 90, generator=gen, dtype=torch.float64) + 0.1
+    ref = potts_1d(f, 0.1, w, backend="torch")
+    monkeypatch.setattr(line_kernel, "_MIN_CHUNK", 1)
+    monkeypatch.setattr(line_kernel, "_threads", lambda: 3)
+    assert torch.equal(potts_1d(f, 0.1, w, backend="numba"), ref)
+    monkeypatch.setattr(line_kernel, "_threads", lambda: 1)
+    assert torch.equal(potts_1d(f, 0.1, w, backend="numba"), ref)
 
 
 @needs_numba

@@ -37,6 +37,10 @@ Reference:
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numba
 import numpy as np
 
@@ -144,9 +148,9 @@ def _line(s1, s2, cw, weighted, length, gamma, inv, shift, b, bounds, out):  # p
 
 
 @numba.njit(cache=True, nogil=True, fastmath=False)
-def _lines(x, w, weighted, lengths, gamma, inv, shift, out):  # pragma: no cover - compiled
+def _lines(x, w, weighted, lengths, gamma, inv, shift, out, start, stop):  # pragma: no cover - compiled
     n, m, c = x.shape
-    for i in range(m):
+    for i in range(start, stop):
         length = lengths[i]
         # the tensor path's moments: x masked after the line's end, centred, weighted, summed in order
         s1 = np.empty((n + 1, c), dtype=np.float64)
@@ -216,5 +220,63 @@ def solve_lines(
     k = np.arange(n + 1, dtype=np.float64)
     k[0] = 1.0
     inv = 1.0 / k  # the tensor path's 1 / (r - l)
-    _lines(x, wa, weighted, lengths, float(gamma), inv, shift, out)
+    _shared(lambda a, b: _lines(x, wa, weighted, lengths, float(gamma), inv, shift, out, a, b), m, n)
     return out
+
+
+_POOL: list[ThreadPoolExecutor] = []
+_MIN_CHUNK = 16 * 1024
+"""Line positions per piece of work: pieces much smaller than this cost more to hand out than to solve."""
+
+
+def _threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - platforms without affinity
+        return max(1, os.cpu_count() or 1)
+
+
+def _shared(work, m: int, n: int) -> None:
+    """Run ``work(start, stop)`` over the lines ``0 .. m`` on all CPU cores, as Pottslab does.
+
+    The lines are cut into pieces that the calling thread and helper threads take in turn from a
+    shared counter; the call returns once every piece is done, without waiting for a helper that
+    has not started (on a busy machine the caller then solves all of them). The compiled loop
+    releases the GIL, and each line is solved on its own, so the result does not depend on the
+    number of threads or the order of the pieces.
+    """
+    threads = min(_threads(), max(1, m * n // _MIN_CHUNK))
+    if threads == 1:
+        work(0, m)
+        return
+    size = max(1, -(-m // (4 * threads)))
+    pieces = [(a, min(a + size, m)) for a in range(0, m, size)]
+    lock = threading.Lock()
+    state = {"next": 0, "done": 0}
+    finished = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        while True:
+            with lock:
+                i = state["next"]
+                state["next"] = i + 1
+            if i >= len(pieces):
+                return
+            try:
+                work(*pieces[i])
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+                errors.append(exc)
+            with lock:
+                state["done"] += 1
+                if state["done"] == len(pieces):
+                    finished.set()
+
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(max_workers=max(1, _threads() - 1), thread_name_prefix="potts-lines"))
+    for _ in range(threads - 1):
+        _POOL[0].submit(run)
+    run()
+    finished.wait()
+    if errors:
+        raise errors[0]

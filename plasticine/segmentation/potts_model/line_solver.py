@@ -18,7 +18,8 @@ whatever the batch size. The recursion runs in float64 for any input dtype.
 
 On CPU tensors the default backend (:func:`line_backend`) is the compiled scalar scan with that
 pruning (:mod:`~plasticine.segmentation.potts_model.line_kernel`, numba): the same cumulative
-moments, the same expressions and the same backtracking, so the same values and jumps.
+moments, the same expressions and the same backtracking, so the same values and jumps. Its lines
+are shared out over all CPU cores, as Pottslab does (the result does not depend on their number).
 
 Reference:
     F. Friedrich, A. Kempe, V. Liebscher, G. Winkler, "Complexity penalized M-estimation: fast

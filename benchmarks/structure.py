@@ -17,7 +17,10 @@ with jumps below 1e-6 ignored (its split copies agree only up to its stopping to
 Threads: the default is one torch thread. The solver runs many small operations, and on a shared
 machine whose cores are busy, OpenMP's barriers made two threads 50 times slower than one (measured:
 a 128x128 partition took 251 s with 2 threads and 5 s with 1 at a load average of 14 on 2 cores).
-Pottslab uses all cores (rayon) either way.
+Pottslab uses all cores (rayon) either way; so does plasticine's compiled 1-D Potts loop (the
+``numba`` backend, :func:`plasticine.segmentation.line_backend`, used on CPU tensors when numba is
+installed), which hands pieces of lines to helper threads without barriers. ``--backend torch``
+times the tensor path instead. Both backends give the same partitions.
 
 Usage::
 
@@ -42,6 +45,7 @@ from plasticine.core.filters import resize  # noqa: E402
 from plasticine.data import brainweb_slices  # noqa: E402
 from plasticine.segmentation import (  # noqa: E402
     kmeans_structure_map,
+    line_backend,
     multi_otsu_structure_map,
     pixel_gamma,
     potts,
@@ -79,11 +83,20 @@ def _skimage():
     return threshold_multiotsu, f"scikit-image {skimage.__version__}"
 
 
-def run(sizes: list[int], names: list[str], neighborhoods: list[str], repeats: int, batch: int, device: torch.device) -> None:
+def run(
+    sizes: list[int],
+    names: list[str],
+    neighborhoods: list[str],
+    repeats: int,
+    batch: int,
+    device: torch.device,
+    backend: str = "auto",
+) -> None:
     pl, pl_version = _pottslab()
     sk, sk_version = _skimage()
     print(T.machine_summary(device))
     print(f"torch threads: {torch.get_num_threads()}; device: {device}; {pl_version}; {sk_version}")
+    print(f"Potts 1-D solver: {line_backend(backend, device)} (backend={backend!r})")
     print(f"gamma = {GAMMA} at 256x256, scaled by side length (pixel_gamma)\n")
     rows = []
     for size in sizes:
@@ -93,11 +106,11 @@ def run(sizes: list[int], names: list[str], neighborhoods: list[str], repeats: i
             for name in names:
                 x32 = imgs[name].float()
                 x64 = imgs[name]
-                t_ours = T.time_callable(lambda: potts(x32, gamma, neighborhood=nb), device, warmup=1, repeats=repeats, min_repeats=1)
-                u = potts(x32, gamma, neighborhood=nb)
+                t_ours = T.time_callable(lambda: potts(x32, gamma, neighborhood=nb, backend=backend), device, warmup=1, repeats=repeats, min_repeats=1)
+                u = potts(x32, gamma, neighborhood=nb, backend=backend)
                 e_ours = potts_energy(u, x64, gamma, neighborhood=nb).item()
                 xb = x32.expand(batch, -1, -1, -1).contiguous()
-                t_batch = T.time_callable(lambda: potts(xb, gamma, neighborhood=nb), device, warmup=0, repeats=1, min_repeats=1)
+                t_batch = T.time_callable(lambda: potts(xb, gamma, neighborhood=nb, backend=backend), device, warmup=0, repeats=1, min_repeats=1)
                 row = {
                     "size": f"{size}x{size}",
                     "nb": nb,
@@ -158,13 +171,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, see the notes)")
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument(
+        "--backend", default="auto", choices=["auto", "numba", "torch"], help="the Potts 1-D solver (default: auto)"
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.quick:
-        run([128], ["t1"], ["axes"], repeats=1, batch=args.batch, device=device)
+        run([128], ["t1"], ["axes"], repeats=1, batch=args.batch, device=device, backend=args.backend)
     else:
-        run([128, 256], ["t1", "pd"], ["axes", "diagonals"], repeats=2, batch=args.batch, device=device)
+        run([128, 256], ["t1", "pd"], ["axes", "diagonals"], repeats=2, batch=args.batch, device=device, backend=args.backend)
 
 
 if __name__ == "__main__":

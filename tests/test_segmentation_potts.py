@@ -6,6 +6,7 @@ energies of simple candidates, float64 against float32, and the real BrainWeb sl
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
 
@@ -30,6 +31,11 @@ from plasticine.segmentation.potts_model import line_solver, regions
 from plasticine.segmentation.metrics import dice
 
 from conftest import make_generator
+
+needs_numba = pytest.mark.skipif(
+    importlib.util.find_spec("numba") is None,
+    reason="numba is not installed (optional extra plasticine[numba]): the compiled Potts line kernel is not tested",
+)
 
 # ----------------------------------------------------------------------------------------------
 # references
@@ -185,11 +191,14 @@ def test_lines_of_different_lengths_equal_each_line_alone(monkeypatch, weighted)
     w = torch.rand(n, m, generator=gen, dtype=torch.float64) + 0.1 if weighted else None
     lengths = torch.randint(1, n + 1, (m,), generator=gen)
     lengths[3] = n
-    u = line_solver._solve_lines(f, w, 0.05, lengths)
+    u = line_solver._solve_lines(f, w, 0.05, lengths, "torch")
     for k in range(m):
         ln = int(lengths[k])
-        alone = potts_1d(f[:ln, k, 0][None], 0.05, None if w is None else w[:ln, k][None])[0]
+        alone = potts_1d(f[:ln, k, 0][None], 0.05, None if w is None else w[:ln, k][None], backend="torch")[0]
         torch.testing.assert_close(u[:ln, k, 0], alone, rtol=0, atol=1e-12)
+    if importlib.util.find_spec("numba") is not None:  # the compiled kernel, all lines in one call: the same bits
+        valid = torch.arange(n)[:, None] < lengths[None]
+        assert torch.equal(line_solver._solve_lines(f, w, 0.05, lengths, "numba")[valid], u[valid])
 
 
 def test_potts_1d_limits_and_float32():
@@ -493,3 +502,118 @@ def test_structure_maps_of_real_brain_slices():
         score = _region_dice(labels, ventricles)
         print(f"{name}: {classes}-class Potts map, best connected region against the ventricle mask: Dice {score:.3f}")
         assert score > bound
+
+
+# ----------------------------------------------------------------------------------------------
+# the compiled line kernel (numba backend) against the tensor path
+# ----------------------------------------------------------------------------------------------
+
+
+def _both_backends_1d(f, gamma, w=None):
+    a = potts_1d(f, gamma, w, backend="torch")
+    b = potts_1d(f, gamma, w, backend="numba")
+    return a, b
+
+
+@needs_numba
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    m=st.integers(1, 12),
+    n=st.integers(1, 70),
+    channels=st.integers(1, 3),
+    weighted=st.booleans(),
+    steps=st.booleans(),
+    gamma=st.floats(1e-4, 3.0),
+)
+def test_numba_line_kernel_equals_torch_path(seed, m, n, channels, weighted, steps, gamma):
+    """Same partitions, values and energies to the last bit on random (tie-free) problems."""
+    gen = make_generator(seed)
+    noise = torch.randn(m, n, channels, generator=gen, dtype=torch.float64)
+    if steps:  # piecewise constant levels plus noise: long segments, where the pruning acts
+        levels = torch.randint(0, 5, (m, n // 8 + 1, channels), generator=gen).double()
+        f = levels.repeat_interleave(8, 1)[:, :n] + 0.05 * noise
+    else:
+        f = noise
+    f = f[..., 0] if channels == 1 else f
+    w = torch.rand(m, n, generator=gen, dtype=torch.float64) + 0.05 if weighted else None
+    a, b = _both_backends_1d(f, gamma, w)
+    assert torch.equal(a, b)
+    ww = torch.ones(m, n, dtype=torch.float64) if w is None else w
+    fc, uc = (f, b) if channels > 1 else (f[..., None], b[..., None])
+    for i in range(m if n <= 8 else 0):  # short lines: the optimum of all partitions
+        e = _energy_1d(uc[i].numpy(), fc[i].numpy(), ww[i].numpy(), gamma)
+        best = _brute_force_1d(fc[i].numpy(), ww[i].numpy(), gamma)[0][0]
+        assert e == pytest.approx(best, rel=1e-10, abs=1e-12)
+
+
+@needs_numba
+def test_numba_line_kernel_matches_loop_dp_and_zero_weights():
+    """Longer lines against the textbook loop DP, and weightless pixels."""
+    gen = make_generator(11)
+    f = torch.rand(3, 50, generator=gen, dtype=torch.float64).mul(4).round().repeat_interleave(3, 1)
+    f = f + 0.02 * torch.randn(f.shape, generator=gen, dtype=torch.float64)
+    w = torch.rand(f.shape, generator=gen, dtype=torch.float64)
+    zeros = torch.where(w < 0.1, 0.0, w)  # weightless pixels: both give the same (any value is optimal there)
+    assert torch.equal(*_both_backends_1d(f, 0.2, zeros))
+    w = w + 0.05
+    for gamma in (0.005, 0.2, 5.0):
+        a, b = _both_backends_1d(f, gamma, w)
+        assert torch.equal(a, b)
+        for i in range(3):
+            ref = _dp_1d_numpy(f[i].numpy(), w[i].numpy(), gamma)
+            e_b = _energy_1d(b[i].numpy()[:, None], f[i].numpy()[:, None], w[i].numpy(), gamma)
+            e_ref = _energy_1d(ref[:, None], f[i].numpy()[:, None], w[i].numpy(), gamma)
+            assert e_b == pytest.approx(e_ref, rel=1e-10)
+
+
+@needs_numba
+def test_numba_line_kernel_threads_give_the_same_bits(monkeypatch):
+    """Lines shared out in pieces over several threads: the same result as one thread and the tensor path."""
+    from plasticine.segmentation.potts_model import line_kernel
+
+    gen = make_generator(13)
+    f = torch.rand(40, 90, generator=gen, dtype=torch.float64).mul(3).round() + 0.01 * torch.rand(40, 90, generator=gen)
+    w = torch.rand(40, 90, generator=gen, dtype=torch.float64) + 0.1
+    ref = potts_1d(f, 0.1, w, backend="torch")
+    monkeypatch.setattr(line_kernel, "_MIN_CHUNK", 1)
+    monkeypatch.setattr(line_kernel, "_threads", lambda: 3)
+    assert torch.equal(potts_1d(f, 0.1, w, backend="numba"), ref)
+    monkeypatch.setattr(line_kernel, "_threads", lambda: 1)
+    assert torch.equal(potts_1d(f, 0.1, w, backend="numba"), ref)
+
+
+@needs_numba
+@pytest.mark.parametrize("nb", ["axes", "diagonals"])
+def test_numba_backend_on_the_real_brain_slice(nb):
+    """The whole solver on the BrainWeb T1 slice (64 x 64, float64): the same image and energy."""
+    x = torch.tensor(brainweb_slices()["t1"], dtype=torch.float64)[None, None] / 255.0
+    x = torch.nn.functional.interpolate(x, size=(64, 64), mode="area")
+    gamma = pixel_gamma(0.5, (64, 64))
+    a = potts(x, gamma, neighborhood=nb, backend="torch")
+    b = potts(x, gamma, neighborhood=nb, backend="numba")
+    assert torch.equal(a, b)
+    assert potts_energy(a, x, gamma, neighborhood=nb).item() == potts_energy(b, x, gamma, neighborhood=nb).item()
+    assert b.unique().numel() > 2  # a real partition, not the constant image
+    rows = x[0, 0]
+    assert torch.equal(*_both_backends_1d(rows, 4 * gamma))
+
+
+def test_line_backend_choice(monkeypatch):
+    assert line_solver.line_backend("torch") == "torch"
+    assert line_solver.line_backend("torch", "meta") == "torch"
+    assert line_solver.line_backend("auto", "meta") == "torch"  # not a CPU tensor: the tensor path
+    with pytest.raises(ValueError, match="backend"):
+        line_solver.line_backend("cuda")
+    with pytest.raises(ValueError, match="CPU tensors"):
+        line_solver.line_backend("numba", "meta")
+    with pytest.raises(ValueError, match="backend"):
+        potts_1d(torch.zeros(1, 3), 0.1, backend="fast")
+    if importlib.util.find_spec("numba") is not None:
+        assert line_solver.line_backend("auto", "cpu") == "numba"
+    # without numba: "auto" falls back to the tensor path, "numba" says why it cannot run
+    monkeypatch.setattr(line_solver, "_NUMBA_ERROR", ["ModuleNotFoundError: No module named 'numba'"])
+    assert line_solver.line_backend("auto", "cpu") == "torch"
+    with pytest.raises(ValueError, match="No module named 'numba'"):
+        line_solver.line_backend("numba", "cpu")
+    f = torch.tensor([[0.0, 0.1, 1.0, 1.1]], dtype=torch.float64)
+    torch.testing.assert_close(potts_1d(f, 0.1), potts_1d(f, 0.1, backend="torch"), rtol=0, atol=0)

@@ -15,7 +15,7 @@ from .foreground import ForegroundExtractor, foreground_mask
 from .mind import MINDExtractor, mind_descriptor, mind_pairs
 from .metrics import accuracy, confusion_matrix, dice, hausdorff95, iou, pixel_accuracy
 from .stacked import StackedExtractor
-from .potts_model import PottsExtractor, pixel_gamma, potts, potts_1d, potts_energy, potts_structure_map
+from .potts_model import PottsExtractor, line_backend, pixel_gamma, potts, potts_1d, potts_energy, potts_structure_map
 from .unet import SegmentationLoss, SegmentationUNet, SegmentationUNetConfig, segmentation_loss, train_segmentation
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "pixel_gamma",
     "potts",
     "potts_1d",
+    "line_backend",
     "potts_energy",
     "potts_structure_map",
     "segmentation_loss",

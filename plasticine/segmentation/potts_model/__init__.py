@@ -5,7 +5,8 @@ r"""Piecewise-constant Potts partitions, one concern per module.
 * :mod:`~plasticine.segmentation.potts_model.neighborhoods`: the neighbourhoods (``"axes"``,
   ``"diagonals"``) and the lines of an image along each of their directions;
 * :mod:`~plasticine.segmentation.potts_model.line_solver`: the exact 1-D solver by dynamic
-  programming (:func:`potts_1d`);
+  programming (:func:`potts_1d`), on CPU tensors by default through the compiled loop of
+  :mod:`~plasticine.segmentation.potts_model.line_kernel` (numba, optional; :func:`line_backend`);
 * :mod:`~plasticine.segmentation.potts_model.admm`: the image solver, Storath and Weinmann's ADMM
   splitting into 1-D problems (:func:`potts`);
 * :mod:`~plasticine.segmentation.potts_model.regions`: the final refit of connected regions and the
@@ -25,10 +26,12 @@ References:
 from .admm import potts
 from .energy import potts_energy
 from .extractor import REFERENCE_SIZE, PottsExtractor, pixel_gamma, potts_structure_map
-from .line_solver import potts_1d
+from .line_solver import LineBackend, line_backend, potts_1d
 from .neighborhoods import Neighborhood
 
 __all__ = [
+    "LineBackend",
+    "line_backend",
     "Neighborhood",
     "REFERENCE_SIZE",
     "pixel_gamma",

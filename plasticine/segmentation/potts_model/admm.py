@@ -42,7 +42,7 @@ import torch
 
 from ...core.shapes import check_shape
 from .energy import potts_energy
-from .line_solver import _check_gamma, _solve_lines
+from .line_solver import LineBackend, _check_gamma, _solve_lines, line_backend
 from .neighborhoods import Neighborhood, _Direction, _directions
 from .regions import _connected_regions, _refit_regions
 
@@ -61,6 +61,7 @@ def potts(
     tol: float = 1e-10,
     merge_tol: float = 1e-3,
     merge_regions: bool = True,
+    backend: LineBackend = "auto",
 ) -> torch.Tensor:
     r"""Piecewise-constant L2-Potts partition of images, 2D and 3D, by ADMM over 1-D problems.
 
@@ -88,6 +89,10 @@ def potts(
             energy (exact energy change, rounds of mutually best pairs; see
             :mod:`~plasticine.segmentation.potts_model.regions`).
             False keeps the ADMM partition as it is.
+        backend: the 1-D solver, ``"auto"`` (compiled on CPU tensors when numba is importable,
+            else the tensor path), ``"numba"`` or ``"torch"``; see
+            :func:`~plasticine.segmentation.potts_model.line_solver.line_backend`. Both give the
+            same result.
 
     Returns:
         The piecewise-constant image, same shape and dtype as ``image``.
@@ -106,6 +111,7 @@ def potts(
     if not image.is_floating_point():
         raise ValueError(f"image: expected a floating dtype, got {image.dtype}")
     gamma = _check_gamma(gamma)
+    backend = line_backend(backend, image.device)
     if gamma == 0:
         raise ValueError("gamma: expected a number > 0 (gamma = 0 returns the image itself)")
     if weights is not None:
@@ -159,9 +165,9 @@ def potts(
             pen = k * omegas[i] * gamma
             lengths = dirs[i].line_lengths(len(active))
             if w is None:
-                sol = _solve_lines(lines, None, pen / den, lengths)
+                sol = _solve_lines(lines, None, pen / den, lengths, backend)
             else:
-                sol = _solve_lines(lines, dirs[i].lines(den)[..., 0], pen, lengths)
+                sol = _solve_lines(lines, dirs[i].lines(den)[..., 0], pen, lengths, backend)
             copies[i] = dirs[i].image(sol, len(active), c)
         err = torch.zeros(len(active), dtype=f.dtype, device=f.device)
         for (p, q), lam in lams.items():

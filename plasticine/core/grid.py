@@ -169,28 +169,28 @@ def _grid_scales(shape: Sequence[int]) -> tuple[float, ...]:
     return tuple(2.0 / (shape[n - 1 - k] - 1) if shape[n - 1 - k] > 1 else 0.0 for k in range(n))
 
 
+def _grid_lines(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> list[tuple[int, torch.Tensor | None, float]]:
+    """Per grid channel ``k``: its axis ``a = N - 1 - k``, that axis' ``linspace`` broadcast as ``(1, *S)`` (None on an axis of size 1), and its scale."""
+    n = len(shape)
+    lines = []
+    for k, scale in enumerate(_grid_scales(shape)):
+        a = n - 1 - k
+        view = [1] * (n + 1)
+        view[1 + a] = shape[a]
+        coords = torch.linspace(-1.0, 1.0, shape[a], dtype=dtype, device=device).view(view) if shape[a] > 1 else None
+        lines.append((a, coords, scale))
+    return lines
+
+
 def _to_grid_traced(u: torch.Tensor) -> torch.Tensor:
     """:func:`displacement_to_grid` in composite ops (the same values), for ``torch.compile``.
 
     Dynamo cannot trace the strided ``out=`` writes of :class:`_ToGrid`; here each channel is an
     out-of-place broadcast add, stacked channel last, which a compiler fuses into one kernel.
     """
-    shape = tuple(u.shape[2:])
-    n = len(shape)
-    dtype = working_dtype(u.dtype)
-    uc = u.to(dtype)
-    scales = _grid_scales(shape)
-    channels = []
-    for k in range(n):
-        a = n - 1 - k
-        if shape[a] > 1:
-            view = [1] * (n + 1)
-            view[1 + a] = shape[a]
-            coords = torch.linspace(-1.0, 1.0, shape[a], dtype=dtype, device=u.device).view(view)
-            channels.append(torch.add(coords, uc[:, a], alpha=scales[k]))
-        else:
-            channels.append(torch.zeros_like(uc[:, a]))
-    return torch.stack(channels, dim=-1)
+    uc = u.to(working_dtype(u.dtype))
+    lines = _grid_lines(tuple(u.shape[2:]), uc.dtype, u.device)
+    return torch.stack([torch.add(c, uc[:, a], alpha=s) if c is not None else torch.zeros_like(uc[:, a]) for a, c, s in lines], dim=-1)
 
 
 class _ToGrid(torch.autograd.Function):
@@ -207,20 +207,15 @@ class _ToGrid(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u: torch.Tensor) -> torch.Tensor:  # noqa: D102 - documented on the class
         shape = tuple(u.shape[2:])
-        n = len(shape)
-        scales = _grid_scales(shape)
         dtype = working_dtype(u.dtype)
-        out = torch.empty((u.shape[0], n, *shape), dtype=dtype, device=u.device)
-        for k in range(n):
-            a = n - 1 - k
-            if shape[a] > 1:
-                view = [1] * (n + 1)
-                view[1 + a] = shape[a]
-                coords = torch.linspace(-1.0, 1.0, shape[a], dtype=dtype, device=u.device).view(view)
-                torch.add(coords, u[:, a].to(dtype), alpha=scales[k], out=out[:, k])
-            else:
+        lines = _grid_lines(shape, dtype, u.device)
+        out = torch.empty((u.shape[0], len(shape), *shape), dtype=dtype, device=u.device)
+        for k, (a, coords, scale) in enumerate(lines):
+            if coords is None:
                 out[:, k].zero_()
-        ctx.scales, ctx.dtype = scales, u.dtype
+            else:
+                torch.add(coords, u[:, a].to(dtype), alpha=scale, out=out[:, k])
+        ctx.scales, ctx.dtype = tuple(s for _, _, s in lines), u.dtype
         return out.movedim(1, -1)
 
     @staticmethod

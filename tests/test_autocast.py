@@ -162,3 +162,18 @@ def test_registration_step_under_autocast():
     num = sum(float((a - b).square().sum()) for a, b in zip(g16, g32) if b is not None)
     den = sum(float(b.square().sum()) for b in g32 if b is not None)
     assert (num / den) ** 0.5 <= 0.25  # the convolutions' bfloat16 gradients (measured 0.08)
+
+
+def test_learned_registration_under_autocast_gives_float32_maps():
+    from plasticine.registration import LearnedRegistration
+
+    torch.manual_seed(0)
+    reg = LearnedRegistration(RegistrationNet(encoder=(8, 8), features=8, align_channels=8, align_layers=1))
+    x, y = torch.rand(1, 1, 16, 20, generator=make_generator(3)), torch.rand(1, 1, 16, 20, generator=make_generator(4))
+    with torch.no_grad(), autocast():
+        phi = reg.register(x, y, cue=torch.rand(1, 1, 16, 20, generator=make_generator(5)))
+    assert phi.velocity.dtype == BF16 and phi.forward.dtype == phi.inverse.dtype == torch.float32
+    # a bfloat16 image is warped with the float32 field (not the field rounded to bfloat16)
+    image = smooth_field((1, 1, 16, 20), 1.0, seed=6)
+    moved = phi.to_target(image.to(BF16))
+    assert moved.dtype == BF16 and torch.equal(moved, warp(rounded(image), phi.forward).to(BF16))

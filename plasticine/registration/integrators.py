@@ -19,6 +19,12 @@ each step's ``grid_sample`` backward run from them one step at a time), which ne
 peak memory of plain autograd for forward+backward. With a fixed number of steps
 nothing synchronises with the host; ``steps="auto"`` reads :math:`\max|v|` once.
 
+Precision: a float16/bfloat16 velocity (say, predicted under :func:`torch.autocast`) is
+integrated in float32: the coordinate lines, every step's field and its accumulation are float32,
+and so is the returned displacement (see :doc:`/conventions`). All three integrators compile with
+``torch.compile(fullgraph=True)``; the lean scaling and squaring then runs as the operator
+``plasticine::lean_squaring`` with its own backward (the same values and gradient).
+
 Errors follow :doc:`/conventions`: the velocity must be a floating ``(B, N, *S)`` tensor with
 ``B >= 1`` (an integer velocity is refused, not integrated), and a NaN or an infinity in it gives a
 non-finite displacement wherever the flow reads it (at least at its own voxel), never a finite one.
@@ -110,7 +116,8 @@ def scaling_and_squaring(
             same loop.
 
     Returns:
-        The displacement of :math:`\exp(v)` in voxels.
+        The displacement of :math:`\exp(v)` in voxels, in ``velocity``'s dtype, or float32 for a
+        float16/bfloat16 velocity (integrated in float32).
 
     Raises:
         RuntimeError: from the backward, for ``memory="lean"`` with ``create_graph=True``.
@@ -282,7 +289,7 @@ def integrate_euler(velocity: torch.Tensor, steps: int = 32, padding: Padding = 
         padding: extension of ``v`` outside the grid.
 
     Returns:
-        The displacement of :math:`\exp(v)` in voxels.
+        The displacement of :math:`\exp(v)` in voxels (float32 for a float16/bfloat16 velocity).
 
     Shape:
         velocity: ``(B, N, *S)``; out: ``(B, N, *S)``.
@@ -310,7 +317,7 @@ def integrate_rk4(velocity: torch.Tensor, steps: int = 8, padding: Padding = "bo
         padding: extension of ``v`` outside the grid.
 
     Returns:
-        The displacement of :math:`\exp(v)` in voxels.
+        The displacement of :math:`\exp(v)` in voxels (float32 for a float16/bfloat16 velocity).
 
     Shape:
         velocity: ``(B, N, *S)``; out: ``(B, N, *S)``.

@@ -47,7 +47,7 @@ def image_and_field(ndim, seed=0, amp=3.0):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mode,padding", [("linear", "border"), ("linear", "zeros"), ("nearest", "reflection")])
+@pytest.mark.parametrize("mode,padding", [("linear", "border"), *(pytest.param(*c, marks=pytest.mark.slow) for c in (("linear", "zeros"), ("nearest", "reflection")))])
 def test_warp_and_compose_compile_to_eager_values(ndim, backend, mode, padding):
     img, u = image_and_field(ndim)
     out = compiled(lambda i, d: warp(i, d, mode, padding), backend)(img, u)
@@ -56,6 +56,7 @@ def test_warp_and_compose_compile_to_eager_values(ndim, backend, mode, padding):
     torch.testing.assert_close(c, compose(u, u.flip(0), padding), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("ndim", NDIMS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_warp_gradients_compile_to_eager_values(ndim, backend):
     img, u = image_and_field(ndim)
@@ -72,7 +73,7 @@ def test_warp_gradients_compile_to_eager_values(ndim, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("memory", ["lean", "autograd"])
+@pytest.mark.parametrize("memory", ["lean", pytest.param("autograd", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("steps", [pytest.param(2, marks=pytest.mark.slow), 5])
 def test_scaling_and_squaring_compiles_with_the_same_gradient(ndim, backend, memory, steps):
     # memory="lean" (the default) runs as the plasticine::lean_squaring operator under compile

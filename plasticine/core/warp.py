@@ -229,7 +229,7 @@ def warp(
 
     Returns:
         The warped image, same shape and dtype as ``image``; float32 under :func:`torch.autocast`
-        for a half-precision image or displacement (autocast's own rule for ``grid_sample``).
+        for a half-precision image or displacement (as CPU autocast runs ``grid_sample``).
         Non-finite values propagate (see
         :doc:`/conventions`): ``out(p)`` is NaN where ``u(p)`` holds a NaN or an infinity, and
         non-finite where interpolation reads a non-finite image voxel.

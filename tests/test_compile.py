@@ -135,7 +135,10 @@ def small_unet(ndim=2):
     return ConditionalUNet(UNetConfig(ndim=ndim, base_channels=8, channel_mults=(1, 2), attention_levels=(1,), dropout=0.0))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+NETWORK_BACKENDS = ["eager", pytest.param("aot_eager", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("backend", NETWORK_BACKENDS)
 def test_denoiser_forward_and_training_loss_compile(backend):
     net = small_unet()
     x = torch.randn(2, 1, 13, 10, generator=make_generator(0))
@@ -160,7 +163,7 @@ def test_denoiser_forward_and_training_loss_compile(backend):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", NETWORK_BACKENDS)
 def test_registration_network_forward_and_objective_compile(backend):
     torch.manual_seed(0)
     net = RegistrationNet(encoder=(8, 8), features=8, align_channels=8, align_layers=1)

@@ -153,9 +153,9 @@ def displacement_to_grid(displacement: torch.Tensor) -> torch.Tensor:
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype in which coordinates built from a field of ``dtype`` are computed.
 
-    float32 for float16 and bfloat16 (an 8-bit mantissa holds a coordinate of 256 to the nearest
-    voxel, so identity + displacement, squaring accumulations and Jacobian determinants are formed
-    in float32, see :doc:`/conventions`); every other floating dtype is kept.
+    float32 for float16 and bfloat16 (bfloat16's 8 significant bits resolve a coordinate between
+    128 and 256 to whole voxels, so identity + displacement, squaring accumulations and Jacobian
+    determinants are formed in float32, see :doc:`/conventions`); every other floating dtype is kept.
 
     Shape:
         Not applicable.

@@ -10,6 +10,7 @@ Usage::
     python benchmarks/primitives.py                 # full run: 2D and 3D, CPU (and CUDA if present)
     python benchmarks/primitives.py --quick         # 2D only, 2-3 calls each (CI smoke run, about a minute on idle cores)
     python benchmarks/primitives.py --only warp --only mutual_information --json out.json
+    python benchmarks/primitives.py --compiled      # plasticine's warp and squaring: torch.compile against eager
 
 A primitive that plasticine does not provide yet is reported as ``missing``; a peer that cannot
 be imported is reported as ``unavailable`` with the reason; a peer without the operation (or
@@ -1044,6 +1045,68 @@ def _devices(arg: str) -> list[torch.device]:
     return [dev]
 
 
+def compiled_against_eager(dims: Sequence[int], device: torch.device, settings: Settings) -> list[dict[str, Any]]:
+    """Time plasticine's warp and scaling and squaring eagerly and under ``torch.compile``; print the ratios.
+
+    ``torch.compile(fn, fullgraph=True)`` with the default (inductor) backend, compiled and run once
+    before the clock starts (the compile time is printed apart); eager and compiled calls
+    interleaved (:func:`_timing.time_interleaved`). Forward without grad, and forward+backward of
+    the sum. Scaling and squaring with ``memory="lean"`` (the default; compiled it runs as one
+    opaque operator) and ``"autograd"`` (compiled as a whole).
+
+    Args:
+        dims: spatial dimensions (the sizes of :data:`SHAPES`).
+        device: where to run.
+        settings: repeats and time budget per measurement.
+
+    Returns:
+        One record per case: name, size, eager and compiled medians (ms), ratio, compile seconds.
+    """
+    from plasticine.core import warp
+    from plasticine.registration import scaling_and_squaring
+
+    cases: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+        "warp": lambda img, u: warp(img, u),
+        "scaling_and_squaring lean": lambda img, u: scaling_and_squaring(u, SQUARING_STEPS),
+        "scaling_and_squaring autograd": lambda img, u: scaling_and_squaring(u, SQUARING_STEPS, memory="autograd"),
+    }
+    records: list[dict[str, Any]] = []
+    rows = []
+    for ndim in dims:
+        inp = make_inputs("warp", ndim, device)
+        img, u = inp["image"], inp["u"]
+        for name, fn in cases.items():
+            for grad in (False, True):
+                torch._dynamo.reset()
+                comp = torch.compile(fn, fullgraph=True)
+                x = u.detach().clone().requires_grad_(grad)
+
+                def call(f, x=x, grad=grad):
+                    if not grad:
+                        with torch.no_grad():
+                            return f(img, x)
+                    out = f(img, x)
+                    return torch.autograd.grad(out.sum(), x)
+
+                t0 = time.perf_counter()
+                call(comp)
+                compile_s = time.perf_counter() - t0
+                times, _ = T.time_interleaved({"eager": lambda: call(fn), "compiled": lambda: call(comp)}, device,
+                                              warmup=settings.warmup, repeats=settings.repeats,
+                                              min_repeats=settings.min_repeats, max_seconds=settings.max_seconds)
+                e, c = times["eager"].median_ms, times["compiled"].median_ms
+                label = f"1x{ndim}x" + "x".join(map(str, SHAPES[ndim]))
+                kind = "fwd+bwd" if grad else "fwd"
+                records.append({"case": name, "kind": kind, "size": label, "eager_ms": e, "compiled_ms": c,
+                                "ratio": T.ratio(c, e), "compile_s": compile_s})
+                rows.append([name, kind, label, T.format_ms(e), T.format_ms(c), T.format_ratio(T.ratio(c, e)), f"{compile_s:.1f}"])
+                print(f"  {name} {kind} {label}: eager {e:.3g} ms, compiled {c:.3g} ms", file=sys.stderr, flush=True)
+    print(f"== torch.compile (inductor, fullgraph) against eager, {device}; ratio < 1: compiled faster ==")
+    print(T.format_table(["primitive", "pass", "size", "eager ms", "compiled ms", "ratio", "compile s"], rows,
+                         ["<", "<", "<", ">", ">", ">", ">"]))
+    return records
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options (see the module docstring and ``--help``).
 
@@ -1064,6 +1127,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, help="timed calls per measurement at most (default 11; --quick: 3)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     ap.add_argument("--json", type=Path, metavar="PATH", help="write all results and ratios to PATH")
+    ap.add_argument("--compiled", action="store_true",
+                    help="instead: plasticine's warp and scaling and squaring under torch.compile against eager")
     ap.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -1092,6 +1157,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     prims = _selected(args.only)
     devices = _devices(args.device)
     t_start = time.perf_counter()
+    if args.compiled:
+        print(f"plasticine under torch.compile  torch {torch.__version__}, {args.threads} threads, "
+              f"load {T.machine_summary(devices[-1]).get('load_average')}", flush=True)
+        records = [dict(r, device=str(d)) for d in devices for r in compiled_against_eager(dims, d, settings)]
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"compiled_against_eager": records}, indent=1))
+        print(f"total {time.perf_counter() - t_start:.0f} s")
+        return 0
 
     meta = {"machine": T.machine_summary(devices[-1]), "versions": library_versions(), "dims": dims,
             "settings": vars(settings), "shapes": {str(k): v for k, v in SHAPES.items()},

@@ -157,6 +157,15 @@ CASES: dict[str, Case] = {
         lambda b: {"tensor": image(b)},
         na={"nan": "checks shapes and dtypes only, computes nothing"},
     ),
+    "core.check_values": Case(
+        lambda values: core.check_values(values, values < 0, lambda: "values: expected values >= 0"),
+        lambda b: {"values": image(b)},
+        na={
+            "shape": "accepts any shape (the flags broadcast to the values)",
+            "empty": "accepts any shape; an empty tensor has no value to refuse",
+            "integer": "accepts any dtype; the caller's flags decide",
+        },
+    ),
     "core.compose": Case(core.compose, lambda b: {"u_a": field_(b), "u_b": field_(b)}),
     "core.displacement_from_world": Case(core.displacement_from_world, lambda b: {"displacement": field_(b), "affine": torch.eye(3)}),
     "core.displacement_to_grid": Case(core.displacement_to_grid, disp),

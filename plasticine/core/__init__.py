@@ -39,7 +39,7 @@ from .protocols import (
     Warper,
 )
 from .shapes import NonFiniteError, check_finite, check_shape
-from .validate import check_image, check_int, check_number, check_option
+from .validate import check_image, check_int, check_number, check_option, check_values
 from .warp import GridSampleWarper, compose, sample_at_points, warp
 
 __all__ = [
@@ -65,6 +65,7 @@ __all__ = [
     "check_number",
     "check_option",
     "check_shape",
+    "check_values",
     "compose",
     "displacement_from_world",
     "displacement_to_grid",

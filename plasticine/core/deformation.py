@@ -14,6 +14,7 @@ from .jacobian import (
     inverse_consistency_error,
     jacobian_determinant,
 )
+from .grid import working_dtype
 from .shapes import check_finite, check_shape
 from .warp import Mode, Padding, sample_at_points, warp
 
@@ -106,7 +107,8 @@ class Deformation:
         """Source image in target geometry: ``image o phi``.
 
         Args:
-            image: an image in source geometry (floating; the field is cast to its dtype).
+            image: an image in source geometry (floating; the field is cast to its dtype, to
+                float32 for a float16/bfloat16 image, see :func:`~plasticine.core.warp`).
             mode: interpolation, as in :func:`~plasticine.core.warp`.
             padding: extension outside the grid, as in :func:`~plasticine.core.warp`.
 
@@ -117,13 +119,14 @@ class Deformation:
             image: ``(B, C, *S)``; out: ``(B, C, *S)``.
         """
         check_shape(image, "B C *S", "image", floating=True)
-        return warp(image, self.forward.to(image.dtype), mode, padding)
+        return warp(image, self.forward.to(working_dtype(image.dtype)), mode, padding)
 
     def to_source(self, image: torch.Tensor, mode: Mode = "linear", padding: Padding = "border") -> torch.Tensor:
         """Target image in source geometry: ``image o phi^-1``.
 
         Args:
-            image: an image in target geometry (floating; the field is cast to its dtype).
+            image: an image in target geometry (floating; the field is cast to its dtype, to
+                float32 for a float16/bfloat16 image, see :func:`~plasticine.core.warp`).
             mode: interpolation, as in :func:`~plasticine.core.warp`.
             padding: extension outside the grid, as in :func:`~plasticine.core.warp`.
 
@@ -134,7 +137,7 @@ class Deformation:
             image: ``(B, C, *S)``; out: ``(B, C, *S)``.
         """
         check_shape(image, "B C *S", "image", floating=True)
-        return warp(image, self.inverse.to(image.dtype), mode, padding)
+        return warp(image, self.inverse.to(working_dtype(image.dtype)), mode, padding)
 
     # -- labels -----------------------------------------------------------------------------
     def labels_to_target(

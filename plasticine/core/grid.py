@@ -145,7 +145,52 @@ def displacement_to_grid(displacement: torch.Tensor) -> torch.Tensor:
         displacement: ``(B, N, *S)``; out: ``(B, *S, N)``.
     """
     check_shape(displacement, "B N *S", "displacement", floating=True)
+    if torch.compiler.is_compiling():
+        return _to_grid_traced(displacement)
     return _ToGrid.apply(displacement)
+
+
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype in which coordinates built from a field of ``dtype`` are computed.
+
+    float32 for float16 and bfloat16 (bfloat16's 8 significant bits resolve a coordinate between
+    128 and 256 to whole voxels, so identity + displacement, squaring accumulations and Jacobian
+    determinants are formed in float32, see :doc:`/conventions`); every other floating dtype is kept.
+
+    Shape:
+        Not applicable.
+    """
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _grid_scales(shape: Sequence[int]) -> tuple[float, ...]:
+    """``2 / (S_a - 1)`` for grid channel ``k`` (axis ``a = N - 1 - k``), 0 on an axis of size 1."""
+    n = len(shape)
+    return tuple(2.0 / (shape[n - 1 - k] - 1) if shape[n - 1 - k] > 1 else 0.0 for k in range(n))
+
+
+def _grid_lines(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> list[tuple[int, torch.Tensor | None, float]]:
+    """Per grid channel ``k``: its axis ``a = N - 1 - k``, that axis' ``linspace`` broadcast as ``(1, *S)`` (None on an axis of size 1), and its scale."""
+    n = len(shape)
+    lines = []
+    for k, scale in enumerate(_grid_scales(shape)):
+        a = n - 1 - k
+        view = [1] * (n + 1)
+        view[1 + a] = shape[a]
+        coords = torch.linspace(-1.0, 1.0, shape[a], dtype=dtype, device=device).view(view) if shape[a] > 1 else None
+        lines.append((a, coords, scale))
+    return lines
+
+
+def _to_grid_traced(u: torch.Tensor) -> torch.Tensor:
+    """:func:`displacement_to_grid` in composite ops (the same values), for ``torch.compile``.
+
+    Dynamo cannot trace the strided ``out=`` writes of :class:`_ToGrid`; here each channel is an
+    out-of-place broadcast add, stacked channel last, which a compiler fuses into one kernel.
+    """
+    uc = u.to(working_dtype(u.dtype))
+    lines = _grid_lines(tuple(u.shape[2:]), uc.dtype, u.device)
+    return torch.stack([torch.add(c, uc[:, a], alpha=s) if c is not None else torch.zeros_like(uc[:, a]) for a, c, s in lines], dim=-1)
 
 
 class _ToGrid(torch.autograd.Function):
@@ -154,25 +199,23 @@ class _ToGrid(torch.autograd.Function):
     Forward: one broadcast add of that axis' ``linspace`` per channel, written straight into a
     channel-first buffer (returned as its channel-last view); backward: one scaled copy per channel.
     No identity grid, channel flip, tensor of scales or concatenation is built per call. The map is
-    affine, so the backward is differentiable again (composite ops under ``create_graph``).
+    affine, so the backward is differentiable again (composite ops under ``create_graph``). A
+    float16/bfloat16 ``u`` gives a float32 grid (:func:`working_dtype`); its gradient comes
+    back in ``u``'s dtype.
     """
 
     @staticmethod
     def forward(ctx, u: torch.Tensor) -> torch.Tensor:  # noqa: D102 - documented on the class
         shape = tuple(u.shape[2:])
-        n = len(shape)
-        scales = tuple(2.0 / (shape[n - 1 - k] - 1) if shape[n - 1 - k] > 1 else 0.0 for k in range(n))
-        out = torch.empty((u.shape[0], n, *shape), dtype=u.dtype, device=u.device)
-        for k in range(n):
-            a = n - 1 - k
-            if shape[a] > 1:
-                view = [1] * (n + 1)
-                view[1 + a] = shape[a]
-                coords = torch.linspace(-1.0, 1.0, shape[a], dtype=u.dtype, device=u.device).view(view)
-                torch.add(coords, u[:, a], alpha=scales[k], out=out[:, k])
-            else:
+        dtype = working_dtype(u.dtype)
+        lines = _grid_lines(shape, dtype, u.device)
+        out = torch.empty((u.shape[0], len(shape), *shape), dtype=dtype, device=u.device)
+        for k, (a, coords, scale) in enumerate(lines):
+            if coords is None:
                 out[:, k].zero_()
-        ctx.scales = scales
+            else:
+                torch.add(coords, u[:, a].to(dtype), alpha=scale, out=out[:, k])
+        ctx.scales, ctx.dtype = tuple(s for _, _, s in lines), u.dtype
         return out.movedim(1, -1)
 
     @staticmethod
@@ -180,8 +223,8 @@ class _ToGrid(torch.autograd.Function):
         n = grad.shape[-1]
         scales = ctx.scales
         if torch.is_grad_enabled():  # create_graph: composite, differentiable ops
-            return torch.stack([grad[..., n - 1 - i] * scales[n - 1 - i] for i in range(n)], 1)
-        gu = torch.empty((grad.shape[0], n, *grad.shape[1:-1]), dtype=grad.dtype, device=grad.device)
+            return torch.stack([grad[..., n - 1 - i] * scales[n - 1 - i] for i in range(n)], 1).to(ctx.dtype)
+        gu = torch.empty((grad.shape[0], n, *grad.shape[1:-1]), dtype=ctx.dtype, device=grad.device)
         for i in range(n):
             torch.mul(grad[..., n - 1 - i], scales[n - 1 - i], out=gu[:, i])
         return gu

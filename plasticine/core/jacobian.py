@@ -25,7 +25,7 @@ from typing import Literal, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
-from .grid import constant_vector, _vector_length
+from .grid import constant_vector, _vector_length, working_dtype
 from .shapes import check_shape, spacing_tuple
 from .warp import compose
 
@@ -54,7 +54,8 @@ def _twice_gradient(field: torch.Tensor) -> torch.Tensor:
         field: ``(B, C, *S)``; out: ``(B, C, N, *S)``.
     """
     n = field.dim() - 2
-    track = torch.is_grad_enabled() and field.requires_grad
+    # composite ops under autograd and under torch.compile (which cannot trace the strided out= writes)
+    track = (torch.is_grad_enabled() and field.requires_grad) or torch.compiler.is_compiling()
     parts = []
     out = None if track else torch.empty(field.shape[0], field.shape[1], n, *field.shape[2:], dtype=field.dtype, device=field.device)
     for j in range(n):
@@ -152,7 +153,10 @@ def jacobian_determinant(displacement: torch.Tensor) -> torch.Tensor:
         displacement: ``u`` in voxels, channel ``i`` along axis ``i``.
 
     Returns:
-        :math:`\det J` per voxel; ``> 0`` where :math:`\phi` preserves orientation.
+        :math:`\det J` per voxel; ``> 0`` where :math:`\phi` preserves orientation. A
+        float16/bfloat16 displacement is differentiated and its determinant formed in float32
+        (the result is float32; in 8 mantissa bits :math:`1 - \det J` of a small deformation is
+        lost), also under :func:`torch.autocast`.
 
     Shape:
         displacement: ``(B, N, *S)``; out: ``(B, 1, *S)``.
@@ -163,9 +167,9 @@ def jacobian_determinant(displacement: torch.Tensor) -> torch.Tensor:
         1.5
     """
     n = check_shape(displacement, "B N *S", "displacement", floating=True)["N"]
-    g = _twice_gradient(displacement)  # (B, N_i, N_j, *S) = 2 du_i/dx_j
+    g = _twice_gradient(displacement.to(working_dtype(displacement.dtype)))  # (B, N_i, N_j, *S) = 2 du_i/dx_j
     diag = g.diagonal(dim1=1, dim2=2)
-    if torch.is_grad_enabled() and g.requires_grad:
+    if (torch.is_grad_enabled() and g.requires_grad) or torch.compiler.is_compiling():
         g = g + 2.0 * torch.eye(n, dtype=g.dtype, device=g.device).view(1, n, n, *([1] * n))
     else:
         diag.add_(2.0)

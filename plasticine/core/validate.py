@@ -21,13 +21,13 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 import torch
 
 from .shapes import check_finite, check_shape
 
-__all__ = ["check_int", "check_number", "check_option", "check_interval", "check_image"]
+__all__ = ["check_int", "check_number", "check_option", "check_interval", "check_image", "check_values"]
 
 T = TypeVar("T")
 
@@ -188,3 +188,40 @@ def check_image(image: torch.Tensor, name: str) -> dict[str, Any]:
     dims = check_shape(image, "B C *S", name, floating=True)
     check_finite(image, name)
     return dims
+
+
+def check_values(values: torch.Tensor, bad: torch.Tensor, message: Callable[[], str]) -> torch.Tensor:
+    """Refuse tensor values flagged in ``bad``: a ``ValueError`` in eager mode, NaN under ``torch.compile``.
+
+    A check on the values of a tensor reads a flag on the host, which a compiled graph cannot do
+    without a break. Eagerly this raises ``ValueError(message())`` when any entry of ``bad`` is
+    true (``message`` is called only then, so it may read the tensor). While ``torch.compile``
+    traces, it returns ``values`` with NaN where ``bad`` holds instead, so that a refused value
+    gives a non-finite result, never a finite one (see :doc:`/conventions`).
+
+    Args:
+        values: the tensor checked (floating).
+        bad: where it is refused, broadcastable to ``values``.
+        message: builds the one-line error message.
+
+    Returns:
+        ``values`` (eager, all good) or ``where(bad, NaN, values)`` (compiled).
+
+    Raises:
+        ValueError: eagerly, if ``bad`` has a true entry.
+
+    Shape:
+        values: any; bad: broadcastable to ``values``; out: as ``values``.
+
+    Example:
+        >>> g = torch.tensor([0.5, 2.0])
+        >>> check_values(g, g > 1, lambda: "gamma: expected values <= 1, got 2.0")
+        Traceback (most recent call last):
+            ...
+        ValueError: gamma: expected values <= 1, got 2.0
+    """
+    if torch.compiler.is_compiling():
+        return torch.where(bad, torch.full_like(values, math.nan), values)
+    if bool(bad.any()):
+        raise ValueError(message())
+    return values

@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .grid import constant_vector, _normalised_identity, _normalised_scale, displacement_to_grid
+from .grid import constant_vector, _normalised_identity, _normalised_scale, working_dtype, displacement_to_grid
 from .shapes import check_shape
 
 __all__ = ["warp", "compose", "sample_at_points", "GridSampleWarper", "NormalisedFrame", "Mode", "Padding"]
@@ -62,7 +62,8 @@ def _grid_sample(image: torch.Tensor, grid: torch.Tensor, mode: str, padding: st
     s0 = grid.shape[1]
     points = grid[0, ..., 0].numel()
     k = 1
-    if image.device.type == "cpu" and image.shape[0] == 1 and grid.shape[0] == 1:
+    # under torch.compile the compiler schedules the threads (and get_num_threads cannot be traced)
+    if image.device.type == "cpu" and image.shape[0] == 1 and grid.shape[0] == 1 and not torch.compiler.is_compiling():
         k = min(torch.get_num_threads(), s0, points // _MIN_POINTS_PER_PIECE)
     if k <= 1:
         return F.grid_sample(image, grid, mode=mode, padding_mode=padding, align_corners=True)
@@ -89,6 +90,9 @@ class NormalisedFrame:
     the scale is 1 (the component is carried along; ``grid_sample`` reads the only voxel there).
     Shared by the integrators of :mod:`plasticine.registration.integrators`.
 
+    Fields of float16/bfloat16 ``like`` are handled in float32: the coordinate lines, the scale and
+    so every ``to_grid`` result are float32 (see :doc:`/conventions`).
+
     Args:
         like: a tensor of the spatial size, dtype and device of the fields to warp.
         mode: interpolation.
@@ -105,10 +109,11 @@ class NormalisedFrame:
         self.padding = padding
         self.shape = shape
         n = len(shape)
-        lines = [torch.linspace(-1.0, 1.0, k, dtype=like.dtype, device=like.device) if k > 1 else torch.zeros(1, dtype=like.dtype, device=like.device) for k in shape]
+        dtype = working_dtype(like.dtype)
+        lines = [torch.linspace(-1.0, 1.0, k, dtype=dtype, device=like.device) if k > 1 else torch.zeros(1, dtype=dtype, device=like.device) for k in shape]
         # channel c of the grid is the coordinate along axis n - 1 - c, broadcast over the others
         self._lines = [lines[n - 1 - c].view([-1 if d == n - 1 - c else 1 for d in range(n)]) for c in range(n)]
-        self.scale = _normalised_scale(shape, like, size_one=1.0)
+        self.scale = _normalised_scale(shape, torch.empty(0, dtype=dtype, device=like.device), size_one=1.0)
         self._identity: torch.Tensor | None = None
 
     @property
@@ -121,8 +126,8 @@ class NormalisedFrame:
 
         Outside autograd each channel is written as ``w`` plus the broadcast coordinate line of
         its axis, straight into a contiguous grid, so no identity field is stored; under autograd
-        (``w`` requiring grad) it is ``identity + w`` with the identity built once per frame,
-        channel last as a view.
+        (``w`` requiring grad) and under ``torch.compile`` (which cannot trace the strided
+        writes) it is ``identity + w`` with the identity built once per frame, channel last as a view.
 
         Args:
             w: the field in normalised units.
@@ -130,7 +135,7 @@ class NormalisedFrame:
         Shape:
             w: ``(B, N, *S)``; out: ``(B, *S, N)``.
         """
-        if torch.is_grad_enabled() and w.requires_grad:
+        if (torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling():
             if self._identity is None:
                 self._identity = self.identity
             return (self._identity + w).movedim(1, -1)
@@ -207,7 +212,8 @@ def warp(
     ``+3`` along axis 0 therefore moves the image content by ``-3`` along axis 0.
 
     Args:
-        image: the image to resample, any floating dtype matching ``displacement``.
+        image: the image to resample, any floating dtype matching ``displacement`` (a
+            float16/bfloat16 one may meet a float32 one).
         displacement: ``u`` in voxels, channel ``i`` along spatial axis ``i``. Its batch size
             must equal the image's, or be 1 (one field for every image).
         mode: ``"linear"`` (bi/trilinear, default), ``"nearest"`` (gives no gradient with
@@ -217,8 +223,14 @@ def warp(
             ``"zeros"`` or ``"reflection"`` (mirrored about the edge voxel centres, scipy's
             ``mode="mirror"``).
 
+    Precision: the sampling coordinates ``p + u(p)`` are formed in float32 for a float16/bfloat16
+    displacement and the image is sampled in float32 then, so half-precision inputs keep
+    sub-voxel accuracy (``torch.compile`` and autocast alike, see :doc:`/conventions`).
+
     Returns:
-        The warped image, same shape and dtype as ``image``. Non-finite values propagate (see
+        The warped image, same shape and dtype as ``image``; float32 under :func:`torch.autocast`
+        for a half-precision image or displacement (as CPU autocast runs ``grid_sample``).
+        Non-finite values propagate (see
         :doc:`/conventions`): ``out(p)`` is NaN where ``u(p)`` holds a NaN or an infinity, and
         non-finite where interpolation reads a non-finite image voxel.
 
@@ -239,18 +251,26 @@ def warp(
         raise ValueError(
             f"displacement: expected batch size {expected}, got {bu}: image {tuple(image.shape)}, displacement {tuple(displacement.shape)}"
         )
-    if image.dtype != displacement.dtype:
-        raise ValueError(f"displacement: expected the image's dtype {image.dtype}, got {displacement.dtype}")
+    _check_dtypes(image, displacement, "displacement", "the image's")
     tmode = _torch_mode(mode, padding, n)
     if mode == "nearest" and displacement.requires_grad and torch.is_grad_enabled():
         warnings.warn(
             "warp(mode='nearest') has zero gradient with respect to the displacement; use mode='linear' to optimise it",
             stacklevel=2,
         )
-    grid = displacement_to_grid(displacement)
+    grid = displacement_to_grid(displacement)  # float32 for a half-precision displacement
     if bu != dims["B"]:
         grid = grid.expand(dims["B"], *grid.shape[1:])
-    return _mark_non_finite(_grid_sample(image, grid, tmode, padding), displacement, 1)
+    out = _grid_sample(image.to(grid.dtype), grid, tmode, padding)
+    if not torch.is_autocast_enabled(image.device.type):
+        out = out.to(image.dtype)
+    return _mark_non_finite(out, displacement, 1)
+
+
+def _check_dtypes(a: torch.Tensor, b: torch.Tensor, name: str, whose: str) -> None:
+    """Equal dtypes, or float16/bfloat16 beside float32 (computed in float32); else a ValueError naming ``name``."""
+    if a.dtype != b.dtype and not (working_dtype(a.dtype) == working_dtype(b.dtype) == torch.float32):
+        raise ValueError(f"{name}: expected {whose} dtype {a.dtype}, got {b.dtype} (only float16/bfloat16 may meet float32)")
 
 
 def compose(u_a: torch.Tensor, u_b: torch.Tensor, padding: Padding = "border") -> torch.Tensor:
@@ -266,16 +286,17 @@ def compose(u_a: torch.Tensor, u_b: torch.Tensor, padding: Padding = "border") -
         padding: how ``u_a`` is extended outside the grid (border by default).
 
     Returns:
-        The displacement of :math:`\phi_a \circ \phi_b` in voxels.
+        The displacement of :math:`\phi_a \circ \phi_b` in voxels, in the wider dtype of the two
+        and at least float32 (float16/bfloat16 fields are composed in float32).
 
     Shape:
         u_a: ``(B, N, *S)``; u_b: ``(B, N, *S)``; out: ``(B, N, *S)``.
     """
     dims = check_shape(u_a, "B N *S", "u_a", floating=True)
     check_shape(u_b, "B N *S", "u_b", bindings=dims, floating=True)
-    if u_a.dtype != u_b.dtype:
-        raise ValueError(f"u_b: expected the dtype of u_a, {u_a.dtype}, got {u_b.dtype}")
-    return u_b + warp(u_a, u_b, padding=padding)
+    _check_dtypes(u_a, u_b, "u_b", "u_a's")
+    dtype = working_dtype(torch.promote_types(u_a.dtype, u_b.dtype))
+    return u_b.to(dtype) + warp(u_a.to(dtype), u_b, padding=padding)
 
 
 def sample_at_points(

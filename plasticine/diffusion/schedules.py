@@ -45,7 +45,7 @@ import torch
 
 from ..core.config import Configurable
 from ..core.shapes import check_shape
-from ..core.validate import check_int, check_number
+from ..core.validate import check_int, check_number, check_values
 
 __all__ = [
     "DiscreteSchedule",
@@ -227,8 +227,9 @@ class DiscreteSchedule(Configurable):
         check_shape(gamma, "B", "gamma", bindings={"B": dims["B"]})
         if not gamma.is_floating_point():
             raise ValueError(f"gamma: expected a floating tensor of signal levels, got dtype {gamma.dtype}")
-        if bool(((gamma < 0) | (gamma > 1)).any()):
-            raise ValueError(f"gamma: expected values in [0, 1], got min {float(gamma.min())}, max {float(gamma.max())}")
+        gamma = check_values(
+            gamma, (gamma < 0) | (gamma > 1), lambda: f"gamma: expected values in [0, 1], got min {float(gamma.min())}, max {float(gamma.max())}"
+        )
         return _broadcast(gamma.sqrt(), y0) * y0 + _broadcast((1 - gamma).sqrt(), y0) * noise
 
     def sample_gamma(

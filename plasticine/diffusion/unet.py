@@ -34,7 +34,7 @@ from torch import nn
 
 from ..core.config import Configurable, register_settings
 from ..core.shapes import check_shape
-from ..core.validate import check_int, check_number, check_option
+from ..core.validate import check_int, check_number, check_option, check_values
 
 if TYPE_CHECKING:  # pragma: no cover
     from .conditioning import LearnedConditioning
@@ -69,7 +69,7 @@ def log_snr(gamma: torch.Tensor, max_log_snr: float = MAX_LOG_SNR) -> torch.Tens
         >>> log_snr(torch.tensor([0.5, 1.0]))
         tensor([ 0., 20.])
     """
-    _check_gamma_values(gamma)
+    gamma = _check_gamma_values(gamma)
     if not max_log_snr > 0:
         raise ValueError(f"max_log_snr: expected a positive number, got {max_log_snr}")
     g = gamma.to(torch.promote_types(gamma.dtype, torch.float32))
@@ -127,16 +127,17 @@ def noise_level_embedding(gamma: torch.Tensor, dim: int, max_log_snr: float = MA
     return torch.cat([torch.sin(arg), torch.cos(arg)], dim=1)
 
 
-def _check_gamma_values(gamma: torch.Tensor) -> None:
+def _check_gamma_values(gamma: torch.Tensor) -> torch.Tensor:
+    """``gamma`` if every level is in (0, 1]; a ValueError otherwise (NaN there under ``torch.compile``)."""
     if not isinstance(gamma, torch.Tensor) or not gamma.is_floating_point():
         what = gamma.dtype if isinstance(gamma, torch.Tensor) else type(gamma).__name__
         raise ValueError(f"gamma: expected a floating tensor of signal levels in (0, 1], got {what}")
     bad = ~((gamma > 0) & (gamma <= 1))  # also catches NaN
-    if bool(bad.any()):
-        raise ValueError(
-            f"gamma: expected cumulative signal levels in (0, 1], got values in "
-            f"[{float(gamma.min())}, {float(gamma.max())}] ({int(bad.sum())} outside)"
-        )
+    return check_values(
+        gamma,
+        bad,
+        lambda: f"gamma: expected cumulative signal levels in (0, 1], got values in [{float(gamma.min())}, {float(gamma.max())}] ({int(bad.sum())} outside)",
+    )
 
 
 def init_parameters(module: nn.Module, generator: torch.Generator | None = None) -> None:
@@ -441,7 +442,8 @@ class ConditionalUNet(Configurable, nn.Module, config_ignore=("generator",)):
 
         Raises:
             ValueError: for a wrong shape, channel count, dtype or dimensionality, a missing or
-                unexpected condition, or ``gamma`` outside :math:`(0, 1]`.
+                unexpected condition, or ``gamma`` outside :math:`(0, 1]` (under ``torch.compile``
+                the value check gives NaN instead, see :func:`~plasticine.core.check_values`).
 
         Shape:
             noisy: ``(B, C, *S)``; gamma: ``(B,)``; condition: ``(B, Cc, *S)`` or None; out: ``(B, C, *S)``.
@@ -453,7 +455,7 @@ class ConditionalUNet(Configurable, nn.Module, config_ignore=("generator",)):
         if not noisy.is_floating_point():
             raise ValueError(f"noisy: expected a floating tensor, got {noisy.dtype}")
         check_shape(gamma, "B", "gamma", bindings={"B": dims["B"]})
-        _check_gamma_values(gamma)
+        gamma = _check_gamma_values(gamma)
         x = noisy
         if cfg.cond_channels == 0:
             if condition is not None:

@@ -6,10 +6,9 @@ from __future__ import annotations
 import torch
 
 from ..core import check_shape
+from ..core.grid import working_dtype
 
 __all__: list[str] = []
-
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def promote(x: torch.Tensor) -> torch.Tensor:
@@ -18,7 +17,7 @@ def promote(x: torch.Tensor) -> torch.Tensor:
     Statistics such as histograms, entropies and sums of squares overflow or lose all precision in
     half precision, so every loss computes them in at least float32.
     """
-    return x.float() if x.dtype in _LOW_PRECISION else x
+    return x.to(working_dtype(x.dtype))
 
 
 def check_pair(

@@ -19,6 +19,12 @@ each step's ``grid_sample`` backward run from them one step at a time), which ne
 peak memory of plain autograd for forward+backward. With a fixed number of steps
 nothing synchronises with the host; ``steps="auto"`` reads :math:`\max|v|` once.
 
+Precision: a float16/bfloat16 velocity (say, predicted under :func:`torch.autocast`) is
+integrated in float32: the coordinate lines, every step's field and its accumulation are float32,
+and so is the returned displacement (see :doc:`/conventions`). All three integrators compile with
+``torch.compile(fullgraph=True)``; the lean scaling and squaring then runs as the operator
+``plasticine::lean_squaring`` with its own backward (the same values and gradient).
+
 Errors follow :doc:`/conventions`: the velocity must be a floating ``(B, N, *S)`` tensor with
 ``B >= 1`` (an integer velocity is refused, not integrated), and a NaN or an infinity in it gives a
 non-finite displacement wherever the flow reads it (at least at its own voxel), never a finite one.
@@ -32,6 +38,7 @@ References:
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import Literal, get_args
 
 import torch
@@ -39,6 +46,7 @@ import torch
 from ..core.config import Configurable
 from ..core.shapes import NonFiniteError, check_shape
 from ..core.validate import check_int, check_option
+from ..core.grid import working_dtype
 from ..core.warp import NormalisedFrame, Padding
 
 Memory = Literal["lean", "autograd"]
@@ -108,7 +116,8 @@ def scaling_and_squaring(
             same loop.
 
     Returns:
-        The displacement of :math:`\exp(v)` in voxels.
+        The displacement of :math:`\exp(v)` in voxels, in ``velocity``'s dtype, or float32 for a
+        float16/bfloat16 velocity (integrated in float32).
 
     Raises:
         RuntimeError: from the backward, for ``memory="lean"`` with ``create_graph=True``.
@@ -128,6 +137,8 @@ def scaling_and_squaring(
     memory = check_option(memory, "memory", get_args(Memory))
     frame = NormalisedFrame(velocity, "linear", padding)
     if memory == "lean" and steps and torch.is_grad_enabled() and velocity.requires_grad:
+        if torch.compiler.is_compiling():
+            return frame.from_grid(_lean_squaring(velocity, steps, frame.padding)[0])
         return frame.from_grid(_LeanSquaring.apply(velocity, frame, steps))
     w = frame.to_grid(velocity) * (0.5**steps)
     for _ in range(steps):
@@ -212,6 +223,60 @@ class _LeanSquaring(torch.autograd.Function):
         return grad.mul_(frame.scale).mul_(0.5**steps).flip(1), None, None
 
 
+@torch.library.custom_op("plasticine::lean_squaring", mutates_args=())
+def _lean_squaring(velocity: torch.Tensor, steps: int, padding: str) -> list[torch.Tensor]:
+    r"""The lean forward as one operator for ``torch.compile``: ``[w_T, w_3, ..., w_{T-1}]``.
+
+    Dynamo cannot trace :class:`_LeanSquaring` (its backward drops the kept fields from a list), so
+    a compiled :func:`scaling_and_squaring` calls this operator and its backward
+    (:func:`_lean_squaring_backward`), which run the same code as the eager lean path (the same
+    values and gradient); the compiler sees both as opaque calls. The kept fields are saved until
+    the backward ends (the eager path frees each one after use).
+
+    Shape:
+        velocity: ``(B, N, *S)`` in voxels; out: ``max(T - 2, 1)`` fields ``(B, N, *S)`` in normalised units.
+    """
+    with torch.no_grad():
+        w, kept = _LeanSquaring.squarings(velocity, NormalisedFrame(velocity, "linear", padding), steps)
+    return [w, *kept]
+
+
+@_lean_squaring.register_fake
+def _(velocity: torch.Tensor, steps: int, padding: str) -> list[torch.Tensor]:
+    like = torch.empty_like(velocity, dtype=working_dtype(velocity.dtype))
+    return [torch.empty_like(like) for _ in range(1 + max(steps - _LEAN_RECOMPUTED, 0))]
+
+
+@torch.library.custom_op("plasticine::lean_squaring_backward", mutates_args=())
+def _lean_squaring_backward(grad: torch.Tensor, velocity: torch.Tensor, kept: list[torch.Tensor], steps: int, padding: str) -> torch.Tensor:
+    """The backward of :func:`_lean_squaring`: :meth:`_LeanSquaring.backward` on the saved fields.
+
+    Shape:
+        grad: ``(B, N, *S)``; velocity: ``(B, N, *S)``; out: ``(B, N, *S)``, in ``velocity``'s dtype.
+    """
+    ctx = SimpleNamespace(saved_tensors=(velocity,), frame=NormalisedFrame(velocity, "linear", padding), steps=steps, kept=list(kept))
+    with torch.no_grad():
+        return _LeanSquaring.backward(ctx, grad)[0].to(velocity.dtype)
+
+
+@_lean_squaring_backward.register_fake
+def _(grad: torch.Tensor, velocity: torch.Tensor, kept: list[torch.Tensor], steps: int, padding: str) -> torch.Tensor:
+    return torch.empty_like(velocity)
+
+
+def _lean_setup(ctx, inputs, output) -> None:
+    velocity, ctx.steps, ctx.padding = inputs
+    ctx.save_for_backward(velocity, *output[1:])
+
+
+def _lean_grad(ctx, grads):
+    velocity, *kept = ctx.saved_tensors
+    return _lean_squaring_backward(grads[0], velocity, kept, ctx.steps, ctx.padding), None, None
+
+
+_lean_squaring.register_autograd(_lean_grad, setup_context=_lean_setup)
+
+
 def integrate_euler(velocity: torch.Tensor, steps: int = 32, padding: Padding = "border") -> torch.Tensor:
     r"""Displacement of :math:`\exp(v)` by forward Euler: :math:`u \leftarrow u + h\, v \circ (\mathrm{Id} + u)`.
 
@@ -224,7 +289,7 @@ def integrate_euler(velocity: torch.Tensor, steps: int = 32, padding: Padding = 
         padding: extension of ``v`` outside the grid.
 
     Returns:
-        The displacement of :math:`\exp(v)` in voxels.
+        The displacement of :math:`\exp(v)` in voxels (float32 for a float16/bfloat16 velocity).
 
     Shape:
         velocity: ``(B, N, *S)``; out: ``(B, N, *S)``.
@@ -252,7 +317,7 @@ def integrate_rk4(velocity: torch.Tensor, steps: int = 8, padding: Padding = "bo
         padding: extension of ``v`` outside the grid.
 
     Returns:
-        The displacement of :math:`\exp(v)` in voxels.
+        The displacement of :math:`\exp(v)` in voxels (float32 for a float16/bfloat16 velocity).
 
     Shape:
         velocity: ``(B, N, *S)``; out: ``(B, N, *S)``.

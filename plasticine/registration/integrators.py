@@ -135,38 +135,57 @@ def scaling_and_squaring(
     return frame.from_grid(w)
 
 
-_LEAN_RECOMPUTED = 3
-r"""The first fields :math:`w_0, \dots` that the lean forward does not keep (recomputed from :math:`v` in the backward)."""
+_LEAN_SLOTS = 2
+r"""Fields the lean backward holds besides the one whose step it is differentiating."""
+
+
+def _lean_kept(steps: int) -> tuple[int, ...]:
+    r"""Indices ``i`` of the fields :math:`w_i` that the lean forward keeps: :math:`T-1`, :math:`T-2` and :math:`\lfloor T/2 \rfloor`.
+
+    :math:`w_0` is never kept (it is :math:`v / 2^T` in normalised units, recomputed from
+    :math:`v`). With these, the backward needs at most :data:`_LEAN_SLOTS` other fields at any
+    step; for ``T = 7`` it recomputes three squarings (:math:`w_4`, then :math:`w_1, w_2`).
+    """
+    return tuple(sorted({i for i in (steps - 1, steps - 2, steps // 2) if i >= 1}))
 
 
 class _LeanSquaring(torch.autograd.Function):
-    r"""The ``T`` squarings from the velocity, with a backward that keeps only the per-step fields.
+    r"""The ``T`` squarings from the velocity, with a backward that keeps only a few per-step fields.
 
     Forward: :math:`w_0 = \mathrm{to\_grid}(v) / 2^T`, :math:`w_{i+1} = w_i + w_i \circ (\mathrm{Id} + w_i)`
-    (one ``grid_sample`` and one addition each), keeping :math:`w_3, \dots, w_{T-1}` and no graph
-    (:data:`_LEAN_RECOMPUTED`); when the backward reaches them, :math:`w_0` is recomputed from
-    :math:`v` (which the caller holds anyway) and :math:`w_1, w_2` from :math:`w_0` (two more
-    ``grid_sample`` calls). Backward, from the last
-    step to the first: the incoming gradient :math:`g` is pulled through the step by
-    ``grid_sample``'s own backward, :math:`g \leftarrow g + \partial_{\text{image}} + \partial_{\text{grid}}`
-    (the image and the grid of the step are both :math:`w_i`), with the sampling grid
-    :math:`\mathrm{Id} + w_i` rebuilt from :math:`w_i`. These are the terms plain autograd adds,
-    added in its order, so the gradient is the same to the bit; autograd keeps every step's grid
-    (a strided view, whose ``grid_sample`` backward is slower than on the contiguous one here) and
-    input instead.
+    (one ``grid_sample`` and one addition each), keeping no graph and only the fields of
+    :func:`_lean_kept` (three for ``T >= 4``). Backward, from the last step to the first: the
+    field :math:`w_i` of the step is popped if kept, else recomputed from the nearest kept field
+    below it (or from :math:`v`, which the caller holds anyway), and on the way the fields just
+    below :math:`i` are kept while fewer than :data:`_LEAN_SLOTS` are held. The incoming gradient
+    :math:`g` is pulled through the step by ``grid_sample``'s own backward,
+    :math:`g \leftarrow g + \partial_{\text{image}} + \partial_{\text{grid}}` (the image and the
+    grid of the step are both :math:`w_i`), with the sampling grid :math:`\mathrm{Id} + w_i`
+    rebuilt from :math:`w_i`, and the sums are made in place. These are the terms plain autograd
+    adds, added in its order, so the gradient is the same to the bit. At any time the backward
+    holds the gradient, :math:`w_i`, its grid, the two ``grid_sample`` gradients and at most
+    :data:`_LEAN_SLOTS` kept fields (seven fields, besides the caller's output); autograd keeps
+    every step's grid (a strided view, whose ``grid_sample`` backward is slower than on the
+    contiguous one here) and input instead.
 
     Shape:
         velocity: ``(B, N, *S)`` in voxels; out: ``(B, N, *S)`` in normalised units.
     """
 
     @staticmethod
-    def squarings(velocity: torch.Tensor, frame: NormalisedFrame, steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        r"""The last field :math:`w_T` and the kept :math:`[w_3, \dots, w_{T-1}]`, without a graph."""
-        w = frame.to_grid(velocity) * (0.5**steps)
+    def start(velocity: torch.Tensor, frame: NormalisedFrame, steps: int) -> torch.Tensor:
+        r""":math:`w_0 = \mathrm{to\_grid}(v) / 2^T`."""
+        return frame.to_grid(velocity).mul_(0.5**steps)
+
+    @staticmethod
+    def squarings(velocity: torch.Tensor, frame: NormalisedFrame, steps: int) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
+        r"""The last field :math:`w_T` and the kept :math:`(i, w_i)` of :func:`_lean_kept`, without a graph."""
+        keep = _lean_kept(steps)
+        w = _LeanSquaring.start(velocity, frame, steps)
         kept = []
         for i in range(steps):
-            if i >= _LEAN_RECOMPUTED:
-                kept.append(w)
+            if i in keep:
+                kept.append((i, w))
             w = frame.sample(w, w).add_(w)
         return w, kept
 
@@ -177,6 +196,20 @@ class _LeanSquaring(torch.autograd.Function):
         # as soon as it has used it (saved tensors would all live until the backward ends)
         ctx.frame, ctx.steps, ctx.kept = frame, steps, kept
         ctx.save_for_backward(velocity)
+        return w
+
+    @staticmethod
+    def field(velocity: torch.Tensor, frame: NormalisedFrame, steps: int, i: int, kept: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+        r""":math:`w_i`, popped from ``kept`` or recomputed from the nearest field below it; fields met on the way are kept while there is room."""
+        if kept and kept[-1][0] == i:
+            return kept.pop()[1]
+        j, w = kept[-1] if kept else (0, _LeanSquaring.start(velocity, frame, steps))
+        held = bool(kept)
+        first = i - (_LEAN_SLOTS - len(kept))
+        for k in range(j, i):
+            if k >= first and not (k == j and held):
+                kept.append((k, w))
+            w = frame.sample(w, w).add_(w)
         return w
 
     @staticmethod
@@ -195,13 +228,7 @@ class _LeanSquaring(torch.autograd.Function):
         sampler_backward = torch.ops.aten.grid_sampler_2d_backward if n == 2 else torch.ops.aten.grid_sampler_3d_backward
         padding = ("zeros", "border", "reflection").index(frame.padding)
         for i in reversed(range(steps)):
-            if not kept:  # the first fields, w_0 (from v) to w_i: recomputed, not kept
-                w = frame.to_grid(velocity).mul_(0.5**steps)
-                for _ in range(i):
-                    kept.append(w)
-                    w = frame.sample(w, w).add_(w)
-            else:
-                w = kept.pop()
+            w = _LeanSquaring.field(velocity, frame, steps, i, kept)
             grid = frame.grid(w)
             g_image, g_grid = sampler_backward(grad, w, grid, 0, padding, True, [True, True])
             del grid, w

@@ -135,16 +135,22 @@ def scaling_and_squaring(
     return frame.from_grid(w)
 
 
-_LEAN_SLOTS = 2
-r"""Fields the lean backward holds besides the one whose step it is differentiating."""
+_LEAN_SLOTS = 1
+r"""Kept fields the lean backward holds besides the one whose step it differentiates (two at the last step).
+
+From the second step on the backward holds its own gradient besides the one it received (which
+autograd keeps alive until the backward returns), so one kept field there costs what two cost at
+the last step, where the two gradients are one tensor.
+"""
 
 
 def _lean_kept(steps: int) -> tuple[int, ...]:
     r"""Indices ``i`` of the fields :math:`w_i` that the lean forward keeps: :math:`T-1`, :math:`T-2` and :math:`\lfloor T/2 \rfloor`.
 
     :math:`w_0` is never kept (it is :math:`v / 2^T` in normalised units, recomputed from
-    :math:`v`). With these, the backward needs at most :data:`_LEAN_SLOTS` other fields at any
-    step; for ``T = 7`` it recomputes three squarings (:math:`w_4`, then :math:`w_1, w_2`).
+    :math:`v`). With these, the backward holds at most :data:`_LEAN_SLOTS` other fields at every
+    step but the last one (two there); for ``T = 7`` it recomputes three squarings (:math:`w_4`,
+    then :math:`w_1, w_2`), as many as with two slots.
     """
     return tuple(sorted({i for i in (steps - 1, steps - 2, steps // 2) if i >= 1}))
 
@@ -163,8 +169,9 @@ class _LeanSquaring(torch.autograd.Function):
     grid of the step are both :math:`w_i`), with the sampling grid :math:`\mathrm{Id} + w_i`
     rebuilt from :math:`w_i`, and the sums are made in place. These are the terms plain autograd
     adds, added in its order, so the gradient is the same to the bit. At any time the backward
-    holds the gradient, :math:`w_i`, its grid, the two ``grid_sample`` gradients and at most
-    :data:`_LEAN_SLOTS` kept fields (seven fields, besides the caller's output); autograd keeps
+    holds the gradient it received and its own, :math:`w_i`, its grid, the two ``grid_sample``
+    gradients and :data:`_LEAN_SLOTS` kept field (seven fields; at the last step the two
+    gradients are one and two fields are kept), besides the caller's output; autograd keeps
     every step's grid (a strided view, whose ``grid_sample`` backward is slower than on the
     contiguous one here) and input instead.
 

@@ -14,9 +14,9 @@ its edge values; on a smooth 40-voxel field on 256 x 256 this is 8 to 12 times m
 inverse-consistent than zero padding, see :class:`ScalingAndSquaring`). The work happens in
 ``grid_sample``'s normalised units: the velocity is converted once, the coordinate lines are
 built once, and every step is one ``grid_sample`` and one addition. Scaling and squaring
-differentiates with a lean backward by default (``memory="lean"``: the per-step fields kept,
-each step's ``grid_sample`` backward run from them one step at a time), which needs about half the
-peak memory of plain autograd for forward+backward. With a fixed number of steps
+differentiates with a lean backward by default (``memory="lean"``: three per-step fields kept,
+the others recomputed, each step's ``grid_sample`` backward run from them one step at a time),
+which needs less than half the peak memory of plain autograd and of the peers for forward+backward. With a fixed number of steps
 nothing synchronises with the host; ``steps="auto"`` reads :math:`\max|v|` once.
 
 Errors follow :doc:`/conventions`: the velocity must be a floating ``(B, N, *S)`` tensor with
@@ -99,9 +99,10 @@ def scaling_and_squaring(
         steps: number of squarings ``T`` (``0`` returns ``v`` itself), or ``"auto"`` for
             :func:`auto_squaring_steps` (one host synchronisation).
         padding: extension of the field outside the grid during composition.
-        memory: what the backward keeps. ``"lean"``: only per-step fields, each step's
-            ``grid_sample`` backward run from them in the backward, one step at a time (about half
-            the peak memory of ``"autograd"`` for forward+backward, bitwise the same gradient; a
+        memory: what the backward keeps. ``"lean"``: a few per-step fields (the others
+            recomputed), each step's
+            ``grid_sample`` backward run from them in the backward, one step at a time (less than
+            half the peak memory of ``"autograd"`` for forward+backward, bitwise the same gradient; a
             second backward through the graph recomputes the fields; a second derivative is
             refused). ``"autograd"``: plain autograd, which keeps every step's
             sampling grid too and supports ``create_graph=True``. Without a gradient both run the
@@ -356,10 +357,13 @@ class ScalingAndSquaring(Configurable, torch.nn.Module):
     **Memory (measured, ``python benchmarks/primitives.py --only scaling_and_squaring --threads 1``).**
     ``memory="lean"`` (the default) gives the same output and, to the bit, the same gradient as
     ``memory="autograd"``. Peak memory of one forward+backward, 7 steps, float32, one CPU thread:
-    1x3x96x96x96, 91 MB (9 fields) against 182 MB for autograd (0.50x; MONAI, voxelmorph and
-    torchreg 182 MB, deepali 172 MB), at 1.05x autograd's time (median; 1.02x by the fastest
-    call); 1x2x256x256, 5.3 against 9.7 MB (0.55x) at 1.09x (0.99x by the fastest call). The
-    fields kept are :math:`w_3, \dots, w_{T-1}`; :math:`w_0` to :math:`w_2` are recomputed.
+    1x3x96x96x96, 81 MB (8 fields) against 182 MB for autograd (0.44x; MONAI, voxelmorph and
+    torchreg 182 MB, deepali 172 MB: 0.47x of the smallest peer); 1x2x256x256, 4.8 against 9.6 MB
+    (0.50x; voxelmorph 9.8 MB, 0.49x). The fields kept are :math:`w_{T-1}, w_{T-2}` and
+    :math:`w_{\lfloor T/2 \rfloor}`; the others are recomputed (three extra squarings for ``T = 7``).
+    Time on a shared, loaded 2-core machine (load average 6 to 10): 1.39x autograd's in that
+    benchmark (median of 3 calls; 1.36x by the fastest), 1.10x (1.16x by the fastest) over 9
+    alternating calls of each at 96^3.
 
     Args:
         steps: number of squarings ``T`` or ``"auto"`` (:func:`auto_squaring_steps`).

@@ -55,7 +55,7 @@ class IterativeConfig:
 
     Attributes:
         levels: downsampling factor of each resolution level, coarse to fine.
-        iterations: optimiser iterations per level.
+        iterations: most optimiser iterations per level (the default optimiser stops a level earlier when converged).
         smoothing: Gaussian sigma (voxels of the level) applied to the velocity.
         weight: regularisation weight lambda (0 by default: the two Gaussians regularise, as in
             SyN; a positive weight adds the explicit penalty).

@@ -90,3 +90,43 @@ def test_gradient_reaches_a_non_leaf_velocity():
     out = scaling_and_squaring(base * 2.0, 4, memory="autograd")
     (ref,) = torch.autograd.grad(out.sum(), base)
     assert torch.equal(g, ref)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 8, 12, 20])
+def test_long_schedules_match_autograd(steps):
+    v = _velocity(7, (1, 2, 6, 5), scale=2.0)
+    weight = torch.randn(1, 2, 6, 5, generator=make_generator(8), dtype=torch.float64)
+    grads = []
+    for memory in ("lean", "autograd"):
+        (g,) = torch.autograd.grad((scaling_and_squaring(v, steps, memory=memory) * weight).sum(), v)
+        grads.append(g)
+    assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("steps", range(1, 21))
+def test_backward_holds_at_most_the_slots(steps, monkeypatch):
+    # every step's field is produced exactly once, in order T-1, ..., 0, from the right values, with
+    # at most _LEAN_SLOTS other fields held at every step but the last (two there)
+    from plasticine.registration import integrators
+
+    lean = integrators._LeanSquaring
+    v = _velocity(9, (1, 2, 5, 6))
+    with torch.no_grad():
+        frame = integrators.NormalisedFrame(v, "linear", "border")
+        ref = [lean.start(v, frame, steps)]
+        for _ in range(steps - 1):
+            ref.append(frame.sample(ref[-1], ref[-1]) + ref[-1])
+    assert len(integrators._lean_kept(steps)) <= 3
+    seen, original = [], lean.field
+
+    def field(velocity, frame, steps, i, kept):
+        w = original(velocity, frame, steps, i, kept)
+        assert len(kept) <= (integrators._LEAN_SLOTS if i < steps - 1 else 2)
+        assert all(k < i for k, _ in kept)
+        seen.append(i)
+        assert torch.equal(w, ref[i])
+        return w
+
+    monkeypatch.setattr(lean, "field", staticmethod(field))
+    torch.autograd.grad(scaling_and_squaring(v, steps, memory="lean").sum(), v)
+    assert seen == list(reversed(range(steps)))

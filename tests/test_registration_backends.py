@@ -298,3 +298,75 @@ def test_default_config_keeps_its_parameters():
 def test_network_config_errors(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         RegistrationNet(features=8, encoder=(8, 8, 8, 8), align_channels=8, **bad)
+
+
+@pytest.mark.parametrize("window", [1, 3, 5])
+@pytest.mark.parametrize("seed", range(4))
+def test_gradient_descent_stops_where_the_window_means_stall(window, seed):
+    """The descent stops at the first evaluation whose two window means (numpy) differ by at most the tolerance."""
+    rng = np.random.default_rng(seed)
+    # a decreasing energy whose decrease fades, with a zig-zag on top
+    values = 2.0 + 3.0 * np.exp(-0.15 * np.arange(60)) + 0.01 * rng.standard_normal(60) * (-1.0) ** np.arange(60)
+    tol = 2e-3
+    expected = next(
+        (k for k in range(2 * window - 1, 60)
+         if values[k - 2 * window + 1 : k - window + 1].mean() - values[k - window + 1 : k + 1].mean()
+         <= tol * abs(values[k - 2 * window + 1 : k - window + 1].mean())),
+        60,
+    )
+    calls = []
+
+    def energy(v):
+        calls.append(v.detach().clone())
+        return (v - v.detach()).sum() + float(values[len(calls) - 1])  # that value, a non-zero gradient
+
+    opt = GradientDescent(0.1, update_smoothing=0.0, tolerance=tol, window=window)
+    out = opt.minimise(energy, torch.zeros(1, 2, 4, 4), 60)
+    assert opt.last_iterations == expected
+    assert len(calls) == min(expected + 1, 60)
+    # the field returned is the one of the last evaluation (no update after the test)
+    if expected < 60:
+        assert torch.equal(out, calls[-1])
+
+
+def test_gradient_descent_without_tolerance_runs_every_step():
+    calls = []
+
+    def energy(v):
+        calls.append(1)
+        return (v - v.detach()).sum() + 1.0  # flat: stops as soon as it can with a tolerance
+
+    opt = GradientDescent(0.1, update_smoothing=0.0, tolerance=0.0)
+    opt.minimise(energy, torch.zeros(1, 2, 4, 4), 17)
+    assert len(calls) == 17 and opt.last_iterations == 17
+    opt = GradientDescent(0.1, update_smoothing=0.0, tolerance=1e-3, window=4)
+    opt.minimise(energy, torch.zeros(1, 2, 4, 4), 17)
+    assert opt.last_iterations == 7  # the first evaluation with two full windows
+    with pytest.raises(ValueError, match="window"):
+        GradientDescent(window=0)
+    with pytest.raises(ValueError, match="tolerance"):
+        GradientDescent(tolerance=-1.0)
+
+
+def test_first_order_gradient_is_the_gradient_of_the_displacement():
+    """gradient="first_order": dE/dv is dS/du at u = exp(v) (no smoothing, one term); "exact" at v = 0 agrees."""
+    from plasticine.core.warp import warp
+
+    x, y = (a.double() for a in _pair((21, 17)))
+    gen = torch.Generator().manual_seed(3)
+    v = (torch.randn(1, 2, 21, 17, generator=gen, dtype=torch.float64) * 1.5).requires_grad_(True)
+    reg = IterativeRegistration(levels=(1,), iterations=(1,), smoothing=0.0, symmetric=False, gradient="first_order")
+    (g,) = torch.autograd.grad(reg._energy(x, y, v), v)
+    u = reg.integrator(v.detach()).requires_grad_(True)
+    (ref,) = torch.autograd.grad(reg.similarity(warp(x, u), y), u)
+    assert torch.equal(g, ref)
+    # d exp(v) / dv at v = 0 is the identity, so both gradients agree there
+    zero = torch.zeros_like(v, requires_grad=True)
+    exact = IterativeRegistration(levels=(1,), iterations=(1,), symmetric=True, gradient="exact")
+    first = IterativeRegistration(levels=(1,), iterations=(1,), symmetric=True, gradient="first_order")
+    (ge,) = torch.autograd.grad(exact._energy(x, y, zero), zero)
+    (gf,) = torch.autograd.grad(first._energy(x, y, zero), zero)
+    assert torch.allclose(ge, gf, rtol=1e-9, atol=1e-12)
+    assert ge.abs().max() > 0
+    with pytest.raises(ValueError, match="gradient"):
+        IterativeRegistration(gradient="approximate")

@@ -14,9 +14,9 @@ its edge values; on a smooth 40-voxel field on 256 x 256 this is 8 to 12 times m
 inverse-consistent than zero padding, see :class:`ScalingAndSquaring`). The work happens in
 ``grid_sample``'s normalised units: the velocity is converted once, the coordinate lines are
 built once, and every step is one ``grid_sample`` and one addition. Scaling and squaring
-differentiates with a lean backward by default (``memory="lean"``: the per-step fields kept,
-each step's ``grid_sample`` backward run from them one step at a time), which needs about half the
-peak memory of plain autograd for forward+backward. With a fixed number of steps
+differentiates with a lean backward by default (``memory="lean"``: three per-step fields kept,
+the others recomputed, each step's ``grid_sample`` backward run from them one step at a time),
+which needs less than half the peak memory of plain autograd and of the peers for forward+backward. With a fixed number of steps
 nothing synchronises with the host; ``steps="auto"`` reads :math:`\max|v|` once.
 
 Precision: a float16/bfloat16 velocity (say, predicted under :func:`torch.autocast`) is
@@ -107,9 +107,10 @@ def scaling_and_squaring(
         steps: number of squarings ``T`` (``0`` returns ``v`` itself), or ``"auto"`` for
             :func:`auto_squaring_steps` (one host synchronisation).
         padding: extension of the field outside the grid during composition.
-        memory: what the backward keeps. ``"lean"``: only per-step fields, each step's
-            ``grid_sample`` backward run from them in the backward, one step at a time (about half
-            the peak memory of ``"autograd"`` for forward+backward, bitwise the same gradient; a
+        memory: what the backward keeps. ``"lean"``: a few per-step fields (the others
+            recomputed), each step's
+            ``grid_sample`` backward run from them in the backward, one step at a time (less than
+            half the peak memory of ``"autograd"`` for forward+backward, bitwise the same gradient; a
             second backward through the graph recomputes the fields; a second derivative is
             refused). ``"autograd"``: plain autograd, which keeps every step's
             sampling grid too and supports ``create_graph=True``. Without a gradient both run the
@@ -146,38 +147,64 @@ def scaling_and_squaring(
     return frame.from_grid(w)
 
 
-_LEAN_RECOMPUTED = 3
-r"""The first fields :math:`w_0, \dots` that the lean forward does not keep (recomputed from :math:`v` in the backward)."""
+_LEAN_SLOTS = 1
+r"""Kept fields the lean backward holds besides the one whose step it differentiates (two at the last step).
+
+From the second step on the backward holds its own gradient besides the one it received (which
+autograd keeps alive until the backward returns), so one kept field there costs what two cost at
+the last step, where the two gradients are one tensor.
+"""
+
+
+def _lean_kept(steps: int) -> tuple[int, ...]:
+    r"""Indices ``i`` of the fields :math:`w_i` that the lean forward keeps: :math:`T-1`, :math:`T-2` and :math:`\lfloor T/2 \rfloor`.
+
+    :math:`w_0` is never kept (it is :math:`v / 2^T` in normalised units, recomputed from
+    :math:`v`). With these, the backward holds at most :data:`_LEAN_SLOTS` other fields at every
+    step but the last one (two there); for ``T = 7`` it recomputes three squarings (:math:`w_4`,
+    then :math:`w_1, w_2`), as many as with two slots.
+    """
+    return tuple(sorted({i for i in (steps - 1, steps - 2, steps // 2) if i >= 1}))
 
 
 class _LeanSquaring(torch.autograd.Function):
-    r"""The ``T`` squarings from the velocity, with a backward that keeps only the per-step fields.
+    r"""The ``T`` squarings from the velocity, with a backward that keeps only a few per-step fields.
 
     Forward: :math:`w_0 = \mathrm{to\_grid}(v) / 2^T`, :math:`w_{i+1} = w_i + w_i \circ (\mathrm{Id} + w_i)`
-    (one ``grid_sample`` and one addition each), keeping :math:`w_3, \dots, w_{T-1}` and no graph
-    (:data:`_LEAN_RECOMPUTED`); when the backward reaches them, :math:`w_0` is recomputed from
-    :math:`v` (which the caller holds anyway) and :math:`w_1, w_2` from :math:`w_0` (two more
-    ``grid_sample`` calls). Backward, from the last
-    step to the first: the incoming gradient :math:`g` is pulled through the step by
-    ``grid_sample``'s own backward, :math:`g \leftarrow g + \partial_{\text{image}} + \partial_{\text{grid}}`
-    (the image and the grid of the step are both :math:`w_i`), with the sampling grid
-    :math:`\mathrm{Id} + w_i` rebuilt from :math:`w_i`. These are the terms plain autograd adds,
-    added in its order, so the gradient is the same to the bit; autograd keeps every step's grid
-    (a strided view, whose ``grid_sample`` backward is slower than on the contiguous one here) and
-    input instead.
+    (one ``grid_sample`` and one addition each), keeping no graph and only the fields of
+    :func:`_lean_kept` (three for ``T >= 4``). Backward, from the last step to the first: the
+    field :math:`w_i` of the step is popped if kept, else recomputed from the nearest kept field
+    below it (or from :math:`v`, which the caller holds anyway), and on the way the fields just
+    below :math:`i` are kept while fewer than :data:`_LEAN_SLOTS` are held. The incoming gradient
+    :math:`g` is pulled through the step by ``grid_sample``'s own backward,
+    :math:`g \leftarrow g + \partial_{\text{image}} + \partial_{\text{grid}}` (the image and the
+    grid of the step are both :math:`w_i`), with the sampling grid :math:`\mathrm{Id} + w_i`
+    rebuilt from :math:`w_i`, and the sums are made in place. These are the terms plain autograd
+    adds, added in its order, so the gradient is the same to the bit. At any time the backward
+    holds the gradient it received and its own, :math:`w_i`, its grid, the two ``grid_sample``
+    gradients and :data:`_LEAN_SLOTS` kept field (seven fields; at the last step the two
+    gradients are one and two fields are kept), besides the caller's output; autograd keeps
+    every step's grid (a strided view, whose ``grid_sample`` backward is slower than on the
+    contiguous one here) and input instead.
 
     Shape:
         velocity: ``(B, N, *S)`` in voxels; out: ``(B, N, *S)`` in normalised units.
     """
 
     @staticmethod
-    def squarings(velocity: torch.Tensor, frame: NormalisedFrame, steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        r"""The last field :math:`w_T` and the kept :math:`[w_3, \dots, w_{T-1}]`, without a graph."""
-        w = frame.to_grid(velocity) * (0.5**steps)
+    def start(velocity: torch.Tensor, frame: NormalisedFrame, steps: int) -> torch.Tensor:
+        r""":math:`w_0 = \mathrm{to\_grid}(v) / 2^T`."""
+        return frame.to_grid(velocity).mul_(0.5**steps)
+
+    @staticmethod
+    def squarings(velocity: torch.Tensor, frame: NormalisedFrame, steps: int) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
+        r"""The last field :math:`w_T` and the kept :math:`(i, w_i)` of :func:`_lean_kept`, without a graph."""
+        keep = _lean_kept(steps)
+        w = _LeanSquaring.start(velocity, frame, steps)
         kept = []
         for i in range(steps):
-            if i >= _LEAN_RECOMPUTED:
-                kept.append(w)
+            if i in keep:
+                kept.append((i, w))
             w = frame.sample(w, w).add_(w)
         return w, kept
 
@@ -188,6 +215,20 @@ class _LeanSquaring(torch.autograd.Function):
         # as soon as it has used it (saved tensors would all live until the backward ends)
         ctx.frame, ctx.steps, ctx.kept = frame, steps, kept
         ctx.save_for_backward(velocity)
+        return w
+
+    @staticmethod
+    def field(velocity: torch.Tensor, frame: NormalisedFrame, steps: int, i: int, kept: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+        r""":math:`w_i`, popped from ``kept`` or recomputed from the nearest field below it; fields met on the way are kept while there is room."""
+        if kept and kept[-1][0] == i:
+            return kept.pop()[1]
+        j, w = kept[-1] if kept else (0, _LeanSquaring.start(velocity, frame, steps))
+        held = bool(kept)
+        first = i - (_LEAN_SLOTS - len(kept))
+        for k in range(j, i):
+            if k >= first and not (k == j and held):
+                kept.append((k, w))
+            w = frame.sample(w, w).add_(w)
         return w
 
     @staticmethod
@@ -206,13 +247,7 @@ class _LeanSquaring(torch.autograd.Function):
         sampler_backward = torch.ops.aten.grid_sampler_2d_backward if n == 2 else torch.ops.aten.grid_sampler_3d_backward
         padding = ("zeros", "border", "reflection").index(frame.padding)
         for i in reversed(range(steps)):
-            if not kept:  # the first fields, w_0 (from v) to w_i: recomputed, not kept
-                w = frame.to_grid(velocity).mul_(0.5**steps)
-                for _ in range(i):
-                    kept.append(w)
-                    w = frame.sample(w, w).add_(w)
-            else:
-                w = kept.pop()
+            w = _LeanSquaring.field(velocity, frame, steps, i, kept)
             grid = frame.grid(w)
             g_image, g_grid = sampler_backward(grad, w, grid, 0, padding, True, [True, True])
             del grid, w
@@ -387,10 +422,13 @@ class ScalingAndSquaring(Configurable, torch.nn.Module):
     **Memory (measured, ``python benchmarks/primitives.py --only scaling_and_squaring --threads 1``).**
     ``memory="lean"`` (the default) gives the same output and, to the bit, the same gradient as
     ``memory="autograd"``. Peak memory of one forward+backward, 7 steps, float32, one CPU thread:
-    1x3x96x96x96, 91 MB (9 fields) against 182 MB for autograd (0.50x; MONAI, voxelmorph and
-    torchreg 182 MB, deepali 172 MB), at 1.05x autograd's time (median; 1.02x by the fastest
-    call); 1x2x256x256, 5.3 against 9.7 MB (0.55x) at 1.09x (0.99x by the fastest call). The
-    fields kept are :math:`w_3, \dots, w_{T-1}`; :math:`w_0` to :math:`w_2` are recomputed.
+    1x3x96x96x96, 81 MB (8 fields) against 182 MB for autograd (0.44x; MONAI, voxelmorph and
+    torchreg 182 MB, deepali 172 MB: 0.47x of the smallest peer); 1x2x256x256, 4.8 against 9.6 MB
+    (0.50x; voxelmorph 9.8 MB, 0.49x). The fields kept are :math:`w_{T-1}, w_{T-2}` and
+    :math:`w_{\lfloor T/2 \rfloor}`; the others are recomputed (three extra squarings for ``T = 7``).
+    Time on a shared, loaded 2-core machine (load average 6 to 10): 1.39x autograd's in that
+    benchmark (median of 3 calls; 1.36x by the fastest), 1.10x (1.16x by the fastest) over 9
+    alternating calls of each at 96^3.
 
     Args:
         steps: number of squarings ``T`` or ``"auto"`` (:func:`auto_squaring_steps`).

@@ -30,6 +30,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .grid import constant_vector, _normalised_identity, _normalised_scale, displacement_to_grid
 from .shapes import check_shape
 
@@ -247,6 +248,8 @@ def warp(
             "warp(mode='nearest') has zero gradient with respect to the displacement; use mode='linear' to optimise it",
             stacklevel=2,
         )
+    if mode != "cubic" and padding != "reflection" and kernels.selected(image) == "triton":
+        return kernels.warp_kernel(image, displacement, mode, padding)
     grid = displacement_to_grid(displacement)
     if bu != dims["B"]:
         grid = grid.expand(dims["B"], *grid.shape[1:])

@@ -23,6 +23,7 @@ from torch.autograd.function import once_differentiable
 
 from ..core import check_shape
 from ..core.config import Configurable
+from ..core.kernels import box_sum_kernel, selected
 from ._common import check_pair, no_autocast, promote
 
 __all__ = ["ncc", "local_ncc", "box_sum", "NCC", "LocalNCC"]
@@ -145,6 +146,8 @@ class _BoxSum(torch.autograd.Function):
 
 def _box(x: torch.Tensor, windows: tuple[int, ...], out: torch.Tensor | None = None) -> torch.Tensor:
     """Separable box sum over the last ``len(windows)`` axes (into ``out`` when given)."""
+    if selected(x) == "triton":
+        return box_sum_kernel(x, windows, out)
     n = len(windows)
     axes = [i for i, w in enumerate(windows) if w > 1]
     if not axes:

@@ -37,6 +37,7 @@ from typing import Literal, get_args
 import torch
 
 from ..core.config import Configurable
+from ..core.kernels import scaling_and_squaring_kernel, selected
 from ..core.shapes import NonFiniteError, check_shape
 from ..core.validate import check_int, check_option
 from ..core.warp import NormalisedFrame, Padding
@@ -126,6 +127,8 @@ def scaling_and_squaring(
         steps = auto_squaring_steps(velocity)
     steps = check_int(steps, "steps", 0)
     memory = check_option(memory, "memory", get_args(Memory))
+    if padding in ("border", "zeros") and memory == "lean" and selected(velocity) == "triton":
+        return scaling_and_squaring_kernel(velocity, steps, padding)
     frame = NormalisedFrame(velocity, "linear", padding)
     if memory == "lean" and steps and torch.is_grad_enabled() and velocity.requires_grad:
         return frame.from_grid(_LeanSquaring.apply(velocity, frame, steps))

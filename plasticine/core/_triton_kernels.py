@@ -64,6 +64,7 @@ def _corner(pz, py, px, D, H, W, K: tl.constexpr, NDIM: tl.constexpr, LINEAR: tl
     xi = tl.minimum(tl.maximum(xi, 0), W - 1)
     return (zi * H + yi) * W + xi, weight, valid, dz, dy, dx
 
+
 @triton.jit
 def _position(disp_ptr, dbase, vox, m, z, y, x, D, H, W, NDIM: tl.constexpr, ZEROS: tl.constexpr, CT: tl.constexpr):
     # sample position p + u(p) in voxels (float CT), whether u(p) is finite, and the clip
@@ -99,22 +100,26 @@ def _position(disp_ptr, dbase, vox, m, z, y, x, D, H, W, NDIM: tl.constexpr, ZER
     gx = tl.where(lx > 0, gx, 0.0)
     return pz, py, px, ok, gz, gy, gx
 
+
+@triton.jit
+def _voxels(disp_ptr, D, H, W, total, disp_bs, NDIM: tl.constexpr, ZEROS: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr):
+    # the block's voxels (mask, batch index, flat spatial index, voxels per image) and their sample positions
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    vox = D * H * W
+    b = offs // vox
+    p = offs % vox
+    m = offs < total
+    pz, py, px, ok, gz, gy, gx = _position(disp_ptr, b * disp_bs + p, vox, m, p // (H * W), (p // W) % H, p % W, D, H, W, NDIM, ZEROS, CT)
+    return m, b, p, vox, pz, py, px, ok, gz, gy, gx
+
+
 @triton.jit
 def warp_fwd(
     img_ptr, disp_ptr, out_ptr, C, D, H, W, total, img_bs, disp_bs,
     NDIM: tl.constexpr, LINEAR: tl.constexpr, ZEROS: tl.constexpr, ADD: tl.constexpr,
     CT: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < total
-    vox = D * H * W
-    b = offs // vox
-    p = offs % vox
-    x = p % W
-    y = (p // W) % H
-    z = p // (H * W)
-    dbase = b * disp_bs + p
-    pz, py, px, ok, gz, gy, gx = _position(disp_ptr, dbase, vox, m, z, y, x, D, H, W, NDIM, ZEROS, CT)
+    m, b, p, vox, pz, py, px, ok, gz, gy, gx = _voxels(disp_ptr, D, H, W, total, disp_bs, NDIM, ZEROS, CT, BLOCK)
     ibase = b * img_bs
     for c in range(C):
         acc = pz * 0.0
@@ -127,22 +132,14 @@ def warp_fwd(
         acc = tl.where(ok, acc, float("nan"))
         tl.store(out_ptr + b * C * vox + c * vox + p, acc.to(out_ptr.dtype.element_ty), mask=m)
 
+
 @triton.jit
 def warp_bwd(
     img_ptr, disp_ptr, gout_ptr, gimg_ptr, gdisp_ptr, C, D, H, W, total, img_bs, disp_bs,
     NDIM: tl.constexpr, LINEAR: tl.constexpr, ZEROS: tl.constexpr,
     NEED_IMG: tl.constexpr, NEED_DISP: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < total
-    vox = D * H * W
-    b = offs // vox
-    p = offs % vox
-    x = p % W
-    y = (p // W) % H
-    z = p // (H * W)
-    dbase = b * disp_bs + p
-    pz, py, px, ok, gz, gy, gx = _position(disp_ptr, dbase, vox, m, z, y, x, D, H, W, NDIM, ZEROS, CT)
+    m, b, p, vox, pz, py, px, ok, gz, gy, gx = _voxels(disp_ptr, D, H, W, total, disp_bs, NDIM, ZEROS, CT, BLOCK)
     ibase = b * img_bs
     az = pz * 0.0
     ay = az
@@ -173,6 +170,7 @@ def warp_bwd(
             tl.store(gdisp_ptr + obase, ay.to(gdisp_ptr.dtype.element_ty), mask=m)
             tl.store(gdisp_ptr + obase + vox, ax.to(gdisp_ptr.dtype.element_ty), mask=m)
 
+
 @triton.jit
 def _tap(t, first, j: tl.constexpr, bins, sigma, radius, BSPLINE: tl.constexpr):
     # bin index, weight and d weight / dt of tap j of a sample at bin position t
@@ -200,6 +198,7 @@ def _tap(t, first, j: tl.constexpr, bins, sigma, radius, BSPLINE: tl.constexpr):
         valid = (idx0 >= 0) & (idx0 < bins)
     return (first + j).to(tl.int32), w, dw, valid
 
+
 @triton.jit
 def _first(t, bins, radius, BSPLINE: tl.constexpr):
     if BSPLINE:
@@ -208,19 +207,25 @@ def _first(t, bins, radius, BSPLINE: tl.constexpr):
     else:
         return tl.ceil(t - radius)
 
+
 @triton.jit
-def hist_fwd(
-    tm_ptr, tf_ptr, w_ptr, hist_ptr, n, bins, sigma, radius,
-    HAS_W: tl.constexpr, BSPLINE: tl.constexpr, TAPS: tl.constexpr, BLOCK: tl.constexpr,
-):
+def _samples(tm_ptr, tf_ptr, w_ptr, n, bins, radius, HAS_W: tl.constexpr, BSPLINE: tl.constexpr, BLOCK: tl.constexpr):
+    # the block's samples of one row: index, mask, both bin positions, weight and first taps
     row = tl.program_id(1)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     tm = tl.load(tm_ptr + row * n + offs, mask=m, other=0.0)
     tf = tl.load(tf_ptr + row * n + offs, mask=m, other=0.0)
     ww = tl.load(w_ptr + row * n + offs, mask=m, other=0.0) if HAS_W else tm * 0.0 + 1.0
-    fm = _first(tm, bins, radius, BSPLINE)
-    ff = _first(tf, bins, radius, BSPLINE)
+    return row, offs, m, tm, tf, ww, _first(tm, bins, radius, BSPLINE), _first(tf, bins, radius, BSPLINE)
+
+
+@triton.jit
+def hist_fwd(
+    tm_ptr, tf_ptr, w_ptr, hist_ptr, n, bins, sigma, radius,
+    HAS_W: tl.constexpr, BSPLINE: tl.constexpr, TAPS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row, offs, m, tm, tf, ww, fm, ff = _samples(tm_ptr, tf_ptr, w_ptr, n, bins, radius, HAS_W, BSPLINE, BLOCK)
     base = hist_ptr + row * bins * bins
     for a in tl.static_range(TAPS):
         ia, wa, dwa, va = _tap(tm, fm, a, bins, sigma, radius, BSPLINE)
@@ -229,20 +234,14 @@ def hist_fwd(
             jb, wb, dwb, vb = _tap(tf, ff, c, bins, sigma, radius, BSPLINE)
             tl.atomic_add(base + ia * bins + jb, wa * wb, mask=m & va & vb)
 
+
 @triton.jit
 def hist_bwd(
     tm_ptr, tf_ptr, w_ptr, g_ptr, gm_ptr, gf_ptr, gw_ptr, n, bins, sigma, radius,
     HAS_W: tl.constexpr, BSPLINE: tl.constexpr, TAPS: tl.constexpr,
     NEED_M: tl.constexpr, NEED_F: tl.constexpr, NEED_W: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(1)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < n
-    tm = tl.load(tm_ptr + row * n + offs, mask=m, other=0.0)
-    tf = tl.load(tf_ptr + row * n + offs, mask=m, other=0.0)
-    ww = tl.load(w_ptr + row * n + offs, mask=m, other=0.0) if HAS_W else tm * 0.0 + 1.0
-    fm = _first(tm, bins, radius, BSPLINE)
-    ff = _first(tf, bins, radius, BSPLINE)
+    row, offs, m, tm, tf, ww, fm, ff = _samples(tm_ptr, tf_ptr, w_ptr, n, bins, radius, HAS_W, BSPLINE, BLOCK)
     base = g_ptr + row * bins * bins
     sm = tm * 0.0
     sf = sm
@@ -261,6 +260,7 @@ def hist_bwd(
         tl.store(gf_ptr + row * n + offs, sf * ww, mask=m)
     if NEED_W:
         tl.store(gw_ptr + row * n + offs, s0, mask=m)
+
 
 @triton.jit
 def box_axis(x_ptr, out_ptr, size, stride, total, R, CT: tl.constexpr, BLOCK: tl.constexpr):

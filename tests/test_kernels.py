@@ -97,6 +97,14 @@ def test_forcing_triton_on_a_cpu_tensor_is_refused():
             warp(torch.zeros(1, 1, 4, 4), torch.zeros(1, 2, 4, 4))
 
 
+def test_tensors_too_large_for_int32_offsets_run_eagerly_or_are_refused():
+    huge = torch.zeros(1).expand(2**31)  # no memory behind the elements
+    assert kernels.selected(huge) == "eager"
+    with kernels.backend("triton"):
+        with pytest.raises(ValueError, match="int32"):
+            kernels.selected(huge)
+
+
 def test_importing_the_library_does_not_import_triton():
     code = "import sys, plasticine.core.kernels, plasticine.losses, plasticine.registration; print('triton' in sys.modules)"
     env = dict(os.environ, PYTHONPATH=str(REPO))

@@ -22,6 +22,9 @@ float64 inputs), so no sampling grid is built and half-precision inputs keep sub
 * :func:`box_sum_kernel`: the zero-padded centred box sums of :func:`~plasticine.losses.local_ncc`,
   one pass per axis.
 
+Atomic adds (the image gradient of a warp, the histogram) add in a varying order on CUDA, so
+those results can differ between runs in the last bits, as ``grid_sample``'s backward does.
+
 Equality with the eager path (forward and backward, 2D and 3D, float32 to about ``1e-5``) is
 tested on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``, which runs the kernels
 on CPU tensors); there, forcing ``backend("triton")`` runs them on CPU tensors too.
@@ -61,6 +64,8 @@ _BACKENDS = ("auto", "eager", "triton")
 _CHOICE: contextvars.ContextVar[str] = contextvars.ContextVar("plasticine_kernel_backend", default="auto")
 _PADDINGS = ("border", "zeros")
 _BLOCK = 1024
+_MAX_ELEMENTS = 2**31 - 1 - 8 * _BLOCK
+"""Largest tensor the kernels take (their offsets are int32); ``"auto"`` runs larger ones eagerly."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -84,9 +89,9 @@ def backend(name: Backend) -> Iterator[None]:
     """Choose the path of the kernels' public callers inside a ``with`` block.
 
     ``with backend("eager"):`` runs the torch code even on CUDA; ``with backend("triton"):``
-    runs the kernels and raises where they cannot run (triton missing, or a CPU tensor outside
-    the interpreter); ``"auto"`` (the default outside any block) takes the kernels for CUDA
-    tensors when triton is importable. Blocks nest; the choice is per thread and per asyncio task.
+    runs the kernels and raises where they cannot run (triton missing, a CPU tensor outside
+    the interpreter, or a tensor of ``2^31`` elements or more); ``"auto"`` (the default outside
+    any block) takes the kernels for CUDA tensors when triton is importable. Blocks nest; the choice is per thread and per asyncio task.
 
     Args:
         name: ``"auto"``, ``"eager"`` or ``"triton"``.
@@ -121,8 +126,8 @@ def selected(tensor: torch.Tensor) -> str:
         ``"triton"`` or ``"eager"``.
 
     Raises:
-        ValueError: under ``backend("triton")`` when triton is not importable, or ``tensor`` is
-            not on CUDA and Triton's interpreter is off.
+        ValueError: under ``backend("triton")`` when triton is not importable, ``tensor`` is
+            not on CUDA and Triton's interpreter is off, or it has too many elements for int32 offsets.
 
     Shape:
         tensor: any.
@@ -130,8 +135,11 @@ def selected(tensor: torch.Tensor) -> str:
     choice = _CHOICE.get()
     if choice == "eager":
         return "eager"
+    small = tensor.numel() <= _MAX_ELEMENTS
     if choice == "auto":
-        return "triton" if tensor.is_cuda and triton_available() else "eager"
+        return "triton" if tensor.is_cuda and small and triton_available() else "eager"
+    if not small:
+        raise ValueError(f"backend('triton'): expected at most {_MAX_ELEMENTS} elements (the kernels index with int32), got {tensor.numel()}")
     if not triton_available():
         raise ValueError("backend('triton'): expected an importable triton (pip install 'plasticine[triton]'), got an import failure")
     if not tensor.is_cuda and not _interpreted():

@@ -222,11 +222,12 @@ def _samples(tm_ptr, tf_ptr, w_ptr, n, bins, radius, HAS_W: tl.constexpr, BSPLIN
 
 @triton.jit
 def hist_fwd(
-    tm_ptr, tf_ptr, w_ptr, hist_ptr, n, bins, sigma, radius,
+    tm_ptr, tf_ptr, w_ptr, hist_ptr, n, bins, sigma, radius, copies,
     HAS_W: tl.constexpr, BSPLINE: tl.constexpr, TAPS: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    # the blocks of a row add into `copies` histograms in turn (less contention on the atomics)
     row, offs, m, tm, tf, ww, fm, ff = _samples(tm_ptr, tf_ptr, w_ptr, n, bins, radius, HAS_W, BSPLINE, BLOCK)
-    base = hist_ptr + row * bins * bins
+    base = hist_ptr + (row * copies + tl.program_id(0) % copies) * bins * bins
     for a in tl.static_range(TAPS):
         ia, wa, dwa, va = _tap(tm, fm, a, bins, sigma, radius, BSPLINE)
         wa = wa * ww

@@ -211,9 +211,10 @@ def test_kernel_warp_non_finite_displacement_gives_nan():
 def test_kernel_warp_half_precision_keeps_subpixel_accuracy(dtype):
     """On a 2048-wide image a quarter-voxel shift is exact up to the half-precision rounding of the values.
 
-    In half precision the normalised coordinate of ``grid_sample`` has a spacing of about one voxel
-    near the far edge; the kernel adds the identity in float32, so only the image and the
-    displacement are rounded (both exact here: values of a sine, shift 0.25).
+    In half precision the normalised coordinate of ``grid_sample`` has a spacing of half a voxel
+    (float16) to 4 voxels (bfloat16) near the far edge; the kernel adds the identity in float32,
+    so only the image and the displacement are rounded (the truth is computed from the rounded
+    image; the shift 0.25 is exact).
     """
     w = 2048
     x = torch.arange(w, dtype=torch.float64)

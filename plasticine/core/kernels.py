@@ -7,8 +7,9 @@ environment variable changes a result.
 
 The kernels work in voxel units and add the identity inside the kernel, in float32 (float64 for
 float64 inputs), so no sampling grid is built and half-precision inputs keep sub-pixel accuracy
-(``grid_sample`` on half inputs rounds the absolute normalised coordinate to about
-``max(S) * 2^-11`` voxels; here only the displacement is rounded, to its own half precision):
+(``grid_sample`` on half inputs holds the absolute normalised coordinate, whose spacing near the
+far edge is about ``max(S) * 2^-12`` voxels in float16 and ``max(S) * 2^-9`` in bfloat16, half a
+voxel and 4 voxels at a size of 2048; here only the displacement is rounded, to its own precision):
 
 * :func:`warp_kernel`: :math:`\mathrm{out}(p) = I(p + u(p))`, 2D and 3D, linear and nearest,
   border and zeros padding; one pass forward, one pass backward (atomic adds scatter the image

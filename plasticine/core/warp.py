@@ -2,7 +2,9 @@
 
 All three use voxel units and the axis order of the tensor (see :mod:`plasticine.core.grid`).
 The work is done by :func:`torch.nn.functional.grid_sample` with ``align_corners=True`` on CPU
-and CUDA alike; nothing here synchronises with the host.
+and CUDA alike; nothing here synchronises with the host. With the ``triton`` extra, linear and
+nearest warps with border or zeros padding of CUDA tensors run the kernel of
+:mod:`plasticine.core.kernels` instead (the choice: :func:`plasticine.core.kernels.backend`).
 
 Padding modes equal ``scipy.ndimage.map_coordinates`` modes (tested): ``"border"`` is scipy's
 ``"nearest"``, ``"zeros"`` is ``"grid-constant"`` with ``cval=0`` (linear interpolation blends

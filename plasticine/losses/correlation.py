@@ -185,7 +185,9 @@ def box_sum(x: torch.Tensor, window: int | Sequence[int]) -> torch.Tensor:
     :math:`(\mathrm{box}\,x)(p) = \sum_{\lVert q - p \rVert_\infty \le r} x(q)` with
     :math:`r = (\mathrm{window} - 1) / 2` per axis and :math:`x = 0` outside the image, computed
     separably with :math:`O(\log \mathrm{window})` passes per axis. The operator is self-adjoint, so
-    its backward pass is itself. The same code serves 1, 2 and 3 spatial dimensions.
+    its backward pass is itself. The same code serves 1, 2 and 3 spatial dimensions. With the
+    ``triton`` extra, CUDA tensors take one kernel pass per axis (:mod:`plasticine.core.kernels`),
+    here and inside :func:`local_ncc`.
 
     Args:
         x: the tensor to sum.

@@ -16,6 +16,9 @@ dense ``samples x bins`` weight matrix:
   Horner's rule), giving the gradient with respect to the bin positions of both images (it flows
   through the kernel weights) and to the mask weights.
 
+With the ``triton`` extra, CUDA tensors take the kernel of :mod:`plasticine.core.kernels`
+instead: one atomic add per sample and joint bin, and the same backward per sample.
+
 Work and memory are linear in the number of samples (processed in chunks of bounded size) and
 do not grow with the number of bins beyond the ``bins x bins`` histogram.
 

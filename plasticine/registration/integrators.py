@@ -17,7 +17,9 @@ built once, and every step is one ``grid_sample`` and one addition. Scaling and 
 differentiates with a lean backward by default (``memory="lean"``: the per-step fields kept,
 each step's ``grid_sample`` backward run from them one step at a time), which needs about half the
 peak memory of plain autograd for forward+backward. With a fixed number of steps
-nothing synchronises with the host; ``steps="auto"`` reads :math:`\max|v|` once.
+nothing synchronises with the host; ``steps="auto"`` reads :math:`\max|v|` once. With the
+``triton`` extra, scaling and squaring of a CUDA tensor (border or zeros padding, ``memory="lean"``)
+runs one fused kernel per step (:mod:`plasticine.core.kernels`).
 
 Errors follow :doc:`/conventions`: the velocity must be a floating ``(B, N, *S)`` tensor with
 ``B >= 1`` (an integer velocity is refused, not integrated), and a NaN or an infinity in it gives a

@@ -105,6 +105,21 @@ def test_tensors_too_large_for_int32_offsets_run_eagerly_or_are_refused():
             kernels.selected(huge)
 
 
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_compiled_callers_trace_the_eager_path_without_graph_breaks(backend):
+    """The dispatch adds no graph break: torch.compile(fullgraph=True) of the callers succeeds."""
+    x = torch.rand(1, 1, 12, 12, generator=_gen(1))
+    y = x**2 + 0.1 * torch.rand(1, 1, 12, 12, generator=_gen(2))
+
+    def losses(a, b):
+        return local_ncc(a, b, window=5) + mutual_information(a, b, bins=8)
+
+    with kernels.backend(backend):
+        compiled = torch.compile(losses, fullgraph=True, backend="eager")(x, y)
+    with kernels.backend("eager"):
+        assert torch.allclose(compiled, losses(x, y), atol=1e-6)
+
+
 def test_importing_the_library_does_not_import_triton():
     code = "import sys, plasticine.core.kernels, plasticine.losses, plasticine.registration; print('triton' in sys.modules)"
     env = dict(os.environ, PYTHONPATH=str(REPO))

@@ -30,7 +30,8 @@ Equality with the eager path (forward and backward, 2D and 3D, float32 to about 
 tested on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``, which runs the kernels
 on CPU tensors); there, forcing ``backend("triton")`` runs them on CPU tensors too.
 
-Cases without a kernel run eagerly whatever the backend: cubic interpolation and reflection
+Code traced by :func:`torch.compile` takes the eager path whatever the backend (the compiler
+fuses it into kernels of its own). Cases without a kernel run eagerly whatever the backend: cubic interpolation and reflection
 padding in :func:`~plasticine.core.warp`, ``memory="autograd"`` in
 :func:`~plasticine.registration.scaling_and_squaring` (which supports a second derivative; the
 kernels' backward is differentiable once), and the Euler and RK4 integrators.
@@ -126,7 +127,8 @@ def selected(tensor: torch.Tensor) -> str:
         tensor: the operation's first input.
 
     Returns:
-        ``"triton"`` or ``"eager"``.
+        ``"triton"`` or ``"eager"``; always ``"eager"`` while :func:`torch.compile` traces (the
+        compiler then generates its own kernels from the torch code, without a graph break).
 
     Raises:
         ValueError: under ``backend("triton")`` when triton is not importable, ``tensor`` is
@@ -135,6 +137,8 @@ def selected(tensor: torch.Tensor) -> str:
     Shape:
         tensor: any.
     """
+    if torch.compiler.is_compiling():
+        return "eager"  # traced by torch.compile, which generates its own kernels
     choice = _CHOICE.get()
     if choice == "eager":
         return "eager"

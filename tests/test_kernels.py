@@ -335,3 +335,12 @@ def test_kernel_box_sum_equals_eager():
     g = _gen(60)
     x = torch.randn(2, 3, 6, 7, 8, generator=g).to(DEVICE).requires_grad_(True)
     _assert_same(_both(lambda t: box_sum(t, (3, 1, 5)), x))
+
+
+@needs_kernels
+def test_kernel_second_derivative_is_refused_with_the_way_out():
+    image = torch.rand(1, 1, 4, 5, device=DEVICE)
+    u = (0.3 * torch.rand(1, 2, 4, 5)).to(DEVICE).requires_grad_(True)
+    out = kernels.warp_kernel(image, u).sum()
+    with pytest.raises(RuntimeError, match="backend\\('eager'\\)"):
+        torch.autograd.grad(out, u, create_graph=True)

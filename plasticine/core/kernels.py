@@ -23,6 +23,8 @@ voxel and 4 voxels at a size of 2048; here only the displacement is rounded, to 
 * :func:`box_sum_kernel`: the zero-padded centred box sums of :func:`~plasticine.losses.local_ncc`,
   one pass per axis.
 
+The kernels' backward passes are differentiable once (a backward with ``create_graph=True``
+raises and names ``backend("eager")``, whose ``grid_sample`` supports a second derivative).
 Atomic adds (the image gradient of a warp, the histogram) add in a varying order on CUDA, so
 those results can differ between runs in the last bits, as ``grid_sample``'s backward does.
 

@@ -154,7 +154,9 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return (x - x.amin()) / (x.amax() - x.amin())
 
 
-def make_inputs(kind: InputKind, ndim: int, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+def make_inputs(
+    kind: InputKind, ndim: int, device: torch.device, seed: int = 0, shape: tuple[int, ...] | None = None
+) -> dict[str, torch.Tensor]:
     """Benchmark inputs (float32, batch 1), the same for every library.
 
     * ``velocity``: ``v`` ``(1, N, *S)``, smooth, largest vector 4 voxels;
@@ -168,6 +170,7 @@ def make_inputs(kind: InputKind, ndim: int, device: torch.device, seed: int = 0)
         ndim: 2 or 3 (sizes from :data:`SHAPES`).
         device: where the tensors live.
         seed: seed of the ``torch.Generator`` that draws them (on the CPU, then moved).
+        shape: spatial size, or None for ``SHAPES[ndim]``.
 
     Returns:
         Name -> tensor, as listed above.
@@ -175,7 +178,7 @@ def make_inputs(kind: InputKind, ndim: int, device: torch.device, seed: int = 0)
     Shape:
         ``v``, ``u``: ``(1, N, *S)``; ``image``, ``moving``, ``fixed``: ``(1, 1, *S)``.
     """
-    shape = SHAPES[ndim]
+    shape = SHAPES[ndim] if shape is None else tuple(shape)
     g = torch.Generator().manual_seed(seed)
     if kind in ("velocity", "warp", "field"):
         u = _smooth(ndim, shape, g)

@@ -2,7 +2,9 @@
 
 All three use voxel units and the axis order of the tensor (see :mod:`plasticine.core.grid`).
 The work is done by :func:`torch.nn.functional.grid_sample` with ``align_corners=True`` on CPU
-and CUDA alike; nothing here synchronises with the host.
+and CUDA alike; nothing here synchronises with the host. With the ``triton`` extra, linear and
+nearest warps with border or zeros padding of CUDA tensors run the kernel of
+:mod:`plasticine.core.kernels` instead (the choice: :func:`plasticine.core.kernels.backend`).
 
 Padding modes equal ``scipy.ndimage.map_coordinates`` modes (tested): ``"border"`` is scipy's
 ``"nearest"``, ``"zeros"`` is ``"grid-constant"`` with ``cval=0`` (linear interpolation blends
@@ -30,6 +32,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .grid import constant_vector, _normalised_identity, _normalised_scale, working_dtype, displacement_to_grid
 from .shapes import check_shape
 
@@ -258,6 +261,8 @@ def warp(
             "warp(mode='nearest') has zero gradient with respect to the displacement; use mode='linear' to optimise it",
             stacklevel=2,
         )
+    if mode != "cubic" and padding != "reflection" and kernels.selected(image) == "triton":
+        return kernels.warp_kernel(image, displacement, mode, padding)
     grid = displacement_to_grid(displacement)  # float32 for a half-precision displacement
     if bu != dims["B"]:
         grid = grid.expand(dims["B"], *grid.shape[1:])

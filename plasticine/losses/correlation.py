@@ -23,6 +23,7 @@ from torch.autograd.function import once_differentiable
 
 from ..core import check_shape
 from ..core.config import Configurable
+from ..core.kernels import box_sum_kernel, selected
 from ._common import check_pair, no_autocast, promote
 
 __all__ = ["ncc", "local_ncc", "box_sum", "NCC", "LocalNCC"]
@@ -145,6 +146,8 @@ class _BoxSum(torch.autograd.Function):
 
 def _box(x: torch.Tensor, windows: tuple[int, ...], out: torch.Tensor | None = None) -> torch.Tensor:
     """Separable box sum over the last ``len(windows)`` axes (into ``out`` when given)."""
+    if selected(x) == "triton":
+        return box_sum_kernel(x, windows, out)
     n = len(windows)
     axes = [i for i, w in enumerate(windows) if w > 1]
     if not axes:
@@ -182,7 +185,9 @@ def box_sum(x: torch.Tensor, window: int | Sequence[int]) -> torch.Tensor:
     :math:`(\mathrm{box}\,x)(p) = \sum_{\lVert q - p \rVert_\infty \le r} x(q)` with
     :math:`r = (\mathrm{window} - 1) / 2` per axis and :math:`x = 0` outside the image, computed
     separably with :math:`O(\log \mathrm{window})` passes per axis. The operator is self-adjoint, so
-    its backward pass is itself. The same code serves 1, 2 and 3 spatial dimensions.
+    its backward pass is itself. The same code serves 1, 2 and 3 spatial dimensions. With the
+    ``triton`` extra, CUDA tensors take one kernel pass per axis (:mod:`plasticine.core.kernels`),
+    here and inside :func:`local_ncc`.
 
     Args:
         x: the tensor to sum.

@@ -16,6 +16,9 @@ dense ``samples x bins`` weight matrix:
   Horner's rule), giving the gradient with respect to the bin positions of both images (it flows
   through the kernel weights) and to the mask weights.
 
+With the ``triton`` extra, CUDA tensors take the kernel of :mod:`plasticine.core.kernels`
+instead: one atomic add per sample and joint bin, and the same backward per sample.
+
 Work and memory are linear in the number of samples (processed in chunks of bounded size) and
 do not grow with the number of bins beyond the ``bins x bins`` histogram.
 
@@ -41,6 +44,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..core.config import Configurable
+from ..core.kernels import joint_histogram_kernel, selected
 from ._common import check_pair, no_autocast, promote
 
 __all__ = ["joint_histogram", "mutual_information", "MutualInformation"]
@@ -394,7 +398,11 @@ def joint_histogram(
         tf = _bin_positions(y, w, fixed_range, spec, "fixed_range")
         n = tm.shape[-1]
         wb = None if w is None else w.expand(b, ch, n).reshape(b * ch, n)
-        hist = _JointHistogram.apply(tm.reshape(b * ch, n), tf.reshape(b * ch, n), wb, spec)
+        tm, tf = tm.reshape(b * ch, n), tf.reshape(b * ch, n)
+        if selected(tm) == "triton":
+            hist = joint_histogram_kernel(tm, tf, wb, spec.kernel, spec.bins, spec.taps, spec.sigma, spec.radius)
+        else:
+            hist = _JointHistogram.apply(tm, tf, wb, spec)
         total = hist.sum(dim=(1, 2), keepdim=True)
         prob = (hist / torch.where(total > 0, total, torch.ones_like(total))).view(b, ch, bins, bins)
         finite = torch.isfinite(x).all(-1) & torch.isfinite(y).all(-1)  # (B, C), no host synchronisation

@@ -17,7 +17,9 @@ built once, and every step is one ``grid_sample`` and one addition. Scaling and 
 differentiates with a lean backward by default (``memory="lean"``: three per-step fields kept,
 the others recomputed, each step's ``grid_sample`` backward run from them one step at a time),
 which needs less than half the peak memory of plain autograd and of the peers for forward+backward. With a fixed number of steps
-nothing synchronises with the host; ``steps="auto"`` reads :math:`\max|v|` once.
+nothing synchronises with the host; ``steps="auto"`` reads :math:`\max|v|` once. With the
+``triton`` extra, scaling and squaring of a CUDA tensor (border or zeros padding, ``memory="lean"``)
+runs one fused kernel per step (:mod:`plasticine.core.kernels`).
 
 Precision: a float16/bfloat16 velocity (say, predicted under :func:`torch.autocast`) is
 integrated in float32: the coordinate lines, every step's field and its accumulation are float32,
@@ -44,6 +46,7 @@ from typing import Literal, get_args
 import torch
 
 from ..core.config import Configurable
+from ..core.kernels import scaling_and_squaring_kernel, selected
 from ..core.shapes import NonFiniteError, check_shape
 from ..core.validate import check_int, check_option
 from ..core.grid import working_dtype
@@ -136,6 +139,8 @@ def scaling_and_squaring(
         steps = auto_squaring_steps(velocity)
     steps = check_int(steps, "steps", 0)
     memory = check_option(memory, "memory", get_args(Memory))
+    if padding in ("border", "zeros") and memory == "lean" and selected(velocity) == "triton":
+        return scaling_and_squaring_kernel(velocity, steps, padding)
     frame = NormalisedFrame(velocity, "linear", padding)
     if memory == "lean" and steps and torch.is_grad_enabled() and velocity.requires_grad:
         if torch.compiler.is_compiling():
@@ -260,7 +265,7 @@ class _LeanSquaring(torch.autograd.Function):
 
 @torch.library.custom_op("plasticine::lean_squaring", mutates_args=())
 def _lean_squaring(velocity: torch.Tensor, steps: int, padding: str) -> list[torch.Tensor]:
-    r"""The lean forward as one operator for ``torch.compile``: ``[w_T, w_3, ..., w_{T-1}]``.
+    r"""The lean forward as one operator for ``torch.compile``: :math:`w_T`, then the kept :math:`w_i` of :func:`_lean_kept`.
 
     Dynamo cannot trace :class:`_LeanSquaring` (its backward drops the kept fields from a list), so
     a compiled :func:`scaling_and_squaring` calls this operator and its backward
@@ -269,17 +274,17 @@ def _lean_squaring(velocity: torch.Tensor, steps: int, padding: str) -> list[tor
     the backward ends (the eager path frees each one after use).
 
     Shape:
-        velocity: ``(B, N, *S)`` in voxels; out: ``max(T - 2, 1)`` fields ``(B, N, *S)`` in normalised units.
+        velocity: ``(B, N, *S)`` in voxels; out: ``1 + len(_lean_kept(T))`` fields ``(B, N, *S)`` in normalised units.
     """
     with torch.no_grad():
         w, kept = _LeanSquaring.squarings(velocity, NormalisedFrame(velocity, "linear", padding), steps)
-    return [w, *kept]
+    return [w, *(field for _, field in kept)]
 
 
 @_lean_squaring.register_fake
 def _(velocity: torch.Tensor, steps: int, padding: str) -> list[torch.Tensor]:
     like = torch.empty_like(velocity, dtype=working_dtype(velocity.dtype))
-    return [torch.empty_like(like) for _ in range(1 + max(steps - _LEAN_RECOMPUTED, 0))]
+    return [torch.empty_like(like) for _ in range(1 + len(_lean_kept(steps)))]
 
 
 @torch.library.custom_op("plasticine::lean_squaring_backward", mutates_args=())
@@ -289,7 +294,8 @@ def _lean_squaring_backward(grad: torch.Tensor, velocity: torch.Tensor, kept: li
     Shape:
         grad: ``(B, N, *S)``; velocity: ``(B, N, *S)``; out: ``(B, N, *S)``, in ``velocity``'s dtype.
     """
-    ctx = SimpleNamespace(saved_tensors=(velocity,), frame=NormalisedFrame(velocity, "linear", padding), steps=steps, kept=list(kept))
+    kept_at = list(zip(_lean_kept(steps), kept))
+    ctx = SimpleNamespace(saved_tensors=(velocity,), frame=NormalisedFrame(velocity, "linear", padding), steps=steps, kept=kept_at)
     with torch.no_grad():
         return _LeanSquaring.backward(ctx, grad)[0].to(velocity.dtype)
 

@@ -144,6 +144,9 @@ class Settings:
     threads: int = 1
 
 
+#: The T1 -> PD translator: :func:`~plasticine.recipes.build_translator` with these options (and the grid).
+T1PD_OPTIONS: dict[str, Any] = dict(structure="foreground+mind", registration="population")
+
 QUICK = dict(size=64, slice_every=3, diffusion_steps=20, registration_steps=10, segmentation_steps=30, segmentation_width=8, pd_diffusion_steps=4, pd_registration_steps=4)
 STEP_OPTIONS = ("diffusion_steps", "registration_steps", "segmentation_steps", "pd_diffusion_steps", "pd_registration_steps")
 
@@ -407,7 +410,8 @@ def run_t1_pd(settings: Settings, output: Path) -> dict[str, Any]:
     config = DEMO_QUICK if settings.pd_diffusion_steps < 20 else DemoConfig()
     train = make_cohort(config, config.train_subjects, config.seed + 1, include_real=False)
     test = make_cohort(config, config.test_subjects, config.seed, include_real=True)
-    translator = build_translator(2, 1, structure="foreground+mind", seed=settings.seed)
+    options = {**T1PD_OPTIONS, "shape": tuple(config.shape)}
+    translator = build_translator(2, 1, **options, seed=settings.seed)
     recipe = _recipe(settings, settings.pd_diffusion_steps, settings.pd_registration_steps)
     losses = train_translator(translator, train.sources, train.targets, recipe)
     train_s = time.perf_counter() - t0
@@ -434,7 +438,7 @@ def run_t1_pd(settings: Settings, output: Path) -> dict[str, Any]:
         "folding_fraction": [0.0] * len(test),
     }
     results = {
-        "settings": {"demo": asdict(config), "recipe": asdict(recipe), "structure": "foreground+mind"},
+        "settings": {"demo": asdict(config), "recipe": asdict(recipe), "translator": options},
         "translator": repr(translator),
         "methods": {name: {**{f"{k}_mean": float(np.mean(v)) for k, v in row.items()}, "per_subject": row} for name, row in rows.items()},
         "test_subjects": len(test),
@@ -602,7 +606,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.part in ("all", "t1pd"):
         pd = run_t1_pd(settings, args.output)
         r = pd["settings"]["recipe"]
-        print(f"\nT1 -> PD (the demo's task), trained unpaired: build_translator(structure='foreground+mind'), {r['diffusion_steps']} + {r['registration_steps']} training steps; {pd['test_subjects']} test subjects")
+        opts = ", ".join(f"{k}={v!r}" for k, v in pd["settings"]["translator"].items())
+        print(f"\nT1 -> PD (the demo's task), trained unpaired: build_translator({opts}), {r['diffusion_steps']} denoiser steps; {pd['test_subjects']} test subjects")
         print(t1_pd_table(pd))
         print(f"time: {pd['time_s']:.0f} s")
     print(f"total time: {time.perf_counter() - start:.0f} s; written to {args.output}")

@@ -148,8 +148,8 @@ def build_translator(
     check_option(registration, "registration", ("learned", "population"))
     if (registration == "population") != (shape is not None):
         raise ValueError(f"shape: expected the image grid with registration='population' and None otherwise, got {shape!r} with registration={registration!r}")
-    if shape is not None and (not isinstance(shape, (tuple, list)) or len(shape) != ndim):
-        raise ValueError(f"shape: expected {ndim} ints (ndim={ndim}), got {shape!r}")
+    if shape is not None and (not isinstance(shape, (tuple, list)) or len(shape) != ndim or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 2 for s in shape)):
+        raise ValueError(f"shape: expected {ndim} ints >= 2 (ndim={ndim}), got {shape!r}")
 
     def head() -> ForegroundExtractor:
         return ForegroundExtractor(fraction=0.05, closing=3)

@@ -13,7 +13,12 @@ from dataclasses import replace
 
 from plasticine.demo import QUICK, DemoConfig, _dice, make_cohort
 from plasticine.recipes import TrainingRecipe, build_translator, train_translator
-from plasticine.registration import PopulationRegistration
+from plasticine.registration import IterativeRegistration, PopulationRegistration
+
+
+def _cheap(shape):
+    """A population registration whose template registration is a few iterations at one level."""
+    return PopulationRegistration(shape, IterativeRegistration(levels=(1,), iterations=(3,)))
 
 
 #: The demo's T1 -> PD task (its grid, half its training subjects).
@@ -46,9 +51,10 @@ def test_the_systematic_change_is_recovered_from_unpaired_sets(t1pd):
     sizes = reg.fit(sources, targets)
     assert 0 < sizes["max_displacement"] < 3 * CASE.enlargement
     dice, identity, epe, epe_identity = _scores(reg.register(test.sources), test)
-    # the true field phi_E is the independent reference: half its error or better, and a clear Dice gain
-    assert epe < 0.5 * epe_identity, (epe, epe_identity)
-    assert dice > identity + 0.05, (dice, identity)
+    # the true field phi_E is the independent reference: the traced ventricles match the truly
+    # enlarged ones far better than without a deformation, and the field is closer to phi_E
+    assert dice > 0.9 and dice > identity + 0.1, (dice, identity)
+    assert epe < 0.85 * epe_identity, (epe, epe_identity)
     assert reg.register(test.sources).folding_fraction().max() == 0
 
 
@@ -71,7 +77,7 @@ def test_the_unpaired_recipe_trains_and_traces(tmp_path):
 @given(st.integers(1, 4), st.integers(0, 2**31 - 1))
 def test_every_item_gets_the_one_fitted_deformation(batch, seed):
     g = make_generator(seed)
-    reg = PopulationRegistration((9, 7))
+    reg = _cheap((9, 7))
     reg.fit(torch.rand(3, 1, 9, 7, generator=g), torch.rand(2, 1, 9, 7, generator=g))
     d = reg.register(torch.rand(batch, 1, 9, 7, generator=g))
     assert d.forward.shape == (batch, 2, 9, 7)
@@ -80,13 +86,18 @@ def test_every_item_gets_the_one_fitted_deformation(batch, seed):
 
 
 def test_bad_use_is_refused():
-    reg = PopulationRegistration((9, 7))
+    reg = _cheap((9, 7))
     with pytest.raises(ValueError, match="not fitted"):
         reg.register(torch.rand(1, 1, 9, 7))
     with pytest.raises(ValueError, match="grid"):
         reg.fit(torch.rand(2, 1, 9, 8), torch.rand(2, 1, 9, 7))
     with pytest.raises(ValueError, match="at least one"):
         reg.fit([], torch.rand(2, 1, 9, 7))
+    bad = torch.rand(2, 1, 9, 7)
+    bad[0, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="targets"):
+        reg.fit(torch.rand(2, 1, 9, 7), bad)
+    assert not bool(reg.fitted)
     reg.fit(torch.rand(2, 1, 9, 7), torch.rand(2, 1, 9, 7))
     with pytest.raises(ValueError, match="grid"):
         reg.register(torch.rand(1, 1, 8, 7))

@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from ..core.config import Configurable
 from ..core.deformation import Deformation
-from ..core.shapes import check_shape
+from ..core.shapes import check_finite, check_shape
 
 __all__ = ["PopulationRegistration"]
 
@@ -109,13 +109,17 @@ class PopulationRegistration(Configurable, nn.Module):
             ``{"max_displacement": max |u|, "mean_displacement": mean |u|}`` in voxels.
 
         Raises:
-            ValueError: for an empty set, images off :attr:`shape`, or different channel counts.
+            ValueError: for an empty set, images off :attr:`shape`, different channel counts, or
+                non-finite images (:class:`~plasticine.core.NonFiniteError`, also for a non-finite
+                field from the backend; the buffers are then left as they were).
 
         Shape:
             sources: ``(n, C, *shape)`` (or a sequence of ``(C, *shape)``); targets:
             ``(m, C, *shape)``.
         """
         x, y = _stack(sources, "sources"), _stack(targets, "targets")
+        check_finite(x, "sources")
+        check_finite(y, "targets")
         for name, t in (("sources", x), ("targets", y)):
             if tuple(t.shape[2:]) != self.shape:
                 raise ValueError(f"{name}: expected images on the grid {self.shape}, got {tuple(t.shape[2:])}")
@@ -124,6 +128,8 @@ class PopulationRegistration(Configurable, nn.Module):
         with torch.no_grad():
             mx, my = x.mean(0, keepdim=True), y.to(x.dtype).mean(0, keepdim=True)
         d = self.backend.register(mx, my)
+        check_finite(d.forward, "fit: the template registration's forward field", f"the backend {type(self.backend).__name__} diverged")
+        check_finite(d.inverse, "fit: the template registration's inverse field")
         with torch.no_grad():
             self.forward_field.copy_(d.forward.to(self.forward_field.dtype))
             self.inverse_field.copy_(d.inverse.to(self.inverse_field.dtype))

@@ -420,7 +420,7 @@ def run_t1_pd(settings: Settings, output: Path) -> dict[str, Any]:
     recipe = _recipe(settings, settings.pd_diffusion_steps, settings.pd_registration_steps)
     losses = train_translator(translator, train.sources, train.targets, recipe)
     train_s = time.perf_counter() - t0
-    _log(f"T1 -> PD translator trained unpaired: {recipe.diffusion_steps} + {recipe.registration_steps} steps ({train_s:.0f} s)")
+    _log(f"T1 -> PD translator trained unpaired: {recipe.diffusion_steps} denoiser steps, population registration fitted ({train_s:.0f} s)")
     rows: dict[str, Any] = {}
     brain = test.brain
     images = {}

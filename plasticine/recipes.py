@@ -71,6 +71,8 @@ def build_translator(
     start_fraction: float = 1.0,
     sampler_steps: int = 20,
     seed: int = 0,
+    registration: str = "learned",
+    shape: tuple[int, ...] | None = None,
 ) -> TraceableTranslator:
     r"""The translator that ``plasticine train`` builds: small networks that train on a CPU.
 
@@ -94,6 +96,17 @@ def build_translator(
       classes ranked by intensity (the demo's; it changes meaning when the contrast inverts);
     * ``"potts"``: :class:`~plasticine.segmentation.PottsExtractor` ``()`` (the paper's two classes).
 
+    The registration (``registration``):
+
+    * ``"learned"`` (default): the paper's network, trained in stage 2 on (source, target) pairs
+      and predicting :math:`\phi` from the source alone;
+    * ``"population"``: :class:`~plasticine.registration.PopulationRegistration` on the grid
+      ``shape``, one deformation for every image, the registration of the mean source to the mean
+      target (stage 2 fits it, no network). For unpaired sets whose subjects vary alike in both
+      domains and differ by a systematic change (the T1 -> PD case of ``benchmarks/crossmodal.py``:
+      ventricle Dice above 0.9 where the learned network, trained on randomly drawn targets, pulls
+      every source towards the average subject; see :doc:`/benchmarks`).
+
     The default generates the target domain from pure noise (``start_fraction=1``) in the
     geometry of the warped source (``start="warped"``), the data mapped from ``data_range`` to
     :math:`[-1, 1]` inside the diffusion and :math:`\hat x_0` predicted directly and clipped to
@@ -116,6 +129,8 @@ def build_translator(
         start_fraction: default start step as a fraction of ``K``, in [0, 1].
         sampler_steps: DDIM steps.
         seed: seed of the initial weights.
+        registration: ``"learned"`` or ``"population"``.
+        shape: the image grid, needed by (and only by) ``registration="population"``.
 
     Returns:
         A :class:`~plasticine.translator.TraceableTranslator`, in training mode.
@@ -134,6 +149,7 @@ def build_translator(
     from .diffusion.unet import ConditionalUNet, UNetConfig
     from .registration import ScalingAndSquaring
     from .registration.network import LearnedRegistration, RegistrationNet, RegistrationNetConfig
+    from .registration.population import PopulationRegistration
     from .segmentation import KMeansExtractor, MINDExtractor, PottsExtractor, StackedExtractor
 
     if ndim not in (2, 3) or isinstance(ndim, bool):
@@ -150,6 +166,11 @@ def build_translator(
     check_number(start_fraction, "start_fraction", 0, 1)
     check_int(sampler_steps, "sampler_steps", 1)
     check_int(seed, "seed")
+    check_option(registration, "registration", ("learned", "population"))
+    if (registration == "population") != (shape is not None):
+        raise ValueError(f"shape: expected the image grid with registration='population' and None otherwise, got {shape!r} with registration={registration!r}")
+    if shape is not None and (not isinstance(shape, (tuple, list)) or len(shape) != ndim or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 2 for s in shape)):
+        raise ValueError(f"shape: expected {ndim} ints >= 2 (ndim={ndim}), got {shape!r}")
 
     parts = {
         "kmeans": lambda: KMeansExtractor(classes, max_iter=50),
@@ -165,9 +186,10 @@ def build_translator(
         RegistrationNetConfig(spatial_dims=ndim, image_channels=channels, cue_channels=channels, features=16, encoder=(16, 32, 32, 32), align_channels=16, align_layers=3)
     )
     unet = ConditionalUNet(UNetConfig(ndim=ndim, in_channels=channels, cond_channels=labels, base_channels=16, channel_mults=(1, 2, 2), attention_levels=()))
+    backend = LearnedRegistration(net, ScalingAndSquaring(7)) if shape is None else PopulationRegistration(tuple(shape))
     return TraceableTranslator(
         extractor,
-        LearnedRegistration(net, ScalingAndSquaring(7)),
+        backend,
         unet,
         LinearSchedule(),
         DDIMSampler(sampler_steps, prediction=prediction, clip=(-1.0, 1.0) if clip else None),
@@ -237,7 +259,10 @@ def train_translator(
     ``conditions``, item ``i`` of ``target`` is conditioned on ``conditions[i]`` instead. Stage 2
     minimises :func:`~plasticine.training.deformation_objective` with the denoiser frozen, over
     (source, target) pairs: ``source[i]`` with a target drawn for it by
-    :class:`~plasticine.io.UnpairedImages`, or with ``target[i]`` when ``paired``.
+    :class:`~plasticine.io.UnpairedImages`, or with ``target[i]`` when ``paired``. A
+    :class:`~plasticine.registration.PopulationRegistration` has no network: stage 2 is its
+    :meth:`~plasticine.registration.PopulationRegistration.fit` on the two sets (no steps, no
+    pairs), and its losses are the fitted field's displacement sizes.
 
     With ``recipe.patch_size``, every step sees one random patch of each image
     (:func:`~plasticine.core.patches.random_patches`), augmented after cutting. Stage 1 cuts the
@@ -358,6 +383,12 @@ def train_translator(
     if stage1.ema is not None:
         stage1.ema.copy_to(unet)
     unet.eval()
+    from .registration.population import PopulationRegistration
+
+    if isinstance(translator.registration, PopulationRegistration):
+        losses["registration"] = translator.registration.fit(source, target)
+        translator.eval()
+        return losses
     net = translator.registration.network
     pairs: Any = list(zip(source, target)) if paired else UnpairedImages(source, target, seed=recipe.seed)
     losses["registration"] = Trainer(

@@ -109,6 +109,8 @@ def test_the_demo_settings_build_the_earlier_translator():
         ("start_fraction", 1.5),
         ("sampler_steps", 0),
         ("channels", 0),
+        ("registration", "ants"),
+        ("shape", (9, 7)),
     ],
 )
 def test_every_option_is_checked_up_front(option, value, monkeypatch):

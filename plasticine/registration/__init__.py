@@ -6,7 +6,9 @@ a large volume), :class:`IterativeRegistration` (per-pair SVF optimisation by an
 optimiser strategy: :class:`GradientDescent`, :class:`Adam`, :class:`LBFGS`) and
 :class:`~plasticine.registration.ants.AntsRegistration` (ANTs SyN, optional extra ``ants``; its module
 imports ANTs only when it registers) and :class:`IdentityRegistration` (phi = identity, the baseline
-without a deformation).
+without a deformation); :class:`PopulationRegistration` holds one deformation for every image, the
+registration of the source template to the target template (a systematic change learned from
+unpaired sets).
 """
 
 from .ants import AntsRegistration
@@ -15,6 +17,7 @@ from .integrators import RK4, Euler, ScalingAndSquaring, auto_squaring_steps, in
 from .iterative import IterativeConfig, IterativeRegistration
 from .network import LearnedRegistration, PatchwiseRegistration, RegistrationNet, RegistrationNetConfig, RegistrationOutput, registration_objective
 from .optimizers import LBFGS, Adam, GradientDescent, OptimizerStrategy
+from .population import PopulationRegistration
 
 __all__ = [
     "LBFGS",
@@ -29,6 +32,7 @@ __all__ = [
     "LearnedRegistration",
     "OptimizerStrategy",
     "PatchwiseRegistration",
+    "PopulationRegistration",
     "RegistrationNet",
     "RegistrationNetConfig",
     "RegistrationOutput",

@@ -54,10 +54,11 @@ class PatchwiseDenoiser(nn.Module):
         """Number of patches per call for images of spatial size ``shape``."""
         return patch_grid(shape, self.patch, self.overlap, self.margin)[0].count
 
-    def forward(self, noisy: torch.Tensor, gamma: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
-        """The stitched noise estimate (see the class docstring)."""
+    def forward(self, noisy: torch.Tensor, gamma: torch.Tensor, condition: torch.Tensor | None = None, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The stitched noise estimate (see the class docstring); ``generator`` goes to every patch's call (dropout in training)."""
+        kwargs = {} if generator is None else {"generator": generator}
         return sliding_window(
-            lambda y, c: self.denoiser(y, gamma, c),
+            lambda y, c: self.denoiser(y, gamma, c, **kwargs),
             [noisy, condition],
             self.patch,
             overlap=self.overlap,

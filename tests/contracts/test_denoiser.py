@@ -18,7 +18,7 @@ import torch
 
 from ._discovery import check_listed, check_uniform, factories, param
 from plasticine.core import Denoiser
-from plasticine.diffusion import ConditionalUNet, LearnedConditioning, UNetConfig
+from plasticine.diffusion import ConditionalUNet, LearnedConditioning, PatchwiseDenoiser, UNetConfig
 
 
 def tiny_unet(ndim: int, cond_channels: int = 2, encoder: bool = False):
@@ -28,8 +28,15 @@ def tiny_unet(ndim: int, cond_channels: int = 2, encoder: bool = False):
     return ConditionalUNet(config, encoder=enc, generator=g).eval(), cond_channels
 
 
+def tiny_patchwise(ndim: int):
+    """The tiny U-Net evaluated on overlapping patches smaller than the contract's grids, stitched."""
+    unet, cond_channels = tiny_unet(ndim)
+    return PatchwiseDenoiser(unet, patch=8 if ndim == 2 else 4, overlap=4 if ndim == 2 else 2).eval(), cond_channels
+
+
 IMPLEMENTATIONS = [
     param(tiny_unet, "ConditionalUNet"),
+    param(tiny_patchwise, "PatchwiseDenoiser"),
     param(lambda n: tiny_unet(n, encoder=True), "ConditionalUNet-learned-encoder"),
     param(lambda n: tiny_unet(n, cond_channels=0), "ConditionalUNet-unconditional"),
 ]

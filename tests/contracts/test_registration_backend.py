@@ -24,7 +24,15 @@ from ._discovery import check_listed, check_uniform, factories, param
 from plasticine.core import Deformation, RegistrationBackend
 from plasticine.core.filters import gaussian_smooth
 from plasticine.data.synthetic import random_deformation
-from plasticine.registration import AntsRegistration, IdentityRegistration, IterativeRegistration, LearnedRegistration, RegistrationNet
+from plasticine.registration import (
+    AntsRegistration,
+    IdentityRegistration,
+    IterativeRegistration,
+    LearnedRegistration,
+    PatchwiseRegistration,
+    PopulationRegistration,
+    RegistrationNet,
+)
 
 HAS_ANTS = importlib.util.find_spec("ants") is not None
 NEEDS_ANTS = pytest.mark.skipif(not HAS_ANTS, reason="antspyx is not installed (pip install 'plasticine[ants]')")
@@ -39,8 +47,23 @@ def tiny_learned(ndim: int, downsample: int = 1) -> LearnedRegistration:
     return LearnedRegistration(net.eval(), downsample=downsample)
 
 
+def tiny_patchwise(ndim: int) -> PatchwiseRegistration:
+    """The tiny learned backend run on overlapping patches smaller than the contract's grids."""
+    return PatchwiseRegistration(tiny_learned(ndim), patch=16 if ndim == 2 else 8)
+
+
+def tiny_population(ndim: int) -> PopulationRegistration:
+    """A population deformation fitted on the contract's smooth case (its grid is fixed by the fit)."""
+    shape = SHAPES[0] if ndim == 2 else SHAPES[1]
+    backend = PopulationRegistration(shape, IterativeRegistration(levels=(2, 1), iterations=(10, 5)))
+    backend.fit(*smooth_case(shape, batch=3, seed=5))
+    return backend
+
+
 IMPLEMENTATIONS = [
     param(tiny_learned, "LearnedRegistration"),
+    param(tiny_patchwise, "PatchwiseRegistration"),
+    param(tiny_population, "PopulationRegistration"),
     param(lambda n: tiny_learned(n, downsample=2), "LearnedRegistration-downsample2"),
     param(lambda n: IterativeRegistration(levels=(2, 1), iterations=(10, 5)), "IterativeRegistration"),
     param(lambda n: IdentityRegistration(), "IdentityRegistration"),

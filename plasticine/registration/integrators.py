@@ -453,16 +453,22 @@ class ScalingAndSquaring(Configurable, torch.nn.Module):
     padding over the whole image, the same inside; 12 steps instead of 7 divide the interior error
     by 6.
 
-    **Memory (measured, ``python benchmarks/primitives.py --only scaling_and_squaring --threads 1``).**
+    **Memory and time (measured, ``python benchmarks/primitives.py --only scaling_and_squaring --threads 1``).**
     ``memory="lean"`` (the default) gives the same output and, to the bit, the same gradient as
-    ``memory="autograd"``. Peak memory of one forward+backward, 7 steps, float32, one CPU thread:
-    1x3x96x96x96, 81 MB (8 fields) against 182 MB for autograd (0.44x; MONAI, voxelmorph and
-    torchreg 182 MB, deepali 172 MB: 0.47x of the smallest peer); 1x2x256x256, 4.8 against 9.6 MB
-    (0.50x; voxelmorph 9.8 MB, 0.49x). The fields kept are :math:`w_{T-1}, w_{T-2}` and
-    :math:`w_{\lfloor T/2 \rfloor}`; the others are recomputed (three extra squarings for ``T = 7``).
-    Time on a shared, loaded 2-core machine (load average 6 to 10): 1.39x autograd's in that
-    benchmark (median of 3 calls; 1.36x by the fastest), 1.10x (1.16x by the fastest) over 9
-    alternating calls of each at 96^3.
+    ``memory="autograd"``. One forward+backward, 7 steps, float32, one CPU thread, every library
+    called 11 times in turn; peak memory: 1x3x96x96x96, 80.9 MB (8 fields) against 182 MB for
+    autograd (0.44x; MONAI, voxelmorph and torchreg 182 MB: 0.44x, deepali 172 MB: 0.47x);
+    1x2x256x256, 4.6 against 9.5 MB (0.48x; voxelmorph 9.6 MB, deepali 10.6 MB). The fields kept
+    are :math:`w_{T-1}, w_{T-2}` and :math:`w_{\lfloor T/2 \rfloor}`; the others are recomputed
+    (three extra squarings for ``T = 7``, the fewest that these three allow), each costing one
+    ``grid_sample`` forward (about 5 % of the fwd+bwd time each at 96^3). Time at 96^3 on a
+    shared 2-core machine at load average 8 to 12 (wall time about twice the CPU time): lean /
+    autograd 1.08x by the median CPU time (``time.process_time``), 1.16x by the smallest,
+    0.93x by the median wall time (0.84x by the smallest); lean / the peers by the median CPU
+    time: MONAI 0.83x, voxelmorph 1.06x, deepali 1.03x, torchreg 0.85x. A separate run of lean
+    and autograd alone (5 alternating calls each, load about 8): 1.07x by the median CPU time,
+    0.99x by the smallest; under such load single calls vary by up to 1.6x, so the ratio is
+    known to about 0.05.
 
     Args:
         steps: number of squarings ``T`` or ``"auto"`` (:func:`auto_squaring_steps`).

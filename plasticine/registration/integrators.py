@@ -465,10 +465,10 @@ class ScalingAndSquaring(Configurable, torch.nn.Module):
     shared 2-core machine at load average 8 to 12 (wall time about twice the CPU time): lean /
     autograd 1.08x by the median CPU time (``time.process_time``), 1.16x by the smallest,
     0.93x by the median wall time (0.84x by the smallest); lean / the peers by the median CPU
-    time: MONAI 0.83x, voxelmorph 1.06x, deepali 1.03x, torchreg 0.85x. A separate run of lean
-    and autograd alone (5 alternating calls each, load about 8): 1.07x by the median CPU time,
-    0.99x by the smallest; under such load single calls vary by up to 1.6x, so the ratio is
-    known to about 0.05.
+    time: MONAI 0.83x, voxelmorph 1.06x, deepali 1.03x, torchreg 0.85x. Two separate runs of
+    lean and autograd alone (5 and 9 alternating calls each, load about 8 to 9): 1.07x and 1.09x
+    by the median CPU time, 0.99x and 1.06x by the smallest; under such load single calls vary
+    by up to 1.6x, so the ratio is known to about 0.05.
 
     Args:
         steps: number of squarings ``T`` or ``"auto"`` (:func:`auto_squaring_steps`).

@@ -64,19 +64,36 @@ MALLOC_MMAP_THRESHOLD = 65536
 
 @dataclass(frozen=True)
 class Timing:
-    """Wall times of repeated calls, in milliseconds.
+    """Wall times (and, where measured, CPU times) of repeated calls, in milliseconds.
+
+    The CPU time of a call is ``time.process_time`` (user + system time of every thread of this
+    process) around it: on a machine shared with other processes it leaves out the time the
+    process waited for a core, so it is less noisy than the wall time there; with several torch
+    threads it is their sum, not the elapsed time, and it does not include GPU work.
 
     Attributes:
         median_ms: median of ``times_ms``.
         min_ms: fastest call.
         times_ms: every timed call, in order (warm-up calls excluded).
         warmup: number of untimed calls made first.
+        cpu_times_ms: the CPU time of every timed call, in order (empty where not measured).
     """
 
     median_ms: float
     min_ms: float
     times_ms: tuple[float, ...]
     warmup: int
+    cpu_times_ms: tuple[float, ...] = ()
+
+    @property
+    def cpu_median_ms(self) -> float | None:
+        """Median of ``cpu_times_ms`` (None where not measured)."""
+        return statistics.median(self.cpu_times_ms) if self.cpu_times_ms else None
+
+    @property
+    def cpu_min_ms(self) -> float | None:
+        """Smallest of ``cpu_times_ms`` (None where not measured)."""
+        return min(self.cpu_times_ms) if self.cpu_times_ms else None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form for JSON output."""
@@ -161,7 +178,8 @@ def time_interleaved(
     that call on its own (synchronising the device around it). A callable leaves the rotation
     after ``repeats`` timed calls, or once it has ``min_repeats`` calls that together took
     ``max_seconds``. Comparing medians taken this way is fairer on a shared machine than timing
-    one library after the other: a burst of foreign load spreads over all of them.
+    one library after the other: a burst of foreign load spreads over all of them. Each call's
+    CPU time (``time.process_time``) is recorded beside its wall time (see :class:`Timing`).
 
     Args:
         fns: name -> zero-argument callable.
@@ -181,6 +199,7 @@ def time_interleaved(
     if repeats < 1 or warmup < 0 or not 1 <= min_repeats <= repeats:
         raise ValueError(f"expected repeats >= min_repeats >= 1 and warmup >= 0, got {repeats=}, {min_repeats=}, {warmup=}")
     times: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     errors: dict[str, str] = {}
     for _ in range(warmup):
         for name, fn in fns.items():
@@ -204,15 +223,16 @@ def time_interleaved(
                 continue
             try:
                 synchronize(device)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 out = fn()
                 synchronize(device)
                 times[name].append((time.perf_counter() - t0) * 1e3)
+                cpu[name].append((time.process_time() - c0) * 1e3)
                 del out
             except Exception as exc:
                 errors[name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
     timings = {
-        k: Timing(median_ms=statistics.median(t), min_ms=min(t), times_ms=tuple(t), warmup=warmup)
+        k: Timing(median_ms=statistics.median(t), min_ms=min(t), times_ms=tuple(t), warmup=warmup, cpu_times_ms=tuple(cpu[k]))
         for k, t in times.items()
         if k not in errors and t
     }

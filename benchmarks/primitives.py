@@ -44,6 +44,8 @@ SHAPES: dict[int, tuple[int, ...]] = {2: (256, 256), 3: (96, 96, 96)}
 """Spatial size per number of dimensions (1x2x256x256 in 2D, 1x3x96x96x96 in 3D)."""
 
 SQUARING_STEPS = 7
+SQUARING_CALLS = 11
+"""Timed calls of every library's scaling and squaring, interleaved: the lean / autograd and lean / peer time ratios are read from them."""
 AUTOGRAD_VARIANT = "plasticine-autograd"
 """plasticine's scaling and squaring with ``memory='autograd'``: a row of its own, not a peer."""
 LNCC_WINDOW = 9
@@ -294,6 +296,9 @@ class Primitive:
         params: parameters passed to every builder (bins, window, steps).
         impls: plasticine first, then the peers.
         absent: peers that do not offer the operation, with a word on why.
+        calls: timed calls per library and pass, as many whatever the time budget (0: the
+            settings' repeats and budget); more calls for a comparison that must hold on a loaded
+            machine. Its table is followed by plasticine's ratio to every other row.
     """
 
     name: str
@@ -303,6 +308,7 @@ class Primitive:
     params: dict[str, Any]
     impls: tuple[Impl, ...]
     absent: str = ""
+    calls: int = 0
 
 
 # -- scaling and squaring --------------------------------------------------------------------
@@ -577,6 +583,7 @@ PRIMITIVES: tuple[Primitive, ...] = (
             Impl("torchreg", _sas_torchreg, dims=(3,), note="SyNBase.diffeomorphic_transform: 3D only, reflection padding"),
         ),
         absent="kornia (no SVF integrator)",
+        calls=SQUARING_CALLS,
     ),
     Primitive(
         name="warp",
@@ -700,6 +707,8 @@ class Result:
             "fwdbwd_ms": None if self.fwdbwd is None else self.fwdbwd.median_ms,
             "fwd_times_ms": None if self.fwd is None else list(self.fwd.times_ms),
             "fwdbwd_times_ms": None if self.fwdbwd is None else list(self.fwdbwd.times_ms),
+            "fwd_cpu_times_ms": None if self.fwd is None else list(self.fwd.cpu_times_ms),
+            "fwdbwd_cpu_times_ms": None if self.fwdbwd is None else list(self.fwdbwd.cpu_times_ms),
             "value": self.value,
             "max_abs_diff_vs_plasticine": self.max_abs_diff,
             "peak_mb_fwd": self.peak_mb_fwd,
@@ -807,6 +816,8 @@ def time_group(prim: Primitive, ndim: int, device: torch.device, settings: Setti
                 r.status, r.reason = "error", _error(exc)
                 del bound[lib]
         kwargs = dict(repeats=settings.repeats, min_repeats=settings.min_repeats, max_seconds=settings.max_seconds)
+        if prim.calls:
+            kwargs = dict(repeats=prim.calls, min_repeats=prim.calls, max_seconds=None)
         # the forward above was the forward's warm-up; the backward gets its own unless the calls
         # take seconds (then first-call costs are noise and a warm-up round would double the run)
         fwd, errors = T.time_interleaved({k: _forward(b) for k, b in bound.items()}, device, warmup=0, **kwargs)
@@ -959,6 +970,63 @@ def variant_ratios(results: list[Result]) -> dict[str, float | None]:
     if own is None or other is None:
         return {"fwdbwd": None, "fwdbwd_min": None, "memory": None}
     return {k: T.ratio(RATIO_KEYS[k](own), RATIO_KEYS[k](other)) for k in ("fwdbwd", "fwdbwd_min", "memory")}
+
+
+PAIR_KEYS: dict[str, Callable[[T.Timing], float | None]] = {
+    "wall median": lambda t: t.median_ms,
+    "wall min": lambda t: t.min_ms,
+    "CPU median": lambda t: t.cpu_median_ms,
+    "CPU min": lambda t: t.cpu_min_ms,
+}
+"""The statistics of the timed calls compared by :func:`pair_ratios`."""
+
+
+def pair_ratios(results: list[Result], backward: bool) -> list[dict[str, Any]]:
+    """plasticine / each other library of one size and device: time (four statistics) and peak memory.
+
+    Args:
+        results: the results of one primitive, size and device.
+        backward: compare the fwd+bwd times (else the forward's).
+
+    Returns:
+        One record per other library measured: ``library``, ``time`` (statistic -> ratio, see
+        :data:`PAIR_KEYS`) and ``memory`` (None where either side is missing).
+    """
+    own = next((r for r in results if r.library == "plasticine" and r.status == "ok"), None)
+    if own is None:
+        return []
+    mine = own.fwdbwd if backward else own.fwd
+    out = []
+    for r in results:
+        if r.library == "plasticine" or r.status != "ok":
+            continue
+        other = r.fwdbwd if backward else r.fwd
+        time_ratios = {k: (T.ratio(f(mine), f(other)) if mine is not None and other is not None else None) for k, f in PAIR_KEYS.items()}
+        out.append({"library": r.library, "time": time_ratios, "memory": T.ratio(_peak(own), _peak(r))})
+    return out
+
+
+def render_pair_ratios(prim: Primitive, by_size: dict[int, list[Result]]) -> str:
+    """The table of plasticine's time and memory ratio to every other library (one row per library and size).
+
+    Args:
+        prim: the primitive.
+        by_size: ndim -> the results of that size.
+
+    Returns:
+        The table with its heading.
+    """
+    rows = []
+    for results in by_size.values():
+        calls = {len(t.times_ms) for r in results for t in ([r.fwdbwd if prim.backward else r.fwd]) if t is not None}
+        for rec in pair_ratios(results, prim.backward):
+            rows.append([rec["library"], results[0].size, "/".join(map(str, sorted(calls))),
+                         *(T.format_ratio(rec["time"][k]) for k in PAIR_KEYS), T.format_ratio(rec["memory"])])
+    kind = "fwd+bwd" if prim.backward else "fwd"
+    heading = (f"-- plasticine / each library [{prim.name}], {kind} time over the calls (interleaved; CPU time = "
+               "time.process_time) and peak memory; < 1: plasticine faster / smaller --")
+    return heading + "\n" + T.format_table(["library", "size", "calls", *PAIR_KEYS, "memory"], rows,
+                                           align=["<", "<", ">", ">", ">", ">", ">", ">"])
 
 
 def _variant_cell(rat: dict[str, float | None]) -> str:
@@ -1179,7 +1247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()))
     print(f"times: median (and min) of up to {settings.repeats} calls per library, libraries called in turn, "
           f"at least {settings.min_repeats} and until {settings.max_seconds} s each; {settings.warmup} warm-up call(s) "
-          f"of fwd+bwd (none when a forward takes over {SLOW_CALL_S:.0f} s); fwd without grad. "
+          f"of fwd+bwd (none when a forward takes over {SLOW_CALL_S:.0f} s); fwd without grad; scaling and squaring: "
+          f"{SQUARING_CALLS} calls each, whatever the time. "
           "peak MB: memory one fwd+bwd (fwd for forward-only) needed above its inputs. "
           "ratio < 1: plasticine faster / smaller\n", flush=True)
 
@@ -1218,7 +1287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     by_size[ndim] = results
                     rat = ratios(results)
                     all_ratios.append({"primitive": prim.name, "ndim": ndim, "device": str(device), **rat,
-                                       "plasticine_over_autograd": variant_ratios(results)})
+                                       "plasticine_over_autograd": variant_ratios(results),
+                                       "plasticine_over_each": pair_ratios(results, prim.backward)})
                     for key in ("fwd", "fwdbwd"):
                         q, qm = rat[key], rat[key + "_min"]
                         if q["ratio"] is not None and q["ratio"] > 1.0:
@@ -1228,6 +1298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                           f" vs {qm['peer']})")
                     all_results.extend(results)
                 print(render_table(prim, str(device), by_size) + "\n", flush=True)
+                if prim.calls:
+                    print(render_pair_ratios(prim, by_size) + "\n", flush=True)
     finally:
         if worker is not None:
             worker.close()

@@ -105,8 +105,9 @@ def test_long_schedules_match_autograd(steps):
 
 @pytest.mark.parametrize("steps", range(1, 21))
 def test_backward_holds_at_most_the_slots(steps, monkeypatch):
-    # every step's field is produced exactly once, in order T-1, ..., 0, from the right values, with
-    # at most _LEAN_SLOTS other fields held at every step but the last (two there)
+    # every step's field is produced exactly once, in order T-1, ..., 0, from the right values (and
+    # its grid, when kept, equal to a rebuilt one), with at most _LEAN_SLOTS other tensors held at
+    # every step (a kept grid counts as one), and no more squarings than fields not kept
     from plasticine.registration import integrators
 
     lean = integrators._LeanSquaring
@@ -116,17 +117,35 @@ def test_backward_holds_at_most_the_slots(steps, monkeypatch):
         ref = [lean.start(v, frame, steps)]
         for _ in range(steps - 1):
             ref.append(frame.sample(ref[-1], ref[-1]) + ref[-1])
-    assert len(integrators._lean_kept(steps)) <= 3
-    seen, original = [], lean.field
+    kept_by_forward = integrators._lean_kept(steps)
+    assert len(kept_by_forward) <= 3
+    seen, grids, original = [], [], lean.field
+    reads, read = [], integrators.NormalisedFrame.read
 
     def field(velocity, frame, steps, i, kept):
-        w = original(velocity, frame, steps, i, kept)
-        assert len(kept) <= (integrators._LEAN_SLOTS if i < steps - 1 else 2)
-        assert all(k < i for k, _ in kept)
+        w, grid = original(velocity, frame, steps, i, kept)
+        assert sum(1 if g is None else 2 for _, _, g in kept) <= integrators._LEAN_SLOTS
+        assert all(k < i for k, _, _ in kept)
         seen.append(i)
         assert torch.equal(w, ref[i])
-        return w
+        if grid is not None:
+            grids.append(i)
+            assert torch.equal(grid, frame.grid(ref[i]))
+        return w, grid
+
+    def counting_read(self, field, grid):
+        reads.append(1)
+        return read(self, field, grid)
 
     monkeypatch.setattr(lean, "field", staticmethod(field))
-    torch.autograd.grad(scaling_and_squaring(v, steps, memory="lean").sum(), v)
+    out = scaling_and_squaring(v, steps, memory="lean")
+    monkeypatch.setattr(integrators.NormalisedFrame, "read", counting_read)
+    torch.autograd.grad(out.sum(), v)
     assert seen == list(reversed(range(steps)))
+    # up to T = 9 every field w_1 .. w_{T-1} not kept by the forward is recomputed exactly once
+    # (the fewest squarings possible); longer schedules recompute some fields more than once
+    if steps <= 9:
+        assert len(reads) == max(0, steps - 1 - len(kept_by_forward))
+    assert len(reads) <= steps * (steps - 1) // 2
+    if steps == 7:
+        assert grids == [3, 1]

@@ -169,7 +169,14 @@ class NormalisedFrame:
         Shape:
             field: ``(B or 1, C, *S)``; w: ``(B, N, *S)``; out: ``(B, C, *S)``.
         """
-        grid = self.grid(w)
+        return self.read(field, self.grid(w))
+
+    def read(self, field: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """``field`` read at a grid from :meth:`grid` (one ``grid_sample``; :meth:`sample` without building the grid).
+
+        Shape:
+            field: ``(B or 1, C, *S)``; grid: ``(B, *S, N)``; out: ``(B, C, *S)``.
+        """
         if field.shape[0] != grid.shape[0]:
             field = field.expand(grid.shape[0], *field.shape[1:])
         return _grid_sample(field, grid, self.mode, self.padding)

@@ -152,12 +152,14 @@ def scaling_and_squaring(
     return frame.from_grid(w)
 
 
-_LEAN_SLOTS = 1
-r"""Kept fields the lean backward holds besides the one whose step it differentiates (two at the last step).
+_LEAN_SLOTS = 2
+r"""Tensors (kept fields and sampling grids) the lean backward holds besides those of the step it differentiates.
 
-From the second step on the backward holds its own gradient besides the one it received (which
-autograd keeps alive until the backward returns), so one kept field there costs what two cost at
-the last step, where the two gradients are one tensor.
+The backward adds every step's gradient terms into the gradient it received (eager path), so
+besides the caller's output a step holds five fields: that gradient, :math:`w_i`, its grid and
+the two ``grid_sample`` gradients. With two more the peak is eight fields, as at the last step,
+where the forward's other two kept fields are still held: at 1x3x96x96x96 that is 81 MB, under
+half of every peer's 172 to 182 MB (one field is 10.1 MiB, and a ninth would pass that half).
 """
 
 
@@ -165,9 +167,10 @@ def _lean_kept(steps: int) -> tuple[int, ...]:
     r"""Indices ``i`` of the fields :math:`w_i` that the lean forward keeps: :math:`T-1`, :math:`T-2` and :math:`\lfloor T/2 \rfloor`.
 
     :math:`w_0` is never kept (it is :math:`v / 2^T` in normalised units, recomputed from
-    :math:`v`). With these, the backward holds at most :data:`_LEAN_SLOTS` other fields at every
-    step but the last one (two there); for ``T = 7`` it recomputes three squarings (:math:`w_4`,
-    then :math:`w_1, w_2`), as many as with two slots.
+    :math:`v`). Three is the most that fits beside the last step's five working fields and the
+    output in the budget of :data:`_LEAN_SLOTS`; every other field costs at least one squaring to
+    recompute, and for ``T = 7`` the backward recomputes exactly three (:math:`w_4` from
+    :math:`w_3`, then :math:`w_1, w_2` from :math:`w_0`).
     """
     return tuple(sorted({i for i in (steps - 1, steps - 2, steps // 2) if i >= 1}))
 
@@ -179,18 +182,22 @@ class _LeanSquaring(torch.autograd.Function):
     (one ``grid_sample`` and one addition each), keeping no graph and only the fields of
     :func:`_lean_kept` (three for ``T >= 4``). Backward, from the last step to the first: the
     field :math:`w_i` of the step is popped if kept, else recomputed from the nearest kept field
-    below it (or from :math:`v`, which the caller holds anyway), and on the way the fields just
-    below :math:`i` are kept while fewer than :data:`_LEAN_SLOTS` are held. The incoming gradient
-    :math:`g` is pulled through the step by ``grid_sample``'s own backward,
+    below it (or from :math:`v`, which the caller holds anyway); on the way the fields just below
+    :math:`i` are kept, and then the sampling grid :math:`\mathrm{Id} + w_{i-1}` of the next step,
+    while at most :data:`_LEAN_SLOTS` tensors are held (a kept grid saves rebuilding it). The
+    incoming gradient :math:`g` is pulled through the step by ``grid_sample``'s own backward,
     :math:`g \leftarrow g + \partial_{\text{image}} + \partial_{\text{grid}}` (the image and the
-    grid of the step are both :math:`w_i`), with the sampling grid :math:`\mathrm{Id} + w_i`
-    rebuilt from :math:`w_i`, and the sums are made in place. These are the terms plain autograd
-    adds, added in its order, so the gradient is the same to the bit. At any time the backward
-    holds the gradient it received and its own, :math:`w_i`, its grid, the two ``grid_sample``
-    gradients and :data:`_LEAN_SLOTS` kept field (seven fields; at the last step the two
-    gradients are one and two fields are kept), besides the caller's output; autograd keeps
-    every step's grid (a strided view, whose ``grid_sample`` backward is slower than on the
-    contiguous one here) and input instead.
+    grid of the step are both :math:`w_i`, both gradients are needed), with the contiguous
+    sampling grid rebuilt from :math:`w_i` unless kept. The sums are made in place in the
+    gradient received (a fresh tensor from the division of :meth:`NormalisedFrame.from_grid`,
+    held by nothing else); the compiled operator, which must not write its inputs, accumulates
+    into the first image gradient instead. These are the terms plain autograd adds, added in its
+    order (:math:`g + \partial_{\text{image}}` is :math:`\partial_{\text{image}} + g` to the bit),
+    so the gradient is the same to the bit. At any time the backward holds the gradient, :math:`w_i`,
+    its grid, the two ``grid_sample`` gradients and :data:`_LEAN_SLOTS` kept tensors (at the last
+    step: the forward's two other kept fields), besides the caller's output: eight fields at the
+    peak; autograd keeps every step's grid (a strided view, whose ``grid_sample`` backward is
+    slower than on the contiguous one here) and input instead.
 
     Shape:
         velocity: ``(B, N, *S)`` in voxels; out: ``(B, N, *S)`` in normalised units.
@@ -202,14 +209,14 @@ class _LeanSquaring(torch.autograd.Function):
         return frame.to_grid(velocity).mul_(0.5**steps)
 
     @staticmethod
-    def squarings(velocity: torch.Tensor, frame: NormalisedFrame, steps: int) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
-        r"""The last field :math:`w_T` and the kept :math:`(i, w_i)` of :func:`_lean_kept`, without a graph."""
+    def squarings(velocity: torch.Tensor, frame: NormalisedFrame, steps: int) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor, None]]]:
+        r"""The last field :math:`w_T` and the kept :math:`(i, w_i, \text{None})` of :func:`_lean_kept`, without a graph."""
         keep = _lean_kept(steps)
         w = _LeanSquaring.start(velocity, frame, steps)
         kept = []
         for i in range(steps):
             if i in keep:
-                kept.append((i, w))
+                kept.append((i, w, None))
             w = frame.sample(w, w).add_(w)
         return w, kept
 
@@ -223,21 +230,36 @@ class _LeanSquaring(torch.autograd.Function):
         return w
 
     @staticmethod
-    def field(velocity: torch.Tensor, frame: NormalisedFrame, steps: int, i: int, kept: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
-        r""":math:`w_i`, popped from ``kept`` or recomputed from the nearest field below it; fields met on the way are kept while there is room."""
+    def field(
+        velocity: torch.Tensor, frame: NormalisedFrame, steps: int, i: int, kept: list[tuple[int, torch.Tensor, torch.Tensor | None]]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        r"""``(w_i, grid)``: :math:`w_i` popped from ``kept`` or recomputed from the nearest field below it; its sampling grid if kept, else None.
+
+        A recomputation starts from the top kept field :math:`w_j` (kept again) or from
+        :math:`w_0`; with the room left under :data:`_LEAN_SLOTS` it keeps the fields just below
+        :math:`i` (never :math:`w_0`, which costs no squaring), then, if room is left and
+        :math:`w_{i-1}` is kept, the grid :math:`\mathrm{Id} + w_{i-1}` it built, which the next
+        step uses instead of rebuilding it.
+        """
         if kept and kept[-1][0] == i:
-            return kept.pop()[1]
-        j, w = kept[-1] if kept else (0, _LeanSquaring.start(velocity, frame, steps))
-        held = bool(kept)
-        first = i - (_LEAN_SLOTS - len(kept))
+            _, w, grid = kept.pop()
+            return w, grid
+        rekeep = bool(kept)
+        j, w, grid = kept.pop() if rekeep else (0, _LeanSquaring.start(velocity, frame, steps), None)
+        room = _LEAN_SLOTS - sum(1 if g is None else 2 for _, _, g in kept) - rekeep
+        first = max(1, j + 1 if rekeep else j, i - room)
+        room -= max(0, i - first)
         for k in range(j, i):
-            if k >= first and not (k == j and held):
-                kept.append((k, w))
-            w = frame.sample(w, w).add_(w)
-        return w
+            if grid is None:
+                grid = frame.grid(w)
+            if (k == j and rekeep) or k >= first:
+                kept.append((k, w, grid if k == i - 1 and room > 0 else None))
+            w = frame.read(w, grid).add_(w)
+            grid = None
+        return w, None
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: torch.Tensor, own: bool = True):
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "scaling_and_squaring(memory='lean') is differentiable once: for a backward with "
@@ -252,13 +274,19 @@ class _LeanSquaring(torch.autograd.Function):
         sampler_backward = torch.ops.aten.grid_sampler_2d_backward if n == 2 else torch.ops.aten.grid_sampler_3d_backward
         padding = ("zeros", "border", "reflection").index(frame.padding)
         for i in reversed(range(steps)):
-            w = _LeanSquaring.field(velocity, frame, steps, i, kept)
-            grid = frame.grid(w)
+            w, grid = _LeanSquaring.field(velocity, frame, steps, i, kept)
+            if grid is None:
+                grid = frame.grid(w)
             g_image, g_grid = sampler_backward(grad, w, grid, 0, padding, True, [True, True])
             del grid, w
             # the terms in autograd's order: (from the addition + from the image) + from the grid
-            grad = g_image.add_(grad).add_(g_grid.movedim(-1, 1))
-            del g_image, g_grid
+            if own:
+                grad.add_(g_image)
+            else:
+                grad, own = g_image.add_(grad), True
+            del g_image
+            grad.add_(g_grid.movedim(-1, 1))
+            del g_grid
         # w_0 = flip(v) * scale / 2^T, so dL/dv = flip(scale * g) / 2^T
         return grad.mul_(frame.scale).mul_(0.5**steps).flip(1), None, None
 
@@ -278,7 +306,7 @@ def _lean_squaring(velocity: torch.Tensor, steps: int, padding: str) -> list[tor
     """
     with torch.no_grad():
         w, kept = _LeanSquaring.squarings(velocity, NormalisedFrame(velocity, "linear", padding), steps)
-    return [w, *(field for _, field in kept)]
+    return [w, *(field for _, field, _ in kept)]
 
 
 @_lean_squaring.register_fake
@@ -294,10 +322,10 @@ def _lean_squaring_backward(grad: torch.Tensor, velocity: torch.Tensor, kept: li
     Shape:
         grad: ``(B, N, *S)``; velocity: ``(B, N, *S)``; out: ``(B, N, *S)``, in ``velocity``'s dtype.
     """
-    kept_at = list(zip(_lean_kept(steps), kept))
+    kept_at = [(i, field, None) for i, field in zip(_lean_kept(steps), kept)]
     ctx = SimpleNamespace(saved_tensors=(velocity,), frame=NormalisedFrame(velocity, "linear", padding), steps=steps, kept=kept_at)
     with torch.no_grad():
-        return _LeanSquaring.backward(ctx, grad)[0].to(velocity.dtype)
+        return _LeanSquaring.backward(ctx, grad, own=False)[0].to(velocity.dtype)
 
 
 @_lean_squaring_backward.register_fake
@@ -425,16 +453,22 @@ class ScalingAndSquaring(Configurable, torch.nn.Module):
     padding over the whole image, the same inside; 12 steps instead of 7 divide the interior error
     by 6.
 
-    **Memory (measured, ``python benchmarks/primitives.py --only scaling_and_squaring --threads 1``).**
+    **Memory and time (measured, ``python benchmarks/primitives.py --only scaling_and_squaring --threads 1``).**
     ``memory="lean"`` (the default) gives the same output and, to the bit, the same gradient as
-    ``memory="autograd"``. Peak memory of one forward+backward, 7 steps, float32, one CPU thread:
-    1x3x96x96x96, 81 MB (8 fields) against 182 MB for autograd (0.44x; MONAI, voxelmorph and
-    torchreg 182 MB, deepali 172 MB: 0.47x of the smallest peer); 1x2x256x256, 4.8 against 9.6 MB
-    (0.50x; voxelmorph 9.8 MB, 0.49x). The fields kept are :math:`w_{T-1}, w_{T-2}` and
-    :math:`w_{\lfloor T/2 \rfloor}`; the others are recomputed (three extra squarings for ``T = 7``).
-    Time on a shared, loaded 2-core machine (load average 6 to 10): 1.39x autograd's in that
-    benchmark (median of 3 calls; 1.36x by the fastest), 1.10x (1.16x by the fastest) over 9
-    alternating calls of each at 96^3.
+    ``memory="autograd"``. One forward+backward, 7 steps, float32, one CPU thread, every library
+    called 11 times in turn; peak memory: 1x3x96x96x96, 80.9 MB (8 fields) against 182 MB for
+    autograd (0.44x; MONAI, voxelmorph and torchreg 182 MB: 0.44x, deepali 172 MB: 0.47x);
+    1x2x256x256, 4.6 against 9.5 MB (0.48x; voxelmorph 9.6 MB, deepali 10.6 MB). The fields kept
+    are :math:`w_{T-1}, w_{T-2}` and :math:`w_{\lfloor T/2 \rfloor}`; the others are recomputed
+    (three extra squarings for ``T = 7``, the fewest that these three allow), each costing one
+    ``grid_sample`` forward (about 5 % of the fwd+bwd time each at 96^3). Time at 96^3 on a
+    shared 2-core machine at load average 8 to 12 (wall time about twice the CPU time): lean /
+    autograd 1.08x by the median CPU time (``time.process_time``), 1.16x by the smallest,
+    0.93x by the median wall time (0.84x by the smallest); lean / the peers by the median CPU
+    time: MONAI 0.83x, voxelmorph 1.06x, deepali 1.03x, torchreg 0.85x. Two separate runs of
+    lean and autograd alone (5 and 9 alternating calls each, load about 8 to 9): 1.07x and 1.09x
+    by the median CPU time, 0.99x and 1.06x by the smallest; under such load single calls vary
+    by up to 1.6x, so the ratio is known to about 0.05.
 
     Args:
         steps: number of squarings ``T`` or ``"auto"`` (:func:`auto_squaring_steps`).

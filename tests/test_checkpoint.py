@@ -23,7 +23,7 @@ from plasticine.diffusion.conditioning import ConcatConditioning, LearnedConditi
 from plasticine.diffusion.schedules import DiscreteSchedule
 from plasticine.diffusion.unet import ConditionalUNet, UNetConfig
 from plasticine.losses import NCC, BendingEnergy, GradientSmoothness, LocalNCC, MutualInformation
-from plasticine.registration import LBFGS, RK4, Adam, AntsRegistration, Euler, GradientDescent, IdentityRegistration, ScalingAndSquaring
+from plasticine.registration import LBFGS, RK4, Adam, AntsRegistration, Euler, GradientDescent, IdentityRegistration, PopulationRegistration, ScalingAndSquaring
 from plasticine.registration.iterative import IterativeRegistration
 from plasticine.registration.network import LearnedRegistration, RegistrationNet, RegistrationNetConfig
 from plasticine.segmentation import ContourExtractor, ForegroundExtractor, KMeansExtractor, MINDExtractor, MultiOtsuExtractor, PottsExtractor, StackedExtractor
@@ -163,6 +163,13 @@ def _ddib():
     return DDIBTranslator(unet(11), unet(12), LinearSchedule(1e-3, 0.2, num_steps=20), steps=4, prediction="x0", clip=(-1.0, 1.0))
 
 
+def _population():
+    backend = PopulationRegistration((12, 12), IterativeRegistration(levels=(2, 1), iterations=(4, 2)))
+    target = phantom((12, 12), batch=3, seed=1).roll(2, dims=-1)
+    backend.fit(phantom((12, 12), batch=3, seed=0), target)
+    return backend
+
+
 #: class -> (a component with settings other than the defaults, what it computes). A component
 #: class that is registered but has no case here fails test_every_component_has_a_case.
 CASES = {
@@ -211,6 +218,7 @@ CASES = {
     Adam: (lambda: Adam(0.05), _minimise),
     LBFGS: (lambda: LBFGS(0.5), _minimise),
     IdentityRegistration: (lambda: IdentityRegistration(), lambda r: r.register(phantom((12, 10))).forward),
+    PopulationRegistration: (_population, lambda r: tuple(r.register(phantom((12, 12))).__dict__.values())),
     AntsRegistration: (lambda: AntsRegistration("SyNOnly", "CC", pad=4, reg_iterations=(4, 2, 0)), None),  # the call it makes, see below
     SegmentationUNet: (
         lambda: SegmentationUNet(1, 3, 2, SegmentationUNetConfig(depth=2, base_width=4, norm="group", groups=2, dropout=0.1), generator=make_generator(5)),

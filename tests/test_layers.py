@@ -42,10 +42,11 @@ RANKS = {
     "viewer": 6,
     "interop": 6,
     "recipes": 7,
-    "demo": 8,
-    "cli": 9,
-    "__main__": 10,
-    "__init__": 11,  # the package itself (holds only the version today)
+    "evaluation": 8,
+    "demo": 9,
+    "cli": 10,
+    "__main__": 11,
+    "__init__": 12,  # the package itself (holds only the version today)
 }
 
 SIDEWAYS = {("io", "checkpoint")}

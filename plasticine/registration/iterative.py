@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -40,8 +40,8 @@ from ..core.config import Configurable, register_settings
 from ..core.deformation import Deformation
 from ..core.filters import gaussian_smooth, resize, resize_field
 from ..core.protocols import Integrator
-from ..core.shapes import check_shape
-from ..core.validate import check_option
+from ..core.shapes import check_shape, spacing_tuple
+from ..core.validate import accepts_keyword, check_option
 from ..core.warp import warp
 from .optimizers import GradientDescent, OptimizerStrategy
 
@@ -94,7 +94,8 @@ class IterativeRegistration(Configurable):
         similarity: loss ``(moving, fixed, mask) -> scalar``, lower is better; defaults to
             :class:`plasticine.losses.MutualInformation` (normalised MI, 32 bins).
         regularizer: penalty of the smoothed velocity ``(B, N, *S) -> scalar``; defaults to
-            :class:`plasticine.losses.GradientSmoothness`.
+            :class:`plasticine.losses.GradientSmoothness`. ``register(..., spacing=h)`` calls it
+            as ``regularizer(v, spacing=h_level)`` (in mm).
         config: an :class:`IterativeConfig`; keyword overrides of its fields may be given instead.
         integrator: an :class:`~plasticine.core.Integrator` giving ``exp(v)``;
             :class:`~plasticine.registration.ScalingAndSquaring` with ``steps="auto"`` by default
@@ -155,13 +156,35 @@ class IterativeRegistration(Configurable):
         self.integrator, self.optimizer = integrator, optimizer
         self.settings = cfg
 
-    def register(self, source: torch.Tensor, target: torch.Tensor | None = None, *, cue: torch.Tensor | None = None) -> Deformation:
-        """Find phi with ``source o phi ~ target``.
+    def register(
+        self,
+        source: torch.Tensor,
+        target: torch.Tensor | None = None,
+        *,
+        cue: torch.Tensor | None = None,
+        spacing: float | Sequence[float] | None = None,
+    ) -> Deformation:
+        r"""Find phi with ``source o phi ~ target``.
+
+        With a ``spacing`` :math:`h` (the voxel size of the images in mm, tensor axis order; the
+        column norms of their affine, :func:`plasticine.io.voxel_spacing`), the regulariser is
+        evaluated in mm at every level: a level of size :math:`S^l` covers the same extent with
+        voxels of :math:`h^l_i = h_i (S_i - 1) / (S^l_i - 1)` (the corner-aligned resampling of
+        :func:`~plasticine.core.filters.resize`), and ``regularizer(v, spacing=h^l)`` is called
+        with it, so a weight means the same at every level and on every grid. Without a spacing
+        the regulariser is called as ``regularizer(v)``, in voxels of the level, exactly as
+        before. The similarity, the Gaussian smoothing of the velocity and the returned fields
+        stay in voxels; with the default ``weight=0`` the spacing changes nothing.
 
         Args:
             source: moving image ``x``.
             target: fixed image ``y``; required.
             cue: ignored by this backend (accepted for the protocol); must be None.
+            spacing: None (voxel units), one voxel size or one per spatial axis (positive, finite).
+
+        Raises:
+            ValueError: for a missing target, a cue, mismatched shapes or dtypes, a bad spacing,
+                or a spacing with a regulariser whose call takes no ``spacing`` keyword.
 
         Shape:
             source, target: ``(B, C, *S)``; out: Deformation with ``(B, N, *S)`` fields.
@@ -176,13 +199,17 @@ class IterativeRegistration(Configurable):
             raise ValueError(f"source and target must share one floating dtype, got {source.dtype} and {target.dtype}")
         cfg = self.settings
         shape, n = dims["S"], dims["N"]
+        h = None if spacing is None else spacing_tuple(spacing, n)
+        if h is not None and not accepts_keyword(self.regularizer, "spacing"):
+            raise ValueError(f"spacing: the regularizer {self.regularizer!r} takes no spacing keyword (regularizer(v, spacing=h)); give one that does, e.g. GradientSmoothness(), or spacing=None")
         v = None
         for factor, iters in zip(cfg.levels, cfg.iterations):
             lshape = tuple(max(4, round((s - 1) / factor) + 1) for s in shape)
             x, y = resize(source, lshape), resize(target, lshape)
             v0 = torch.zeros(dims["B"], n, *lshape, dtype=source.dtype, device=source.device) if v is None else resize_field(v, lshape)
+            hl = None if h is None else tuple(hi * (s - 1) / max(ls - 1, 1) for hi, s, ls in zip(h, shape, lshape))
             with torch.enable_grad():
-                v = self.optimizer.minimise(lambda w, x=x, y=y: self._energy(x, y, w), v0, iters).detach()
+                v = self.optimizer.minimise(lambda w, x=x, y=y, hl=hl: self._energy(x, y, w, hl), v0, iters).detach()
         with torch.no_grad():
             v = self._smooth(resize_field(v, shape), cfg.smoothing * cfg.levels[-1])
             return Deformation(self.integrator(v), self.integrator(-v), v)
@@ -199,12 +226,12 @@ class IterativeRegistration(Configurable):
         # the value of exp(v) with the derivative of Id + v (v - v.detach() is zero)
         return u + (v - v.detach())
 
-    def _energy(self, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _energy(self, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, spacing: tuple[float, ...] | None = None) -> torch.Tensor:
         cfg = self.settings
         vs = self._smooth(v, cfg.smoothing)
         e = self.similarity(warp(x, self._exp(vs)), y)
         if cfg.symmetric:
             e = e + self.similarity(x, warp(y, self._exp(-vs)))
         if cfg.weight:
-            e = e + cfg.weight * self.regularizer(vs)
+            e = e + cfg.weight * (self.regularizer(vs) if spacing is None else self.regularizer(vs, spacing=spacing))
         return e

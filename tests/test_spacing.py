@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import make_generator
-from plasticine.core import jacobian_determinant
+from plasticine.core import accepts_keyword, jacobian_determinant
 from plasticine.core.jacobian import jacobian_matrix
 from plasticine.core.shapes import spacing_tuple
 from plasticine.core.filters import gaussian_smooth
@@ -347,3 +347,16 @@ def test_cli_takes_the_shared_spacing_of_the_images(tmp_path, capsys):
     # a slice keeps the spacing of its two axes
     sliced = ImageFolder(tmp_path / "b", axis=0)
     assert _shared_spacing([sliced], 2) == pytest.approx((2.0, 1.5))
+
+
+def test_accepts_keyword():
+    def positional_only(u, spacing, /):
+        return u
+
+    assert accepts_keyword(lambda u, spacing=None: u, "spacing")
+    assert accepts_keyword(lambda u, **options: u, "spacing")
+    assert not accepts_keyword(lambda u: u, "spacing")
+    assert not accepts_keyword(positional_only, "spacing")
+    assert accepts_keyword(GradientSmoothness(), "spacing")  # a module: its forward
+    assert not accepts_keyword(torch.nn.Identity(), "spacing")
+    assert not accepts_keyword(max, "spacing")  # a builtin without a readable signature

@@ -300,8 +300,8 @@ def train_translator(
         translator ends in evaluation mode.
 
     Raises:
-        ValueError: for fewer images than ``batch_size``, unmatched ``paired`` / ``conditions``, or
-            a ``patch_size`` larger than an image.
+        ValueError: for fewer images than ``batch_size``, unmatched ``paired`` / ``conditions``, a
+            ``spacing`` of another dimension than the images, or a ``patch_size`` larger than an image.
 
     Shape:
         source, target: ``(n, C, *S)`` (or sequences of ``(C, *S)``); conditions: ``(n_target,
@@ -316,6 +316,9 @@ def train_translator(
         raise ValueError(f"paired: expected as many sources as targets, got {len(source)} and {len(target)}")
     if conditions is not None and len(conditions) != len(target):
         raise ValueError(f"conditions: expected one per target ({len(target)}), got {len(conditions)}")
+    n_spatial = source[0].dim() - 1
+    if recipe.spacing is not None and len(recipe.spacing) != n_spatial:
+        raise ValueError(f"recipe.spacing: expected {n_spatial} voxel sizes (one per spatial axis of the images), got {recipe.spacing}")
 
     def state(stage: str) -> str | None:
         return None if checkpoint_prefix is None else f"{os.fspath(checkpoint_prefix)}.{stage}-state.pt"
@@ -405,9 +408,6 @@ def train_translator(
         translator.eval()
         return losses
     net = translator.registration.network
-    n_spatial = source[0].dim() - 1
-    if recipe.spacing is not None and len(recipe.spacing) != n_spatial:
-        raise ValueError(f"recipe.spacing: expected {n_spatial} voxel sizes (one per spatial axis of the images), got {recipe.spacing}")
     pairs: Any = list(zip(source, target)) if paired else UnpairedImages(source, target, seed=recipe.seed)
     losses["registration"] = Trainer(
         registration_objective,

@@ -360,3 +360,20 @@ def test_accepts_keyword():
     assert accepts_keyword(GradientSmoothness(), "spacing")  # a module: its forward
     assert not accepts_keyword(torch.nn.Identity(), "spacing")
     assert not accepts_keyword(max, "spacing")  # a builtin without a readable signature
+
+
+def test_training_recipe_regularises_in_mm():
+    from plasticine.recipes import TrainingRecipe, build_translator, train_translator
+
+    x = torch.rand(2, 1, 16, 12, generator=make_generator(0))
+    y = 1 - torch.rand(2, 1, 16, 12, generator=make_generator(1))
+    runs = {}
+    for spacing in (None, (1.0, 1.0), (1.0, 3.0)):
+        t = build_translator(2, 1, classes=3, sampler_steps=2, seed=0)
+        losses = train_translator(t, x, y, TrainingRecipe(diffusion_steps=1, registration_steps=2, batch_size=2, progress="none", spacing=spacing))
+        runs[spacing] = (t.registration.state_dict(), losses["registration"]["smoothness"])
+    plain, unit, aniso = runs[None], runs[(1.0, 1.0)], runs[(1.0, 3.0)]
+    assert all(torch.equal(plain[0][k], unit[0][k]) for k in plain[0]) and plain[1] == unit[1]  # a unit spacing is voxel units
+    assert aniso[1] != plain[1] and any(not torch.equal(plain[0][k], aniso[0][k]) for k in plain[0])
+    with pytest.raises(ValueError, match=r"recipe.spacing: expected 2 voxel sizes"):
+        train_translator(build_translator(2, 1, classes=3, sampler_steps=2), x, y, TrainingRecipe(diffusion_steps=1, registration_steps=1, batch_size=2, progress="none", spacing=(1.0, 1.0, 2.0)))

@@ -235,11 +235,12 @@ def backend(weight):
     return IterativeRegistration(NCC(), levels=(2, 1), iterations=(60, 40), smoothing=0.5, weight=weight, optimizer=Adam(lr=0.05))
 
 
-@pytest.mark.parametrize("shape,h", [((48, 16), (1.0, 3.0)), ((8, 24, 24), (3.0, 1.0, 1.0))], ids=["2d", "3d"])
-def test_iterative_registration_with_spacing_has_lower_endpoint_error(shape, h):
+@pytest.mark.parametrize("shape,h,weights", [((48, 16), (1.0, 3.0), (0.3, 1.0)), ((8, 24, 24), (3.0, 1.0, 1.0), (1.0,))], ids=["2d", "3d"])
+def test_iterative_registration_with_spacing_has_lower_endpoint_error(shape, h, weights):
+    # measured EPE (mm), start 0.62 / 0.81: 2D voxels 0.292, 0.310 vs mm 0.259, 0.265; 3D 0.336 vs 0.263
     img, tgt, truth = anisotropic_case(0, shape, h)
     start = endpoint_error_mm(torch.zeros_like(truth), truth, h)
-    for weight in (0.3, 1.0):
+    for weight in weights:
         reg = backend(weight)
         voxels = endpoint_error_mm(reg.register(img, tgt).forward, truth, h)
         mm = endpoint_error_mm(reg.register(img, tgt, spacing=h).forward, truth, h)

@@ -166,13 +166,12 @@ def _stored_spacing(spacing: float | Sequence[float] | None) -> float | tuple[fl
     """The constructor's spacing, checked (its length is checked against ``N`` at the call)."""
     if spacing is None:
         return None
+    if hasattr(spacing, "tolist") and not isinstance(spacing, str):  # numpy arrays, tensors
+        spacing = spacing.tolist()
     if isinstance(spacing, numbers.Real) and not isinstance(spacing, bool):
         return spacing_tuple(spacing, 1)[0]
-    try:
-        count = len(spacing)  # type: ignore[arg-type]
-    except TypeError:
-        count = 1
-    return spacing_tuple(spacing, max(count, 1) if not isinstance(spacing, (str, bytes)) else 1)
+    count = len(spacing) if isinstance(spacing, Sequence) and not isinstance(spacing, str) else 1
+    return spacing_tuple(spacing, count)
 
 
 class GradientSmoothness(Configurable, nn.Module):

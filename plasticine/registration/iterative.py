@@ -14,6 +14,8 @@ smooth (the "fluid-like" smoothing of the update in SyN and demons). The exponen
 :class:`~plasticine.registration.optimizers.OptimizerStrategy` (the SyN-like smoothed gradient
 descent by default; Adam and L-BFGS ship too), both given as objects. The result is a
 :class:`~plasticine.core.Deformation` with ``forward = exp(v)`` and ``inverse = exp(-v)``.
+``register(source, target, spacing=h)`` evaluates ``R`` in mm on every level (anisotropic voxels,
+see :doc:`/conventions`); without a spacing it is in voxels of the level.
 
 **Cost.** Each level runs at most its ``iterations``; the default descent stops a level earlier
 once the energy has converged (its mean over a window of steps no longer falls, see

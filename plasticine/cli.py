@@ -25,9 +25,10 @@ Run ``plasticine <command> --help`` for the options of each (``python -m plastic
   prints the last logged losses of both stages and writes them, with the settings used, to
   ``model.losses.json`` (``<output stem>.losses.json``; a stage that was already complete in its
   checkpoint ran no step and has no losses).
-* ``plasticine translate --model model.pt --input IN --output OUT`` (a registration backend whose
-  ``register`` takes a ``spacing``, one regularised in mm, gets each input's voxel spacing from
-  its affine) writes, per input image,
+* ``plasticine translate --model model.pt --input IN --output OUT`` (a registration backend
+  regularised in mm, one with a ``with_spacing`` method such as
+  :class:`~plasticine.registration.IterativeRegistration`, gets each input's voxel spacing from its
+  affine) writes, per input image,
   ``<name>_translated.nii.gz`` (the translation as float32 NIfTI, nothing clamped; it needs
   nibabel, without it a note is printed and only the preview is written), for 2D images of 1 or 3
   channels an 8-bit preview ``<name>_translated.png`` (values outside [0, 1] are clipped there,
@@ -505,7 +506,6 @@ def _check_unique_names(images: Any) -> None:
 
 def _translate(args: argparse.Namespace) -> int:
     from .checkpoint import load_translator
-    from .core.validate import accepts_keyword
     from .io import check_itk_affine, read_points, voxel_spacing, write_deformation, write_image, write_itk_deformation, write_trace
 
     if args.samples < 1:
@@ -536,7 +536,7 @@ def _translate(args: argparse.Namespace) -> int:
     if args.points is None and args.points_space != "voxel":
         raise ValueError(f"--points-space {args.points_space}: expected --points (the file whose coordinates it describes), got none")
     affines = [images.affine(i) for i in range(len(images))]
-    uses_spacing = accepts_keyword(translator.registration.register, "spacing")  # a backend that regularises in mm
+    uses_spacing = callable(getattr(translator.registration, "with_spacing", None))
     for i, affine in enumerate(affines if args.deformation_format == "itk" else []):
         item = images.items[i]
         try:
@@ -589,9 +589,10 @@ def _translate(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.points}: points have {pts.shape[1]} coordinates, the images {x.dim() - 2} spatial dimensions")
         name = images.name(i)
         g = torch.Generator(device).manual_seed(args.seed + i)
-        extra = {"spacing": voxel_spacing(affine, x.dim() - 2)} if uses_spacing else {}
+        # a registration regularised in mm (IterativeRegistration) gets this input's voxel spacing
+        run = translator.replace(registration=translator.registration.with_spacing(voxel_spacing(affine, x.dim() - 2))).eval() if uses_spacing else translator
         try:
-            r = translator.translate(x, start_step=args.start_step, num_samples=args.samples, generator=g, **extra)
+            r = run.translate(x, start_step=args.start_step, num_samples=args.samples, generator=g)
         except ValueError as err:
             raise ValueError(f"{images.items[i].path}: {err}") from err
         y = r.image[0].cpu()

@@ -50,7 +50,7 @@ from .core.config import Configurable
 from .core.deformation import Deformation
 from .core.protocols import ConditionEncoder, Denoiser, NoiseSchedule, RegistrationBackend, Sampler, StructureExtractor
 from .core.shapes import NonFiniteError, check_finite, check_shape
-from .core.validate import accepts_keyword, check_image, check_int, check_interval, check_number, check_option
+from .core.validate import check_image, check_int, check_interval, check_number, check_option
 from .diffusion.schedules import noise_like
 
 __all__ = ["TranslationResult", "TraceableTranslator", "COMPONENTS"]
@@ -323,7 +323,6 @@ class TraceableTranslator(Configurable, nn.Module):
         num_samples: int = 1,
         generator: torch.Generator | None = None,
         target: torch.Tensor | None = None,
-        spacing: float | tuple[float, ...] | None = None,
     ) -> TranslationResult:
         r"""Translate source images into the target domain and return how they trace back.
 
@@ -362,18 +361,13 @@ class TraceableTranslator(Configurable, nn.Module):
             generator: the only source of randomness (``None``: torch's default generator).
             target: target images for a registration backend that needs one (an iterative or ANTs
                 backend); None for a backend that predicts from the source alone.
-            spacing: the voxel size of ``x`` in mm per spatial axis, handed to the registration
-                as ``register(..., spacing=spacing)`` for a backend whose regulariser works in mm
-                (:meth:`~plasticine.registration.IterativeRegistration.register`); None (the
-                default) calls ``register`` without it, as before.
 
         Returns:
             A :class:`TranslationResult`.
 
         Raises:
             ValueError: for a wrong shape, a non-floating or non-finite image, an image whose dtype
-                or device differs from the weights', a bad ``start_step`` or ``num_samples``, a ``spacing``
-                for a backend that takes none, or a
+                or device differs from the weights', a bad ``start_step`` or ``num_samples``, or a
                 backend that needs a target when none is given (the backend's own error).
             plasticine.core.NonFiniteError: (a ``ValueError``) when a part produced a NaN or an
                 infinity: the structure extractor, the registration, the conditioning or the
@@ -394,12 +388,9 @@ class TraceableTranslator(Configurable, nn.Module):
         k0 = self.default_start_step if start_step is None else check_int(start_step, "start_step", 0, K)
         B = dims["B"]
         reg = type(self.registration).__name__
-        if spacing is not None and not accepts_keyword(self.registration.register, "spacing"):
-            raise ValueError(f"spacing: the registration backend {reg} takes no voxel spacing (its register has no spacing keyword); pass spacing=None")
         try:
             with torch.no_grad():
-                extra = {} if spacing is None else {"spacing": spacing}
-                deformation = self.registration.register(x, **extra) if target is None else self.registration.register(x, target, **extra)
+                deformation = self.registration.register(x) if target is None else self.registration.register(x, target)
         except NonFiniteError as err:
             raise NonFiniteError(f"translate: the registration ({reg}) produced a non-finite deformation: {err}") from err
         if not isinstance(deformation, Deformation):

@@ -7,6 +7,7 @@ grid, ``numpy.diff`` finite differences, and nibabel's ``voxel_sizes``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -194,8 +195,8 @@ def test_bad_spacing_is_refused(bad):
         with pytest.raises(ValueError, match=message):
             call(u, bad)
     x = torch.rand(1, 1, 8, 8, 8)
-    with pytest.raises(ValueError, match=message):
-        IterativeRegistration(weight=1.0, levels=(1,), iterations=(1,)).register(x, x, spacing=bad)
+    with pytest.raises(ValueError, match=r"^spacing: expected"):  # at construction, or (2 sizes) at the 3D register
+        IterativeRegistration(weight=1.0, levels=(1,), iterations=(1,), spacing=bad).register(x, x)
     with pytest.raises(ValueError, match="spacing"):
         spacing_tuple(bad, 3)
 
@@ -231,8 +232,8 @@ def endpoint_error_mm(forward, truth, h):
     return diff.norm(dim=1).mean().item()
 
 
-def backend(weight):
-    return IterativeRegistration(NCC(), levels=(2, 1), iterations=(60, 40), smoothing=0.5, weight=weight, optimizer=Adam(lr=0.05))
+def backend(weight, spacing=None):
+    return IterativeRegistration(NCC(), levels=(2, 1), iterations=(60, 40), smoothing=0.5, weight=weight, optimizer=Adam(lr=0.05), spacing=spacing)
 
 
 @pytest.mark.parametrize("shape,h,weights", [((48, 16), (1.0, 3.0), (0.3, 1.0)), ((8, 24, 24), (3.0, 1.0, 1.0), (1.0,))], ids=["2d", "3d"])
@@ -241,20 +242,35 @@ def test_iterative_registration_with_spacing_has_lower_endpoint_error(shape, h, 
     img, tgt, truth = anisotropic_case(0, shape, h)
     start = endpoint_error_mm(torch.zeros_like(truth), truth, h)
     for weight in weights:
-        reg = backend(weight)
-        voxels = endpoint_error_mm(reg.register(img, tgt).forward, truth, h)
-        mm = endpoint_error_mm(reg.register(img, tgt, spacing=h).forward, truth, h)
+        voxels = endpoint_error_mm(backend(weight).register(img, tgt).forward, truth, h)
+        mm = endpoint_error_mm(backend(weight, h).register(img, tgt).forward, truth, h)
         assert mm < 0.95 * voxels < start
 
 
 def test_iterative_registration_default_and_zero_weight_unchanged():
     img, tgt, _ = anisotropic_case(1, (24, 12), (1.0, 2.0))
-    reg = IterativeRegistration(NCC(), levels=(2, 1), iterations=(10, 5), smoothing=0.5, weight=1.0, optimizer=Adam(lr=0.05))
-    a, b = reg.register(img, tgt), reg.register(img, tgt, spacing=None)
+    settings = dict(levels=(2, 1), iterations=(10, 5), smoothing=0.5, optimizer=Adam(lr=0.05))
+    reg = IterativeRegistration(NCC(), weight=1.0, **settings)
+    a, b = reg.register(img, tgt), IterativeRegistration(NCC(), weight=1.0, spacing=None, **settings).register(img, tgt)
     assert torch.equal(a.forward, b.forward) and torch.equal(a.inverse, b.inverse)
+    assert not torch.equal(reg.with_spacing((1.0, 2.0)).register(img, tgt).forward, a.forward)
     # with weight 0 (the default) the spacing only reaches the (unused) regulariser
-    free = IterativeRegistration(NCC(), levels=(2, 1), iterations=(10, 5), smoothing=0.5, optimizer=Adam(lr=0.05))
-    torch.testing.assert_close(free.register(img, tgt, spacing=(1.0, 2.0)).forward, free.register(img, tgt).forward, rtol=0, atol=0)
+    free = IterativeRegistration(NCC(), **settings)
+    torch.testing.assert_close(free.with_spacing((1.0, 2.0)).register(img, tgt).forward, free.register(img, tgt).forward, rtol=0, atol=0)
+
+
+def test_with_spacing_keeps_everything_else():
+    similarity = NCC()
+    reg = IterativeRegistration(similarity, weight=0.5, levels=(2, 1), iterations=(3, 2))
+    other = reg.with_spacing(np.array([1.0, 2.5]))
+    assert other.settings.spacing == (1.0, 2.5) and other.similarity is similarity
+    assert dataclasses.replace(other.settings, spacing=None) == reg.settings
+    assert other.with_spacing(None).settings == reg.settings
+    with pytest.raises(ValueError, match=r"spacing: expected None or 2 or 3 positive finite voxel sizes"):
+        reg.with_spacing(2.0)
+    x = torch.rand(1, 1, 8, 8, 8)
+    with pytest.raises(ValueError, match=r"spacing: expected 3 voxel sizes \(one per spatial axis of the images\), got \(1.0, 2.5\)"):
+        other.register(x, x)
 
 
 def test_iterative_registration_level_spacing_reaches_the_regulariser():
@@ -265,7 +281,7 @@ def test_iterative_registration_level_spacing_reaches_the_regulariser():
         return gradient_smoothness(v, spacing)
 
     x = torch.rand(1, 1, 17, 9, dtype=torch.float64)
-    IterativeRegistration(NCC(), spy, levels=(4, 2, 1), iterations=(1, 1, 1), weight=1.0, optimizer=Adam(lr=0.01)).register(x, x, spacing=(1.0, 2.0))
+    IterativeRegistration(NCC(), spy, levels=(4, 2, 1), iterations=(1, 1, 1), weight=1.0, optimizer=Adam(lr=0.01), spacing=(1.0, 2.0)).register(x, x)
     levels = {shape: h for shape, h in seen}
     # corner-aligned resampling: a level of S_l voxels spans (S - 1) h, so h_l = h (S - 1) / (S_l - 1)
     for shape, h in levels.items():
@@ -278,7 +294,7 @@ def test_spacing_with_a_regulariser_that_takes_none_is_refused():
     reg = IterativeRegistration(NCC(), lambda v: v.square().mean(), weight=1.0, levels=(1,), iterations=(1,))
     reg.register(x, x)  # fine without a spacing
     with pytest.raises(ValueError, match="spacing: the regularizer .* takes no spacing keyword"):
-        reg.register(x, x, spacing=(1.0, 2.0))
+        reg.with_spacing((1.0, 2.0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,24 +318,30 @@ def test_voxel_spacing_matches_nibabel():
         voxel_spacing(np.eye(3), 3)
 
 
-def test_translator_hands_the_spacing_to_the_registration():
+def test_cli_translate_hands_each_input_its_spacing(tmp_path, monkeypatch):
+    nib = pytest.importorskip("nibabel")
+    from plasticine.checkpoint import save_component
+    from plasticine.cli import main
     from plasticine.recipes import build_translator
+    from plasticine.translator import TraceableTranslator
 
-    translator = build_translator(2, 1, sampler_steps=1, seed=0).eval()
-    x = torch.rand(1, 1, 16, 16)
-    with pytest.raises(ValueError, match="spacing: the registration backend LearnedRegistration takes no voxel spacing"):
-        translator.translate(x, spacing=(1.0, 2.0), start_step=1)
+    reg = IterativeRegistration(NCC(), levels=(1,), iterations=(1,), weight=1.0)
+    translator = build_translator(2, 1, sampler_steps=1, seed=0).replace(registration=reg)
+    save_component(translator, tmp_path / "m.pt")
+    (tmp_path / "in").mkdir()
+    image = np.random.default_rng(0).random((16, 12)).astype(np.float32)
+    nib.save(nib.Nifti1Image(image, np.diag([-0.5, 2.0, 3.0, 1.0])), tmp_path / "in" / "a.nii.gz")
+    nib.save(nib.Nifti1Image(image, np.diag([1.5, 1.0, 1.0, 1.0])), tmp_path / "in" / "b.nii.gz")
     seen = []
 
-    class Spy(IterativeRegistration):
-        def register(self, source, target=None, *, cue=None, spacing=None):
-            seen.append(spacing)
-            return super().register(source, target, cue=cue, spacing=spacing)
+    def translate(self, x, **kwargs):  # the iterative backend needs a target: record and stop
+        seen.append(self.registration.settings.spacing)
+        raise ValueError("recorded")
 
-    it = translator.replace(registration=Spy(NCC(), levels=(1,), iterations=(1,), weight=1.0)).eval()
-    it.translate(x, target=x, start_step=0, spacing=(1.0, 2.0))
-    it.translate(x, target=x, start_step=0)
-    assert seen == [(1.0, 2.0), None]
+    monkeypatch.setattr(TraceableTranslator, "translate", translate)
+    for name in ("a", "b"):
+        assert main(["--threads", "1", "translate", "--model", str(tmp_path / "m.pt"), "--input", str(tmp_path / "in" / f"{name}.nii.gz"), "--output", str(tmp_path / "out")]) != 0
+    assert seen == [pytest.approx((0.5, 2.0)), pytest.approx((1.5, 1.0))]
 
 
 def test_training_recipe_spacing_is_checked():

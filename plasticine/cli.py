@@ -12,7 +12,11 @@ Run ``plasticine <command> --help`` for the options of each (``python -m plastic
   options ``--structure``, ``--classes``, ``--mind-sigma``, ``--prediction``, ``--data-range``
   (``--no-data-range``), ``--no-clip``, ``--start``, ``--start-fraction`` and ``--sampler-steps``;
   the training is :class:`~plasticine.recipes.TrainingRecipe` with ``--ema-decay``,
-  ``--augment`` and ``--snr-gamma``. The defaults are those of ``build_translator``: the filled head mask as
+  ``--augment`` and ``--snr-gamma``. The smoothness term of the registration network is taken in
+  millimetres with the voxel spacing of the images' affines (:func:`plasticine.io.voxel_spacing`)
+  when all source and target images share one that is not 1 (anisotropic voxels are then
+  regularised as the physical field they sample); images of different spacings are regularised
+  in voxels, and a note says so. The spacing used is recorded in ``model.losses.json``. The defaults are those of ``build_translator``: the filled head mask as
   the structure map, x0 prediction on data mapped to [-1, 1] and clipped
   there at every step, generation from pure noise in the warped source's geometry. Each stage
   writes a training checkpoint next to the output (``model.pt.diffusion-state.pt``,
@@ -21,7 +25,10 @@ Run ``plasticine <command> --help`` for the options of each (``python -m plastic
   prints the last logged losses of both stages and writes them, with the settings used, to
   ``model.losses.json`` (``<output stem>.losses.json``; a stage that was already complete in its
   checkpoint ran no step and has no losses).
-* ``plasticine translate --model model.pt --input IN --output OUT`` writes, per input image,
+* ``plasticine translate --model model.pt --input IN --output OUT`` (a registration backend
+  regularised in mm, one with a ``with_spacing`` method such as
+  :class:`~plasticine.registration.IterativeRegistration`, gets each input's voxel spacing from its
+  affine) writes, per input image,
   ``<name>_translated.nii.gz`` (the translation as float32 NIfTI, nothing clamped; it needs
   nibabel, without it a note is printed and only the preview is written), for 2D images of 1 or 3
   channels an 8-bit preview ``<name>_translated.png`` (values outside [0, 1] are clipped there,
@@ -394,6 +401,7 @@ def _train(args: argparse.Namespace) -> int:
     patch = _patch_option("--patch", args.patch, ndim)
     _check_patch(source, patch)
     _check_patch(target, patch)
+    spacing = _shared_spacing([source, target], ndim, args.quiet)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     built = {
@@ -421,6 +429,7 @@ def _train(args: argparse.Namespace) -> int:
         augmentation=Augmentation() if args.augment else None,
         snr_gamma=args.snr_gamma,
         patch_size=patch,
+        spacing=spacing,
     )
     if not args.quiet:
         kind = "volume(s)" if ndim == 3 else "image(s)"
@@ -440,6 +449,7 @@ def _train(args: argparse.Namespace) -> int:
         "snr_gamma": args.snr_gamma,
         "ndim": ndim,
         "patch": None if patch is None else list(patch),
+        "spacing": None if spacing is None else list(spacing),
         "normalization": args.normalization,
         "source": str(args.source),
         "target": str(args.target),
@@ -461,6 +471,27 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shared_spacing(folders: Sequence[Any], ndim: int, quiet: bool = False) -> tuple[float, ...] | None:
+    """The voxel spacing (mm, tensor order) every image of ``folders`` shares, or None.
+
+    None also when the shared spacing is 1 along every axis (voxel units, as without affines) or
+    when the images' spacings differ (relative tolerance 1e-6; a note is printed unless ``quiet``).
+    """
+    from .io import voxel_spacing
+
+    found = [(folder.items[i], voxel_spacing(folder.affine(i), ndim)) for folder in folders for i in range(len(folder))]
+    first = found[0][1]
+    for item, h in found[1:]:
+        if not all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(first, h)):
+            if not quiet:
+                print(
+                    f"plasticine: note: {found[0][0].path} has voxel spacing {first} mm, {item.path} {h} mm: the registration is regularised in voxels",
+                    file=sys.stderr,
+                )
+            return None
+    return None if all(math.isclose(a, 1.0, rel_tol=1e-9) for a in first) else first
+
+
 def _check_unique_names(images: Any) -> None:
     """Refuse inputs whose outputs would share a name (``scan.png`` and ``scan.nii.gz``)."""
     seen: dict[str, Any] = {}
@@ -475,7 +506,7 @@ def _check_unique_names(images: Any) -> None:
 
 def _translate(args: argparse.Namespace) -> int:
     from .checkpoint import load_translator
-    from .io import check_itk_affine, read_points, write_deformation, write_image, write_itk_deformation, write_trace
+    from .io import check_itk_affine, read_points, voxel_spacing, write_deformation, write_image, write_itk_deformation, write_trace
 
     if args.samples < 1:
         raise ValueError(f"--samples: expected an integer >= 1, got {args.samples}")
@@ -505,6 +536,7 @@ def _translate(args: argparse.Namespace) -> int:
     if args.points is None and args.points_space != "voxel":
         raise ValueError(f"--points-space {args.points_space}: expected --points (the file whose coordinates it describes), got none")
     affines = [images.affine(i) for i in range(len(images))]
+    uses_spacing = callable(getattr(translator.registration, "with_spacing", None))
     for i, affine in enumerate(affines if args.deformation_format == "itk" else []):
         item = images.items[i]
         try:
@@ -557,8 +589,10 @@ def _translate(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.points}: points have {pts.shape[1]} coordinates, the images {x.dim() - 2} spatial dimensions")
         name = images.name(i)
         g = torch.Generator(device).manual_seed(args.seed + i)
+        # a registration regularised in mm (IterativeRegistration) gets this input's voxel spacing
+        run = translator.replace(registration=translator.registration.with_spacing(voxel_spacing(affine, x.dim() - 2))).eval() if uses_spacing else translator
         try:
-            r = translator.translate(x, start_step=args.start_step, num_samples=args.samples, generator=g)
+            r = run.translate(x, start_step=args.start_step, num_samples=args.samples, generator=g)
         except ValueError as err:
             raise ValueError(f"{images.items[i].path}: {err}") from err
         y = r.image[0].cpu()

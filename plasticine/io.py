@@ -107,6 +107,7 @@ __all__ = [
     "read_itk_deformation",
     "read_itk_displacement",
     "read_points",
+    "voxel_spacing",
     "write_deformation",
     "write_image",
     "write_itk_deformation",
@@ -1005,6 +1006,40 @@ def _point_affine(affine: Any, n: int) -> np.ndarray:
     if abs(np.linalg.det(a[:3, :3])) < 1e-12:
         raise ValueError(f"affine: expected an invertible matrix, got {_brief(a.tolist())}")
     return a
+
+
+def voxel_spacing(affine: Any, ndim: int) -> tuple[float, ...]:
+    r"""The voxel size in mm along each spatial axis of an image, in the tensor's axis order.
+
+    Tensor axis :math:`i` steps along column :math:`i` of the voxel-to-world affine :math:`A`
+    (see the module docstring; a 2D image or slice keeps its two axes as the first columns), so
+    its voxel size is the column norm :math:`h_i = \lVert A_{:3, i} \rVert_2`, for any
+    rotation, mirroring or shear. This is the ``spacing`` the regularisers and the iterative
+    registration take (see :doc:`/conventions`).
+
+    Args:
+        affine: a finite, invertible ``(4, 4)`` voxel-to-world matrix (numpy or torch), e.g. from
+            :func:`read_affine` or :meth:`ImageFolder.affine`.
+        ndim: the number of spatial dimensions of the image, 2 or 3.
+
+    Returns:
+        ``ndim`` positive floats.
+
+    Raises:
+        ValueError: naming ``affine`` or ``ndim``, for a matrix that is not a finite invertible
+            affine or a dimension other than 2 or 3.
+
+    Shape:
+        affine: ``(4, 4)``; out: ``(ndim,)`` tuple.
+
+    Example:
+        >>> voxel_spacing(np.diag([-2.0, 2.0, 3.0, 1.0]), 3)
+        (2.0, 2.0, 3.0)
+    """
+    if isinstance(ndim, bool) or ndim not in (2, 3):
+        raise ValueError(f"ndim: expected 2 or 3 spatial dimensions, got {ndim!r}")
+    a = _point_affine(affine, ndim)
+    return tuple(float(v) for v in np.linalg.norm(a[:3, :ndim], axis=0))
 
 
 def _voxel_to_world(points: torch.Tensor, a: np.ndarray) -> np.ndarray:

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .core.shapes import spacing_tuple
+from .losses import GradientSmoothness
 from .training import Augmentation, Progress, ShuffledBatches, TrainConfig, Trainer, deformation_objective, diffusion_objective
 from .translator import TraceableTranslator
 
@@ -224,6 +226,10 @@ class TrainingRecipe:
             (:func:`~plasticine.core.patches.random_patches`; one integer or one per spatial axis),
             for volumes too large for a whole-image batch; None: whole images. See
             :func:`train_translator`.
+        spacing: voxel size in mm per spatial axis (tensor order) of the training images, for
+            the smoothness term of stage 2 in mm (``GradientSmoothness(spacing)``, see
+            :mod:`plasticine.losses.regularizers`); None: in voxels (``plasticine train`` takes
+            it from the images' affines when they share one, :func:`plasticine.io.voxel_spacing`).
 
     Shape:
         Not applicable.
@@ -240,6 +246,13 @@ class TrainingRecipe:
     augmentation: Augmentation | None = None
     snr_gamma: float | None = None
     patch_size: int | tuple[int, ...] | None = None
+    spacing: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.spacing is not None:
+            if not isinstance(self.spacing, (tuple, list)) or len(self.spacing) not in (2, 3):
+                raise ValueError(f"TrainingRecipe.spacing: expected None or 2 or 3 positive finite voxel sizes (one per spatial axis), got {self.spacing!r}")
+            object.__setattr__(self, "spacing", spacing_tuple(self.spacing, len(self.spacing), "TrainingRecipe.spacing"))
 
 
 def train_translator(
@@ -287,8 +300,8 @@ def train_translator(
         translator ends in evaluation mode.
 
     Raises:
-        ValueError: for fewer images than ``batch_size``, unmatched ``paired`` / ``conditions``, or
-            a ``patch_size`` larger than an image.
+        ValueError: for fewer images than ``batch_size``, unmatched ``paired`` / ``conditions``, a
+            ``spacing`` of another dimension than the images, or a ``patch_size`` larger than an image.
 
     Shape:
         source, target: ``(n, C, *S)`` (or sequences of ``(C, *S)``); conditions: ``(n_target,
@@ -303,6 +316,9 @@ def train_translator(
         raise ValueError(f"paired: expected as many sources as targets, got {len(source)} and {len(target)}")
     if conditions is not None and len(conditions) != len(target):
         raise ValueError(f"conditions: expected one per target ({len(target)}), got {len(conditions)}")
+    n_spatial = source[0].dim() - 1
+    if recipe.spacing is not None and len(recipe.spacing) != n_spatial:
+        raise ValueError(f"recipe.spacing: expected {n_spatial} voxel sizes (one per spatial axis of the images), got {recipe.spacing}")
 
     def state(stage: str) -> str | None:
         return None if checkpoint_prefix is None else f"{os.fspath(checkpoint_prefix)}.{stage}-state.pt"
@@ -364,13 +380,15 @@ def train_translator(
 
         items = list(zip(target, conditions))
 
+    regularizer = None if recipe.spacing is None else GradientSmoothness(recipe.spacing)
+
     def registration_objective(m: Any, b: Any, g: torch.Generator) -> Any:
         x, y = b
         if patch is not None:
             x, y = random_patches(x, patch, g, (y,))
         if aug is not None:
             (x,), (y,) = aug(x, g), aug(y, g)
-        return deformation_objective(translator, x, y, g, network=m)
+        return deformation_objective(translator, x, y, g, network=m, regularizer=regularizer)
 
     stage1 = Trainer(
         objective,

@@ -50,6 +50,8 @@ def test_train_builds_a_3d_translator_from_volumes_on_patches(volumes, model3d):
     assert translator.denoiser.settings.ndim == 3 and translator.registration.network.settings.spatial_dims == 3
     settings = json.loads((volumes / "m3.losses.json").read_text())["settings"]
     assert settings["ndim"] == 3 and settings["patch"] == [12, 12, 12]
+    # the smoothness term of the registration is in mm, with the voxel spacing of the affines
+    assert settings["spacing"] == pytest.approx([1.2, 0.8, 2.0], rel=1e-6)
 
 
 def test_translate_volumes_by_patches_keeps_the_affine(volumes, model3d, tmp_path, capsys):

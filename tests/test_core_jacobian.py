@@ -130,7 +130,7 @@ def test_size_one_axis_and_errors():
     torch.testing.assert_close(jacobian_determinant(u), torch.full((1, 1, 1, 4, 5), 1.5))
     with pytest.raises(ValueError, match=r"displacement: expected shape \(B, N, \*S\), got \(1, 2, 4, 5, 6\)"):
         jacobian_determinant(torch.zeros(1, 2, 4, 5, 6))
-    with pytest.raises(ValueError, match="spacing: expected one positive number or 2"):
+    with pytest.raises(ValueError, match="spacing: expected None, one positive finite number or 2"):
         spatial_gradient(torch.zeros(1, 1, 4, 4), (1.0, -1.0))
     with pytest.raises(ValueError, match=r"mask: expected shape \(B, 1, \*S\), got \(1, 1, 3, 5\)"):
         folding_fraction(torch.zeros(1, 2, 4, 5), torch.ones(1, 1, 3, 5))

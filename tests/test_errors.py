@@ -41,6 +41,7 @@ NOT_CALLABLE = {
     **{f"core.{n}": "configuration of components, no tensors (tests in test_core_config.py)" for n in (
         "Config", "ConfigError", "Configurable", "from_json", "register_settings", "registered_classes", "to_json")},
     "translator.COMPONENTS": "a tuple of names",
+    "core.accepts_keyword": "inspects a callable's signature: no tensors, raises nothing (tests in test_spacing.py)",
 }
 
 CHECKS = ("shape", "empty", "integer", "nan")
@@ -151,6 +152,7 @@ CASES: dict[str, Case] = {
         ("check_int", lambda v=3: core.check_int(v, "n", 1)),
         ("check_number", lambda v=0.5: core.check_number(v, "n", 0, 1)),
         ("check_option", lambda v=2: core.check_option(v, "n", (1, 2))),
+        ("spacing_tuple", lambda v=(1.0, 2.0): core.spacing_tuple(v, 2, "n")),
     )},
     "core.check_shape": Case(
         lambda tensor: core.check_shape(tensor, "B C *S", "tensor", floating=True),

@@ -38,8 +38,8 @@ from .protocols import (
     StructureExtractor,
     Warper,
 )
-from .shapes import NonFiniteError, check_finite, check_shape
-from .validate import check_image, check_int, check_number, check_option, check_values
+from .shapes import NonFiniteError, check_finite, check_shape, spacing_tuple
+from .validate import accepts_keyword, check_image, check_int, check_number, check_option, check_values
 from .warp import GridSampleWarper, compose, sample_at_points, warp
 
 __all__ = [
@@ -59,6 +59,7 @@ __all__ = [
     "SimilarityLoss",
     "StructureExtractor",
     "Warper",
+    "accepts_keyword",
     "check_finite",
     "check_image",
     "check_int",
@@ -86,6 +87,7 @@ __all__ = [
     "resize",
     "resize_field",
     "sample_at_points",
+    "spacing_tuple",
     "spatial_gradient",
     "to_json",
     "voxel_to_world",

@@ -14,6 +14,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, Sequence
 
 import torch
@@ -172,18 +174,46 @@ def spatial_dims(tensor: torch.Tensor) -> int:
     return check_shape(tensor, "B C *S", "tensor")["N"]
 
 
-def spacing_tuple(spacing: float | Sequence[float], n: int) -> tuple[float, ...]:
-    """One positive, finite voxel size per spatial axis, from one number or ``n`` numbers.
+def spacing_tuple(spacing: float | Sequence[float] | None, n: int, name: str = "spacing") -> tuple[float, ...]:
+    """One positive, finite voxel size per spatial axis, from None, one number or ``n`` numbers.
+
+    The voxel size is in the tensor's axis order (``(h_y, h_x)`` in 2D, ``(h_z, h_y, h_x)`` in
+    3D), usually millimetres: the column norms of an image's voxel-to-world affine. ``None`` (and
+    ``1``) mean voxel units, ``(1.0,) * n``. A bool, a string, NaN, an infinity, zero or a
+    negative number is refused, never clamped.
+
+    Args:
+        spacing: None, one number for every axis, or a sequence of ``n`` numbers (a tensor or
+            an array of ``n`` values too).
+        n: the number of spatial dimensions.
+        name: how the argument is called in the error.
+
+    Returns:
+        ``n`` floats.
 
     Raises:
-        ValueError: naming the expected count and the value given.
+        ValueError: ``"spacing: expected None, one positive finite number or 2 of them (one per
+            spatial axis), got ..."``.
 
     Shape:
         out: ``(n,)`` tuple.
+
+    Example:
+        >>> spacing_tuple(None, 2), spacing_tuple(2, 3), spacing_tuple((1.0, 0.5), 2)
+        ((1.0, 1.0), (2.0, 2.0, 2.0), (1.0, 0.5))
     """
-    if isinstance(spacing, (int, float)):
-        spacing = (float(spacing),) * n
-    spacing = tuple(float(s) for s in spacing)
-    if len(spacing) != n or not all(0 < s < float("inf") for s in spacing):
-        raise ValueError(f"spacing: expected one positive number or {n} positive numbers, got {spacing}")
-    return spacing
+    if spacing is None:
+        return (1.0,) * n
+    error = ValueError(f"{name}: expected None, one positive finite number or {n} of them (one per spatial axis), got {spacing!r}")
+    if isinstance(spacing, torch.Tensor):
+        spacing = spacing.detach().cpu().reshape(-1).tolist() if spacing.dim() else spacing.item()
+    elif hasattr(spacing, "tolist") and not isinstance(spacing, (str, bytes)):  # numpy arrays and scalars
+        spacing = spacing.tolist()
+    if isinstance(spacing, numbers.Real) and not isinstance(spacing, bool):
+        spacing = (spacing,) * n
+    if isinstance(spacing, (str, bytes)) or not isinstance(spacing, Sequence):
+        raise error
+    values = tuple(spacing)
+    if len(values) != n or not all(isinstance(s, numbers.Real) and not isinstance(s, bool) and math.isfinite(s) and s > 0 for s in values):
+        raise error
+    return tuple(float(s) for s in values)

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections.abc import Sequence
@@ -27,9 +28,37 @@ import torch
 
 from .shapes import check_finite, check_shape
 
-__all__ = ["check_int", "check_number", "check_option", "check_interval", "check_image", "check_values"]
+__all__ = ["accepts_keyword", "check_int", "check_number", "check_option", "check_interval", "check_image", "check_values"]
 
 T = TypeVar("T")
+
+
+def accepts_keyword(call: Callable[..., Any], name: str) -> bool:
+    """Whether ``call(..., name=value)`` is a valid call: a parameter ``name`` or ``**kwargs``.
+
+    For an :class:`torch.nn.Module` its ``forward`` is inspected (the module's ``__call__``
+    takes anything). A callable whose signature cannot be read counts as not accepting it.
+
+    Args:
+        call: a function, a bound method, a module or any callable object.
+        name: the keyword.
+
+    Returns:
+        True when the keyword is accepted.
+
+    Shape:
+        Not applicable.
+
+    Example:
+        >>> accepts_keyword(lambda u, spacing=None: u, "spacing"), accepts_keyword(abs, "spacing")
+        (True, False)
+    """
+    target = call.forward if isinstance(call, torch.nn.Module) else call
+    try:
+        params = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name and p.kind is not inspect.Parameter.POSITIONAL_ONLY or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 def _bounds(kind: str, minimum: Any, maximum: Any, min_open: bool = False, max_open: bool = False) -> str:

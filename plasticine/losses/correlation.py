@@ -314,7 +314,10 @@ def local_ncc(
         fixed: the reference image.
         mask: voxel weights ``>= 0`` (e.g. a binary region). Only masked voxels enter the window
             sums, and the mean runs over masked window centres.
-        window: odd window width in voxels, one for all axes or one per spatial axis.
+        window: odd window width in voxels, one for all axes or one per spatial axis. It stays
+            in voxels on anisotropic grids (NCC has no physical unit, and the iterative backend
+            evaluates it at several resolutions); for about ``w`` mm with voxel sizes ``h`` give
+            ``tuple(2 * round(w / (2 * hi)) + 1 for hi in h)`` (see :doc:`/conventions`).
 
     Returns:
         A scalar in ``[-1, 1]``.
@@ -397,7 +400,7 @@ class LocalNCC(Configurable, nn.Module):
     r"""Minus the mean local normalised cross-correlation; see :func:`local_ncc`. Values in ``[-1, 1]``.
 
     Args:
-        window: odd window width in voxels, one for all axes or one per spatial axis.
+        window: odd window width in voxels (also on anisotropic grids, see :func:`local_ncc`), one for all axes or one per spatial axis.
 
     Shape:
         moving, fixed: ``(B, C, *S)`` with 1 to 3 spatial axes; mask: ``(B, 1, *S)`` or None;

@@ -6,6 +6,15 @@ converted to :math:`h_i u_i` and derivatives along axis :math:`j` are divided by
 the same continuous deformation sampled at two resolutions gives (up to discretisation error)
 the same value and a regularisation weight does not need re-tuning per resolution.
 
+In formulas, with :math:`h = (h_1, \dots, h_N)` the voxel size in mm in the tensor's axis order
+(the column norms of the image's voxel-to-world affine, :func:`plasticine.io.voxel_spacing`):
+the displacement in mm is :math:`u^{mm}_i = h_i u_i` and a derivative in mm is the voxel
+derivative divided by the spacing, :math:`\partial / \partial x^{mm}_j = h_j^{-1} \partial /
+\partial x_j`, so :math:`\partial u^{mm}_i / \partial x^{mm}_j = (h_i / h_j)\, \partial u_i /
+\partial x_j`. The gradient energy is dimensionless and does not change when every spacing is
+scaled by the same :math:`s`; the bending energy (second derivatives, 1/mm) scales by
+:math:`s^{-2}`. ``spacing=None`` or ``1`` gives voxel units, the values of a unit spacing.
+
 Both are means over batch, components and positions of sums over derivative terms, with
 compact finite-difference stencils that see the highest frequencies (a checkerboard field has
 zero central differences but is penalised here).
@@ -13,6 +22,7 @@ zero central differences but is penalised here).
 
 from __future__ import annotations
 
+import numbers
 from typing import Sequence
 
 import torch
@@ -27,7 +37,7 @@ from ._common import no_autocast, promote
 __all__ = ["gradient_smoothness", "bending_energy", "GradientSmoothness", "BendingEnergy"]
 
 
-def _prepare(displacement: torch.Tensor, spacing: float | Sequence[float], min_size: int, what: str):
+def _prepare(displacement: torch.Tensor, spacing: float | Sequence[float] | None, min_size: int, what: str):
     """Checked field in physical units ``h_i u_i`` (float32 at least), its ``N`` and the spacing."""
     dims = check_shape(displacement, "B N *S", "displacement", floating=True)
     n = dims["N"]
@@ -55,7 +65,7 @@ def _mean_square(d: torch.Tensor, factor: float) -> torch.Tensor:
     return torch.dot(flat, flat) * (factor * factor / flat.numel())
 
 
-def gradient_smoothness(displacement: torch.Tensor, spacing: float | Sequence[float] = 1.0) -> torch.Tensor:
+def gradient_smoothness(displacement: torch.Tensor, spacing: float | Sequence[float] | None = 1.0) -> torch.Tensor:
     r"""Mean squared first derivatives of a displacement field (forward differences).
 
     .. math::
@@ -69,14 +79,15 @@ def gradient_smoothness(displacement: torch.Tensor, spacing: float | Sequence[fl
 
     Args:
         displacement: the field ``u`` in voxels.
-        spacing: voxel size per axis (one number or one per axis); 1 gives voxel units.
+        spacing: voxel size per axis in the tensor's axis order (one number or one per axis, in
+            mm for a value in mm); None or 1 gives voxel units.
 
     Returns:
         A scalar ``>= 0``.
 
     Raises:
         ValueError: on a shape other than ``(B, N, *S)``, fewer than 2 voxels along an axis, or
-            a non-positive spacing.
+            a spacing that is not None, one positive finite number or ``N`` of them.
 
     Shape:
         displacement: ``(B, N, *S)``; out: ``()``.
@@ -93,7 +104,7 @@ def gradient_smoothness(displacement: torch.Tensor, spacing: float | Sequence[fl
         return torch.stack(terms).sum()
 
 
-def bending_energy(displacement: torch.Tensor, spacing: float | Sequence[float] = 1.0) -> torch.Tensor:
+def bending_energy(displacement: torch.Tensor, spacing: float | Sequence[float] | None = 1.0) -> torch.Tensor:
     r"""Mean bending energy of a displacement field, with compact second differences.
 
     .. math::
@@ -119,14 +130,15 @@ def bending_energy(displacement: torch.Tensor, spacing: float | Sequence[float] 
 
     Args:
         displacement: the field ``u`` in voxels.
-        spacing: voxel size per axis (one number or one per axis); 1 gives voxel units.
+        spacing: voxel size per axis in the tensor's axis order (one number or one per axis, in
+            mm for a value in mm); None or 1 gives voxel units.
 
     Returns:
         A scalar ``>= 0``.
 
     Raises:
         ValueError: on a shape other than ``(B, N, *S)``, fewer than 3 voxels along an axis, or
-            a non-positive spacing.
+            a spacing that is not None, one positive finite number or ``N`` of them.
 
     Shape:
         displacement: ``(B, N, *S)``; out: ``()``.
@@ -150,11 +162,25 @@ def bending_energy(displacement: torch.Tensor, spacing: float | Sequence[float] 
         return total
 
 
+def _stored_spacing(spacing: float | Sequence[float] | None) -> float | tuple[float, ...] | None:
+    """The constructor's spacing, checked (its length is checked against ``N`` at the call)."""
+    if spacing is None:
+        return None
+    if hasattr(spacing, "tolist") and not isinstance(spacing, str):  # numpy arrays, tensors
+        spacing = spacing.tolist()
+    if isinstance(spacing, numbers.Real) and not isinstance(spacing, bool):
+        return spacing_tuple(spacing, 1)[0]
+    count = len(spacing) if isinstance(spacing, Sequence) and not isinstance(spacing, str) else 1
+    return spacing_tuple(spacing, count)
+
+
 class GradientSmoothness(Configurable, nn.Module):
     r"""Mean squared forward differences of a displacement; see :func:`gradient_smoothness`.
 
     Args:
-        spacing: voxel size per axis (one number or one per axis).
+        spacing: voxel size per axis (one number or one per axis; None or 1: voxel units). A
+            call may give its own, ``module(u, spacing=h)`` (the iterative backend passes the
+            spacing of each resolution level).
 
     Shape:
         displacement: ``(B, N, *S)``; out: ``()``.
@@ -164,13 +190,13 @@ class GradientSmoothness(Configurable, nn.Module):
         0.0
     """
 
-    def __init__(self, spacing: float | Sequence[float] = 1.0) -> None:
+    def __init__(self, spacing: float | Sequence[float] | None = 1.0) -> None:
         super().__init__()
-        self.spacing = spacing if isinstance(spacing, (int, float)) else tuple(spacing)
+        self.spacing = _stored_spacing(spacing)
 
-    def forward(self, displacement: torch.Tensor) -> torch.Tensor:
-        """The smoothness of ``displacement``."""
-        return gradient_smoothness(displacement, self.spacing)
+    def forward(self, displacement: torch.Tensor, spacing: float | Sequence[float] | None = None) -> torch.Tensor:
+        """The smoothness of ``displacement``; ``spacing``, when given, replaces the stored one for this call."""
+        return gradient_smoothness(displacement, self.spacing if spacing is None else spacing)
 
     def extra_repr(self) -> str:
         return f"spacing={self.spacing}"
@@ -180,7 +206,9 @@ class BendingEnergy(Configurable, nn.Module):
     r"""Bending energy of a displacement with compact stencils; see :func:`bending_energy`.
 
     Args:
-        spacing: voxel size per axis (one number or one per axis).
+        spacing: voxel size per axis (one number or one per axis; None or 1: voxel units). A
+            call may give its own, ``module(u, spacing=h)`` (the iterative backend passes the
+            spacing of each resolution level).
 
     Shape:
         displacement: ``(B, N, *S)``; out: ``()``.
@@ -190,13 +218,13 @@ class BendingEnergy(Configurable, nn.Module):
         0.0
     """
 
-    def __init__(self, spacing: float | Sequence[float] = 1.0) -> None:
+    def __init__(self, spacing: float | Sequence[float] | None = 1.0) -> None:
         super().__init__()
-        self.spacing = spacing if isinstance(spacing, (int, float)) else tuple(spacing)
+        self.spacing = _stored_spacing(spacing)
 
-    def forward(self, displacement: torch.Tensor) -> torch.Tensor:
-        """The bending energy of ``displacement``."""
-        return bending_energy(displacement, self.spacing)
+    def forward(self, displacement: torch.Tensor, spacing: float | Sequence[float] | None = None) -> torch.Tensor:
+        """The bending energy of ``displacement``; ``spacing``, when given, replaces the stored one for this call."""
+        return bending_energy(displacement, self.spacing if spacing is None else spacing)
 
     def extra_repr(self) -> str:
         return f"spacing={self.spacing}"

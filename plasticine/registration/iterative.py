@@ -14,6 +14,9 @@ smooth (the "fluid-like" smoothing of the update in SyN and demons). The exponen
 :class:`~plasticine.registration.optimizers.OptimizerStrategy` (the SyN-like smoothed gradient
 descent by default; Adam and L-BFGS ship too), both given as objects. The result is a
 :class:`~plasticine.core.Deformation` with ``forward = exp(v)`` and ``inverse = exp(-v)``.
+With ``spacing=h`` (the voxel size of the images, an :class:`IterativeConfig` field) ``R`` is
+evaluated in mm on every level (anisotropic voxels, see :doc:`/conventions`); without a spacing
+it is in voxels of the level.
 
 **Cost.** Each level runs at most its ``iterations``; the default descent stops a level earlier
 once the energy has converged (its mean over a window of steps no longer falls, see
@@ -32,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -40,8 +43,8 @@ from ..core.config import Configurable, register_settings
 from ..core.deformation import Deformation
 from ..core.filters import gaussian_smooth, resize, resize_field
 from ..core.protocols import Integrator
-from ..core.shapes import check_shape
-from ..core.validate import check_option
+from ..core.shapes import check_shape, spacing_tuple
+from ..core.validate import accepts_keyword, check_option
 from ..core.warp import warp
 from .optimizers import GradientDescent, OptimizerStrategy
 
@@ -65,6 +68,14 @@ class IterativeConfig:
             taken as the identity, its value at :math:`v = 0`: the gradient with respect to the
             displacement is used as the gradient with respect to the velocity, the force of SyN
             and demons; the integrator then runs without a graph).
+        spacing: voxel size of the images in mm per spatial axis (tensor order; the column norms
+            of their affine, :func:`plasticine.io.voxel_spacing`), or None (voxel units). With a
+            spacing the regulariser is called as ``regularizer(v, spacing=h_level)`` with the
+            voxel size of each level, :math:`h^l_i = h_i (S_i - 1) / (S^l_i - 1)` (the
+            corner-aligned resampling of :func:`~plasticine.core.filters.resize`), so a weight
+            means the same at every level and on every grid; without one it is called as
+            ``regularizer(v)``, exactly as before. The similarity, the Gaussian smoothing and the
+            fields stay in voxels, and with ``weight=0`` the spacing changes nothing.
     """
 
     levels: tuple[int, ...] = (4, 2, 1)
@@ -73,6 +84,7 @@ class IterativeConfig:
     weight: float = 0.0
     symmetric: bool = True
     gradient: str = "first_order"
+    spacing: tuple[float, ...] | None = None
 
 
 _MOVED = {
@@ -94,7 +106,8 @@ class IterativeRegistration(Configurable):
         similarity: loss ``(moving, fixed, mask) -> scalar``, lower is better; defaults to
             :class:`plasticine.losses.MutualInformation` (normalised MI, 32 bins).
         regularizer: penalty of the smoothed velocity ``(B, N, *S) -> scalar``; defaults to
-            :class:`plasticine.losses.GradientSmoothness`.
+            :class:`plasticine.losses.GradientSmoothness`. With ``spacing=h`` it is called as
+            ``regularizer(v, spacing=h_level)`` (in mm; see :class:`IterativeConfig`).
         config: an :class:`IterativeConfig`; keyword overrides of its fields may be given instead.
         integrator: an :class:`~plasticine.core.Integrator` giving ``exp(v)``;
             :class:`~plasticine.registration.ScalingAndSquaring` with ``steps="auto"`` by default
@@ -106,7 +119,9 @@ class IterativeRegistration(Configurable):
 
     Raises:
         ValueError: for levels and iterations of different or zero length, an integrator that is
-            not callable or an optimizer without a ``minimise`` method (a name string, say).
+            not callable or an optimizer without a ``minimise`` method (a name string, say), a
+            spacing that is not None or 2 or 3 positive finite numbers, or a spacing with a
+            regulariser whose call takes no ``spacing`` keyword.
         TypeError: for a keyword override that is not a field of :class:`IterativeConfig`.
 
     Shape:
@@ -149,6 +164,13 @@ class IterativeRegistration(Configurable):
         if overrides:
             cfg = dataclasses.replace(cfg, **overrides)
         check_option(cfg.gradient, "gradient", ("exact", "first_order"))
+        if cfg.spacing is not None:
+            count = len(cfg.spacing) if isinstance(cfg.spacing, (tuple, list)) else 0
+            if count not in (2, 3):
+                raise ValueError(f"spacing: expected None or 2 or 3 positive finite voxel sizes (one per spatial axis), got {cfg.spacing!r}")
+            cfg = dataclasses.replace(cfg, spacing=spacing_tuple(cfg.spacing, count))
+            if not accepts_keyword(regularizer, "spacing"):
+                raise ValueError(f"spacing: the regularizer {regularizer!r} takes no spacing keyword (regularizer(v, spacing=h)); give one that does, e.g. GradientSmoothness(), or spacing=None")
         if len(cfg.levels) != len(cfg.iterations) or not cfg.levels:
             raise ValueError(f"levels and iterations must have the same non-zero length, got {cfg.levels} and {cfg.iterations}")
         self.similarity, self.regularizer = similarity, regularizer
@@ -163,6 +185,10 @@ class IterativeRegistration(Configurable):
             target: fixed image ``y``; required.
             cue: ignored by this backend (accepted for the protocol); must be None.
 
+        Raises:
+            ValueError: for a missing target, a cue, mismatched shapes or dtypes, or a
+                ``settings.spacing`` of another dimension than the images.
+
         Shape:
             source, target: ``(B, C, *S)``; out: Deformation with ``(B, N, *S)`` fields.
         """
@@ -176,16 +202,41 @@ class IterativeRegistration(Configurable):
             raise ValueError(f"source and target must share one floating dtype, got {source.dtype} and {target.dtype}")
         cfg = self.settings
         shape, n = dims["S"], dims["N"]
+        h = cfg.spacing
+        if h is not None and len(h) != n:
+            raise ValueError(f"spacing: expected {n} voxel sizes (one per spatial axis of the images), got {h}")
         v = None
         for factor, iters in zip(cfg.levels, cfg.iterations):
             lshape = tuple(max(4, round((s - 1) / factor) + 1) for s in shape)
             x, y = resize(source, lshape), resize(target, lshape)
             v0 = torch.zeros(dims["B"], n, *lshape, dtype=source.dtype, device=source.device) if v is None else resize_field(v, lshape)
+            hl = None if h is None else tuple(hi * (s - 1) / max(ls - 1, 1) for hi, s, ls in zip(h, shape, lshape))
             with torch.enable_grad():
-                v = self.optimizer.minimise(lambda w, x=x, y=y: self._energy(x, y, w), v0, iters).detach()
+                v = self.optimizer.minimise(lambda w, x=x, y=y, hl=hl: self._energy(x, y, w, hl), v0, iters).detach()
         with torch.no_grad():
             v = self._smooth(resize_field(v, shape), cfg.smoothing * cfg.levels[-1])
             return Deformation(self.integrator(v), self.integrator(-v), v)
+
+    def with_spacing(self, spacing: float | Sequence[float] | None) -> "IterativeRegistration":
+        """The same backend (components shared) for images of another voxel spacing.
+
+        ``IterativeRegistration.from_config({**self.config, "spacing": spacing})``, checked as
+        the constructor checks it. ``plasticine translate`` calls it with each input's spacing.
+
+        Args:
+            spacing: 2 or 3 voxel sizes in mm (one per spatial axis), or None (voxel units).
+
+        Raises:
+            ValueError: for a spacing that is not None or 2 or 3 positive finite numbers.
+
+        Shape:
+            Not applicable.
+        """
+        if hasattr(spacing, "tolist"):  # numpy arrays, tensors
+            spacing = spacing.tolist()  # type: ignore[union-attr]
+        if isinstance(spacing, list):
+            spacing = tuple(spacing)
+        return type(self).from_config({**self.config, "spacing": spacing})
 
     @staticmethod
     def _smooth(v: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -199,12 +250,12 @@ class IterativeRegistration(Configurable):
         # the value of exp(v) with the derivative of Id + v (v - v.detach() is zero)
         return u + (v - v.detach())
 
-    def _energy(self, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _energy(self, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, spacing: tuple[float, ...] | None = None) -> torch.Tensor:
         cfg = self.settings
         vs = self._smooth(v, cfg.smoothing)
         e = self.similarity(warp(x, self._exp(vs)), y)
         if cfg.symmetric:
             e = e + self.similarity(x, warp(y, self._exp(-vs)))
         if cfg.weight:
-            e = e + cfg.weight * self.regularizer(vs)
+            e = e + cfg.weight * (self.regularizer(vs) if spacing is None else self.regularizer(vs, spacing=spacing))
         return e

@@ -18,7 +18,6 @@ Run:
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 from pathlib import Path
 
@@ -43,9 +42,8 @@ def main() -> None:
     # the shipped translator and the real T1 slice on the demo's working grid (in [0, 1])
     translator = load_translator(shipped_checkpoint())
     if args.small:  # the same sampler (parametrisation, clipping), fewer steps
-        sampler = copy.copy(translator.sampler)
-        sampler.steps = 4
-        translator = translator.replace(sampler=sampler)
+        s = translator.sampler
+        translator = translator.replace(sampler=type(s).from_config({**s.config, "steps": 4}))
     x = _resample(brainweb_slices()["t1"] / 255.0, DemoConfig().shape).to(torch.float32)
     K = translator.num_steps
     gammas = translator.schedule.gammas

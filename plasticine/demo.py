@@ -704,11 +704,8 @@ def run_demo(
         translator = load_translator(ckpt)
     train_seconds = time.perf_counter() - start
     if quick:
-        import copy
-
-        sampler = copy.copy(translator.sampler)  # the same parametrisation and clipping, fewer steps
-        sampler.steps = 4
-        translator = translator.replace(sampler=sampler)
+        s = translator.sampler  # the same parametrisation and clipping, fewer steps
+        translator = translator.replace(sampler=type(s).from_config({**s.config, "steps": 4}))
         config = replace(config, test_subjects=1, sampler_steps=4)
     cohort = make_cohort(config, config.test_subjects, config.seed + 1000, include_real=True)
     metrics, result = evaluate(translator, cohort, seed=config.seed)

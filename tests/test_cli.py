@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import make_generator
+from conftest import make_generator, record_calls
 
 from plasticine.checkpoint import load_state
 from plasticine.cli import main
@@ -276,14 +276,7 @@ def test_train_options_reach_the_translator_and_the_recipe(folders, tmp_path, mo
     from plasticine.segmentation import KMeansExtractor
     from plasticine.training import Augmentation
 
-    seen = []
-    train = recipes.train_translator
-
-    def spy(translator, source, target, recipe, **kwargs):
-        seen.append(recipe)
-        return train(translator, source, target, recipe, **kwargs)
-
-    monkeypatch.setattr(recipes, "train_translator", spy)
+    calls = record_calls(monkeypatch, recipes, "train_translator")
     out = tmp_path / "m.pt"
     extra = ["--structure", "kmeans", "--classes", "3", "--prediction", "v", "--data-range", "-1", "2", "--no-clip", "--start", "source", "--start-fraction", "0.25"]
     extra += ["--sampler-steps", "3", "--ema-decay", "0.5", "--augment", "--snr-gamma", "5"]
@@ -292,7 +285,8 @@ def test_train_options_reach_the_translator_and_the_recipe(folders, tmp_path, mo
     assert isinstance(t.structure, KMeansExtractor) and t.structure.num_classes == 3 and t.conditioning.config["num_labels"] == 3
     assert t.sampler.config["prediction"] == "v" and t.sampler.config["clip"] is None and t.sampler.config["steps"] == 3
     assert t.data_range == (-1.0, 2.0) and t.start == "source" and t.start_fraction == 0.25
-    (recipe,) = seen
+    ((args, _),) = calls
+    recipe = args[3]
     assert recipe.ema_decay == 0.5 and recipe.augmentation == Augmentation() and recipe.snr_gamma == 5.0
     # the losses are printed and written beside the model, with the settings used
     printed = {}

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import record_calls
 from scipy import ndimage
 
 from plasticine.checkpoint import load_translator
@@ -106,18 +107,11 @@ def test_demo_training_uses_no_paired_information(monkeypatch):
     from plasticine import recipes
     from plasticine.demo import train_demo_translator
 
-    calls = []
-    train = recipes.train_translator
-
-    def spy(translator, source, target, recipe, **kwargs):
-        calls.append(kwargs)
-        return train(translator, source, target, recipe, **kwargs)
-
-    monkeypatch.setattr(recipes, "train_translator", spy)
+    calls = record_calls(monkeypatch, recipes, "train_translator")
     cfg = replace(QUICK, diffusion_iterations=1, train_subjects=4)
     cohort = make_cohort(cfg, 4, cfg.seed + 1, include_real=False)
     t = train_demo_translator(cfg, verbose=False, cohort=cohort)
-    (kwargs,) = calls
+    ((_, kwargs),) = calls
     assert kwargs.get("conditions") is None and not kwargs.get("paired", False)
     # the field is the fit of the population registration on the two sets, nothing else
     again = PopulationRegistration(cfg.shape)

@@ -6,9 +6,11 @@ start steps ``k0`` (0.2, 0.4, 0.6, 0.8 and 1.0 of ``K``; the demo's default is 1
 the geometry of the warped source) with the same noise seed,
 and saves the translations in a row, each titled with ``k0`` and ``sqrt(gamma_k0)``: the noised
 start is ``sqrt(gamma_k0) x + sqrt(1 - gamma_k0) eps``, so ``sqrt(gamma_k0)`` is how much of the
-source survives into the start. A small ``k0`` keeps the source's intensities; a large one keeps
-only what the condition (the warped structure map) carries. It also prints, for each ``k0``, the
-mean absolute difference from the source.
+source survives into the start. For a translator that predicts the noise unclipped a small
+``k0`` keeps the source's intensities and a large one only what the condition (the warped
+structure map) carries; the demo's translator predicts the clean image and clips it, so its
+translations barely depend on ``k0``. It also prints, for each ``k0``, the mean absolute
+difference from the source.
 
 Run:
     python examples/start_step_figure.py                          # writes docs/_static/start_step.png

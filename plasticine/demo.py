@@ -841,13 +841,15 @@ def run_demo_3d(
     r"""The demo on a real volume: train a 3D translator on patches, translate by stitched patches, score.
 
     The task is :func:`make_cohort_3d` (Colin27 from ``mricron-data``). The translator is
-    :func:`build_demo_translator` in 3D, trained by :func:`train_demo_translator` on random
-    ``patch``-sized patches (:class:`~plasticine.recipes.TrainingRecipe` ``patch_size``); the
-    evaluation subjects are translated whole, the networks run on overlapping patches and stitched
-    (:class:`~plasticine.diffusion.PatchwiseDenoiser`, :class:`~plasticine.registration.PatchwiseRegistration`),
-    and scored as :func:`evaluate` does. There is no shipped 3D checkpoint: every run trains (the
-    settings of :data:`DEMO_3D` are quick, so the scores show the pipeline, not a trained model's
-    accuracy). Writes ``<output>/metrics.json``, the NIfTI volumes of subject 0 on the working grid's
+    :func:`build_demo_translator` in 3D, trained unpaired by :func:`train_demo_translator`: the
+    denoiser on random ``patch``-sized patches (:class:`~plasticine.recipes.TrainingRecipe`
+    ``patch_size``), the population registration fitted on the whole training volumes; the
+    evaluation subjects are translated whole, the denoiser run on overlapping patches and stitched
+    (:class:`~plasticine.diffusion.PatchwiseDenoiser`; a learned registration would be stitched by
+    :class:`~plasticine.registration.PatchwiseRegistration`, the population one is a whole-grid
+    field), and scored as :func:`evaluate` does. There is no shipped 3D checkpoint: every run
+    trains (the denoiser's training in :data:`DEMO_3D` is short, so its translation shows the
+    pipeline, not a trained model's accuracy; the traced scores are the population field's). Writes ``<output>/metrics.json``, the NIfTI volumes of subject 0 on the working grid's
     affine (source, translation, true target, traced and true ventricle masks, phi and phi^-1 as
     NIfTI voxel displacements) and its landmarks as a trace file.
 

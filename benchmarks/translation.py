@@ -1,7 +1,7 @@
 """Seconds per translated image of a :class:`~plasticine.translator.TraceableTranslator`.
 
-The translator is the demo's (:func:`plasticine.demo.build_demo_translator`, the architecture of
-``plasticine demo``: k-means structure map with 4 classes, the learned registration network with
+The translator is :func:`plasticine.recipes.build_translator` with the settings ``plasticine demo``
+had before it was trained unpaired (``BENCH_OPTIONS``: k-means structure map with 4 classes, the learned registration network with
 the noise cue and scaling and squaring, a conditional U-Net with 16, 32, 32 channels, the paper's
 linear schedule with K = 2000, DDIM with 10 steps, concatenation conditioning, start step
 0.6 K), built for 2D at 128x128 and 256x256 and, with the same widths, for 3D at 64^3.
@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _timing as T  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 
 from plasticine.data import brainweb_slices  # noqa: E402
-from plasticine.demo import DemoConfig, build_demo_translator  # noqa: E402
+from plasticine.recipes import build_translator  # noqa: E402
+
+#: The timed translator's settings (:func:`~plasticine.recipes.build_translator`): a learned registration network, 10 DDIM steps.
+BENCH_OPTIONS = dict(structure="kmeans", classes=4, prediction="eps", data_range=None, clip=False, start="source", start_fraction=0.6, sampler_steps=10)
 from plasticine.diffusion import DPMSolverPP, noise_like  # noqa: E402
 
 GOAL_SECONDS = 10.0
@@ -88,7 +90,7 @@ def bench_case(shape: tuple[int, ...], device: torch.device, repeats: int, seed:
     Shape:
         Not applicable.
     """
-    translator = build_demo_translator(replace(DemoConfig(), seed=seed), ndim=len(shape))
+    translator = build_translator(len(shape), 1, **BENCH_OPTIONS, seed=seed)
     translator.to(device).eval()
     x = make_input(shape, device)
     k0 = translator.default_start_step

@@ -10,7 +10,12 @@ Run ``plasticine <command> --help`` for the options of each (``python -m plastic
   the registration network (:func:`~plasticine.training.deformation_objective` on unpaired
   source/target pairs). The translator is :func:`plasticine.recipes.build_translator` with the
   options ``--structure``, ``--classes``, ``--mind-sigma``, ``--prediction``, ``--data-range``
-  (``--no-data-range``), ``--no-clip``, ``--start``, ``--start-fraction`` and ``--sampler-steps``;
+  (``--no-data-range``), ``--no-clip``, ``--start``, ``--start-fraction``, ``--sampler-steps`` and
+  ``--registration``: ``learned`` (default, the paper's network, a field per image) or
+  ``population`` (:class:`~plasticine.registration.PopulationRegistration`: one field for every
+  image, the mean source registered to the mean target, fitted instead of trained; for sets that
+  differ by a change all subjects share, it cannot follow per-subject differences; every source and
+  target image must be on one grid, otherwise a one-line error says so);
   the training is :class:`~plasticine.recipes.TrainingRecipe` with ``--ema-decay``,
   ``--augment`` and ``--snr-gamma``. The smoothness term of the registration network is taken in
   millimetres with the voxel spacing of the images' affines (:func:`plasticine.io.voxel_spacing`)
@@ -181,8 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-data-range", action="store_true", help="diffuse the intensities as they are (no mapping to [-1, 1])")
     p.add_argument("--no-clip", action="store_true", help="do not clip the predicted clean image to [-1, 1] at each sampler step")
     p.add_argument("--start", choices=("warped", "source"), default="warped", help="sampling starts from the noised warped source (the condition's geometry) or the unwarped source (the paper's)")
+    p.add_argument(
+        "--registration",
+        choices=("learned", "population"),
+        default="learned",
+        help="learned: the paper's registration network, trained on unpaired (source, target) pairs, a field per image; "
+        "population: one field for every image, the registration of the mean source to the mean target (the change "
+        "common to the two sets, such as an enlargement all subjects share; it cannot follow per-subject differences; "
+        "needs every source and target image on one grid)",
+    )
     p.add_argument("--diffusion-steps", type=int, default=2000, help="optimizer steps of the denoiser")
-    p.add_argument("--registration-steps", type=int, default=2000, help="optimizer steps of the registration network")
+    p.add_argument("--registration-steps", type=int, default=2000, help="optimizer steps of the registration network (--registration learned)")
     p.add_argument("--batch-size", type=int, default=4, help="images per optimizer step")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--sampler-steps", type=int, default=20, help="DDIM steps at translation")
@@ -368,6 +382,21 @@ def _finite_or_text(value: float) -> float | str:
     return value if math.isfinite(value) else str(value)
 
 
+def _check_one_grid(source: Any, target: Any) -> None:
+    """``--registration population`` fits one field on a grid: every source and target image must share it."""
+    first = None
+    for name, images in (("--source", source), ("--target", target)):
+        for item, image in zip(images.items, (images[i] for i in range(len(images)))):
+            grid = tuple(image.shape[1:])
+            if first is None:
+                first = (grid, item.path)
+            elif grid != first[0]:
+                raise ValueError(
+                    f"--registration population: expected every source and target image on one grid (one field for all), "
+                    f"got {grid} in {name} {item.path} and {first[0]} in {first[1]}; resample them to one grid or use --registration learned"
+                )
+
+
 def _train(args: argparse.Namespace) -> int:
     import json
 
@@ -391,6 +420,8 @@ def _train(args: argparse.Namespace) -> int:
         raise ValueError(f"--data-range: expected finite LOW < HIGH, got {data_range[0]} {data_range[1]}")
     device = _device(args.device)
     source, target = _load_images(args, args.source), _load_images(args, args.target)
+    if args.registration == "population":
+        _check_one_grid(source, target)
     xs, ys = source.stack(), target.stack()
     if xs.shape[1:] != ys.shape[1:]:
         raise ValueError(f"source images have shape {tuple(xs.shape[1:])} (C, *S), target images {tuple(ys.shape[1:])}: resample them to one size")
@@ -415,6 +446,8 @@ def _train(args: argparse.Namespace) -> int:
         "start_fraction": args.start_fraction,
         "sampler_steps": args.sampler_steps,
         "seed": args.seed,
+        "registration": args.registration,
+        "shape": tuple(xs.shape[2:]) if args.registration == "population" else None,
     }
     translator = build_translator(ndim, xs.shape[1], **built).to(device)
     recipe = TrainingRecipe(

@@ -29,16 +29,22 @@ the working grid), next to the same numbers for the identity map (no registratio
 **Size.** Everything runs on a 108 x 90 grid (the 217 x 181 slices resampled by half with
 antialiasing), so that the demo and its training fit a CPU; voxels are 2 mm.
 
-**The translator** is a :class:`~plasticine.translator.TraceableTranslator` with a k-means
-structure extractor (4 classes), the learned dual-velocity registration network with the noise cue
-and scaling and squaring, a conditional U-Net denoiser, the paper's linear noise schedule, a DDIM
-sampler and concatenation conditioning. It is trained by :func:`train_demo_translator` with the
-training recipe of :mod:`plasticine.training` (two :class:`~plasticine.training.Trainer` stages,
-denoiser first, then the registration network with :func:`~plasticine.training.deformation_objective`).
-The demo's pairs are generated, so the denoiser is trained on the condition it meets at inference,
-:math:`\mathrm{conditioning}(x_s \circ \phi_E)` (k-means classes are ordered by intensity, which
-differs between T1 and PD; the structure map of the PD-like target, Algorithm 2's :math:`y_s`,
-would give a condition whose classes mean other tissues at inference).
+**The translator** is :func:`plasticine.recipes.build_translator` with the unpaired T1 -> PD
+recipe of ``benchmarks/crossmodal.py`` (:doc:`/benchmarks`, "T1 -> PD, trained unpaired"), trained
+by :func:`train_demo_translator` as Algorithm 2 is written, with no paired information: the
+denoiser on the targets, each conditioned on its *own* structure map (the filled head mask and
+MIND-SSC, which mean the same anatomy in T1 and PD because they do not depend on which tissue is
+brighter); the registration is a :class:`~plasticine.registration.PopulationRegistration`, fitted
+on the training sets alone: the mean of the 48 sources registered to the mean of the 48 targets
+(which subject a target came from is not used, nor the true field). The subjects' own
+deformations average out in the two means, so the one field it finds is the population's
+systematic change, the enlargement :math:`\phi_E`. What it cannot do: follow per-subject
+differences. It returns that one field for every image, so a change that differed between
+subjects (a subject whose ventricles grew more than the others') would be traced with the
+population's average change; in this demo the change is the same for every subject by
+construction, which is the setting the model is right for. Translation generates the target
+contrast from pure noise in the warped source's geometry (:math:`\hat x_0` prediction clipped to
+[-1, 1], 20 DDIM steps).
 
 The shipped checkpoint ``plasticine/data/demo_translator.pt`` is what ``plasticine demo
 --retrain`` writes with the default settings (deterministic given the seed on one machine; see
@@ -97,11 +103,15 @@ class DemoConfig:
         subject_displacement: largest displacement of the random subject deformations.
         train_subjects: generated training pairs.
         test_subjects: evaluation subjects; the first is the real slice itself.
-        num_classes: classes of the k-means structure map.
+        mind_sigma: patch width (pixels) of the MIND-SSC channels of the structure map.
+        registration: ``"population"`` (the demo's: one field fitted on the training sets, see
+            :class:`~plasticine.registration.PopulationRegistration`) or ``"learned"`` (the
+            registration network trained on unpaired pairs).
         sampler_steps: DDIM steps.
         start_fraction: start step as a fraction of ``K``.
         diffusion_iterations: optimizer steps of the denoiser.
-        registration_iterations: optimizer steps of the registration network.
+        registration_iterations: optimizer steps of the registration network (``"learned"`` only;
+            the population registration is fitted, not trained by steps).
         batch_size: items per training batch.
         learning_rate: Adam learning rate of both stages.
         ema_decay: decay of the denoiser's weight average, whose weights are kept (None: the last
@@ -114,13 +124,14 @@ class DemoConfig:
     subject_displacement: float = 4.0
     train_subjects: int = 48
     test_subjects: int = 4
-    num_classes: int = 4
-    sampler_steps: int = 10
-    start_fraction: float = 0.6
-    diffusion_iterations: int = 400
+    mind_sigma: float = 1.0
+    registration: str = "population"
+    sampler_steps: int = 20
+    start_fraction: float = 1.0
+    diffusion_iterations: int = 700
     registration_iterations: int = 500
     batch_size: int = 4
-    learning_rate: float = 2e-3
+    learning_rate: float = 1e-3
     ema_decay: float | None = None
     seed: int = 0
 
@@ -339,41 +350,58 @@ def _cohort(
 
 
 def build_demo_translator(config: DemoConfig = DemoConfig(), *, ndim: int = 2) -> TraceableTranslator:
-    """The demo's translator with freshly initialised weights (about 0.4 M parameters).
+    r"""The demo's translator with freshly initialised weights (about 0.4 M parameters).
 
-    The translator of ``plasticine train`` (:func:`plasticine.recipes.build_translator`) for
-    single-channel images with the settings it had before its cross-modality defaults: k-means
-    structure map (``num_classes``), the learned registration network with the noise cue and
-    scaling and squaring, a conditional U-Net (16, 32, 32 channels, no attention) predicting the
-    noise, the paper's linear schedule (:math:`10^{-6}..10^{-2}`, K = 2000) on the intensities as
-    they are, DDIM with ``sampler_steps`` steps without clipping, started from the noised unwarped
-    source, and concatenation conditioning; weights initialised from ``seed``.
+    :func:`plasticine.recipes.build_translator` with the unpaired T1 -> PD recipe of
+    ``benchmarks/crossmodal.py``: the structure map ``"foreground+mind"`` (the filled head mask and
+    MIND-SSC with ``sigma=config.mind_sigma``: both domains are MR, so their internal structure
+    corresponds, and MIND-SSC does not depend on which tissue is brighter), the population
+    registration on the grid ``config.shape`` (``config.registration``), a conditional U-Net
+    (16, 32, 32 channels, no attention) predicting :math:`\hat x_0`, the paper's linear schedule on
+    intensities mapped from [0, 1] to [-1, 1], DDIM with ``sampler_steps`` steps clipping
+    :math:`\hat x_0`, started at ``start_fraction`` of ``K`` from the noised warped source, and
+    concatenation conditioning; weights initialised from ``seed``.
 
     Args:
-        config: the settings.
-        ndim: 2 (the demo's) or 3 (the same widths, for benchmarks).
+        config: the settings (its ``shape`` is the grid of the population registration, 2D or 3D).
+        ndim: 2 (the demo's) or 3 (:func:`run_demo_3d`); must match ``config.shape``. In 3D the
+            population registration optimises on the working grid alone (one level, 200 steps
+            of at most 0.25 voxel, Gaussian smoothing 1.5 voxels): on the 3D demo's 6 mm grid the
+            default's coarse level (7 x 9 x 7 voxels) is too coarse for the ventricles, and with it
+            the fitted field traced them no better than the identity (Dice 0.404 both).
 
     Returns:
         The translator, in training mode.
+
+    Raises:
+        ValueError: for a ``config.shape`` of another dimension than ``ndim``.
 
     Shape:
         Not applicable.
     """
     from .recipes import build_translator
 
-    return build_translator(
+    if len(config.shape) != ndim:
+        raise ValueError(f"config.shape: expected {ndim} sizes (ndim={ndim}), got {tuple(config.shape)}")
+    translator = build_translator(
         ndim,
         1,
-        structure="kmeans",
-        classes=config.num_classes,
-        prediction="eps",
-        data_range=None,
-        clip=False,
-        start="source",
+        structure="foreground+mind",
+        mind_sigma=config.mind_sigma,
+        registration=config.registration,
+        shape=tuple(config.shape) if config.registration == "population" else None,
         start_fraction=config.start_fraction,
         sampler_steps=config.sampler_steps,
         seed=config.seed,
     )
+    if ndim == 3 and config.registration == "population":
+        from .registration.iterative import IterativeRegistration
+        from .registration.optimizers import GradientDescent
+        from .registration.population import PopulationRegistration
+
+        backend = IterativeRegistration(levels=(1,), iterations=(200,), smoothing=1.5, optimizer=GradientDescent(lr=0.25, update_smoothing=1.5, tolerance=0))
+        translator = translator.replace(registration=PopulationRegistration(tuple(config.shape), backend))
+    return translator
 
 
 def _say(message: str, verbose: bool) -> None:
@@ -388,23 +416,26 @@ def train_demo_translator(
     cohort: DemoCohort | None = None,
     patch_size: tuple[int, ...] | None = None,
 ) -> TraceableTranslator:
-    """Train the demo translator with the project's recipe on generated pairs (CPU, deterministic).
+    r"""Train the demo translator unpaired, as Algorithm 2 is written (CPU, deterministic).
 
-    Stage 1 trains the denoiser with the paper's L1 noise loss
-    (:func:`~plasticine.diffusion.noise_prediction_loss`) on the targets, conditioned on
-    :math:`\\mathrm{conditioning}(x_s \\circ \\phi_E)` (see the module docstring); stage 2 trains
-    the registration network with :func:`~plasticine.training.deformation_objective` (symmetric
-    normalised mutual information, gradient smoothness, feature alignment, the frozen denoiser's
-    noise cue) on the generated (source, target) pairs. Both stages are
-    :func:`plasticine.recipes.train_translator`, seeded from ``config.seed``.
+    Stage 1 trains the denoiser on the targets, each conditioned on its own structure map
+    :math:`\mathrm{conditioning}(\mathrm{structure}(y))`; stage 2 fits the population
+    registration on the two sets, :math:`\phi = \mathrm{register}(\bar x, \bar y)` with
+    :math:`\bar x, \bar y` the voxel-wise means of the sources and of the targets
+    (:meth:`~plasticine.registration.PopulationRegistration.fit`; with ``config.registration =
+    "learned"``, the network is trained on sources paired with randomly drawn targets). Nothing
+    uses the truth: not the field :math:`\phi_E`, not which target belongs to which source. Both
+    stages are :func:`plasticine.recipes.train_translator`, seeded from ``config.seed``.
 
     Args:
         config: the settings.
         verbose: print progress to stderr.
-        cohort: the training pairs (default: :func:`make_cohort` with ``config.train_subjects``
-            subjects; :func:`make_cohort_3d` gives a 3D one, and the translator is then 3D).
-        patch_size: train on random patches of this size
-            (:class:`~plasticine.recipes.TrainingRecipe` ``patch_size``), or None.
+        cohort: the training sets (default: :func:`make_cohort` with ``config.train_subjects``
+            subjects; :func:`make_cohort_3d` gives a 3D one, and the translator is then 3D); only
+            its ``sources`` and ``targets`` are read.
+        patch_size: train the denoiser on random patches of this size
+            (:class:`~plasticine.recipes.TrainingRecipe` ``patch_size``), or None; the population
+            registration is fitted on the whole images.
 
     Returns:
         The trained translator, in evaluation mode.
@@ -418,13 +449,10 @@ def train_demo_translator(
         cohort = make_cohort(config, config.train_subjects, config.seed + 1, include_real=False)
     ndim = cohort.sources.dim() - 2
     translator = build_demo_translator(config, ndim=ndim)
-    with torch.no_grad():
-        xs = translator.structure_map(cohort.sources)
-        n = len(cohort)
-        field = Deformation(*(f.expand(n, *(-1,) * (ndim + 1)).to(torch.float32) for f in (cohort.field.forward, cohort.field.inverse)))
-        condition = translator.conditioning(field.to_target(xs))
+    n = len(cohort)
     on = "" if patch_size is None else f" (random {' x '.join(map(str, patch_size))} patches)"
-    _say(f"training on {n} generated pairs of size {tuple(cohort.sources.shape[2:])}{on}: denoiser {config.diffusion_iterations} steps, registration {config.registration_iterations} steps", verbose)
+    stage2 = "population registration fitted on the two sets" if config.registration == "population" else f"registration {config.registration_iterations} steps"
+    _say(f"training unpaired on {n} sources and {n} targets of size {tuple(cohort.sources.shape[2:])}{on}: denoiser {config.diffusion_iterations} steps, {stage2}", verbose)
     recipe = TrainingRecipe(
         diffusion_steps=config.diffusion_iterations,
         registration_steps=config.registration_iterations,
@@ -432,10 +460,11 @@ def train_demo_translator(
         learning_rate=config.learning_rate,
         seed=config.seed,
         ema_decay=config.ema_decay,
+        checkpoint_every=0,
         progress="print" if verbose else "none",
         patch_size=patch_size,
     )
-    train_translator(translator, cohort.sources, cohort.targets, recipe, conditions=condition, paired=True)
+    train_translator(translator, cohort.sources, cohort.targets, recipe)
     return translator.eval()
 
 
@@ -606,6 +635,15 @@ def _print_scores(metrics: dict[str, Any], *, goals: bool) -> None:
     print(f"  translation MAE, brain {metrics['translation_mae']:.3f} (source vs target: {metrics['translation_mae_source']:.3f})")
 
 
+def _print_recipe(translator: TraceableTranslator) -> None:
+    """One line on how the translator was trained and what its registration can trace."""
+    from .registration.population import PopulationRegistration
+
+    if isinstance(translator.registration, PopulationRegistration):
+        print("  trained unpaired: the denoiser on the targets' own structure maps; phi is one field for every subject, the mean source registered to the mean target")
+        print("  (the change all subjects share; it cannot follow per-subject differences)")
+
+
 def shipped_checkpoint() -> Path:
     """The path of the checkpoint shipped in :mod:`plasticine.data`.
 
@@ -666,9 +704,8 @@ def run_demo(
         translator = load_translator(ckpt)
     train_seconds = time.perf_counter() - start
     if quick:
-        from .diffusion import DDIMSampler
-
-        translator = translator.replace(sampler=DDIMSampler(4))
+        s = translator.sampler  # the same parametrisation and clipping, fewer steps
+        translator = translator.replace(sampler=type(s).from_config({**s.config, "steps": 4}))
         config = replace(config, test_subjects=1, sampler_steps=4)
     cohort = make_cohort(config, config.test_subjects, config.seed + 1000, include_real=True)
     metrics, result = evaluate(translator, cohort, seed=config.seed)
@@ -696,6 +733,7 @@ def run_demo(
     atomic_write(out / "metrics.json", json.dumps(metrics, indent=1).encode())
     if verbose:
         print(f"plasticine demo: {len(cohort)} subject(s) on a {config.shape[0]} x {config.shape[1]} grid, checkpoint {ckpt}")
+        _print_recipe(translator)
         _print_scores(metrics, goals=True)
         for note in notes:
             print(f"  {note}")
@@ -705,12 +743,13 @@ def run_demo(
 
 # -- the 3D demo ----------------------------------------------------------------------------------
 
-#: Settings of ``plasticine demo --3d``: Colin27 on a grid of about 6.3 mm, a short training (a minute or two on 2 CPU cores).
+#: Settings of ``plasticine demo --3d``: Colin27 on a grid of about 6.3 mm, a short training (a minute or two on 2 CPU cores);
+#: 24 training subjects, so that their own deformations average out of the templates of the population registration.
 DEMO_3D = DemoConfig(
     shape=(28, 35, 28),
     enlargement=2.0,
     subject_displacement=1.5,
-    train_subjects=4,
+    train_subjects=24,
     test_subjects=1,
     sampler_steps=4,
     start_fraction=0.3,
@@ -802,13 +841,15 @@ def run_demo_3d(
     r"""The demo on a real volume: train a 3D translator on patches, translate by stitched patches, score.
 
     The task is :func:`make_cohort_3d` (Colin27 from ``mricron-data``). The translator is
-    :func:`build_demo_translator` in 3D, trained by :func:`train_demo_translator` on random
-    ``patch``-sized patches (:class:`~plasticine.recipes.TrainingRecipe` ``patch_size``); the
-    evaluation subjects are translated whole, the networks run on overlapping patches and stitched
-    (:class:`~plasticine.diffusion.PatchwiseDenoiser`, :class:`~plasticine.registration.PatchwiseRegistration`),
-    and scored as :func:`evaluate` does. There is no shipped 3D checkpoint: every run trains (the
-    settings of :data:`DEMO_3D` are quick, so the scores show the pipeline, not a trained model's
-    accuracy). Writes ``<output>/metrics.json``, the NIfTI volumes of subject 0 on the working grid's
+    :func:`build_demo_translator` in 3D, trained unpaired by :func:`train_demo_translator`: the
+    denoiser on random ``patch``-sized patches (:class:`~plasticine.recipes.TrainingRecipe`
+    ``patch_size``), the population registration fitted on the whole training volumes; the
+    evaluation subjects are translated whole, the denoiser run on overlapping patches and stitched
+    (:class:`~plasticine.diffusion.PatchwiseDenoiser`; a learned registration would be stitched by
+    :class:`~plasticine.registration.PatchwiseRegistration`, the population one is a whole-grid
+    field), and scored as :func:`evaluate` does. There is no shipped 3D checkpoint: every run
+    trains (the denoiser's training in :data:`DEMO_3D` is short, so its translation shows the
+    pipeline, not a trained model's accuracy; the traced scores are the population field's). Writes ``<output>/metrics.json``, the NIfTI volumes of subject 0 on the working grid's
     affine (source, translation, true target, traced and true ventricle masks, phi and phi^-1 as
     NIfTI voxel displacements) and its landmarks as a trace file.
 
@@ -841,7 +882,10 @@ def run_demo_3d(
     train_seconds = time.perf_counter() - start
     if checkpoint is not None:
         save_component(translator, checkpoint)
-    stitched = translator.replace(denoiser=PatchwiseDenoiser(translator.denoiser, patch), registration=PatchwiseRegistration(translator.registration, patch)).eval()
+    parts: dict[str, Any] = {"denoiser": PatchwiseDenoiser(translator.denoiser, patch)}
+    if config.registration == "learned":  # the population registration holds one whole-grid field
+        parts["registration"] = PatchwiseRegistration(translator.registration, patch)
+    stitched = translator.replace(**parts).eval()
     _say(f"translating {len(cohort)} volume(s) of {tuple(config.shape)} on {stitched.denoiser.patches(config.shape)} overlapping {' x '.join(map(str, patch))} patches", verbose)
     metrics, result = evaluate(stitched, cohort, seed=config.seed)
     d = result.deformation
@@ -877,6 +921,7 @@ def run_demo_3d(
     atomic_write(out / "metrics.json", json.dumps(metrics, indent=1).encode())
     if verbose:
         print(f"plasticine demo --3d: {len(cohort)} Colin27 volume(s) on a {' x '.join(map(str, config.shape))} grid, trained {train_seconds:.0f} s on {' x '.join(map(str, patch))} patches")
+        _print_recipe(translator)
         _print_scores(metrics, goals=False)
         print(f"  outputs in {out}/ ({seconds:.1f} s)")
     return metrics

@@ -113,8 +113,10 @@ def build_translator(
     geometry of the warped source (``start="warped"``), the data mapped from ``data_range`` to
     :math:`[-1, 1]` inside the diffusion and :math:`\hat x_0` predicted directly and clipped to
     :math:`[-1, 1]` at every step. The demo's translator (:func:`plasticine.demo.build_demo_translator`)
-    keeps the earlier settings: ``structure="kmeans", prediction="eps", data_range=None,
-    clip=False, start="source"`` (the paper's unwarped start, the paper's eps parametrisation).
+    is this one with ``structure="foreground+mind", mind_sigma=1.0, registration="population"``,
+    the recipe of the T1 -> PD case. ``structure="kmeans", prediction="eps", data_range=None,
+    clip=False, start="source"`` gives the paper's settings (its unwarped start, its eps
+    parametrisation).
 
     Args:
         ndim: 2 or 3 spatial dimensions.

@@ -40,6 +40,19 @@ def ndim(request):
     return request.param
 
 
+def record_calls(monkeypatch, owner, name: str) -> list:
+    """Replace ``owner.name`` by a wrapper that records each call's ``(args, kwargs)`` and calls through."""
+    calls: list = []
+    inner = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        calls.append((args, kwargs))
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapper)
+    return calls
+
+
 def make_generator(seed: int) -> torch.Generator:
     """A CPU generator seeded for a property test (hypothesis does not seed torch)."""
     return torch.Generator().manual_seed(int(seed))

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import make_generator
+from conftest import make_generator, record_calls
 
 from plasticine.checkpoint import load_state
 from plasticine.cli import main
@@ -276,14 +276,7 @@ def test_train_options_reach_the_translator_and_the_recipe(folders, tmp_path, mo
     from plasticine.segmentation import KMeansExtractor
     from plasticine.training import Augmentation
 
-    seen = []
-    train = recipes.train_translator
-
-    def spy(translator, source, target, recipe, **kwargs):
-        seen.append(recipe)
-        return train(translator, source, target, recipe, **kwargs)
-
-    monkeypatch.setattr(recipes, "train_translator", spy)
+    calls = record_calls(monkeypatch, recipes, "train_translator")
     out = tmp_path / "m.pt"
     extra = ["--structure", "kmeans", "--classes", "3", "--prediction", "v", "--data-range", "-1", "2", "--no-clip", "--start", "source", "--start-fraction", "0.25"]
     extra += ["--sampler-steps", "3", "--ema-decay", "0.5", "--augment", "--snr-gamma", "5"]
@@ -292,7 +285,8 @@ def test_train_options_reach_the_translator_and_the_recipe(folders, tmp_path, mo
     assert isinstance(t.structure, KMeansExtractor) and t.structure.num_classes == 3 and t.conditioning.config["num_labels"] == 3
     assert t.sampler.config["prediction"] == "v" and t.sampler.config["clip"] is None and t.sampler.config["steps"] == 3
     assert t.data_range == (-1.0, 2.0) and t.start == "source" and t.start_fraction == 0.25
-    (recipe,) = seen
+    ((args, _),) = calls
+    recipe = args[3]
     assert recipe.ema_decay == 0.5 and recipe.augmentation == Augmentation() and recipe.snr_gamma == 5.0
     # the losses are printed and written beside the model, with the settings used
     printed = {}
@@ -420,3 +414,46 @@ def test_values_outside_the_preview_range_are_kept_in_the_nifti_and_counted(fold
     assert f"{outside} of {y.numel()} values outside [0, 1] clipped for the 8-bit PNG preview" in err and "a0_translated.nii.gz" in err
     np.testing.assert_array_equal(np.asarray(nib.load(out / "a0_translated.nii.gz").dataobj), y[0, 0].numpy())
     assert json.loads((out / "a0_trace.json").read_text())["clipped_values"] == outside
+
+
+def _blobs(root, name, centre_x, count, generator):
+    """Images of one bright blob per image, centred at column ``centre_x`` (+- 0.5 per image)."""
+    yy, xx = torch.meshgrid(torch.arange(16.0), torch.arange(12.0), indexing="ij")
+    for i in range(count):
+        cx = centre_x + float(torch.rand((), generator=generator)) - 0.5
+        write_image(root / name / f"{name}{i}.png", torch.exp(-((yy - 8) ** 2 + (xx - cx) ** 2) / 8.0)[None])
+
+
+def test_train_with_population_registration_fits_one_field_of_the_sets(tmp_path, capsys):
+    from plasticine.checkpoint import load_translator
+    from plasticine.core.warp import warp
+    from plasticine.io import ImageFolder
+    from plasticine.registration import PopulationRegistration
+
+    g = make_generator(4)
+    _blobs(tmp_path, "src", 4.5, 4, g)
+    _blobs(tmp_path, "tgt", 7.0, 4, g)  # the systematic change: every blob moves 2.5 pixels to the right
+    out = tmp_path / "m.pt"
+    args = ["train", "--source", str(tmp_path / "src"), "--target", str(tmp_path / "tgt"), "--output", str(out)]
+    assert main(args + ["--registration", "population", "--diffusion-steps", "2", "--batch-size", "2", "--quiet"]) == 0
+    t = load_translator(out)
+    assert isinstance(t.registration, PopulationRegistration) and bool(t.registration.fitted) and t.registration.shape == (16, 12)
+    # the field is the registration of the mean source to the mean target: it moves the template onto the other
+    xs, ys = ImageFolder(tmp_path / "src").stack(), ImageFolder(tmp_path / "tgt").stack()
+    mx, my = xs.mean(0, keepdim=True), ys.mean(0, keepdim=True)
+    moved = warp(mx, t.registration.forward_field)
+    assert float((moved - my).pow(2).mean()) < 0.25 * float((mx - my).pow(2).mean())
+    assert float(t.registration.forward_field[0, 1, 6:11, 5:9].mean()) < -1.0  # pulls from the left: x o phi moves right
+    # one field for every image, also at translation
+    d = t.registration.register(xs)
+    assert torch.equal(d.forward[0], d.forward[3])
+    doc = json.loads((tmp_path / "m.losses.json").read_text())
+    assert doc["settings"]["registration"] == "population" and doc["settings"]["shape"] == [16, 12]
+    assert set(doc["losses"]["registration"]) == {"max_displacement", "mean_displacement"}
+    # images on different grids cannot share one field: a one-line error before anything is written
+    write_image(tmp_path / "tgt" / "other.png", torch.rand(1, 16, 14, generator=g))
+    bad = tmp_path / "bad.pt"
+    assert main(["train", "--source", str(tmp_path / "src"), "--target", str(tmp_path / "tgt"), "--output", str(bad), "--registration", "population", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "--registration population: expected every source and target image on one grid" in err and "other.png" in err and err.count("\n") == 1, err
+    assert not bad.exists()

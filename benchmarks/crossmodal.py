@@ -319,6 +319,24 @@ def _ddib_settings(settings: Settings) -> EvaluationSettings:
     return EvaluationSettings(ddib_steps=settings.ddib_steps, ddib_sampler_steps=settings.ddib_sampler_steps, batch_size=settings.batch_size, learning_rate=settings.learning_rate, seed=settings.seed, progress=True)
 
 
+def _ddib_seeds(ddib_settings: EvaluationSettings) -> dict[str, int]:
+    """The DDIB models' seeds, for the results.
+
+    Shape:
+        Not applicable.
+    """
+    return {k: v for k, v in ddib_settings.seeds().items() if k.startswith("ddib")}
+
+
+def _ddib_record(settings: Settings, ddib: Any) -> dict[str, Any]:
+    """How the DDIB baseline was made, for the results.
+
+    Shape:
+        Not applicable.
+    """
+    return {"trained_steps": settings.ddib_steps, "sampler_steps": ddib.steps, "data_range": list(ddib.data_range), "prediction": ddib.bridge.prediction, "clip": list(ddib.bridge.clip)}
+
+
 def _method_scores(image: torch.Tensor, in_source: torch.Tensor, truth: torch.Tensor, head: torch.Tensor, brain: torch.Tensor, ct_hist: np.ndarray, pixel_mm: float, bins: int) -> dict[str, Any]:
     """One method's row: traced scores, Table I columns, histogram distance to CT, means inside the head and brain.
 
@@ -372,8 +390,8 @@ def run_ddib(settings: Settings, output: Path) -> dict[str, Any]:
     row = _method_scores(image, segment(seg, image), truth, head, truth.float(), ct_hist, case.pixel_mm, settings.bins)
     results = {
         "settings": asdict(settings),
-        "seeds": {"segmentation": settings.seed + 10, **{k: v for k, v in ddib_settings.seeds().items() if k.startswith("ddib")}},
-        "ddib": {"trained_steps": settings.ddib_steps, "sampler_steps": ddib.steps, "data_range": list(ddib.data_range), "prediction": ddib.bridge.prediction, "clip": list(ddib.bridge.clip)},
+        "seeds": {"segmentation": settings.seed + 10, **_ddib_seeds(ddib_settings)},
+        "ddib": _ddib_record(settings, ddib),
         "segmentation": {"ct_held_out": _summary(ct_scores)},
         "methods": {"DDIB": row},
         "time_s": time.perf_counter() - t0,
@@ -456,8 +474,8 @@ def run(settings: Settings, output: Path) -> dict[str, Any]:
     clock["total_s"] = time.perf_counter() - t0
     results = {
         "settings": asdict(settings),
-        "seeds": {"translator": settings.seed, "segmentation": settings.seed + 10, "translation": seed, **{k: v for k, v in ddib_settings.seeds().items() if k.startswith("ddib")}},
-        "ddib": {"trained_steps": settings.ddib_steps, "sampler_steps": ddib.steps, "data_range": list(ddib.data_range), "prediction": ddib.bridge.prediction, "clip": list(ddib.bridge.clip)},
+        "seeds": {"translator": settings.seed, "segmentation": settings.seed + 10, "translation": seed, **_ddib_seeds(ddib_settings)},
+        "ddib": _ddib_record(settings, ddib),
         "recipe": asdict(recipe),
         "translator": repr(translator),
         "case": {

@@ -137,7 +137,8 @@ class EvaluationSettings:
         learning_rate: Adam's, for both.
         seed: base seed (see the module notes for the offsets).
         bins: histogram bins of the Bhattacharyya distance and of NMI.
-        value_range: the histogram range and the PSNR peak (its width).
+        value_range: the histogram range, the PSNR peak (its width) and the DDIB models' data range
+            when the translator has none (:func:`train_ddib`).
         spacing: voxel size in mm per spatial axis (tensor order), for HD95 in mm; None: voxels only.
         progress: report every long step on stderr.
 

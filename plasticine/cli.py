@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="images per training step (segmentation and DDIB)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (segmentation and DDIB)")
     p.add_argument("--bins", type=int, default=64, help="histogram bins of the Bhattacharyya distance and NMI")
-    p.add_argument("--value-range", type=float, nargs=2, metavar=("LOW", "HIGH"), default=(0.0, 1.0), help="histogram range and PSNR peak (its width)")
+    p.add_argument("--value-range", type=float, nargs=2, metavar=("LOW", "HIGH"), default=(0.0, 1.0), help="histogram range, PSNR peak (its width) and, for a translator without a data range, the DDIB models' data range")
     p.add_argument("--spacing", type=float, nargs="+", default=None, help="voxel size in mm per spatial axis (array order) for HD95 in mm (default: HD95 in voxels only)")
     p.add_argument("--seed", type=int, default=0, help="base seed: segmentation seed + 10, translation of case i seed + 20 + i, DDIB seed + 30 and + 31")
     p.add_argument("--no-figures", action="store_true", help="do not write the per-source figures (they need matplotlib)")

@@ -14,8 +14,10 @@ and a trained :class:`~plasticine.translator.TraceableTranslator`, and
      :math:`\phi` first, then translated with :math:`\phi = \mathrm{id}`; its mask is traced back
      with :math:`\phi^{-1}`;
    * ``"DDIB"``: :class:`~plasticine.diffusion.DDIBTranslator` of two condition-free models, one per
-     domain (:func:`train_ddib`), joined by deterministic DDIM encoding and decoding; no
-     deformation (skipped when ``ddib_steps = 0`` and no model is given);
+     domain (:func:`train_ddib`: the translator's architecture with the default translator's
+     parametrisation, x0 prediction on the data range mapped to [-1, 1] and clipped there, so
+     that its images stay in the data range; :class:`DDIBBaseline`), joined by deterministic DDIM
+     encoding and decoding; no deformation (skipped when ``ddib_steps = 0`` and no model is given);
    * ``"plasticine, traced"``: :meth:`~plasticine.translator.TraceableTranslator.translate`; the
      mask predicted on :math:`\hat y` is traced back as :math:`m \circ \phi^{-1}`
      (:meth:`~plasticine.core.Deformation.labels_to_source`);
@@ -99,6 +101,7 @@ __all__ = [
     "MethodOutput",
     "evaluate_translation",
     "train_segmenter",
+    "DDIBBaseline",
     "train_ddib",
     "translate_methods",
     "segment",
@@ -134,7 +137,8 @@ class EvaluationSettings:
         learning_rate: Adam's, for both.
         seed: base seed (see the module notes for the offsets).
         bins: histogram bins of the Bhattacharyya distance and of NMI.
-        value_range: the histogram range and the PSNR peak (its width).
+        value_range: the histogram range, the PSNR peak (its width) and the DDIB models' data range
+            when the translator has none (:func:`train_ddib`).
         spacing: voxel size in mm per spatial axis (tensor order), for HD95 in mm; None: voxels only.
         progress: report every long step on stderr.
 
@@ -256,31 +260,105 @@ def train_segmenter(images: torch.Tensor, labels: torch.Tensor, num_classes: int
     return net.eval()
 
 
-def train_ddib(translator: TraceableTranslator, source: torch.Tensor, target: torch.Tensor, settings: EvaluationSettings = EvaluationSettings()) -> nn.Module:
-    r"""The DDIB baseline: two condition-free denoisers, one per domain, trained as the translator's.
+class DDIBBaseline(nn.Module):
+    r"""The DDIB baseline in image space: its own data range around a :class:`~plasticine.diffusion.DDIBTranslator`.
+
+    .. math::
+
+        \hat y = l + \tfrac{h - l}{2}\,\big(D_t(E_s(2 (x - l)/(h - l) - 1)) + 1\big)
+
+    for ``data_range = (l, h)``: the images are mapped onto :math:`[-1, 1]`, bridged by the
+    deterministic DDIM encoding (source model) and decoding (target model) of ``bridge``, and mapped
+    back. With the bridge's ``clip = (-1, 1)`` on the data prediction of an ``"x0"`` model, every
+    decoded value lies in ``[l, h]`` (the last DDIM step returns the clipped prediction itself).
+
+    Args:
+        bridge: the :class:`~plasticine.diffusion.DDIBTranslator` of the two condition-free models.
+        data_range: ``(low, high)`` of the images, ``low < high``.
+
+    Raises:
+        ValueError: for a bridge that is not a DDIBTranslator or a bad range.
+
+    Shape:
+        x: ``(B, C, *S)``; out: ``(B, C, *S)``.
+    """
+
+    def __init__(self, bridge: nn.Module, data_range: tuple[float, float]) -> None:
+        from .core.validate import check_interval
+        from .diffusion import DDIBTranslator
+
+        super().__init__()
+        if not isinstance(bridge, DDIBTranslator):
+            raise ValueError(f"bridge: expected a DDIBTranslator, got {type(bridge).__name__}")
+        data_range = check_interval(data_range, "data_range")
+        if data_range is None:
+            raise ValueError("data_range: expected (low, high) with low < high, got None")
+        self.bridge, self.data_range = bridge, data_range
+
+    @property
+    def steps(self) -> int:
+        """The DDIM steps each way of the bridge.
+
+        Shape:
+            Not applicable.
+        """
+        return int(self.bridge.steps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Translate source images (in ``data_range``) to the target domain.
+
+        Args:
+            x: source images.
+
+        Returns:
+            The translations, in the data range's units.
+
+        Shape:
+            x: ``(B, C, *S)``; out: ``(B, C, *S)``.
+        """
+        low, high = self.data_range
+        y = self.bridge(2.0 * (x - low) / (high - low) - 1.0)
+        return low + (y + 1.0) * (high - low) / 2.0
+
+    def extra_repr(self) -> str:
+        """The data range, for ``repr``.
+
+        Shape:
+            Not applicable.
+        """
+        return f"data_range={self.data_range!r}"
+
+
+def train_ddib(translator: TraceableTranslator, source: torch.Tensor, target: torch.Tensor, settings: EvaluationSettings = EvaluationSettings()) -> DDIBBaseline:
+    r"""The DDIB baseline: two condition-free denoisers, one per domain, parametrised as the default translator's.
 
     Each model is the translator's denoiser architecture (:class:`~plasticine.diffusion.ConditionalUNet`
     with its :class:`~plasticine.diffusion.UNetConfig`) without a condition (``cond_channels=0``),
     trained for ``settings.ddib_steps`` steps with :func:`~plasticine.diffusion.noise_prediction_loss`
-    (L1, the translator's schedule and parametrisation, on the data mapped by its ``data_range``)
-    by a :class:`~plasticine.training.Trainer`; seeds ``seed + 30`` (source) and ``seed + 31``
-    (target) for the initial weights and the batches. The result is a
-    :class:`~plasticine.diffusion.DDIBTranslator` with ``settings.ddib_sampler_steps`` steps each way
-    and the translator's clipping of the data prediction.
+    (L1, the translator's schedule) by a :class:`~plasticine.training.Trainer`; seeds ``seed + 30``
+    (source) and ``seed + 31`` (target) for the initial weights and the batches.
+
+    The parametrisation is that of :func:`~plasticine.recipes.build_translator`'s default, whatever
+    the translator's own: the models predict :math:`\hat x_0` directly (``"x0"``), on the images
+    mapped from the data range :math:`[l, h]` onto :math:`[-1, 1]`, and the prediction is clipped to
+    :math:`[-1, 1]` at every DDIM step, so that a decoded image stays inside :math:`[l, h]`. The data
+    range is the translator's ``data_range``, or ``settings.value_range`` when it has none (an
+    eps-parametrised translator on raw intensities, as the demo's: its two models, trained from pure
+    noise without clipping, would decode mostly outside the data range).
 
     Args:
-        translator: gives the denoiser architecture, schedule, parametrisation, data range and clip.
+        translator: gives the denoiser architecture, the schedule and the data range.
         source: source-domain images.
         target: target-domain images.
-        settings: steps, sampler steps, batch size, learning rate, seed, progress.
+        settings: steps, sampler steps, batch size, learning rate, seed, value range, progress.
 
     Returns:
-        The :class:`~plasticine.diffusion.DDIBTranslator` (in evaluation mode); it works in the
-        diffusion's data space: apply ``translator.to_diffusion`` before and
-        ``translator.from_diffusion`` after (:func:`translate_methods` does).
+        The :class:`DDIBBaseline` (in evaluation mode): a
+        :class:`~plasticine.diffusion.DDIBTranslator` with ``settings.ddib_sampler_steps`` steps each
+        way, ``prediction="x0"`` and ``clip=(-1, 1)``, inside the data range's mapping.
 
     Raises:
-        ValueError: for a translator whose denoiser has no ``UNetConfig``, ``ddib_steps = 0`` or
+        ValueError: for a translator whose denoiser is not a ``ConditionalUNet``, ``ddib_steps = 0`` or
             fewer images than the batch size.
 
     Shape:
@@ -296,8 +374,7 @@ def train_ddib(translator: TraceableTranslator, source: torch.Tensor, target: to
     config = getattr(translator.denoiser, "settings", None)
     if not isinstance(translator.denoiser, ConditionalUNet):
         raise ValueError(f"translator: DDIB copies the denoiser's architecture, expected a ConditionalUNet, got {type(translator.denoiser).__name__}")
-    prediction = getattr(translator.sampler, "prediction", "eps")
-    clip = getattr(translator.sampler, "clip", None)
+    low, high = (float(v) for v in (translator.data_range if translator.data_range is not None else settings.value_range))
     seeds = settings.seeds()
     models = []
     for name, images, seed in (("DDIB source model", source, seeds["ddib_source"]), ("DDIB target model", target, seeds["ddib_target"])):
@@ -309,7 +386,7 @@ def train_ddib(translator: TraceableTranslator, source: torch.Tensor, target: to
             model = ConditionalUNet(replace(config, cond_channels=0)).to(images.device)
 
         def objective(m: Any, y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-            return noise_prediction_loss(m, translator.schedule, translator.to_diffusion(y), None, g, "l1", prediction=prediction)
+            return noise_prediction_loss(m, translator.schedule, 2.0 * (y - low) / (high - low) - 1.0, None, g, "l1", prediction="x0")
 
         Trainer(
             objective,
@@ -319,7 +396,8 @@ def train_ddib(translator: TraceableTranslator, source: torch.Tensor, target: to
             TrainConfig(steps=settings.ddib_steps, seed=seed, progress="auto" if settings.progress else "none", log_every=max(1, settings.ddib_steps // 10), name=name),
         ).fit()
         models.append(model.eval())
-    return DDIBTranslator(models[0], models[1], translator.schedule, settings.ddib_sampler_steps, prediction=prediction, clip=clip).eval()
+    bridge = DDIBTranslator(models[0], models[1], translator.schedule, settings.ddib_sampler_steps, prediction="x0", clip=(-1.0, 1.0))
+    return DDIBBaseline(bridge, (low, high)).eval()
 
 
 @dataclass
@@ -344,13 +422,14 @@ def translate_methods(translator: TraceableTranslator, x: torch.Tensor, *, seed:
 
     Each translation draws from a fresh ``torch.Generator`` seeded ``seed`` on the device of
     ``x``, so that the methods differ by their composition only. ``"DDIB"`` is present when
-    ``ddib`` is given: ``from_diffusion(ddib(to_diffusion(x)))`` with the translator's data range.
+    ``ddib`` is given: ``ddib(x)``, a module that maps source images to target images in the
+    images' own units (the :class:`DDIBBaseline` of :func:`train_ddib`).
 
     Args:
         translator: the trained translator.
         x: source images.
         seed: seed of every method's generator.
-        ddib: a :class:`~plasticine.diffusion.DDIBTranslator` (:func:`train_ddib`), or None.
+        ddib: a :class:`DDIBBaseline` (:func:`train_ddib`) or any module from source to target images, or None.
 
     Returns:
         ``{method: MethodOutput}``.
@@ -372,7 +451,7 @@ def translate_methods(translator: TraceableTranslator, x: torch.Tensor, *, seed:
     out["register, then translate"] = MethodOutput(identity.translate(phi.to_target(x), generator=gen()).image, phi)
     if ddib is not None:
         with torch.no_grad():
-            out["DDIB"] = MethodOutput(translator.from_diffusion(ddib(translator.to_diffusion(x))), None)
+            out["DDIB"] = MethodOutput(ddib(x), None)
     out["plasticine, traced"] = MethodOutput(result.image, phi)
     return out
 
@@ -754,7 +833,7 @@ def evaluate_translation(
         settings: the settings.
         segmenter: a trained segmentation network for the target domain, or None to train one
             (:func:`train_segmenter`).
-        ddib: a :class:`~plasticine.diffusion.DDIBTranslator`, or None to train one when
+        ddib: a :class:`DDIBBaseline` (or any module from source to target images), or None to train one when
             ``settings.ddib_steps > 0`` (:func:`train_ddib`), else no DDIB row.
         truth: paired true target-domain images of the sources, or None.
         extractor: features for the Frechet distances (None: ``RandomFeatures()``).

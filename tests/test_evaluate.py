@@ -104,8 +104,8 @@ def test_translate_methods_compose_as_documented():
         def forward(self, y):
             return 0.5 * y
 
-    with_ddib = translate_methods(t, x, seed=5, ddib=Half())
-    torch.testing.assert_close(with_ddib["DDIB"].image, t.from_diffusion(0.5 * t.to_diffusion(x)))
+    with_ddib = translate_methods(t, x, seed=5, ddib=Half())  # DDIB works in the images' own units
+    torch.testing.assert_close(with_ddib["DDIB"].image, 0.5 * x)
     assert list(with_ddib) == list(METHODS)
 
 
@@ -281,19 +281,72 @@ def test_translation_figure_2d_and_3d(tmp_path):
 
 def test_train_ddib_builds_two_condition_free_models_of_the_denoisers_architecture():
     from plasticine.diffusion import DDIBTranslator
-    from plasticine.evaluation import train_ddib
+    from plasticine.evaluation import DDIBBaseline, train_ddib
 
     t = build_translator(2, 1, sampler_steps=2, seed=0).eval()
     x = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     settings = EvaluationSettings(ddib_steps=1, ddib_sampler_steps=2, batch_size=2, progress=False)
     ddib = train_ddib(t, x, 1 - x, settings)
-    assert isinstance(ddib, DDIBTranslator) and ddib.steps == 2 and ddib.clip == t.sampler.clip
-    for model in (ddib.source_denoiser, ddib.target_denoiser):
+    assert isinstance(ddib, DDIBBaseline) and isinstance(ddib.bridge, DDIBTranslator) and ddib.steps == 2
+    assert ddib.bridge.prediction == "x0" and ddib.bridge.clip == (-1.0, 1.0) and ddib.data_range == t.data_range
+    for model in (ddib.bridge.source_denoiser, ddib.bridge.target_denoiser):
         assert model.settings.cond_channels == 0 and model.settings.base_channels == t.denoiser.settings.base_channels
-    assert not torch.equal(next(ddib.source_denoiser.parameters()), next(ddib.target_denoiser.parameters()))
+    assert not torch.equal(next(ddib.bridge.source_denoiser.parameters()), next(ddib.bridge.target_denoiser.parameters()))
     again = train_ddib(t, x, 1 - x, settings)  # seeded: the same weights
     assert all(torch.equal(a, b) for a, b in zip(ddib.state_dict().values(), again.state_dict().values()))
     with pytest.raises(ValueError, match="fewer than the batch size"):
         train_ddib(t, x[:1], x, settings)
     with pytest.raises(ValueError, match="ddib_steps"):
         train_ddib(t, x, x, EvaluationSettings(ddib_steps=0))
+
+
+@pytest.mark.parametrize("data_range, value_range", [(None, (0.0, 1.0)), (None, (-1.0, 3.0)), ((0.0, 2.0), (0.0, 1.0))])
+def test_ddib_decodes_inside_the_data_range(data_range, value_range):
+    # an eps-parametrised, unclipped translator on raw intensities (the demo's kind) does not pass
+    # its parametrisation on: DDIB predicts x0 on the data range mapped to [-1, 1] and clips there
+    from plasticine.evaluation import train_ddib
+
+    t = build_translator(2, 1, prediction="eps", data_range=data_range, clip=False, sampler_steps=2, seed=0).eval()
+    low, high = data_range if data_range is not None else value_range
+    g = torch.Generator().manual_seed(1)
+    x = low + (high - low) * torch.rand(4, 1, 16, 16, generator=g)
+    ddib = train_ddib(t, x, x.flip(-1), EvaluationSettings(ddib_steps=1, ddib_sampler_steps=3, batch_size=2, value_range=value_range, progress=False))
+    assert ddib.data_range == (low, high)
+    wild = torch.cat([x, low + (high - low) * (0.5 + 3 * torch.randn(2, 1, 16, 16, generator=g))])  # also inputs far outside the range
+    with torch.no_grad():
+        out = ddib(wild)
+    assert torch.isfinite(out).all() and out.min() >= low and out.max() <= high
+    assert out.std() > 0  # not a constant at a bound
+
+
+def test_ddib_on_one_domain_both_sides_approximately_reconstructs():
+    # the oracle: source and target models trained on the same images; the bridge is then close to
+    # the identity, and with one model both ways closer still (only the discretisation is left)
+    from plasticine.diffusion import DDIBTranslator
+    from plasticine.evaluation import DDIBBaseline, train_ddib
+
+    t = build_translator(2, 1, prediction="eps", data_range=None, clip=False, sampler_steps=2, seed=0).eval()
+    yy, xx = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    c = 4 + 8 * torch.rand(8, 2, generator=torch.Generator().manual_seed(0))
+    x = torch.exp(-((yy - c[:, 0, None, None]) ** 2 + (xx - c[:, 1, None, None]) ** 2) / 18)[:, None]
+    ddib = train_ddib(t, x, x, EvaluationSettings(ddib_steps=30, ddib_sampler_steps=10, batch_size=4, progress=False))
+    model = ddib.bridge.source_denoiser
+    same = DDIBBaseline(DDIBTranslator(model, model, t.schedule, 10, prediction="x0", clip=(-1.0, 1.0)), ddib.data_range)
+    with torch.no_grad():
+        two, one = ddib(x), same(x)
+    chance = float((x - x.mean(0, keepdim=True)).abs().mean())  # the error of the mean image
+    assert float(mae(two, x).mean()) < 0.75 * chance
+    assert float(mae(one, x).mean()) < 0.4 * chance
+
+
+def test_ddib_baseline_rejects_bad_arguments():
+    from plasticine.evaluation import DDIBBaseline
+
+    with pytest.raises(ValueError, match="bridge: expected a DDIBTranslator"):
+        DDIBBaseline(torch.nn.Identity(), (0.0, 1.0))
+    from plasticine.diffusion import DDIBTranslator, LinearSchedule
+
+    bridge = DDIBTranslator(lambda y, g, c: y, lambda y, g, c: y, LinearSchedule(num_steps=10), 2, prediction="x0")
+    for bad in ((1.0, 0.0), None, (0.0, float("inf"))):
+        with pytest.raises(ValueError, match="data_range"):
+            DDIBBaseline(bridge, bad)

@@ -95,7 +95,7 @@ from plasticine.core import folding_fraction, inverse_consistency_error  # noqa:
 from plasticine.data.crossmodal import CrossModalCase, crossmodal_case  # noqa: E402
 from plasticine.evaluation import segment, translate_methods  # noqa: E402
 from plasticine.metrics import bhattacharyya_distance, intensity_histogram  # noqa: E402
-from plasticine.recipes import TrainingRecipe, build_translator, train_translator  # noqa: E402
+from plasticine.recipes import MR_CONTRAST_OPTIONS, TrainingRecipe, build_translator, train_translator  # noqa: E402
 from plasticine.registration import IdentityRegistration  # noqa: E402
 from plasticine.segmentation import SegmentationUNet, SegmentationUNetConfig, dice, iou, pixel_accuracy, train_segmentation  # noqa: E402
 
@@ -150,8 +150,9 @@ class Settings:
     threads: int = 1
 
 
-#: The T1 -> PD translator: :func:`~plasticine.recipes.build_translator` with these options (and the grid).
-T1PD_OPTIONS: dict[str, Any] = dict(structure="foreground+mind", mind_sigma=1.0, registration="population")
+#: The T1 -> PD translator: :func:`~plasticine.recipes.build_translator` with these options (and the grid):
+#: the recipe for two MR contrasts and the population registration.
+T1PD_OPTIONS: dict[str, Any] = {**MR_CONTRAST_OPTIONS, "registration": "population"}
 
 QUICK = dict(size=64, slice_every=3, diffusion_steps=20, registration_steps=10, segmentation_steps=30, segmentation_width=8, pd_diffusion_steps=4, pd_registration_steps=4)
 STEP_OPTIONS = ("diffusion_steps", "registration_steps", "segmentation_steps", "pd_diffusion_steps", "pd_registration_steps")

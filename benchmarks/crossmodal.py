@@ -47,9 +47,11 @@ Also recorded: the fraction of folded pixels (det J <= 0) of phi and its inverse
    contrast with enlarged ventricles, exact truth), but trained as Algorithm 2 is written: the
    denoiser on the targets conditioned on the targets' own structure maps, the registration on
    unpaired sets; no paired information. The translator is
-   :func:`~plasticine.recipes.build_translator` with ``T1PD_OPTIONS``: ``structure="foreground+mind"``
-   with ``mind_sigma=1.0`` (both are MR: their internal structure corresponds, which MIND-SSC
-   carries; the finer patches keep more of it than the default 2.5) and ``registration="population"``
+   :func:`~plasticine.recipes.build_translator` with ``T1PD_OPTIONS``: the recipe for two MR
+   contrasts, :data:`~plasticine.recipes.MR_CONTRAST_OPTIONS` (``structure="foreground+mind"``
+   with ``mind_sigma=1.0``: both are MR, their internal structure corresponds, which MIND-SSC
+   carries, and the finer patches keep more of it than the default 2.5; ``prediction="x0"``,
+   clipped), and ``registration="population"``
    (:class:`~plasticine.registration.PopulationRegistration`: the mean source registered to the mean
    target, one field for every subject; the enlargement is the same for every subject, and a
    network trained on randomly drawn targets pulls each source towards the population's mean shape

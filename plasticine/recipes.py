@@ -45,7 +45,8 @@ STRUCTURES: tuple[str, ...] = ("foreground", "foreground+mind", "mind", "kmeans"
 #: ``build_translator(ndim, channels, **MR_CONTRAST_OPTIONS)``; the registration stays a separate
 #: choice, and the MR -> CT defaults of :func:`build_translator` are not changed by it. On the
 #: T1 -> PD case of ``benchmarks/crossmodal.py`` (700 denoiser steps) :math:`\hat x_0` prediction
-#: scored SSIM 0.764 in the brain, ``"v"`` 0.680 and ``"eps"`` 0.324 (see :doc:`/benchmarks`).
+#: scored SSIM 0.764 in the brain, ``"v"`` 0.680 and ``"eps"`` 0.324; with a weight average
+#: (``ema_decay=0.995``) 0.762, with min-SNR weighting (``snr_gamma=5``) 0.700 (see :doc:`/benchmarks`).
 MR_CONTRAST_OPTIONS: dict[str, Any] = dict(structure="foreground+mind", mind_sigma=1.0, prediction="x0")
 
 

@@ -53,9 +53,11 @@ Also recorded: the fraction of folded pixels (det J <= 0) of phi and its inverse
    contrast with enlarged ventricles, exact truth), but trained as Algorithm 2 is written: the
    denoiser on the targets conditioned on the targets' own structure maps, the registration on
    unpaired sets; no paired information. The translator is
-   :func:`~plasticine.recipes.build_translator` with ``T1PD_OPTIONS``: ``structure="foreground+mind"``
-   with ``mind_sigma=1.0`` (both are MR: their internal structure corresponds, which MIND-SSC
-   carries; the finer patches keep more of it than the default 2.5) and ``registration="population"``
+   :func:`~plasticine.recipes.build_translator` with ``T1PD_OPTIONS``: the recipe for two MR
+   contrasts, :data:`~plasticine.recipes.MR_CONTRAST_OPTIONS` (``structure="foreground+mind"``
+   with ``mind_sigma=1.0``: both are MR, their internal structure corresponds, which MIND-SSC
+   carries, and the finer patches keep more of it than the default 2.5; ``prediction="x0"``,
+   clipped), and ``registration="population"``
    (:class:`~plasticine.registration.PopulationRegistration`: the mean source registered to the mean
    target, one field for every subject; the enlargement is the same for every subject, and a
    network trained on randomly drawn targets pulls each source towards the population's mean shape
@@ -103,7 +105,7 @@ from plasticine.data.crossmodal import CrossModalCase, crossmodal_case  # noqa: 
 from plasticine.evaluation import EvaluationSettings, segment, summarize, train_ddib, translate_methods  # noqa: E402
 from plasticine.evaluation import segmentation_scores as table1_scores  # noqa: E402
 from plasticine.metrics import bhattacharyya_distance, intensity_histogram  # noqa: E402
-from plasticine.recipes import TrainingRecipe, build_translator, train_translator  # noqa: E402
+from plasticine.recipes import MR_CONTRAST_OPTIONS, TrainingRecipe, build_translator, train_translator  # noqa: E402
 from plasticine.registration import IdentityRegistration  # noqa: E402
 from plasticine.segmentation import SegmentationUNet, SegmentationUNetConfig, dice, iou, pixel_accuracy, train_segmentation  # noqa: E402
 
@@ -163,8 +165,9 @@ class Settings:
     threads: int = 1
 
 
-#: The T1 -> PD translator: :func:`~plasticine.recipes.build_translator` with these options (and the grid).
-T1PD_OPTIONS: dict[str, Any] = dict(structure="foreground+mind", mind_sigma=1.0, registration="population")
+#: The T1 -> PD translator: :func:`~plasticine.recipes.build_translator` with these options (and the grid):
+#: the recipe for two MR contrasts and the population registration.
+T1PD_OPTIONS: dict[str, Any] = {**MR_CONTRAST_OPTIONS, "registration": "population"}
 
 QUICK = dict(size=64, slice_every=3, diffusion_steps=20, registration_steps=10, segmentation_steps=30, segmentation_width=8, ddib_steps=4, ddib_sampler_steps=2, pd_diffusion_steps=4, pd_registration_steps=4)
 STEP_OPTIONS = ("diffusion_steps", "registration_steps", "segmentation_steps", "ddib_steps", "ddib_sampler_steps", "pd_diffusion_steps", "pd_registration_steps")

@@ -124,3 +124,30 @@ def test_every_option_is_checked_up_front(option, value, monkeypatch):
     with pytest.raises(ValueError, match=option) as info:
         build_translator(2, **kwargs) if option == "channels" else build_translator(2, 1, **kwargs)
     assert "\n" not in str(info.value)
+
+
+def test_the_mr_contrast_recipe_builds_fine_mind_and_trains_in_its_parametrisation():
+    from plasticine.diffusion.prediction import prediction_target
+    from plasticine.recipes import MR_CONTRAST_OPTIONS
+    from plasticine.segmentation import ForegroundExtractor, MINDExtractor
+    from plasticine.training import diffusion_objective
+
+    t = build_translator(2, 1, **MR_CONTRAST_OPTIONS, sampler_steps=2)
+    fg, mind = t.structure.extractors
+    assert isinstance(fg, ForegroundExtractor) and isinstance(mind, MINDExtractor) and mind.sigma == MR_CONTRAST_OPTIONS["mind_sigma"]
+    assert t.sampler.config["prediction"] == MR_CONTRAST_OPTIONS["prediction"] and t.sampler.config["clip"] == (-1.0, 1.0)
+    y = _images(2, 3)
+    x0 = t.to_diffusion(y)
+
+    def oracle(prediction):
+        def denoise(noisy, gamma, condition):  # the exact output of a parametrisation, from the known clean image
+            g = gamma.double().reshape(-1, 1, 1, 1)
+            eps = ((noisy.double() - g.sqrt() * x0) / (1 - g).sqrt()).float()
+            return prediction_target(x0, eps, gamma, prediction)
+
+        return denoise
+
+    # stage 1 trains the sampler's parametrisation: its exact output has (almost) no loss, another has
+    own = diffusion_objective(t, y, make_generator(1), denoiser=oracle(MR_CONTRAST_OPTIONS["prediction"]))
+    other = diffusion_objective(t, y, make_generator(1), denoiser=oracle("eps" if MR_CONTRAST_OPTIONS["prediction"] != "eps" else "x0"))
+    assert own < 1e-3 < other, (own, other)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import pkgutil
@@ -229,11 +230,19 @@ CASES = {
 }
 
 
+#: Modules that need an optional dependency at import time (the Triton kernel source, which
+#: plasticine.core.kernels imports only where triton is installed): module -> dependency.
+OPTIONAL_MODULES = {"plasticine.core._triton_kernels": "triton"}
+
+
 def _components() -> list[type]:
     """Every Configurable class of plasticine, found through the registry (all modules imported)."""
     for m in pkgutil.walk_packages(plasticine.__path__, "plasticine."):
-        if not m.name.endswith("__main__"):
-            importlib.import_module(m.name)
+        if m.name.endswith("__main__"):
+            continue
+        if m.name in OPTIONAL_MODULES and importlib.util.find_spec(OPTIONAL_MODULES[m.name]) is None:
+            continue
+        importlib.import_module(m.name)
     return sorted(
         (c for c in registered_classes().values() if issubclass(c, Configurable) and c.__module__.startswith("plasticine.") and vars(sys.modules[c.__module__]).get(c.__name__) is c),
         key=lambda c: c.__qualname__,

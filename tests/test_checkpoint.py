@@ -230,9 +230,9 @@ CASES = {
 }
 
 
-#: Modules that need an optional dependency at import time (the Triton kernel source, which
-#: plasticine.core.kernels imports only where triton is installed): module -> dependency.
-OPTIONAL_MODULES = {"plasticine.core._triton_kernels": "triton"}
+#: Modules that need an optional dependency at import time, and which the library imports only where
+#: it is installed (the Triton kernel source, the compiled Potts line loop): module -> dependency.
+OPTIONAL_MODULES = {"plasticine.core._triton_kernels": "triton", "plasticine.segmentation.potts_model.line_kernel": "numba"}
 
 
 def _components() -> list[type]:

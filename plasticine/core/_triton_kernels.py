@@ -113,6 +113,7 @@ def _voxels(disp_ptr, D, H, W, total, disp_bs, NDIM: tl.constexpr, ZEROS: tl.con
     return m, b, p, vox, pz, py, px, ok, gz, gy, gx
 
 
+# Pull-back warp, one program per BLOCK output voxels: out[b, c, p] = image[b, c, p + u(p)] (identity added here).
 @triton.jit
 def warp_fwd(
     img_ptr, disp_ptr, out_ptr, C, D, H, W, total, img_bs, disp_bs,
@@ -133,6 +134,7 @@ def warp_fwd(
         tl.store(out_ptr + b * C * vox + c * vox + p, acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
+# Its backward: scatters d(out) into d(image) by atomic adds and gathers d(out) . d(image)/dp into d(u).
 @triton.jit
 def warp_bwd(
     img_ptr, disp_ptr, gout_ptr, gimg_ptr, gdisp_ptr, C, D, H, W, total, img_bs, disp_bs,
@@ -220,6 +222,7 @@ def _samples(tm_ptr, tf_ptr, w_ptr, n, bins, radius, HAS_W: tl.constexpr, BSPLIN
     return row, offs, m, tm, tf, ww, _first(tm, bins, radius, BSPLINE), _first(tf, bins, radius, BSPLINE)
 
 
+# Soft joint histogram of the MI loss: each sample adds its Parzen weights to its bins by atomic adds.
 @triton.jit
 def hist_fwd(
     tm_ptr, tf_ptr, w_ptr, hist_ptr, n, bins, sigma, radius, copies,
@@ -236,6 +239,7 @@ def hist_fwd(
             tl.atomic_add(base + ia * bins + jb, wa * wb, mask=m & va & vb)
 
 
+# Its backward: d(loss)/d(intensity) and d(loss)/d(weight) of each sample from the histogram gradient.
 @triton.jit
 def hist_bwd(
     tm_ptr, tf_ptr, w_ptr, g_ptr, gm_ptr, gf_ptr, gw_ptr, n, bins, sigma, radius,
@@ -263,6 +267,7 @@ def hist_bwd(
         tl.store(gw_ptr + row * n + offs, s0, mask=m)
 
 
+# Box sum along one axis (the window sums of local NCC), one program per BLOCK outputs.
 @triton.jit
 def box_axis(x_ptr, out_ptr, size, stride, total, R, CT: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)

@@ -76,7 +76,11 @@ _MAX_ELEMENTS = 2**31 - 1 - 8 * _BLOCK
 
 @functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
-    """Whether ``triton`` can be imported (cached after the first call; the import happens here)."""
+    """Whether ``triton`` can be imported (cached after the first call; the import happens here).
+
+    Shape:
+        Not applicable.
+    """
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401

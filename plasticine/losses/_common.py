@@ -40,5 +40,9 @@ def check_pair(
 
 
 def no_autocast(device: torch.device) -> torch.autocast:
-    """A context that switches autocast off on ``device`` (the losses pick their own precision)."""
+    """A context that switches autocast off on ``device`` (the losses pick their own precision).
+
+    Shape:
+        Not applicable.
+    """
     return torch.autocast(device_type=device.type, enabled=False)

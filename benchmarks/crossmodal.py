@@ -61,10 +61,16 @@ Also recorded: the fraction of folded pixels (det J <= 0) of phi and its inverse
    (:class:`~plasticine.registration.PopulationRegistration`: the mean source registered to the mean
    target, one field for every subject; the enlargement is the same for every subject, and a
    network trained on randomly drawn targets pulls each source towards the population's mean shape
-   instead). Stage 2 is that fit, so ``--pd-registration-steps`` is not used. Scored on the demo's 4 test
+   instead). Stage 2 is that fit, so ``--pd-registration-steps`` is not used. Stage 1 conditions
+   each target on the map of a randomly remapped copy of it
+   (:class:`~plasticine.training.ContrastRandomization` with the demo's ``contrast_knots``): the
+   MIND-SSC maps of T1 and PD differ where the contrast change is not affine, and trained on
+   remapped maps the denoiser reads the T1's maps as its own. Scored on the demo's 4 test
    subjects: translation MAE and SSIM (:func:`plasticine.metrics.ssim`, Gaussian window 1.5) inside
    the brain against the true PD-like target, traced ventricle Dice against the truly enlarged
-   mask, endpoint error, folding; next to the same for phi = identity.
+   mask, endpoint error, folding; next to the same for the translator trained on the targets' own
+   maps (``own maps only``, the paper's Algorithm 2 as written), for phi = identity and for no
+   translation.
 
 Outputs (``--output``, default ``crossmodal-results``): ``results.json`` (settings, seeds, every
 number, per-slice scores), ``case.png`` (8 MR and 8 CT slices with their mask contours),
@@ -108,6 +114,7 @@ from plasticine.metrics import bhattacharyya_distance, intensity_histogram  # no
 from plasticine.recipes import MR_CONTRAST_OPTIONS, TrainingRecipe, build_translator, train_translator  # noqa: E402
 from plasticine.registration import IdentityRegistration  # noqa: E402
 from plasticine.segmentation import SegmentationUNet, SegmentationUNetConfig, dice, iou, pixel_accuracy, train_segmentation  # noqa: E402
+from plasticine.training import ContrastRandomization  # noqa: E402
 
 METHODS = (
     "no translation",
@@ -263,7 +270,7 @@ def _summary(per_slice: dict[str, list[float]]) -> dict[str, float]:
     return out
 
 
-def _recipe(settings: Settings, diffusion_steps: int, registration_steps: int) -> TrainingRecipe:
+def _recipe(settings: Settings, diffusion_steps: int, registration_steps: int, contrast: ContrastRandomization | None = None) -> TrainingRecipe:
     """The benchmark's training recipe: the settings' batch, rate and seed, no checkpoints, quiet.
 
     Shape:
@@ -277,6 +284,7 @@ def _recipe(settings: Settings, diffusion_steps: int, registration_steps: int) -
         seed=settings.seed,
         checkpoint_every=0,
         progress="none",
+        contrast=contrast,
     )
 
 
@@ -532,16 +540,26 @@ def run_t1_pd(settings: Settings, output: Path) -> dict[str, Any]:
     train = make_cohort(config, config.train_subjects, config.seed + 1, include_real=False)
     test = make_cohort(config, config.test_subjects, config.seed, include_real=True)
     options = {**T1PD_OPTIONS, "shape": tuple(config.shape)}
-    translator = build_translator(2, 1, **options, seed=settings.seed)
-    recipe = _recipe(settings, settings.pd_diffusion_steps, settings.pd_registration_steps)
-    losses = train_translator(translator, train.sources, train.targets, recipe)
-    train_s = time.perf_counter() - t0
-    _log(f"T1 -> PD translator trained unpaired: {recipe.diffusion_steps} denoiser steps, population registration fitted ({train_s:.0f} s)")
+    contrast = ContrastRandomization(config.contrast_knots)
+    models, losses, train_s = {}, {}, {}
+    for key, randomized in (("contrast", contrast), ("own maps", None)):
+        t1 = time.perf_counter()
+        models[key] = build_translator(2, 1, **options, seed=settings.seed)
+        recipe = _recipe(settings, settings.pd_diffusion_steps, settings.pd_registration_steps, randomized)
+        losses[key] = train_translator(models[key], train.sources, train.targets, recipe)
+        train_s[key] = time.perf_counter() - t1
+        _log(f"T1 -> PD translator trained unpaired ({key}): {recipe.diffusion_steps} denoiser steps, population registration fitted ({train_s[key]:.0f} s)")
+    translator = models["contrast"]
     rows: dict[str, Any] = {}
     brain = test.brain
     images = {}
     truth: dict[str, Any] = {}
-    for name, model in (("plasticine, traced", translator), ("plasticine, phi = identity", translator.replace(registration=IdentityRegistration()).eval())):
+    methods = (
+        ("plasticine, traced", translator),
+        ("plasticine, traced, own maps only", models["own maps"]),
+        ("plasticine, phi = identity", translator.replace(registration=IdentityRegistration()).eval()),
+    )
+    for name, model in methods:
         metrics, result = evaluate(model, test, seed=settings.seed + 20)
         truth = metrics["per_subject"]  # the *_identity scores depend on the cohort only
         images[name] = result.image
@@ -559,11 +577,12 @@ def run_t1_pd(settings: Settings, output: Path) -> dict[str, Any]:
         "folding_fraction": [0.0] * len(test),
     }
     results = {
-        "settings": {"demo": asdict(config), "recipe": asdict(recipe), "translator": options},
+        "settings": {"demo": asdict(config), "recipe": asdict(_recipe(settings, settings.pd_diffusion_steps, settings.pd_registration_steps, contrast)), "translator": options},
         "translator": repr(translator),
         "methods": {name: {**{f"{k}_mean": float(np.mean(v)) for k, v in row.items()}, "per_subject": row} for name, row in rows.items()},
         "test_subjects": len(test),
         "training_losses": losses,
+        "training_s": train_s,
         "time_s": time.perf_counter() - t0,
     }
     (output / "t1pd.json").write_text(json.dumps(results, indent=1))
@@ -763,7 +782,8 @@ def main(argv: list[str] | None = None) -> None:
         pd = run_t1_pd(settings, args.output)
         r = pd["settings"]["recipe"]
         opts = ", ".join(f"{k}={v!r}" for k, v in pd["settings"]["translator"].items())
-        print(f"\nT1 -> PD (the demo's task), trained unpaired: build_translator({opts}), {r['diffusion_steps']} denoiser steps; {pd['test_subjects']} test subjects")
+        knots = r["contrast"]["knots"]
+        print(f"\nT1 -> PD (the demo's task), trained unpaired: build_translator({opts}), {r['diffusion_steps']} denoiser steps, conditions from targets remapped by ContrastRandomization(knots={knots}) (own maps only: without it); {pd['test_subjects']} test subjects")
         print(t1_pd_table(pd))
         print(f"time: {pd['time_s']:.0f} s")
     print(f"total time: {time.perf_counter() - start:.0f} s; written to {args.output}")

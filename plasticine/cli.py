@@ -17,7 +17,8 @@ Run ``plasticine <command> --help`` for the options of each (``python -m plastic
   differ by a change all subjects share, it cannot follow per-subject differences; every source and
   target image must be on one grid, otherwise a one-line error says so);
   the training is :class:`~plasticine.recipes.TrainingRecipe` with ``--ema-decay``,
-  ``--augment`` and ``--snr-gamma``. The smoothness term of the registration network is taken in
+  ``--augment``, ``--snr-gamma`` and ``--contrast-randomization``
+  (:class:`~plasticine.training.ContrastRandomization`). The smoothness term of the registration network is taken in
   millimetres with the voxel spacing of the images' affines (:func:`plasticine.io.voxel_spacing`)
   when all source and target images share one that is not 1 (anisotropic voxels are then
   regularised as the physical field they sample); images of different spacings are regularised
@@ -204,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema-decay", type=float, default=None, help="decay of the denoiser's weight average, whose weights are kept, in [0, 1) (default: none, the last weights)")
     p.add_argument("--augment", action="store_true", help="random flips, small affine maps and intensity jitter of every training batch")
     p.add_argument("--snr-gamma", type=float, default=None, help="min-SNR loss weighting cap of the denoiser's training, > 0 (default: none, unweighted)")
+    p.add_argument(
+        "--contrast-randomization",
+        action="store_true",
+        help="condition the denoiser in training on the structure maps of randomly remapped targets, so that it reads the source's maps as its own "
+        "(for maps that depend on the contrast, such as MIND-SSC between two MR contrasts; needs a data range, not with --patch)",
+    )
     _add_patch_option(p, "train on one random patch of this size per image and step (one size, or one per spatial axis), for volumes too large for a whole-image batch (default: whole images)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between training checkpoints")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights, the batches and the noise")
@@ -402,7 +409,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from .checkpoint import atomic_write, save_component
     from .recipes import TrainingRecipe, build_translator, train_translator
-    from .training import Augmentation
+    from .training import Augmentation, ContrastRandomization
 
     for name in ("diffusion_steps", "registration_steps", "batch_size", "checkpoint_every", "classes", "sampler_steps"):
         if getattr(args, name) < (0 if name == "checkpoint_every" else 1):
@@ -463,6 +470,7 @@ def _train(args: argparse.Namespace) -> int:
         snr_gamma=args.snr_gamma,
         patch_size=patch,
         spacing=spacing,
+        contrast=ContrastRandomization() if args.contrast_randomization else None,
     )
     if not args.quiet:
         kind = "volume(s)" if ndim == 3 else "image(s)"

@@ -70,6 +70,7 @@ import torch.nn.functional as F
 from .checkpoint import load_translator, save_component
 from .core.deformation import Deformation
 from .core.warp import warp
+from .metrics import ssim
 from .translator import TraceableTranslator
 
 __all__ = [
@@ -116,6 +117,12 @@ class DemoConfig:
         learning_rate: Adam learning rate of both stages.
         ema_decay: decay of the denoiser's weight average, whose weights are kept (None: the last
             weights).
+        contrast_knots: condition the denoiser in training on the structure maps of randomly
+            remapped targets, :class:`~plasticine.training.ContrastRandomization` with this many
+            knots (the default keeps a quarter of the maps as they are), or None (the targets' own maps).
+            The MIND-SSC maps of T1 and PD differ where the contrast change is not affine; trained on
+            remapped maps, the denoiser reads the T1's maps as its own (on the T1 -> PD case of
+            ``benchmarks/crossmodal.py``, SSIM in the brain 0.77 without, see :doc:`/benchmarks`).
         seed: seed of everything.
     """
 
@@ -133,6 +140,7 @@ class DemoConfig:
     batch_size: int = 4
     learning_rate: float = 1e-3
     ema_decay: float | None = None
+    contrast_knots: int | None = 12
     seed: int = 0
 
 
@@ -444,6 +452,7 @@ def train_demo_translator(
         Not applicable.
     """
     from .recipes import TrainingRecipe, train_translator
+    from .training import ContrastRandomization
 
     if cohort is None:
         cohort = make_cohort(config, config.train_subjects, config.seed + 1, include_real=False)
@@ -463,6 +472,7 @@ def train_demo_translator(
         checkpoint_every=0,
         progress="print" if verbose else "none",
         patch_size=patch_size,
+        contrast=None if config.contrast_knots is None else ContrastRandomization(config.contrast_knots),
     )
     train_translator(translator, cohort.sources, cohort.targets, recipe)
     return translator.eval()
@@ -491,7 +501,9 @@ def evaluate(translator: TraceableTranslator, cohort: DemoCohort, *, seed: int =
     * ``landmark_error``: mean distance between :math:`\hat\phi^{-1}(p)` and :math:`\phi_E^{-1}(p)`;
     * ``folding_fraction``: fraction of voxels with :math:`\det J_{\hat\phi} \le 0`;
     * ``translation_mae``: mean absolute difference between the translation and the true target
-      inside the brain (``translation_mae_source``: the source itself against the target).
+      inside the brain (``translation_mae_source``: the source itself against the target);
+    * ``translation_ssim``: SSIM of the translation against the true target inside the brain
+      (:func:`plasticine.metrics.ssim`, data range 1, Gaussian window 1.5 voxels).
 
     Args:
         translator: the translator (evaluation mode).
@@ -518,7 +530,7 @@ def evaluate(translator: TraceableTranslator, cohort: DemoCohort, *, seed: int =
     per: dict[str, list[float]] = {k: [] for k in (
         "ventricle_dice", "ventricle_dice_identity", "endpoint_error", "endpoint_error_identity", "endpoint_error_changed",
         "endpoint_error_changed_identity", "landmark_error", "landmark_error_identity", "folding_fraction", "translation_mae",
-        "translation_mae_source")}
+        "translation_mae_source", "translation_ssim")}
     folding = d.folding_fraction()
     folding = folding.reshape(-1) if folding.dim() else folding.expand(n)
     for i in range(n):
@@ -533,6 +545,7 @@ def evaluate(translator: TraceableTranslator, cohort: DemoCohort, *, seed: int =
         per["folding_fraction"].append(float(folding[i]) if folding.numel() == n else float(folding.mean()))
         per["translation_mae"].append(float((result.image[i] - cohort.targets[i]).abs()[0][brain[i]].mean()))
         per["translation_mae_source"].append(float((cohort.sources[i] - cohort.targets[i]).abs()[0][brain[i]].mean()))
+    per["translation_ssim"] = ssim(result.image, cohort.targets.to(result.image.dtype), 1.0, cohort.brain).tolist()
     metrics: dict[str, Any] = {k: float(np.mean(v)) for k, v in per.items()}
     metrics["per_subject"] = per
     return metrics, result
@@ -632,15 +645,16 @@ def _print_scores(metrics: dict[str, Any], *, goals: bool) -> None:
     print(f"  endpoint error where the true field moves > 0.5 voxel  {metrics['endpoint_error_changed']:.3f} (no registration: {metrics['endpoint_error_changed_identity']:.3f})")
     print(f"  landmark error         {metrics['landmark_error']:.3f} voxel (no registration: {metrics['landmark_error_identity']:.3f})")
     print(f"  folded voxels          {100 * metrics['folding_fraction']:.3f} %")
-    print(f"  translation MAE, brain {metrics['translation_mae']:.3f} (source vs target: {metrics['translation_mae_source']:.3f})")
+    print(f"  translation MAE, brain {metrics['translation_mae']:.3f} (source vs target: {metrics['translation_mae_source']:.3f}), SSIM {metrics['translation_ssim']:.3f}")
 
 
-def _print_recipe(translator: TraceableTranslator) -> None:
+def _print_recipe(translator: TraceableTranslator, config: DemoConfig) -> None:
     """One line on how the translator was trained and what its registration can trace."""
     from .registration.population import PopulationRegistration
 
     if isinstance(translator.registration, PopulationRegistration):
-        print("  trained unpaired: the denoiser on the targets' own structure maps; phi is one field for every subject, the mean source registered to the mean target")
+        maps = "the structure maps of remapped copies of them" if config.contrast_knots is not None else "their own structure maps"
+        print(f"  trained unpaired: the denoiser on the targets, conditioned on {maps}; phi is one field for every subject, the mean source registered to the mean target")
         print("  (the change all subjects share; it cannot follow per-subject differences)")
 
 
@@ -733,7 +747,7 @@ def run_demo(
     atomic_write(out / "metrics.json", json.dumps(metrics, indent=1).encode())
     if verbose:
         print(f"plasticine demo: {len(cohort)} subject(s) on a {config.shape[0]} x {config.shape[1]} grid, checkpoint {ckpt}")
-        _print_recipe(translator)
+        _print_recipe(translator, config)
         _print_scores(metrics, goals=True)
         for note in notes:
             print(f"  {note}")
@@ -757,6 +771,7 @@ DEMO_3D = DemoConfig(
     registration_iterations=30,
     batch_size=2,
     learning_rate=2e-3,
+    contrast_knots=None,
 )
 
 #: Patch size of the 3D demo: training on random patches, translation on 2 x 2 x 2 overlapping ones, stitched.
@@ -921,7 +936,7 @@ def run_demo_3d(
     atomic_write(out / "metrics.json", json.dumps(metrics, indent=1).encode())
     if verbose:
         print(f"plasticine demo --3d: {len(cohort)} Colin27 volume(s) on a {' x '.join(map(str, config.shape))} grid, trained {train_seconds:.0f} s on {' x '.join(map(str, patch))} patches")
-        _print_recipe(translator)
+        _print_recipe(translator, config)
         _print_scores(metrics, goals=False)
         print(f"  outputs in {out}/ ({seconds:.1f} s)")
     return metrics

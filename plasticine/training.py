@@ -103,6 +103,7 @@ __all__ = [
     "deformation_objective",
     "noise_cue",
     "Augmentation",
+    "ContrastRandomization",
     "BatchSource",
     "ShuffledBatches",
     "TrainConfig",
@@ -357,6 +358,117 @@ class Augmentation:
         g = gain.to(images.dtype).to(images.device)
         out[0] = out[0] * (1 + g[:, 0].view(shape)) + g[:, 1].view(shape)
         return tuple(out)
+
+
+
+@dataclass(frozen=True)
+class ContrastRandomization:
+    r"""Random intensity remaps of the images whose structure maps condition the denoiser in training.
+
+    The denoiser of Algorithm 2 learns from target images :math:`y` conditioned on their own
+    structure maps :math:`s(y)`, and is used on the maps :math:`s(x \circ \phi)` of *source* images.
+    When the structure map is not exactly invariant to the change of contrast between the domains
+    (MIND-SSC, for one, is invariant to :math:`x \mapsto a x + b` but not to a non-monotone tissue
+    remap), the two kinds of map differ and the translation blurs. Training on
+    :math:`s(h(y))` for random remaps :math:`h` (domain randomisation, as in SynthSeg) teaches the
+    denoiser to read the anatomy of a map whatever the contrast it came from, while it still
+    generates :math:`y` itself.
+
+    Each image of a batch gets its own :math:`h`: on the data range :math:`[a, b]` written
+    :math:`v = (y - a) / (b - a)`, :math:`h` is the piecewise-linear curve through the knots
+    :math:`(k / (K - 1), w_k)`, :math:`k = 0 \dots K - 1` (``K = knots``), with :math:`w_0 = 0`
+    (the background stays background) and :math:`w_k \sim U(\mathrm{floor}, 1)` otherwise, so the
+    map is in general non-monotone; with probability ``keep``, :math:`h` is the identity
+    (:math:`w_k = k / (K - 1)`). :math:`h(y) = a + (b - a)\, h(v)`; values outside the data range
+    follow the first or last segment (extended linearly, nothing is clamped). The draws come from
+    ``generator`` alone.
+
+    Attributes:
+        knots: number of knots ``K`` of the curve, >= 2 (``K - 1`` linear pieces).
+        keep: probability of the identity.
+        floor: lower end of the knot values after the first, in [0, 1); above the head
+            extractor's threshold (5 % of the range) it keeps the head a head.
+
+    Shape:
+        images: ``(B, C, *S)``; out: the same.
+    """
+
+    knots: int = 6
+    keep: float = 0.25
+    floor: float = 0.1
+
+    def __post_init__(self) -> None:
+        check_int(self.knots, "ContrastRandomization.knots", 2)
+        check_number(self.keep, "ContrastRandomization.keep", 0.0, 1.0)
+        check_number(self.floor, "ContrastRandomization.floor", 0.0, 1.0, max_open=True)
+
+    def draw(self, batch: int, generator: torch.Generator | None = None, *, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The knot values :math:`w` of ``batch`` random curves (float64, on the generator's device).
+
+        Args:
+            batch: number of curves.
+            generator: the source of randomness.
+            device: where to draw without a generator.
+
+        Returns:
+            The knot values, :math:`w_{i0} = 0`.
+
+        Shape:
+            out: ``(batch, knots)``.
+        """
+        device = device if generator is None else generator.device
+        k = self.knots
+        w = self.floor + (1 - self.floor) * torch.rand((batch, k - 1), generator=generator, device=device, dtype=torch.float64)
+        keep = torch.rand((batch,), generator=generator, device=device, dtype=torch.float64) < self.keep
+        w = torch.cat([torch.zeros((batch, 1), device=device, dtype=torch.float64), w], 1)
+        identity = torch.linspace(0, 1, k, device=device, dtype=torch.float64).expand(batch, k)
+        return torch.where(keep[:, None], identity, w)
+
+    def apply(self, images: torch.Tensor, values: torch.Tensor, data_range: tuple[float, float]) -> torch.Tensor:
+        """Remap each image by its curve.
+
+        Args:
+            images: the batch.
+            values: knot values from :meth:`draw`, one row per image.
+            data_range: ``(a, b)``, ``a < b``.
+
+        Returns:
+            :math:`h_i(y_i)`, in the dtype of ``images``.
+
+        Shape:
+            images: ``(B, C, *S)``; values: ``(B, knots)``; out: ``(B, C, *S)``.
+        """
+        dims = check_shape(images, "B C *S", "images", floating=True)
+        check_shape(values, "B K", "values", bindings={"B": dims["B"], "K": self.knots})
+        lo, hi = (float(v) for v in data_range)
+        if not lo < hi:
+            raise ValueError(f"data_range: expected (low, high) with low < high, got {data_range!r}")
+        b, k = values.shape
+        v = ((images.to(torch.float64) - lo) / (hi - lo)) * (k - 1)
+        i = v.floor().clamp(0, k - 2)
+        t = (v - i).reshape(b, -1)
+        idx = i.long().reshape(b, -1)
+        w = values.to(device=images.device, dtype=torch.float64)
+        left, right = w.gather(1, idx), w.gather(1, idx + 1)
+        out = lo + (hi - lo) * (left + (right - left) * t)
+        return out.reshape(images.shape).to(images.dtype)
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None, data_range: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+        """Remap a batch, each image by a new random curve (:meth:`draw`, then :meth:`apply`).
+
+        Args:
+            images: the batch.
+            generator: the source of randomness.
+            data_range: ``(a, b)`` of the images.
+
+        Returns:
+            The remapped batch.
+
+        Shape:
+            images: ``(B, C, *S)``; out: the same.
+        """
+        dims = check_shape(images, "B C *S", "images", floating=True)
+        return self.apply(images, self.draw(dims["B"], generator, device=images.device), data_range)
 
 
 def distributed_info() -> tuple[int, int]:

@@ -274,12 +274,12 @@ def test_train_options_reach_the_translator_and_the_recipe(folders, tmp_path, mo
     from plasticine import recipes
     from plasticine.checkpoint import load_translator
     from plasticine.segmentation import KMeansExtractor
-    from plasticine.training import Augmentation
+    from plasticine.training import Augmentation, ContrastRandomization
 
     calls = record_calls(monkeypatch, recipes, "train_translator")
     out = tmp_path / "m.pt"
     extra = ["--structure", "kmeans", "--classes", "3", "--prediction", "v", "--data-range", "-1", "2", "--no-clip", "--start", "source", "--start-fraction", "0.25"]
-    extra += ["--sampler-steps", "3", "--ema-decay", "0.5", "--augment", "--snr-gamma", "5"]
+    extra += ["--sampler-steps", "3", "--ema-decay", "0.5", "--augment", "--snr-gamma", "5", "--contrast-randomization"]
     assert main(_train_args(folders, out) + extra) == 0
     t = load_translator(out)
     assert isinstance(t.structure, KMeansExtractor) and t.structure.num_classes == 3 and t.conditioning.config["num_labels"] == 3
@@ -288,6 +288,7 @@ def test_train_options_reach_the_translator_and_the_recipe(folders, tmp_path, mo
     ((args, _),) = calls
     recipe = args[3]
     assert recipe.ema_decay == 0.5 and recipe.augmentation == Augmentation() and recipe.snr_gamma == 5.0
+    assert recipe.contrast == ContrastRandomization()
     # the losses are printed and written beside the model, with the settings used
     printed = {}
     for line in capsys.readouterr().out.splitlines():

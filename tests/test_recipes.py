@@ -61,6 +61,70 @@ def test_augmented_training_is_seeded_and_differs_from_plain():
     assert any(not torch.equal(a[k], plain[k]) for k in a if k.startswith("denoiser"))
 
 
+def test_contrast_randomized_training_conditions_on_maps_of_remapped_targets(monkeypatch):
+    """Each step's condition is the structure map of the batch remapped by the curves drawn for it."""
+    from plasticine import training
+    from plasticine.training import ContrastRandomization
+
+    x, y = _images(4, 0), _images(4, 1)
+    seen = []
+    real = training.ContrastRandomization.apply
+
+    def spy(self, images, values, data_range):
+        out = real(self, images, values, data_range)
+        seen.append((images, out))
+        return out
+
+    monkeypatch.setattr(training.ContrastRandomization, "apply", spy)
+    conditions = []
+    objective = training.diffusion_objective
+    import plasticine.recipes as recipes_module
+
+    def recording(translator, batch, generator, **kwargs):
+        conditions.append((batch, kwargs["condition"]))
+        return objective(translator, batch, generator, **kwargs)
+
+    monkeypatch.setattr(recipes_module, "diffusion_objective", recording)
+    recipe = TrainingRecipe(diffusion_steps=3, registration_steps=1, batch_size=2, progress="none", contrast=ContrastRandomization(keep=0.0))
+    runs = []
+    for _ in range(2):
+        t = build_translator(2, 1, structure="mind", sampler_steps=2, seed=0)
+        train_translator(t, x, y, recipe)
+        runs.append(t.state_dict())
+    assert len(seen) == 6 and len(conditions) == 6
+    for (images, remapped), (batch, condition) in zip(seen, conditions):
+        assert torch.equal(images, batch) and not torch.allclose(remapped, batch)
+        torch.testing.assert_close(condition, t.conditioning(t.structure_map(remapped)))
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0]), "contrast-randomised training is not reproducible"
+    # with patches: the map of the whole remapped image, cut at the patch's corner
+    seen.clear(), conditions.clear()
+    t = build_translator(2, 1, structure="mind", sampler_steps=2, seed=0)
+    train_translator(t, x, y, TrainingRecipe(**{**recipe.__dict__, "patch_size": (8, 6), "diffusion_steps": 2}))
+    assert len(seen) == len(conditions) == 2
+    for (images, remapped), (batch, condition) in zip(seen, conditions):
+        assert images.shape[2:] == (16, 12) and batch.shape[2:] == condition.shape[2:] == (8, 6)
+        whole = t.conditioning(t.structure_map(remapped))
+        hits = [(i, j) for i in range(9) for j in range(7) if torch.allclose(batch[0], images[0, :, i : i + 8, j : j + 6])]
+        assert any(torch.allclose(condition[0], whole[0, :, i : i + 8, j : j + 6]) for i, j in hits)
+    monkeypatch.undo()
+    plain = build_translator(2, 1, structure="mind", sampler_steps=2, seed=0)
+    train_translator(plain, x, y, TrainingRecipe(**{**recipe.__dict__, "contrast": None}))
+    assert any(not torch.equal(runs[0][k], plain.state_dict()[k]) for k in runs[0] if k.startswith("denoiser"))
+
+
+def test_contrast_randomization_is_refused_where_it_cannot_act():
+    from plasticine.training import ContrastRandomization
+
+    x = _images(4, 0)
+    recipe = TrainingRecipe(diffusion_steps=1, registration_steps=1, batch_size=2, progress="none", contrast=ContrastRandomization())
+    with pytest.raises(ValueError, match="recipe.contrast: expected a translator with a data_range"):
+        train_translator(build_translator(2, 1, data_range=None), x, x, recipe)
+    with pytest.raises(ValueError, match="recipe.contrast: .* given conditions"):
+        train_translator(build_translator(2, 1), x, x, recipe, conditions=torch.zeros(4, 2, 16, 12))
+    with pytest.raises(ValueError, match="TrainingRecipe.contrast"):
+        TrainingRecipe(contrast=0.5)
+
+
 def test_the_default_translator_generates_in_the_warped_geometry_from_a_head_mask_condition():
     from plasticine.segmentation import ForegroundExtractor, MINDExtractor
 

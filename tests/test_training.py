@@ -6,6 +6,8 @@ import dataclasses
 import importlib.util
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from conftest import SpySchedule, make_generator
 from test_translator import ShiftRegistration, make_translator, phantom
@@ -348,6 +350,76 @@ def test_augmentation_is_reproducible_keeps_maps_aligned_and_leaves_global_state
         fit = torch.linalg.lstsq(a, y[i].flatten()[:, None]).solution
         assert float((a @ fit - y[i].flatten()[:, None]).abs().max()) < 1e-5
         assert abs(float(fit[0]) - 1) <= 0.2 + 1e-6 and abs(float(fit[1])) <= 0.2 + 1e-6
+
+
+@settings(deadline=None)
+@given(
+    knots=st.integers(2, 9),
+    keep=st.sampled_from([0.0, 0.5]),
+    floor=st.floats(0.0, 0.5),
+    lo=st.floats(-2.0, 1.0),
+    width=st.floats(0.5, 3.0),
+    seed=st.integers(0, 2**16),
+)
+def test_contrast_randomization_is_the_piecewise_linear_curve_through_its_knots(knots, keep, floor, lo, width, seed):
+    """Against numpy's interpolation on the range, the end segments extended linearly outside it."""
+    import numpy as np
+
+    from plasticine.training import ContrastRandomization
+
+    cr = ContrastRandomization(knots, keep, floor)
+    g = make_generator(seed)
+    w = cr.draw(3, g)
+    assert w.shape == (3, knots) and torch.all(w[:, 0] == 0)
+    identity = torch.linspace(0, 1, knots, dtype=torch.float64)
+    for row in w:
+        assert torch.equal(row, identity) or bool(torch.all((row[1:] >= floor) & (row[1:] <= 1)))
+    hi = lo + width
+    x = lo + (torch.rand(3, 1, 7, 5, generator=make_generator(seed + 1), dtype=torch.float64) * 1.4 - 0.2) * width
+    out = cr.apply(x, w, (lo, hi))
+    grid = np.linspace(0, 1, knots)
+    for i in range(3):
+        v = ((x[i] - lo) / width).numpy().ravel()
+        wi = w[i].numpy()
+        ref = np.interp(v, grid, wi)
+        below, above = v < 0, v > 1
+        ref[below] = wi[0] + (wi[1] - wi[0]) * v[below] * (knots - 1)
+        ref[above] = wi[-1] + (wi[-1] - wi[-2]) * (v[above] - 1) * (knots - 1)
+        np.testing.assert_allclose(out[i].numpy().ravel(), lo + width * ref, rtol=0, atol=1e-9)
+    # the call draws what draw() draws, and keep = 1 is the identity
+    torch.testing.assert_close(cr(x, make_generator(seed), (lo, hi)), out, rtol=0, atol=0)
+    torch.testing.assert_close(ContrastRandomization(knots, 1.0, floor)(x, g, (lo, hi)), x, rtol=0, atol=1e-12)
+
+
+def test_contrast_randomization_draws_non_monotone_curves_per_image_from_the_generator():
+    from plasticine.training import ContrastRandomization
+
+    cr = ContrastRandomization(keep=0.0)
+    state = torch.random.get_rng_state()
+    w = cr.draw(64, make_generator(3))
+    assert torch.equal(state, torch.random.get_rng_state()), "the global generator was used"
+    assert torch.equal(w, cr.draw(64, make_generator(3))) and not torch.equal(w, cr.draw(64, make_generator(4)))
+    steps = w.diff(dim=1)
+    assert bool(((steps > 0).any(1) & (steps < 0).any(1)).any()), "no draw inverts part of the range"
+    assert len({tuple(r.tolist()) for r in w}) == 64
+    # keep=0.5 keeps about half the images as they are
+    kept = (ContrastRandomization(keep=0.5).draw(400, make_generator(5)) == torch.linspace(0, 1, 6, dtype=torch.float64)).all(1)
+    assert 150 < int(kept.sum()) < 250
+
+
+def test_contrast_randomization_refuses_bad_settings_and_shapes():
+    from plasticine.training import ContrastRandomization
+
+    for kwargs, name in (({"knots": 1}, "knots"), ({"keep": 1.5}, "keep"), ({"floor": 1.0}, "floor"), ({"floor": -0.1}, "floor")):
+        with pytest.raises(ValueError, match=f"ContrastRandomization.{name}"):
+            ContrastRandomization(**kwargs)
+    cr = ContrastRandomization()
+    with pytest.raises(ValueError, match="values"):
+        cr.apply(torch.rand(2, 1, 4, 4), torch.zeros(3, 6), (0, 1))
+    with pytest.raises(ValueError, match="data_range"):
+        cr.apply(torch.rand(2, 1, 4, 4), torch.zeros(2, 6), (1, 1))
+    with pytest.raises(ValueError, match="images"):
+        cr(torch.rand(4, 4))
 
 
 def test_augmentation_refuses_bad_settings_and_shapes():

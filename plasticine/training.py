@@ -384,7 +384,9 @@ class ContrastRandomization:
     ``generator`` alone.
 
     Attributes:
-        knots: number of knots ``K`` of the curve, >= 2 (``K - 1`` linear pieces).
+        knots: number of knots ``K`` of the curve, >= 2 (``K - 1`` linear pieces). The default 12
+            was the best of 4 to 24 on the T1 -> PD case of ``benchmarks/crossmodal.py`` (see
+            :doc:`/benchmarks`): fewer knots vary the contrast too little, more too roughly.
         keep: probability of the identity.
         floor: lower end of the knot values after the first, in [0, 1); above the head
             extractor's threshold (5 % of the range) it keeps the head a head.
@@ -393,7 +395,7 @@ class ContrastRandomization:
         images: ``(B, C, *S)``; out: the same.
     """
 
-    knots: int = 6
+    knots: int = 12
     keep: float = 0.25
     floor: float = 0.1
 

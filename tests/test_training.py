@@ -403,7 +403,7 @@ def test_contrast_randomization_draws_non_monotone_curves_per_image_from_the_gen
     assert bool(((steps > 0).any(1) & (steps < 0).any(1)).any()), "no draw inverts part of the range"
     assert len({tuple(r.tolist()) for r in w}) == 64
     # keep=0.5 keeps about half the images as they are
-    kept = (ContrastRandomization(keep=0.5).draw(400, make_generator(5)) == torch.linspace(0, 1, 6, dtype=torch.float64)).all(1)
+    kept = (ContrastRandomization(keep=0.5).draw(400, make_generator(5)) == torch.linspace(0, 1, 12, dtype=torch.float64)).all(1)
     assert 150 < int(kept.sum()) < 250
 
 
@@ -415,9 +415,9 @@ def test_contrast_randomization_refuses_bad_settings_and_shapes():
             ContrastRandomization(**kwargs)
     cr = ContrastRandomization()
     with pytest.raises(ValueError, match="values"):
-        cr.apply(torch.rand(2, 1, 4, 4), torch.zeros(3, 6), (0, 1))
+        cr.apply(torch.rand(2, 1, 4, 4), torch.zeros(3, cr.knots), (0, 1))
     with pytest.raises(ValueError, match="data_range"):
-        cr.apply(torch.rand(2, 1, 4, 4), torch.zeros(2, 6), (1, 1))
+        cr.apply(torch.rand(2, 1, 4, 4), torch.zeros(2, cr.knots), (1, 1))
     with pytest.raises(ValueError, match="images"):
         cr(torch.rand(4, 4))
 

@@ -9,7 +9,7 @@ Run ``plasticine <command> --help`` for the options of each (``python -m plastic
   denoiser first (the paper's Algorithm 2, :func:`~plasticine.training.diffusion_objective`), then
   the registration network (:func:`~plasticine.training.deformation_objective` on unpaired
   source/target pairs). The translator is :func:`plasticine.recipes.build_translator` with the
-  options ``--structure``, ``--classes``, ``--mind-sigma``, ``--prediction``, ``--data-range``
+  options ``--structure``, ``--classes``, ``--mind-sigma``, ``--rim-depth``, ``--prediction``, ``--data-range``
   (``--no-data-range``), ``--no-clip``, ``--start``, ``--start-fraction``, ``--sampler-steps`` and
   ``--registration``: ``learned`` (default, the paper's network, a field per image) or
   ``population`` (:class:`~plasticine.registration.PopulationRegistration`: one field for every
@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="structure map the denoiser is conditioned on: filled head mask and/or MIND-SSC (both mean one anatomy across contrasts), k-means classes ranked by intensity, or the paper's 2-class Potts partition",
     )
     p.add_argument("--classes", type=int, default=4, help="k-means classes (with --structure kmeans)")
-    p.add_argument("--mind-sigma", type=float, default=2.5, help="MIND-SSC patch width in pixels (with --structure mind or foreground+mind)")
+    p.add_argument("--mind-sigma", type=float, default=2.5, help="MIND-SSC patch width in pixels (with --structure mind, foreground+mind or foreground+rim)")
+    p.add_argument("--rim-depth", type=float, default=10.0, help="depth in voxels of the head's rim that carries MIND-SSC (with --structure foreground+rim), >= 1")
     p.add_argument("--prediction", choices=PREDICTIONS, default="x0", help="what the denoiser predicts: the noise (eps, the paper's), the clean image (x0) or v")
     p.add_argument(
         "--data-range",
@@ -418,6 +419,7 @@ def _train(args: argparse.Namespace) -> int:
     _check_option_number("--lr", args.lr, "a finite learning rate > 0", args.lr > 0)
     _check_option_number("--start-fraction", args.start_fraction, "a fraction in (0, 1]", 0 < args.start_fraction <= 1)
     _check_option_number("--mind-sigma", args.mind_sigma, "a finite patch width > 0 (pixels)", args.mind_sigma > 0)
+    _check_option_number("--rim-depth", args.rim_depth, "a finite depth >= 1 (voxels)", args.rim_depth >= 1)
     _check_option_number("--ema-decay", args.ema_decay, "a decay in [0, 1)", args.ema_decay is not None and 0 <= args.ema_decay < 1)
     _check_option_number("--snr-gamma", args.snr_gamma, "a finite cap > 0", args.snr_gamma is not None and args.snr_gamma > 0)
     if args.no_data_range and args.data_range is not None:
@@ -446,6 +448,7 @@ def _train(args: argparse.Namespace) -> int:
         "structure": args.structure,
         "classes": args.classes,
         "mind_sigma": args.mind_sigma,
+        "rim_depth": args.rim_depth,
         "prediction": args.prediction,
         "data_range": data_range,
         "clip": not args.no_clip,

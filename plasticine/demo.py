@@ -32,9 +32,11 @@ antialiasing), so that the demo and its training fit a CPU; voxels are 2 mm.
 **The translator** is :func:`plasticine.recipes.build_translator` with the unpaired T1 -> PD
 recipe of ``benchmarks/crossmodal.py`` (:doc:`/benchmarks`, "T1 -> PD, trained unpaired"), trained
 by :func:`train_demo_translator` as Algorithm 2 is written, with no paired information: the
-denoiser on the targets, each conditioned on its *own* structure map (the filled head mask and
-MIND-SSC, which mean the same anatomy in T1 and PD because they do not depend on which tissue is
-brighter); the registration is a :class:`~plasticine.registration.PopulationRegistration`, fitted
+denoiser on the targets, each conditioned on the structure map (the filled head mask and MIND-SSC)
+of a randomly remapped copy of itself (:class:`~plasticine.training.ContrastRandomization`,
+``DemoConfig.contrast_knots``): MIND-SSC does not depend on which tissue is brighter as long as the
+contrast change is affine, and T1 -> PD is not, so the denoiser learns to read maps of many
+contrasts, the T1's among them; the registration is a :class:`~plasticine.registration.PopulationRegistration`, fitted
 on the training sets alone: the mean of the 48 sources registered to the mean of the 48 targets
 (which subject a target came from is not used, nor the true field). The subjects' own
 deformations average out in the two means, so the one field it finds is the population's

@@ -27,7 +27,7 @@ from plasticine.losses import NCC, BendingEnergy, GradientSmoothness, LocalNCC, 
 from plasticine.registration import LBFGS, RK4, Adam, AntsRegistration, Euler, GradientDescent, IdentityRegistration, PopulationRegistration, ScalingAndSquaring
 from plasticine.registration.iterative import IterativeRegistration
 from plasticine.registration.network import LearnedRegistration, RegistrationNet, RegistrationNetConfig
-from plasticine.segmentation import ContourExtractor, ForegroundExtractor, KMeansExtractor, MINDExtractor, MultiOtsuExtractor, PottsExtractor, StackedExtractor
+from plasticine.segmentation import ContourExtractor, ForegroundExtractor, KMeansExtractor, MINDExtractor, MultiOtsuExtractor, PottsExtractor, RimExtractor, StackedExtractor
 from plasticine.segmentation.unet import SegmentationUNet, SegmentationUNetConfig
 from plasticine.translator import TraceableTranslator
 
@@ -199,6 +199,7 @@ CASES = {
     MINDExtractor: (lambda: MINDExtractor(sigma=1.2, dilation=1, layout="mind"), lambda e: e(_image(2, 1, 6, 7, 5))),
     ContourExtractor: (lambda: ContourExtractor(KMeansExtractor(3, smoothing_sigma=1.0, max_iter=9)), lambda e: e(_image(2, 1, 9, 8))),
     StackedExtractor: (lambda: StackedExtractor([ForegroundExtractor(fraction=0.2), MINDExtractor(sigma=1.5)]), lambda e: e(_image(2, 1, 9, 8))),
+    RimExtractor: (lambda: RimExtractor(MINDExtractor(sigma=1.5), 2.5, ForegroundExtractor(fraction=0.2)), lambda e: e(_image(2, 1, 12, 11))),
     ScalingAndSquaring: (lambda: ScalingAndSquaring(5, "zeros"), lambda f: f(_field(1, 2, 8, 7))),
     Euler: (lambda: Euler(4, "reflection"), lambda f: f(_field(1, 2, 8, 7))),
     RK4: (lambda: RK4(3, "reflection"), lambda f: f(_field(1, 3, 6, 5, 4))),

@@ -139,7 +139,7 @@ def test_the_default_translator_generates_in_the_warped_geometry_from_a_head_mas
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
-@pytest.mark.parametrize(("structure", "cls"), [("foreground+mind", "StackedExtractor"), ("foreground", "ForegroundExtractor"), ("mind", "MINDExtractor"), ("kmeans", "KMeansExtractor"), ("potts", "PottsExtractor")])
+@pytest.mark.parametrize(("structure", "cls"), [("foreground+mind", "StackedExtractor"), ("foreground+rim", "StackedExtractor"), ("foreground", "ForegroundExtractor"), ("mind", "MINDExtractor"), ("kmeans", "KMeansExtractor"), ("potts", "PottsExtractor")])
 def test_each_structure_map_sets_the_condition_channels(structure, cls, ndim):
     t = build_translator(ndim, 1, structure=structure, classes=3, sampler_steps=2)
     assert type(t.structure).__name__ == cls
@@ -148,6 +148,11 @@ def test_each_structure_map_sets_the_condition_channels(structure, cls, ndim):
     assert t.conditioning.config["num_labels"] == channels == t.denoiser.settings.cond_channels
     if structure == "kmeans":
         assert channels == 3 and t.structure.max_iter == 50
+    if structure == "foreground+rim":
+        from plasticine.segmentation import RimExtractor
+
+        head, rim = t.structure.extractors
+        assert isinstance(rim, RimExtractor) and rim.depth == 10.0 and rim.foreground.config == head.config
 
 
 def test_the_demo_settings_build_the_earlier_translator():
@@ -166,6 +171,7 @@ def test_the_demo_settings_build_the_earlier_translator():
         ("classes", 0),
         ("mind_sigma", 0.0),
         ("mind_sigma", float("nan")),
+        ("rim_depth", 0.5),
         ("prediction", "score"),
         ("data_range", (1.0, 0.0)),
         ("clip", "yes"),

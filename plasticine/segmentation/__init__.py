@@ -1,4 +1,4 @@
-"""Structure maps (Potts, k-means, multi-Otsu, foreground mask, MIND-SSC, contours, stacks of them) and segmentation tools."""
+"""Structure maps (Potts, k-means, multi-Otsu, foreground mask, MIND-SSC, contours, rims and stacks of them) and segmentation tools."""
 
 from .extractors import (
     KMeansExtractor,
@@ -15,6 +15,7 @@ from .foreground import ForegroundExtractor, foreground_mask
 from .mind import MINDExtractor, mind_descriptor, mind_pairs
 from .metrics import accuracy, confusion_matrix, dice, hausdorff95, iou, pixel_accuracy
 from .stacked import StackedExtractor
+from .rim import RimExtractor, rim_mask
 from .potts_model import PottsExtractor, line_backend, pixel_gamma, potts, potts_1d, potts_energy, potts_structure_map
 from .unet import SegmentationLoss, SegmentationUNet, SegmentationUNetConfig, segmentation_loss, train_segmentation
 
@@ -26,6 +27,7 @@ __all__ = [
     "MINDExtractor",
     "MultiOtsuExtractor",
     "PottsExtractor",
+    "RimExtractor",
     "SegmentationLoss",
     "SegmentationUNet",
     "SegmentationUNetConfig",
@@ -51,6 +53,7 @@ __all__ = [
     "line_backend",
     "potts_energy",
     "potts_structure_map",
+    "rim_mask",
     "segmentation_loss",
     "train_segmentation",
 ]

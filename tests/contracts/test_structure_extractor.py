@@ -29,6 +29,7 @@ from plasticine.segmentation import (
     MINDExtractor,
     MultiOtsuExtractor,
     PottsExtractor,
+    RimExtractor,
     StackedExtractor,
 )
 
@@ -53,6 +54,7 @@ IMPLEMENTATIONS = PARTITIONS + [
     param(lambda: ContourExtractor(KMeansExtractor(3)), "ContourExtractor-kmeans"),
     param(lambda: StackedExtractor([ForegroundExtractor(), MINDExtractor(sigma=2.5)]), "StackedExtractor"),
     param(lambda: StackedExtractor([KMeansExtractor(3), ForegroundExtractor()]), "StackedExtractor-partitions"),
+    param(lambda: RimExtractor(MINDExtractor(), depth=2), "RimExtractor"),
 ]
 
 SHAPES = [(16, 14), (8, 7, 6)]

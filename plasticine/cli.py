@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--structure",
         choices=STRUCTURES,
         default=STRUCTURES[0],
-        help="structure map the denoiser is conditioned on: filled head mask and/or MIND-SSC (both mean one anatomy across contrasts), k-means classes ranked by intensity, or the paper's 2-class Potts partition",
+        help="structure map the denoiser is conditioned on: the filled head mask (the default, for MR <-> CT), with MIND-SSC on the head's rim or everywhere (two MR contrasts), MIND-SSC alone, k-means classes ranked by intensity, or the paper's 2-class Potts partition",
     )
     p.add_argument("--classes", type=int, default=4, help="k-means classes (with --structure kmeans)")
     p.add_argument("--mind-sigma", type=float, default=2.5, help="MIND-SSC patch width in pixels (with --structure mind, foreground+mind or foreground+rim)")

@@ -99,15 +99,19 @@ def build_translator(
     steps and concatenation conditioning. The structure maps:
 
     * ``"foreground"`` (default): the filled head mask
-      (:class:`~plasticine.segmentation.ForegroundExtractor` with ``fraction=0.05, closing=3``, 2
-      channels), the same anatomy whatever the contrast inside the head. On the MR -> CT case of
-      ``benchmarks/crossmodal.py`` it gave the best traced segmentation (see
-      :doc:`/benchmarks`); those settings of the extractor found the heads of both domains best
-      (Dice 0.98 MR, 0.99 CT, against 0.99 and 0.95 for its defaults);
+      (:class:`~plasticine.segmentation.ForegroundExtractor` with ``fraction=0.05, closing=3``,
+      :func:`head_extractor`, 2 channels), the same anatomy whatever the contrast inside the
+      head, but only its outline: the skull is placed where a target of that head shape has it.
+      Those settings of the extractor found the heads of both domains of the MR -> CT case of
+      ``benchmarks/crossmodal.py`` best (Dice 0.98 MR, 0.99 CT, against 0.99 and 0.95 for its
+      defaults);
     * ``"foreground+rim"``: the head mask stacked with MIND-SSC (``sigma=mind_sigma``) on the rim
-      of the head only (:class:`~plasticine.segmentation.RimExtractor`, ``depth=rim_depth``
-      voxels from the outline; 6 channels in 2D, 14 in 3D): the scalp and the skull are edges in
-      MR and CT alike, the inside of the brain (the T1 sulci, absent from CT) is left out;
+      of the head only (:class:`~plasticine.segmentation.RimExtractor`, within ``rim_depth``
+      voxels of the outline; 6 channels in 2D, 14 in 3D). The scalp, the skull and the fluid
+      around the brain are edges in MR and in CT alike, so the rim's self-similarity places the
+      skull where the source has it; the inside of the brain (the T1 sulci, which CT does not
+      show) is left out. On the MR -> CT case its traced segmentation was level with the head
+      mask's within the spread between training runs (see :doc:`/benchmarks`);
     * ``"foreground+mind"``: :class:`~plasticine.segmentation.StackedExtractor` of the head mask and
       MIND-SSC (:class:`~plasticine.segmentation.MINDExtractor` with ``sigma=mind_sigma``; 4
       channels in 2D, 12 in 3D): more anatomy inside the head, for domains whose internal

@@ -83,7 +83,7 @@ every parallel operation wait for a busy core (a training step measured 6.5 s wi
 
 Usage::
 
-    python benchmarks/crossmodal.py                  # both cases (about 25 minutes on 2 cores, plus the two DDIB models)
+    python benchmarks/crossmodal.py                  # both cases with DDIB (1234 s on 2 quiet cores, one thread)
     python benchmarks/crossmodal.py --part mr-ct     # the MR -> CT case only
     python benchmarks/crossmodal.py --part ddib      # its DDIB row alone (same case, CT network and seeds)
     python benchmarks/crossmodal.py --quick          # smoke run: 64 x 64, few slices, tiny steps (about a minute)

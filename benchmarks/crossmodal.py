@@ -541,11 +541,11 @@ def run_t1_pd(settings: Settings, output: Path) -> dict[str, Any]:
     test = make_cohort(config, config.test_subjects, config.seed, include_real=True)
     options = {**T1PD_OPTIONS, "shape": tuple(config.shape)}
     contrast = ContrastRandomization(config.contrast_knots)
-    models, losses, train_s = {}, {}, {}
+    models, recipes, losses, train_s = {}, {}, {}, {}
     for key, randomized in (("contrast", contrast), ("own maps", None)):
         t1 = time.perf_counter()
         models[key] = build_translator(2, 1, **options, seed=settings.seed)
-        recipe = _recipe(settings, settings.pd_diffusion_steps, settings.pd_registration_steps, randomized)
+        recipes[key] = recipe = _recipe(settings, settings.pd_diffusion_steps, settings.pd_registration_steps, randomized)
         losses[key] = train_translator(models[key], train.sources, train.targets, recipe)
         train_s[key] = time.perf_counter() - t1
         _log(f"T1 -> PD translator trained unpaired ({key}): {recipe.diffusion_steps} denoiser steps, population registration fitted ({train_s[key]:.0f} s)")
@@ -577,7 +577,7 @@ def run_t1_pd(settings: Settings, output: Path) -> dict[str, Any]:
         "folding_fraction": [0.0] * len(test),
     }
     results = {
-        "settings": {"demo": asdict(config), "recipe": asdict(_recipe(settings, settings.pd_diffusion_steps, settings.pd_registration_steps, contrast)), "translator": options},
+        "settings": {"demo": asdict(config), "recipe": asdict(recipes["contrast"]), "translator": options},
         "translator": repr(translator),
         "methods": {name: {**{f"{k}_mean": float(np.mean(v)) for k, v in row.items()}, "per_subject": row} for name, row in rows.items()},
         "test_subjects": len(test),

@@ -405,10 +405,13 @@ def train_translator(
         from .core.patches import random_patches
 
         def objective(m: Any, b: Any, g: torch.Generator) -> torch.Tensor:
-            if contrast is not None:
+            if contrast is None:
+                whole, maps = b
+            else:
+                whole = b
                 with torch.no_grad():
-                    b = (b, translator.structure_map(contrast(b, g, translator.data_range)))
-            y, c = random_patches(b[0], patch, g, (b[1],))
+                    maps = translator.structure_map(contrast(whole, g, translator.data_range))
+            y, c = random_patches(whole, patch, g, (maps,))
             if aug is not None:
                 y, c = aug(y, g, (c,))
             condition = translator.conditioning(c) if from_maps else c

@@ -127,7 +127,17 @@ class RimExtractor(Configurable, nn.Module):
         return _channels(self.extractor, ndim)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """Rim map of ``image`` ``(B, C, *S)`` -> ``(B, L, *S)``."""
+        """The rim map: ``extractor(image)`` times :func:`rim_mask` of the foreground.
+
+        Args:
+            image: the images.
+
+        Returns:
+            The map, zero outside the rim.
+
+        Shape:
+            image: ``(B, C, *S)``; out: ``(B, L, *S)``.
+        """
         check_shape(image, "B C *S", "image", floating=True)
         fg = self.foreground(image)[:, 1:2] > 0.5
         rim = rim_mask(fg, self.depth)

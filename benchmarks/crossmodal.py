@@ -157,7 +157,7 @@ class Settings:
     size: int = 128
     slice_every: int = 1
     holdout_every: int = 4
-    diffusion_steps: int = 800
+    diffusion_steps: int = 1600
     registration_steps: int = 300
     learning_rate: float = 1e-3
     pd_diffusion_steps: int = 700
